@@ -1,0 +1,24 @@
+"""markovkit: CUDA/C++ torch ops for finite-memory (Markov) realizations of sequences and processes."""
+import torch
+
+from markovkit._build_config import TORCH_VERSION as _BUILT_AGAINST
+
+if torch.__version__ != _BUILT_AGAINST:
+    raise ImportError(
+        f"markovkit was built against torch {_BUILT_AGAINST} but torch {torch.__version__} is installed; "
+        "rebuild it with this torch: pip install --no-build-isolation --force-reinstall markovkit "
+        "(from the source tree: pip install --no-build-isolation .)"
+    )
+
+from markovkit import _C  # noqa: E402  (loads the library: registers torch.ops.markovkit)
+from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info() -> dict:
+    """Facts of this build: version, torch built against, CUDA compiled or not, CUDA archs."""
+    return dict(_C.build_info())
+
+
+__all__ = ["build_info", "philox_normal", "philox_uniform"]

@@ -1,0 +1,33 @@
+"""Shared test fixtures: the devices to run on, per-dtype tolerances, the `gpu` marker.
+
+Every device-parametrized test runs on the CPU and, where a CUDA device is visible, on CUDA; without one
+the CUDA cases are collected and skipped, so the same file runs on both machines.
+"""
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+# Tolerances for comparing an op in `dtype` against a float64 reference (rtol, atol).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -1,0 +1,139 @@
+"""The Philox4x32-10 stream: known answers, conversions, stream arithmetic, distributions, op contract."""
+import pytest
+import scipy.stats
+import torch
+
+import markovkit
+from conftest import HAS_CUDA
+
+# Random123's known-answer vectors for Philox4x32-10: (counter, key) -> output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_known_answers(ctr, key, expected):
+    assert tuple(markovkit._C.philox4x32_10(list(ctr), list(key))) == expected
+
+
+def _words(seed, block):
+    """The 4 words of stream block `block` under `seed`: counter (block lo, block hi, 0, 0), key = seed."""
+    ctr = [block & 0xFFFFFFFF, block >> 32, 0, 0]
+    return markovkit._C.philox4x32_10(ctr, [seed & 0xFFFFFFFF, seed >> 32])
+
+
+def test_float32_uniform_is_top_23_bits_of_each_word():
+    seed = 0x1234_5678_9ABC
+    u = markovkit.philox_uniform((10,), seed, offset=5)
+    assert markovkit.philox_uniform((1,), 0).item() == ((0x6627E8D5 >> 9) + 0.5) * 2.0**-23
+    for i in range(10):
+        g = 5 + i
+        word = _words(seed, g // 4)[g % 4]
+        assert u[i].item() == ((word >> 9) + 0.5) * 2.0**-23
+
+
+def test_float64_uniform_is_52_bits_of_two_words():
+    seed = 7
+    u = markovkit.philox_uniform((6,), seed, offset=3, dtype=torch.float64)
+    for i in range(6):
+        g = 3 + i
+        w = _words(seed, g // 2)
+        x = ((w[2 * (g % 2)] << 32) | w[2 * (g % 2) + 1]) >> 12
+        assert u[i].item() == (x + 0.5) * 2.0**-52
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", [markovkit.philox_uniform, markovkit.philox_normal])
+def test_offset_continues_the_stream(device, dtype, op):
+    whole = op((1000,), 99, dtype=dtype, device=device)
+    for cut in [1, 3, 4, 517]:
+        head = op((cut,), 99, dtype=dtype, device=device)
+        tail = op((1000 - cut,), 99, offset=cut, dtype=dtype, device=device)
+        assert torch.equal(torch.cat([head, tail]), whole)
+
+
+def test_shape_does_not_change_values(device):
+    flat = markovkit.philox_uniform((24,), 3, device=device)
+    assert torch.equal(markovkit.philox_uniform((2, 3, 4), 3, device=device).flatten(), flat)
+
+
+def test_seeds_give_different_streams():
+    a, b = markovkit.philox_uniform((1000,), 1), markovkit.philox_uniform((1000,), 2)
+    assert (a == b).sum() < 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_distribution(device, dtype):
+    u = markovkit.philox_uniform((200_000,), 11, dtype=dtype, device=device).double().cpu()
+    assert 0 < u.min() and u.max() < 1
+    assert scipy.stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert abs(u.mean() - 0.5) < 5 * (1 / 12 / len(u)) ** 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_distribution(device, dtype):
+    n = 400_000
+    z = markovkit.philox_normal((n,), 12, dtype=dtype, device=device).double().cpu()
+    assert abs(z.mean()) < 5 / n**0.5
+    assert abs(z.var() - 1) < 5 * (2 / n) ** 0.5
+    assert scipy.stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    # Box-Muller pairs are independent: the lag-1 correlation vanishes.
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < 5 / n**0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_and_cuda_uniforms_are_bitwise_equal(dtype):
+    for offset in [0, 1, 2**33 + 3]:
+        cpu = markovkit.philox_uniform((100_003,), 2**40 + 5, offset, dtype=dtype)
+        cuda = markovkit.philox_uniform((100_003,), 2**40 + 5, offset, dtype=dtype, device="cuda")
+        assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cpu_and_cuda_normals_agree():
+    cpu = markovkit.philox_normal((100_000,), 5, dtype=torch.float64)
+    cuda = markovkit.philox_normal((100_000,), 5, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(cpu, cuda.cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_errors():
+    with pytest.raises(RuntimeError, match="like: expected dtype Float or Double, got Int"):
+        markovkit.philox_uniform((3,), 0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="offset: expected a non-negative"):
+        markovkit.philox_normal((3,), 0, -1)
+
+
+@pytest.mark.parametrize("name", ["philox_uniform", "philox_normal"])
+def test_opcheck(device, name):
+    op = getattr(torch.ops.markovkit, name)
+    for like, seed, offset in [(torch.empty(7, device=device), 1, 0), (torch.empty(2, 5, device=device, dtype=torch.float64), 3, 9)]:
+        torch.library.opcheck(op, (like, seed, offset))
+
+
+def test_compile_fullgraph(device):
+    def f(x):
+        return x + markovkit.philox_normal(x.shape, 4, 10, device=x.device)
+
+    x = torch.randn(33, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_build_info():
+    info = markovkit.build_info()
+    assert info["version"] == markovkit.__version__
+    assert info["torch_version"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    if HAS_CUDA:
+        assert info["cuda"]
