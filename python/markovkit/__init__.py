@@ -13,6 +13,14 @@ if torch.__version__ != _BUILT_AGAINST:
 from markovkit import _C  # noqa: E402  (loads the library: registers torch.ops.markovkit)
 from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 
+# --- scan ---
+
+# --- attention ---
+
+# --- mafbm ---
+
+# --- mjp ---
+
 __version__ = _C.build_info()["version"]
 
 

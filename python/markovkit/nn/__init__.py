@@ -1,0 +1,6 @@
+"""torch.nn modules built on markovkit's ops."""
+# --- scan ---
+
+# --- attention ---
+
+# --- mafbm ---
