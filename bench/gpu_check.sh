@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU check: build for sm_90, run the whole test suite on CUDA, run the full bench, print a summary last.
+# Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
+# Fits in about 6 minutes on an H100/H200 with torch, scikit-build-core, pybind11, cmake, ninja installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-gpu_check_out}"
+mkdir -p "$out"
+export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90}" PYTHONUNBUFFERED=1
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+
+start=$(date +%s)
+if ! pip install --no-build-isolation --no-deps . >"$out/build.log" 2>&1; then
+  tail -n 40 "$out/build.log"
+  echo "gpu_check: BUILD FAILED (see $out/build.log)"
+  exit 1
+fi
+build_s=$(( $(date +%s) - start ))
+python -m markovkit info | tee "$out/info.txt"
+
+start=$(date +%s)
+timeout 180 python -m pytest -q tests -rfE --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+tests_rc=$?
+tests_s=$(( $(date +%s) - start ))
+
+start=$(date +%s)
+timeout 120 python -m markovkit.bench --json "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.err"
+bench_rc=$?
+bench_s=$(( $(date +%s) - start ))
+
+echo
+echo "== failures =="
+grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 40
+echo
+echo "== bench =="
+cat "$out/bench.txt"
+tail -n 5 "$out/bench.err"
+echo
+echo "== summary =="
+printf "%-8s %-6s %s\n" step secs result
+printf "%-8s %-6s %s\n" build "$build_s" ok
+printf "%-8s %-6s %s\n" tests "$tests_s" "rc=$tests_rc: $(tail -n 1 "$out/tests.log")"
+printf "%-8s %-6s %s\n" bench "$bench_s" "rc=$bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
