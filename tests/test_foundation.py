@@ -1,0 +1,53 @@
+"""The package around the ops: the torch-version guard, `python -m markovkit info`, the bench harness."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import markovkit
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_import_under_another_torch_fails_with_both_versions():
+    code = "import torch; torch.__version__ = '0.0.1'; import markovkit"
+    result = _run("-c", code)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr
+    assert f"built against torch {torch.__version__} but torch 0.0.1 is installed" in result.stderr
+
+
+def test_info_prints_build_facts():
+    result = _run("-m", "markovkit", "info")
+    assert result.returncode == 0, result.stderr
+    assert f"version: {markovkit.__version__}" in result.stdout
+    assert f"torch_version: {torch.__version__}" in result.stdout
+
+
+def test_bench_json_has_every_impl_and_consistent_speedups(tmp_path):
+    path = tmp_path / "bench.json"
+    result = _run("-m", "markovkit.bench", "--quick", "--family", "philox", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert {(r["case"], r["dtype"], r["impl"]) for r in rows} == {
+        (case, dtype, impl)
+        for case, impl in [("uniform", "markovkit"), ("uniform", "torch.rand"), ("normal", "markovkit"),
+                           ("normal", "torch.randn")]
+        for dtype in ["float32", "float64"]
+    }
+    ours = {(r["case"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "markovkit"}
+    for r in rows:
+        assert r["ms"] > 0
+        assert abs(r["speedup_of_ours"] - r["ms"] / ours[r["case"], r["dtype"]]) < 1e-9
+        assert 0 < r["roofline_fraction"] <= 1.5
+    assert "markovkit" in result.stdout and "ours x" in result.stdout
+
+
+def test_bench_rejects_an_unknown_family():
+    result = _run("-m", "markovkit.bench", "--quick", "--family", "nope")
+    assert result.returncode != 0
+    assert "unknown family ['nope']" in result.stderr
