@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cmath>
+#include <cstdint>
 #include <tuple>
 
 #include "attention/swa_params.h"
@@ -19,7 +21,7 @@ void check_dtypes(const at::Tensor& q) {
   if (q.is_cpu()) {
     check_dtype(q, "q", {at::kFloat, at::kDouble});  // the Python wrapper upcasts bfloat16 / float16
   } else {
-    check_dtype(q, "q", {at::kHalf, at::kBFloat16, at::kFloat});
+    check_dtype(q, "q", {at::kHalf, at::kBFloat16});
   }
 }
 
@@ -45,7 +47,18 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(window >= 1, "window: expected >= 1 (keys seen including self), got ", window);
   TORCH_CHECK(sink >= 0, "sink: expected >= 0, got ", sink);
   TORCH_CHECK(scale > 0 && std::isfinite(scale), "softmax_scale: expected a finite positive number, got ", scale);
+  if (!q.is_cpu()) {
+    TORCH_CHECK(batch * heads <= 65535, "q: expected batch * heads <= 65535 on CUDA (grid limit), got ",
+                batch * heads);
+  }
   return {batch, seqlen, heads, kv_heads, headdim, window, sink, scale, dtype_of(q, "q")};
+}
+
+// t contiguous, and 16-byte aligned for the CUDA kernels' vector loads.
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (!c.is_cpu() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
 // float32 statistics, float64 for float64 inputs.
@@ -54,7 +67,7 @@ at::ScalarType stat_type(const at::Tensor& q) { return q.scalar_type() == at::kD
 std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                            int64_t window, int64_t sink, double scale) {
   const SwaShape s = check_inputs(q_in, k_in, v_in, window, sink, scale);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.seqlen}, q.options().dtype(stat_type(q)));
   if (q.numel() == 0) return {out, lse};
@@ -95,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
     delta = delta - dlse->to(st);
   }
   delta = delta.contiguous();
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor dout = dout_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  const at::Tensor dout = dense(dout_in), lse = lse_in.contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
