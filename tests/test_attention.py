@@ -101,6 +101,32 @@ def test_gradients_match_reference(device, shape, dtype):
         _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
 
 
+@pytest.mark.parametrize("headdim", [96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_headdims(device, headdim, dtype):
+    """Forward and gradients at the larger head dims (each is its own CUDA kernel instantiation)."""
+    if device.type == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU upcasts half dtypes to float32")
+    _skip_unsupported(device, dtype)
+    shape = (1, 140, 4, 2, headdim, 50, 2)
+    q, k, v = _inputs(shape, dtype, device)
+    dout = torch.randn(q.shape, dtype=torch.float64).to(device)
+    dlse = torch.zeros(1, 4, 140, dtype=torch.float64, device=device)
+
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, 50, sink=2, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, 50, 2)
+
+    _close(ours(q, k, v)[0], ref(q.double(), k.double(), v.double())[0], dtype,
+           low_precision_ref=ref(q, k, v)[0] if dtype in LOW else None)
+    expected = _grads(ref, q.double(), k.double(), v.double(), dout, dlse)
+    low = _grads(ref, q, k, v, dout.to(dtype), dlse) if dtype in LOW else [None] * 3
+    for a, e, lo in zip(_grads(ours, q, k, v, dout, dlse), expected, low):
+        _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
+
+
 def test_window_one_returns_v_and_self_score(device):
     q, k, v = _inputs((2, 50, 4, 2, 32, 1, 0), torch.float64, device)
     out, lse = markovkit.sliding_window_attention(q, k, v, 1, return_lse=True)
