@@ -1,81 +1,171 @@
-// CUDA sliding-window attention for float16 / bfloat16 with float32 accumulation, on tensor cores through
-// nvcuda::wmma (16x16x16 tiles). Every CTA has 4 warps and a tile of 64 rows; each warp owns 16 of those
-// rows, so the softmax bookkeeping needs only warp-level synchronization. The element-wise steps (mask,
-// softmax, dS) go through shared memory, which keeps them independent of the accumulator fragment layout.
+// CUDA sliding-window attention for float16 / bfloat16 with float32 accumulation, FlashAttention-2 style
+// on tensor cores: mma.sync.m16n8k16 through inline PTX, scores and probabilities kept in registers.
+//
+// Every CTA has 4 warps and a tile of 64 rows in shared memory; warp w owns rows [16 w, 16 w + 16). The
+// fragment layouts are those of the PTX ISA for m16n8k16 (lane = 4 g + t, g = lane / 4, t = lane % 4):
+//   A (16 x 16, row-major) four 32-bit registers: (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
+//   B (16 x 8, k x n)       two registers:         (k = 2t..2t+1, n = g), (k = 2t + 8.., n = g)
+//   C (16 x 8, float)       four floats:           (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+// so the C fragments of two adjacent 8-column score tiles are, packed to 16 bits, the A fragment of the
+// next product (P V and the backward's P^T dO, dS^T Q, dS K) without a trip through shared memory.
 //
 // Forward: CTA per (query tile of kBM rows, batch * head); key tiles of kBN keys over [0, sink_end) and
-// [window_begin, i1) (swa_params.h), the mask evaluated only on tiles that are not fully visible; online
-// softmax in base 2 with scale * log2(e) folded in; O is kept in shared memory (rescaled per row).
-// Backward (deterministic, no atomics): one kernel per key tile for dK, dV (over the query tiles of every
-// head of the group that see it) and one per query tile for dQ (over its key tiles), both recomputing
-// P = exp(S - lse); dS = P (dP - delta) with delta = rowsum(dO O) - dlse from the glue.
+// [window_begin, i1) (swa_params.h); the mask is evaluated only on tiles that are not fully visible;
+// online softmax in base 2 with scale * log2(e) folded in.
+// Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
+// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly),
+// one per query tile computes dQ (over its key tiles); both recompute P = exp(S - lse) and use
+// dS = P (dP - delta), delta = rowsum(dO O) - dlse from the glue.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "attention/swa_params.h"
 
 namespace markovkit {
 namespace {
 
-using namespace nvcuda;
-
 constexpr int kBM = 64;  // query rows per tile
 constexpr int kBN = 64;  // keys per tile
 constexpr int kThreads = 128;
-constexpr int kPadT = 8;  // row padding of 16-bit tiles (elements)
-constexpr int kPadF = 4;  // row padding of float tiles (elements)
-constexpr int kLdS = kBN + kPadF;  // float score rows; the same bytes hold the 16-bit P row (ld 2 * kLdS)
+constexpr int kPad = 8;  // row padding of shared-memory tiles (elements): conflict-free fragment loads
 constexpr float kLog2e = 1.4426950408889634f;
 
+// D = A B + D for one m16n8k16 tile; T selects the f16 or bf16 instruction.
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a 32-bit pair of T, lo in the low half (the smaller index, as the fragments want).
 template <typename T>
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T, typename Layout>
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, Layout>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+__device__ __forceinline__ uint32_t pack(float lo, float hi);
 
-__device__ __forceinline__ float warp_max(float x) {
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
+template <>
+__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
+template <>
+__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
 }
 
-// Bytes rounded up to 128 so that every shared-memory region stays 256-bit aligned for wmma.
-__host__ __device__ constexpr int64_t round128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
-
-template <typename T, int D>
-struct Tiles {
-  static constexpr int kLdT = D + kPadT;  // 16-bit q/k/v/dout rows
-  static constexpr int kLdO = D + kPadF;  // float accumulator rows
-  static constexpr int64_t kRowsT = round128(int64_t{64} * kLdT * sizeof(T));  // a 64-row 16-bit tile
-  static constexpr int64_t kScores = round128(int64_t{64} * kLdS * sizeof(float));
-  static constexpr int64_t kStats = round128(64 * sizeof(float));
-  static constexpr int64_t kAcc = round128(int64_t{64} * kLdO * sizeof(float));
-  // forward: q, k, v, scores/P, O, m, l
-  static constexpr int64_t kFwdBytes = 3 * kRowsT + kScores + kAcc + 2 * kStats;
-  // backward: two 64-row pairs (q, dout) and (k, v), scores/P, dP/dS, lse, delta
-  static constexpr int64_t kBwdBytes = 4 * kRowsT + 2 * kScores + 2 * kStats;
-  static_assert(2 * kRowsT >= kAcc, "the float staging of dq/dk/dv reuses two 16-bit tiles");
+struct Lane {
+  int g, t;  // lane = 4 g + t
 };
 
-// tile (kRows, D + kPadT) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor, zero beyond n.
+__device__ __forceinline__ uint32_t word(const void* tile, int64_t element) {
+  return *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(tile) + element);
+}
+
+__device__ __forceinline__ uint32_t two_halves(const void* tile, int64_t lo, int64_t hi) {
+  const uint16_t* u = static_cast<const uint16_t*>(tile);
+  return static_cast<uint32_t>(u[lo]) | (static_cast<uint32_t>(u[hi]) << 16);
+}
+
+// A fragment of rows [r0, r0 + 16) x cols [k0, k0 + 16) of a row-major tile with leading dimension ld.
+__device__ __forceinline__ void load_a(const void* tile, int ld, int r0, int k0, Lane ln, uint32_t (&a)[4]) {
+  const int64_t top = static_cast<int64_t>(r0 + ln.g) * ld + k0 + 2 * ln.t;
+  const int64_t bottom = top + 8 * ld;
+  a[0] = word(tile, top);
+  a[1] = word(tile, bottom);
+  a[2] = word(tile, top + 8);
+  a[3] = word(tile, bottom + 8);
+}
+
+// B fragment (k in [k0, k0 + 16), n in [n0, n0 + 8)) with B(k, n) = X[n][k]: X rows are the n index.
+__device__ __forceinline__ void load_b_rows(const void* tile, int ld, int n0, int k0, Lane ln, uint32_t& b0,
+                                            uint32_t& b1) {
+  const int64_t at = static_cast<int64_t>(n0 + ln.g) * ld + k0 + 2 * ln.t;
+  b0 = word(tile, at);
+  b1 = word(tile, at + 8);
+}
+
+// B fragment with B(k, n) = X[k][n]: X rows are the k index.
+__device__ __forceinline__ void load_b_cols(const void* tile, int ld, int k0, int n0, Lane ln, uint32_t& b0,
+                                            uint32_t& b1) {
+  const int64_t at = static_cast<int64_t>(k0 + 2 * ln.t) * ld + n0 + ln.g;
+  b0 = two_halves(tile, at, at + ld);
+  b1 = two_halves(tile, at + 8 * ld, at + 9 * ld);
+}
+
+// A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&right)[4], uint32_t (&a)[4]) {
+  a[0] = pack<T>(left[0], left[1]);
+  a[1] = pack<T>(left[2], left[3]);
+  a[2] = pack<T>(right[0], right[1]);
+  a[3] = pack<T>(right[2], right[3]);
+}
+
+// acc (16 rows x kBN cols, as kBN / 8 C fragments) = rows [r0, r0 + 16) of A times X^T over D, where the
+// B operand comes from the kBN rows of X (B(k, n) = X[n][k]).
+template <typename T, int D>
+__device__ __forceinline__ void warp_abt(const T* a_tile, const T* x_tile, int r0, Lane ln, float (&acc)[kBN / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a_tile, kLd, r0, 16 * kk, ln, a);
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+      uint32_t b0, b1;
+      load_b_rows(x_tile, kLd, 8 * n, 16 * kk, ln, b0, b1);
+      mma<T>(acc[n], a, b0, b1);
+    }
+  }
+}
+
+// acc (16 rows x D, as D / 8 C fragments) += P (16 x 64, as C fragments) times the 64 rows of X (64 x D).
+template <typename T, int D>
+__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, Lane ln,
+                                        float (&acc)[D / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(p[2 * kk], p[2 * kk + 1], a);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      uint32_t b0, b1;
+      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b0, b1);
+      mma<T>(acc[n], a, b0, b1);
+    }
+  }
+}
+
+// tile (64, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor, zero beyond n.
 template <typename T, int D>
 __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
                           int64_t nheads, int64_t h, T* tile) {
@@ -85,97 +175,70 @@ __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int6
     const int r = x / kPerRow, c = (x % kPerRow) * kVec;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
     if (r < n) val = *reinterpret_cast<const uint4*>(src + ((b * seqlen + r0 + r) * nheads + h) * D + c);
-    *reinterpret_cast<uint4*>(tile + r * (D + kPadT) + c) = val;
+    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = val;
   }
 }
 
-// Rows [16 w, 16 w + 16) of C (ldc floats) = A B^T over D, with A, B (64, D + kPadT) 16-bit tiles: the
-// scores of warp w's rows against the 64 rows of B.
+// Writes the warp's 16 rows (C fragments acc, times row_scale[half] for rows g and g + 8) as T to rows
+// [r0 + 16 w, ...) of head h, only rows < n.
 template <typename T, int D>
-__device__ void warp_abt(const T* a_tile, const T* b_tile, float* c, int warp) {
-  constexpr int kLd = D + kPadT;
-  FragC acc[4];
+__device__ void store_rows(const float (&acc)[D / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
+                           int64_t r0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h, Lane ln) {
 #pragma unroll
-  for (int n = 0; n < 4; ++n) wmma::fill_fragment(acc[n], 0.0f);
+  for (int half = 0; half < 2; ++half) {
+    const int r = 16 * warp + ln.g + 8 * half;
+    if (r >= n) continue;
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    FragA<T> a;
-    wmma::load_matrix_sync(a, a_tile + 16 * warp * kLd + 16 * kk, kLd);
-#pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      FragB<T, wmma::col_major> bt;  // B^T(d, j) = B[j][d]
-      wmma::load_matrix_sync(bt, b_tile + 16 * n * kLd + 16 * kk, kLd);
-      wmma::mma_sync(acc[n], a, bt, acc[n]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < 4; ++n) wmma::store_matrix_sync(c + 16 * warp * kLdS + 16 * n, acc[n], kLdS, wmma::mem_row_major);
-}
-
-// acc[n] (16 x 16 blocks of warp w's rows x D) += P (rows [16 w, 16 w + 16) of a 16-bit (64, 2 kLdS) tile)
-// times X (64, D + kPadT).
-template <typename T, int D>
-__device__ void warp_px(const T* p_tile, const T* x_tile, FragC (&acc)[D / 16], int warp) {
-  constexpr int kLd = D + kPadT;
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    FragA<T> a;
-    wmma::load_matrix_sync(a, p_tile + 16 * warp * (2 * kLdS) + 16 * kk, 2 * kLdS);
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-      FragB<T, wmma::row_major> x;
-      wmma::load_matrix_sync(x, x_tile + 16 * kk * kLd + 16 * n, kLd);
-      wmma::mma_sync(acc[n], a, x, acc[n]);
+    for (int c = 0; c < D / 8; ++c) {
+      row[(8 * c + 2 * ln.t) / 2] =
+          pack<T>(acc[c][2 * half] * row_scale[half], acc[c][2 * half + 1] * row_scale[half]);
     }
   }
 }
 
-// Writes warp w's 16 accumulator rows, as T, to rows [r0 + 16 w, ...) of head h (only rows < n), staging
-// them through `stage` (64, D + kPadF) floats.
+// Max / sum over the 4 lanes (t = 0..3) that hold one row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 template <typename T, int D>
-__device__ void warp_store_rows(FragC (&acc)[D / 16], float* stage, T* dst, int64_t b, int64_t r0, int64_t n,
-                                int64_t seqlen, int64_t nheads, int64_t h, int warp, int lane) {
-  constexpr int kLdO = D + kPadF;
-#pragma unroll
-  for (int c = 0; c < D / 16; ++c) {
-    wmma::store_matrix_sync(stage + 16 * warp * kLdO + 16 * c, acc[c], kLdO, wmma::mem_row_major);
-  }
-  __syncwarp();
-  for (int rr = 0; rr < 16; ++rr) {
-    const int r = 16 * warp + rr;
-    if (r >= n) break;
-    T* row = dst + ((b * seqlen + r0 + r) * nheads + h) * D;
-    for (int d = lane; d < D; d += 32) row[d] = from_float<T>(stage[r * kLdO + d]);
-  }
+constexpr int64_t tile_bytes() {
+  return int64_t{64} * (D + kPad) * sizeof(T);
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p) {
-  using Tl = Tiles<T, D>;
-  constexpr int kLdO = Tl::kLdO;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sk = reinterpret_cast<T*>(smem + Tl::kRowsT);
-  T* sv = reinterpret_cast<T*>(smem + 2 * Tl::kRowsT);
-  float* ss = reinterpret_cast<float*>(smem + 3 * Tl::kRowsT);  // scores, then P as T in place
-  float* so = reinterpret_cast<float*>(smem + 3 * Tl::kRowsT + Tl::kScores);
-  float* sm = reinterpret_cast<float*>(smem + 3 * Tl::kRowsT + Tl::kScores + Tl::kAcc);  // running max (log2)
-  float* sl = sm + Tl::kStats / sizeof(float);                                          // running sum
+  T* sk = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sv = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
   const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
   const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  for (int x = threadIdx.x; x < kBM * kLdO; x += kThreads) so[x] = 0.0f;
-  if (threadIdx.x < kBM) {
-    sm[threadIdx.x] = -INFINITY;
-    sl[threadIdx.x] = 0.0f;
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
   }
+  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 units) of rows g, g + 8
+  float l[2] = {0.0f, 0.0f};            // this lane's part of the running row sums
+
   const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
   for (int range = 0; range < 2; ++range) {
     for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
@@ -185,67 +248,84 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
       load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
       __syncthreads();
       const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      warp_abt<T, D>(sq, sk, ss, warp);
-      __syncwarp();
-      for (int rr = 0; rr < 16; ++rr) {
-        const int r = 16 * warp + rr;
-        const int64_t i = i0 + r;
-        float* srow = ss + r * kLdS;
-        float x[2];
+      float sc[kBN / 8][4];
+      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int jj = lane + 32 * c;
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = i0 + 16 * warp + ln.g + 8 * (e / 2);
+          const int jj = 8 * n + 2 * ln.t + (e % 2);
           const bool ok = full || (jj < nj && swa_allowed(i, j0 + jj, s.window, s.sink));
-          x[c] = ok ? srow[jj] * scale_log2 : -INFINITY;
-        }
-        const float m_old = sm[r];
-        const float m_new = fmaxf(m_old, warp_max(fmaxf(x[0], x[1])));
-        const bool empty = m_new == -INFINITY;  // no visible key so far (only rows beyond seqlen)
-        const float alpha = m_old == -INFINITY ? (empty ? 1.0f : 0.0f) : exp2f(m_old - m_new);
-        float sum = 0.0f;
-        T* prow = reinterpret_cast<T*>(srow);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float pc = x[c] == -INFINITY ? 0.0f : exp2f(x[c] - m_new);
-          sum += pc;
-          prow[lane + 32 * c] = from_float<T>(pc);  // safe in place: every lane read its scores above
-        }
-        sum = warp_sum(sum);
-        if (alpha != 1.0f) {
-          for (int d = lane; d < D; d += 32) so[r * kLdO + d] *= alpha;
-        }
-        if (lane == 0) {
-          sm[r] = m_new;
-          sl[r] = sl[r] * alpha + sum;
+          sc[n][e] = ok ? sc[n][e] * scale_log2 : -INFINITY;
+          mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
         }
       }
-      __syncwarp();
-      FragC acc[D / 16];
+      float alpha[2];
 #pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::load_matrix_sync(acc[n], so + 16 * warp * kLdO + 16 * n, kLdO, wmma::mem_row_major);
+      for (int half = 0; half < 2; ++half) {
+        const float m_new = fmaxf(m[half], quad_max(mx[half]));
+        alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
+        m[half] = m_new;
       }
-      warp_px<T, D>(reinterpret_cast<const T*>(ss), sv, acc, warp);
+      float sum[2] = {0.0f, 0.0f};
 #pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::store_matrix_sync(so + 16 * warp * kLdO + 16 * n, acc[n], kLdO, wmma::mem_row_major);
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[n][e] = sc[n][e] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[e / 2]);
+          sum[e / 2] += sc[n][e];
+        }
       }
-      __syncwarp();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+      }
+      warp_px<T, D>(sc, sv, ln, o);
     }
   }
-  T* out = static_cast<T*>(p.out);
-  float* lse = static_cast<float*>(p.lse) + bh * L;
-  for (int rr = 0; rr < 16; ++rr) {
-    const int r = 16 * warp + rr;
-    if (r >= ni) break;
-    const float inv = 1.0f / sl[r];
-    T* row = out + ((b * L + i0 + r) * s.heads + h) * D;
-    for (int d = lane; d < D; d += 32) row[d] = from_float<T>(so[r * kLdO + d] * inv);
-    if (lane == 0) lse[i0 + r] = (sm[r] + log2f(sl[r])) / kLog2e;
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    l[half] = quad_sum(l[half]);
+    inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+  }
+  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, warp, ni, L, s.heads, h, ln);
+  if (ln.t == 0) {
+    float* lse = static_cast<float*>(p.lse) + bh * L;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = 16 * warp + ln.g + 8 * half;
+      if (r < ni) lse[i0 + r] = (m[half] + log2f(l[half])) / kLog2e;
+    }
   }
 }
 
-// Loads lse (scaled to log2) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
+// P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
+// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); visible(row, col), lse2(row, col) (lse * log2 e)
+// and delta(row, col) give the mask and statistics of that element.
+template <typename Visible, typename Lse, typename Delta>
+__device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
+                                         float scale, Visible visible, Lse lse2, Delta delta) {
+  const float scale_log2 = scale * kLog2e;
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + ln.g + 8 * (e / 2);
+      const int col = 8 * n + 2 * ln.t + (e % 2);
+      const float pv = visible(row, col) ? exp2f(sc[n][e] * scale_log2 - lse2(row, col)) : 0.0f;
+      sc[n][e] = pv;
+      dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
+    }
+  }
+}
+
+// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
 __device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
                            float* sdelta) {
   if (threadIdx.x < 64) {
@@ -255,41 +335,21 @@ __device__ void load_stats(const float* lse, const float* delta, int64_t i0, int
   }
 }
 
-// P and scale * dS of one score row (64 entries, two per lane) in place as T: p_row over the scores
-// s_row, ds_row over dP. Column jj is (query i_of(jj), key j_of(jj)); lse2 = lse * log2(e).
-template <typename T, typename Visible, typename Lse, typename Delta>
-__device__ void p_ds_row(float* s_row, float* dp_row, Visible visible, Lse lse2_of, Delta delta_of,
-                         float scale_log2, float scale, int lane) {
-  float pv[2], dsv[2];
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    const int jj = lane + 32 * c;
-    pv[c] = visible(jj) ? exp2f(s_row[jj] * scale_log2 - lse2_of(jj)) : 0.0f;
-    dsv[c] = pv[c] * (dp_row[jj] - delta_of(jj)) * scale;
-  }
-  __syncwarp();  // all lanes have read the float rows before they are overwritten
-  T* p16 = reinterpret_cast<T*>(s_row);
-  T* ds16 = reinterpret_cast<T*>(dp_row);
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    p16[lane + 32 * c] = from_float<T>(pv[c]);
-    ds16[lane + 32 * c] = from_float<T>(dsv[c]);
-  }
+template <typename T, int D>
+constexpr int64_t bwd_smem_bytes() {
+  return 4 * tile_bytes<T, D>() + 2 * 64 * sizeof(float);
 }
 
 // dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y; warp w owns keys [16 w, 16 w + 16).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdParams p) {
-  using Tl = Tiles<T, D>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* sq = reinterpret_cast<T*>(smem);
-  T* sdo = reinterpret_cast<T*>(smem + Tl::kRowsT);
-  T* sk = reinterpret_cast<T*>(smem + 2 * Tl::kRowsT);
-  T* sv = reinterpret_cast<T*>(smem + 3 * Tl::kRowsT);
-  float* ss = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT);  // S^T, then P^T as T
-  float* sdp = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT + Tl::kScores);  // dP^T, then scale dS^T as T
-  float* slse = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT + 2 * Tl::kScores);
-  float* sdelta = slse + Tl::kStats / sizeof(float);
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sk = reinterpret_cast<T*>(smem);
+  T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sq = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+  T* sdo = reinterpret_cast<T*>(smem + 3 * tile_bytes<T, D>());
+  float* slse = reinterpret_cast<float*>(smem + 4 * tile_bytes<T, D>());
+  float* sdelta = slse + 64;
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
@@ -297,16 +357,17 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   const int64_t b = bk / s.kv_heads, hk = bk % s.kv_heads;
   const int64_t nj = min(static_cast<int64_t>(kBN), L - j0);
   const int64_t q_end = swa_query_end(j0 + nj, L, s.window, s.sink, j0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float scale = static_cast<float>(s.scale), scale_log2 = scale * kLog2e;
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale = static_cast<float>(s.scale);
 
   load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
   load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
-  FragC dk[D / 16], dv[D / 16];
+  float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::fill_fragment(dk[n], 0.0f);
-    wmma::fill_fragment(dv[n], 0.0f);
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
   }
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const float* lse = static_cast<const float*>(p.lse) + (b * s.heads + h) * L;
@@ -319,85 +380,73 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
       load_stats(lse, delta, i0, ni, slse, sdelta);
       __syncthreads();
       const bool full = nj == kBN && ni == kBM && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      warp_abt<T, D>(sk, sq, ss, warp);   // S^T = K Q^T
-      warp_abt<T, D>(sv, sdo, sdp, warp);  // dP^T = V dO^T
-      __syncwarp();
-      for (int rr = 0; rr < 16; ++rr) {
-        const int r = 16 * warp + rr;  // key row; column c is query i0 + c
-        const int64_t j = j0 + r;
-        p_ds_row<T>(
-            ss + r * kLdS, sdp + r * kLdS,
-            [&](int c) { return full || (r < nj && c < ni && swa_allowed(i0 + c, j, s.window, s.sink)); },
-            [&](int c) { return slse[c]; }, [&](int c) { return sdelta[c]; }, scale_log2, scale, lane);
-      }
-      __syncwarp();
-      warp_px<T, D>(reinterpret_cast<const T*>(ss), sdo, dv, warp);  // dV += P^T dO
-      warp_px<T, D>(reinterpret_cast<const T*>(sdp), sq, dk, warp);  // dK += scale dS^T Q
+      float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
+      warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
+      warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
+      p_and_ds(
+          st, dpt, warp, ln, scale,
+          [&](int r, int c) { return full || (r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink)); },
+          [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+      warp_px<T, D>(st, sdo, ln, dv);   // dV += P^T dO
+      warp_px<T, D>(dpt, sq, ln, dk);   // dK += scale dS^T Q
     }
   }
-  __syncthreads();  // sq, sdo become the float staging area
-  float* stage = reinterpret_cast<float*>(smem);
-  warp_store_rows<T, D>(dk, stage, static_cast<T*>(p.dk), b, j0, nj, L, s.kv_heads, hk, warp, lane);
-  __syncwarp();
-  warp_store_rows<T, D>(dv, stage, static_cast<T*>(p.dv), b, j0, nj, L, s.kv_heads, hk, warp, lane);
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, warp, nj, L, s.kv_heads, hk, ln);
 }
 
 // dQ of query tile blockIdx.x for (batch, head) blockIdx.y; warp w owns queries [16 w, 16 w + 16).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams p) {
-  using Tl = Tiles<T, D>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sdo = reinterpret_cast<T*>(smem + Tl::kRowsT);
-  T* sk = reinterpret_cast<T*>(smem + 2 * Tl::kRowsT);
-  T* sv = reinterpret_cast<T*>(smem + 3 * Tl::kRowsT);
-  float* ss = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT);
-  float* sdp = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT + Tl::kScores);
-  float* slse = reinterpret_cast<float*>(smem + 4 * Tl::kRowsT + 2 * Tl::kScores);
-  float* sdelta = slse + Tl::kStats / sizeof(float);
+  T* sdo = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sk = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+  T* sv = reinterpret_cast<T*>(smem + 3 * tile_bytes<T, D>());
+  float* slse = reinterpret_cast<float*>(smem + 4 * tile_bytes<T, D>());
+  float* sdelta = slse + 64;
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
   const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
   const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const float scale = static_cast<float>(s.scale), scale_log2 = scale * kLog2e;
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale = static_cast<float>(s.scale);
 
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
              sdelta);
-  FragC dq[D / 16];
+  float dq[D / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
+  }
   const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
   for (int range = 0; range < 2; ++range) {
     for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
       const int64_t nj = min(static_cast<int64_t>(kBN), ranges[range][1] - j0);
-      __syncthreads();  // every warp is done with the previous sk, sv
+      __syncthreads();  // every warp is done with the previous sk, sv (and the stats are loaded)
       load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
       load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
       __syncthreads();
       const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      warp_abt<T, D>(sq, sk, ss, warp);   // S = Q K^T
-      warp_abt<T, D>(sdo, sv, sdp, warp);  // dP = dO V^T
-      __syncwarp();
-      for (int rr = 0; rr < 16; ++rr) {
-        const int r = 16 * warp + rr;  // query row; column c is key j0 + c
-        const int64_t i = i0 + r;
-        p_ds_row<T>(
-            ss + r * kLdS, sdp + r * kLdS,
-            [&](int c) { return full || (c < nj && swa_allowed(i, j0 + c, s.window, s.sink)); },
-            [&](int) { return slse[r]; }, [&](int) { return sdelta[r]; }, scale_log2, scale, lane);
-      }
-      __syncwarp();
-      warp_px<T, D>(reinterpret_cast<const T*>(sdp), sk, dq, warp);  // dQ += scale dS K
+      float sc[kBN / 8][4], dp[kBN / 8][4];
+      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);   // S = Q K^T
+      warp_abt<T, D>(sdo, sv, 16 * warp, ln, dp);  // dP = dO V^T
+      p_and_ds(
+          sc, dp, warp, ln, scale,
+          [&](int r, int c) { return full || (c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink)); },
+          [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
+      warp_px<T, D>(dp, sk, ln, dq);  // dQ += scale dS K
     }
   }
-  __syncthreads();  // sk, sv become the float staging area
-  float* stage = reinterpret_cast<float*>(smem + 2 * Tl::kRowsT);
-  warp_store_rows<T, D>(dq, stage, static_cast<T*>(p.dq), b, i0, ni, L, s.heads, h, warp, lane);
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, warp, ni, L, s.heads, h, ln);
 }
 
 template <typename Kernel, typename Params>
@@ -409,15 +458,15 @@ void launch(Kernel kernel, dim3 grid, int64_t smem_bytes, const Params& p, cudaS
 template <typename T, int D>
 void forward(const SwaFwdParams& p, cudaStream_t stream) {
   const dim3 grid((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
-  launch(swa_fwd_kernel<T, D>, grid, Tiles<T, D>::kFwdBytes, p, stream);
+  launch(swa_fwd_kernel<T, D>, grid, 3 * tile_bytes<T, D>(), p, stream);
 }
 
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
   const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
-  launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, Tiles<T, D>::kBwdBytes, p, stream);
+  launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem_bytes<T, D>(), p, stream);
   const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
-  launch(swa_bwd_dq_kernel<T, D>, grid_q, Tiles<T, D>::kBwdBytes, p, stream);
+  launch(swa_bwd_dq_kernel<T, D>, grid_q, bwd_smem_bytes<T, D>(), p, stream);
 }
 
 // Calls fn.template operator()<T, D>() for the runtime dtype (float16 / bfloat16) and headdim.
