@@ -289,3 +289,20 @@ def test_bad_input_errors():
         swa(q.int(), k.int(), v.int(), 3)
     with pytest.raises(RuntimeError, match="softmax_scale: expected a finite positive number"):
         swa(q, k, v, 3, softmax_scale=-1.0)
+
+
+def test_batch_split_gives_the_same_bits(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((3, 130, 4, 2, 64, 0, 0), dtype, device)
+    out, lse = markovkit.sliding_window_attention(q, k, v, 40, sink=1, return_lse=True)
+    for b in range(3):
+        ob, lb = markovkit.sliding_window_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 40, sink=1, return_lse=True)
+        assert torch.equal(ob[0], out[b]) and torch.equal(lb[0], lse[b])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rejects_float32():
+    q = torch.randn(1, 8, 2, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="q: expected dtype Half or BFloat16, got Float"):
+        markovkit.sliding_window_attention(q, q, q, 3)
