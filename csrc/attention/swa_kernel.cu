@@ -80,39 +80,44 @@ struct Lane {
   int g, t;  // lane = 4 g + t
 };
 
-__device__ __forceinline__ uint32_t word(const void* tile, int64_t element) {
-  return *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(tile) + element);
+// ldmatrix .x4: lane l gives the address of row l % 8 of the 8x8 matrix l / 8 (16-byte aligned rows);
+// register i receives matrix i as an mma fragment (lane l: row l / 4, cols 2 (l % 4) and + 1), or with
+// kTrans its transpose (lane l: rows 2 (l % 4) and + 1 of col l / 4).
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(const uint16_t* row, uint32_t (&r)[4]) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
 }
 
-__device__ __forceinline__ uint32_t two_halves(const void* tile, int64_t lo, int64_t hi) {
-  const uint16_t* u = static_cast<const uint16_t*>(tile);
-  return static_cast<uint32_t>(u[lo]) | (static_cast<uint32_t>(u[hi]) << 16);
-}
-
-// A fragment of rows [r0, r0 + 16) x cols [k0, k0 + 16) of a row-major tile with leading dimension ld.
+// A fragment of rows [r0, r0 + 16) x cols [k0, k0 + 16) of a row-major tile with leading dimension ld:
+// matrices (rows + 0, cols + 0), (+ 8, + 0), (+ 0, + 8), (+ 8, + 8).
 __device__ __forceinline__ void load_a(const void* tile, int ld, int r0, int k0, Lane ln, uint32_t (&a)[4]) {
-  const int64_t top = static_cast<int64_t>(r0 + ln.g) * ld + k0 + 2 * ln.t;
-  const int64_t bottom = top + 8 * ld;
-  a[0] = word(tile, top);
-  a[1] = word(tile, bottom);
-  a[2] = word(tile, top + 8);
-  a[3] = word(tile, bottom + 8);
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = r0 + lane % 8 + 8 * (mi % 2), col = k0 + 8 * (mi / 2);
+  ldmatrix_x4<false>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, a);
 }
 
-// B fragment (k in [k0, k0 + 16), n in [n0, n0 + 8)) with B(k, n) = X[n][k]: X rows are the n index.
-__device__ __forceinline__ void load_b_rows(const void* tile, int ld, int n0, int k0, Lane ln, uint32_t& b0,
-                                            uint32_t& b1) {
-  const int64_t at = static_cast<int64_t>(n0 + ln.g) * ld + k0 + 2 * ln.t;
-  b0 = word(tile, at);
-  b1 = word(tile, at + 8);
+// B fragments (k in [k0, k0 + 16)) of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) with B(k, n) = X[n][k]
+// (X rows are the n index): b = {b0, b1 of the first, b0, b1 of the second}.
+__device__ __forceinline__ void load_b_rows(const void* tile, int ld, int n0, int k0, Lane ln, uint32_t (&b)[4]) {
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = n0 + lane % 8 + 8 * (mi / 2), col = k0 + 8 * (mi % 2);
+  ldmatrix_x4<false>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, b);
 }
 
-// B fragment with B(k, n) = X[k][n]: X rows are the k index.
-__device__ __forceinline__ void load_b_cols(const void* tile, int ld, int k0, int n0, Lane ln, uint32_t& b0,
-                                            uint32_t& b1) {
-  const int64_t at = static_cast<int64_t>(k0 + 2 * ln.t) * ld + n0 + ln.g;
-  b0 = two_halves(tile, at, at + ld);
-  b1 = two_halves(tile, at + 8 * ld, at + 9 * ld);
+// The same with B(k, n) = X[k][n] (X rows are the k index), through the transposing load.
+__device__ __forceinline__ void load_b_cols(const void* tile, int ld, int k0, int n0, Lane ln, uint32_t (&b)[4]) {
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = k0 + lane % 8 + 8 * (mi % 2), col = n0 + 8 * (mi / 2);
+  ldmatrix_x4<true>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, b);
 }
 
 // A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
@@ -139,10 +144,11 @@ __device__ __forceinline__ void warp_abt(const T* a_tile, const T* x_tile, int r
     uint32_t a[4];
     load_a(a_tile, kLd, r0, 16 * kk, ln, a);
 #pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
-      uint32_t b0, b1;
-      load_b_rows(x_tile, kLd, 8 * n, 16 * kk, ln, b0, b1);
-      mma<T>(acc[n], a, b0, b1);
+    for (int n = 0; n < kBN / 8; n += 2) {
+      uint32_t b[4];
+      load_b_rows(x_tile, kLd, 8 * n, 16 * kk, ln, b);
+      mma<T>(acc[n], a, b[0], b[1]);
+      mma<T>(acc[n + 1], a, b[2], b[3]);
     }
   }
 }
@@ -157,10 +163,11 @@ __device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x
     uint32_t a[4];
     c_to_a<T>(p[2 * kk], p[2 * kk + 1], a);
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      uint32_t b0, b1;
-      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b0, b1);
-      mma<T>(acc[n], a, b0, b1);
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b);
+      mma<T>(acc[n], a, b[0], b[1]);
+      mma<T>(acc[n + 1], a, b[2], b[3]);
     }
   }
 }
