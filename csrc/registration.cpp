@@ -14,6 +14,10 @@ TORCH_LIBRARY(markovkit, m) {
   m.def("philox_normal(Tensor like, int seed, int offset=0) -> Tensor");
   // --- scan: selective scan (csrc/scan) ---
   // --- attention: sliding-window attention (csrc/attention) ---
+  m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, int sink, float softmax_scale) "
+        "-> (Tensor out, Tensor lse)");
+  m.def("sliding_window_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
   // --- mjp: Markov jump processes (csrc/mjp) ---
 }

@@ -16,6 +16,7 @@ from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 # --- scan ---
 
 # --- attention ---
+from markovkit.attention import merge_attention, sliding_window_attention  # noqa: E402
 
 # --- mafbm ---
 

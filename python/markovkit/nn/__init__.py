@@ -2,5 +2,6 @@
 # --- scan ---
 
 # --- attention ---
+from markovkit.nn.sliding_window_attention import SlidingWindowAttention, rotary_embedding  # noqa: F401
 
 # --- mafbm ---

@@ -1,0 +1,143 @@
+// Glue for sliding_window_attention_fwd / _bwd: input checks, params, stream; CPU and CUDA registrations.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#ifdef MARKOVKIT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "attention/swa_params.h"
+#include "common/torch_checks.h"
+
+namespace markovkit {
+namespace {
+
+void check_dtypes(const at::Tensor& q) {
+  if (q.is_cpu()) {
+    check_dtype(q, "q", {at::kFloat, at::kDouble});  // the Python wrapper upcasts bfloat16 / float16
+  } else {
+    check_dtype(q, "q", {at::kHalf, at::kBFloat16});
+  }
+}
+
+// q: (batch, seqlen, heads, headdim), k, v: (batch, seqlen, kv_heads, headdim).
+SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window, int64_t sink,
+                      double scale) {
+  TORCH_CHECK(q.dim() == 4, "q: expected 4 dims (batch, seqlen, heads, headdim), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k: expected 4 dims (batch, seqlen, kv_heads, headdim), got shape ", k.sizes());
+  check_dtypes(q);
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_same_device(*t, name, q, "q");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
+                " (the dtype of q), got ", t->scalar_type());
+  }
+  check_shape(v, "v", k.sizes());
+  const int64_t batch = q.size(0), seqlen = q.size(1), heads = q.size(2), headdim = q.size(3);
+  const int64_t kv_heads = k.size(2);
+  check_shape(k, "k", {batch, seqlen, kv_heads, headdim});
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "k: expected kv_heads dividing heads = ", heads, ", got ",
+              kv_heads);
+  TORCH_CHECK(headdim == 32 || headdim == 64 || headdim == 96 || headdim == 128 || headdim == 256,
+              "q: expected headdim 32, 64, 96, 128 or 256, got ", headdim);
+  TORCH_CHECK(window >= 1, "window: expected >= 1 (keys seen including self), got ", window);
+  TORCH_CHECK(sink >= 0, "sink: expected >= 0, got ", sink);
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "softmax_scale: expected a finite positive number, got ", scale);
+  if (!q.is_cpu()) {
+    TORCH_CHECK(batch * heads <= 65535, "q: expected batch * heads <= 65535 on CUDA (grid limit), got ",
+                batch * heads);
+  }
+  return {batch, seqlen, heads, kv_heads, headdim, window, sink, scale, dtype_of(q, "q")};
+}
+
+// t contiguous, and 16-byte aligned for the CUDA kernels' vector loads.
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (!c.is_cpu() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+// float32 statistics, float64 for float64 inputs.
+at::ScalarType stat_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           int64_t window, int64_t sink, double scale) {
+  const SwaShape s = check_inputs(q_in, k_in, v_in, window, sink, scale);
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({s.batch, s.heads, s.seqlen}, q.options().dtype(stat_type(q)));
+  if (q.numel() == 0) return {out, lse};
+  const SwaFwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()};
+  if (q.is_cpu()) {
+    swa_forward_cpu(p);
+  } else {
+#ifdef MARKOVKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    swa_forward_cuda(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+  return {out, lse};
+}
+
+// dout, out: like q; lse (and dlse when given): (batch, heads, seqlen).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlse,
+                                                       const at::Tensor& q_in, const at::Tensor& k_in,
+                                                       const at::Tensor& v_in, const at::Tensor& out,
+                                                       const at::Tensor& lse_in, int64_t window, int64_t sink,
+                                                       double scale) {
+  const SwaShape s = check_inputs(q_in, k_in, v_in, window, sink, scale);
+  const at::ScalarType st = stat_type(q_in);
+  for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out, "out"}}) {
+    check_same_device(*t, name, q_in, "q");
+    check_shape(*t, name, q_in.sizes());
+    check_dtype(*t, name, {q_in.scalar_type()});
+  }
+  check_same_device(lse_in, "lse", q_in, "q");
+  check_shape(lse_in, "lse", {s.batch, s.heads, s.seqlen});
+  check_dtype(lse_in, "lse", {st});
+  // delta = rowsum(dout * out) - dlse: (batch, heads, seqlen)
+  at::Tensor delta = (dout_in.to(st) * out.to(st)).sum(-1).transpose(1, 2);
+  if (dlse.has_value()) {
+    check_same_device(*dlse, "dlse", q_in, "q");
+    check_shape(*dlse, "dlse", {s.batch, s.heads, s.seqlen});
+    delta = delta - dlse->to(st);
+  }
+  delta = delta.contiguous();
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  const at::Tensor dout = dense(dout_in), lse = lse_in.contiguous();
+  at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
+  const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                       delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
+  if (q.is_cpu()) {
+    swa_backward_cpu(p);
+  } else {
+#ifdef MARKOVKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    swa_backward_cuda(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(markovkit, CPU, m) {
+  m.impl("sliding_window_attention_fwd", &swa_fwd);
+  m.impl("sliding_window_attention_bwd", &swa_bwd);
+}
+
+#ifdef MARKOVKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(markovkit, CUDA, m) {
+  m.impl("sliding_window_attention_fwd", &swa_fwd);
+  m.impl("sliding_window_attention_bwd", &swa_bwd);
+}
+#endif
+
+}  // namespace markovkit

@@ -1,0 +1,52 @@
+// CPU sliding-window attention: threads over (batch, head, query tile) forward and (batch, kv head)
+// backward, on the AVX2 + FMA copy of the tile loops when the CPU has it, else on the baseline copy.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "attention/swa_cpu_entry.h"
+#include "attention/swa_params.h"
+
+#define SWA_CPU_ISA base
+#define SWA_CPU_VEC_BYTES 16
+#define SWA_CPU_KERNELS swa_cpu_kernels_base
+#include "attention/swa_cpu_isa.h"
+
+namespace markovkit {
+namespace {
+
+SwaCpuKernels pick(DType dtype) {
+  const bool is_double = dtype == DType::kFloat64;
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) return swa_cpu_kernels_avx2(is_double);
+#endif
+  return swa_cpu_kernels_base(is_double);
+}
+
+int64_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
+
+}  // namespace
+
+void swa_forward_cpu(const SwaFwdParams& p) {
+  const SwaShape& s = p.s;
+  const int64_t n_tiles = s.batch * s.heads * ((s.seqlen + kSwaCpuBM - 1) / kSwaCpuBM);
+  const SwaFwdTiles fwd = pick(s.dtype).fwd;
+  const int64_t work_bytes = swa_fwd_work_size(s.headdim) * element_size(s.dtype);
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> work((work_bytes + 7) / 8);
+    fwd(p, begin, end, work.data());
+  });
+}
+
+void swa_backward_cpu(const SwaBwdParams& p) {
+  const SwaShape& s = p.s;
+  const SwaBwdHeads bwd = pick(s.dtype).bwd;
+  const int64_t work_bytes = swa_bwd_work_size(s.headdim) * element_size(s.dtype);
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> work((work_bytes + 7) / 8);
+    bwd(p, begin, end, work.data());
+  });
+}
+
+}  // namespace markovkit

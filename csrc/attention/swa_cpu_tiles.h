@@ -1,0 +1,321 @@
+#pragma once
+// The CPU tile loops of sliding-window attention, free of torch headers so that swa_cpu.cpp can compile
+// them once per instruction set (the wrapper namespace SWA_CPU_ISA differs per copy: no ODR clash).
+//
+// Forward, per (batch, head, query tile of kBM rows): online softmax over the key tiles of kBN keys in
+// [0, sink_end) and [window_begin, i1); only tiles that are not fully visible evaluate the mask.
+// Backward, per (batch, kv head): for each key tile, the query tiles of every head of the group that see
+// it, recomputing P = exp(S - lse); dS = P (dP - delta) with delta = rowsum(dO O) - dlse; dv, dk accumulate
+// in the tile, dq in place (this task owns every dq row of its kv head's group).
+// Tile products go through gemm_acc, a register-blocked loop nest the compiler vectorizes.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "attention/swa_params.h"
+
+#ifndef SWA_CPU_VEC_BYTES
+#error "define SWA_CPU_VEC_BYTES (SIMD width in bytes) before including swa_cpu_tiles.h"
+#endif
+
+namespace markovkit {
+namespace SWA_CPU_ISA {
+
+constexpr int64_t kBM = 64;
+constexpr int64_t kBN = 64;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// exp for x <= 0 (float): Cody-Waite reduction and a degree-7 polynomial (Cephes expf), < 2 ulp; written
+// branch-free so that the tile loops vectorize. x below -87 returns ~1e-38 instead of a smaller value.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return y * two_n;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t seqlen, nheads, headdim;
+  // Row of (b, i, h) in a (batch, seqlen, nheads, headdim) tensor; consecutive i are stride() apart.
+  const T* at(int64_t b, int64_t i, int64_t h) const { return base + ((b * seqlen + i) * nheads + h) * headdim; }
+  int64_t stride() const { return nheads * headdim; }
+};
+
+// SIMD vector of T, SWA_CPU_VEC_BYTES wide (16 for the baseline copy, 32 for the AVX2 copy).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(SWA_CPU_VEC_BYTES)));
+  static constexpr int kLanes = SWA_CPU_VEC_BYTES / sizeof(T);
+};
+
+// C (M, N) += A (M, K) B (K, N), with A(m, k) = A[m * a_rs + k * a_cs] and B, C row-major (ldb, ldc).
+// M % kR == 0 and N % kLanes == 0: kR accumulator vectors stay in registers over the K loop.
+template <typename T>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_cs,
+              const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
+  using V = typename Vec<T>::type;
+  constexpr int kR = 8, kW = Vec<T>::kLanes;
+  for (int64_t m = 0; m < M; m += kR) {
+    for (int64_t n = 0; n < N; n += kW) {
+      V acc[kR];
+      for (int rr = 0; rr < kR; ++rr) std::memcpy(&acc[rr], C + (m + rr) * ldc + n, sizeof(V));
+      for (int64_t k = 0; k < K; ++k) {
+        V b;
+        std::memcpy(&b, B + k * ldb + n, sizeof(V));
+        for (int rr = 0; rr < kR; ++rr) acc[rr] += A[(m + rr) * a_rs + k * a_cs] * b;
+      }
+      for (int rr = 0; rr < kR; ++rr) std::memcpy(C + (m + rr) * ldc + n, &acc[rr], sizeof(V));
+    }
+  }
+}
+
+template <typename T>
+void fill_zero(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = T(0);
+}
+
+// dst: (kBM, headdim) = a * rows [i0, i0 + ni) of `src` (head h), zero beyond ni.
+template <typename T>
+void copy_rows(const Rows<T>& src, int64_t b, int64_t h, int64_t i0, int64_t ni, T a, T* dst) {
+  const int64_t D = src.headdim;
+  for (int64_t r = 0; r < kBM; ++r) {
+    const T* row = r < ni ? src.at(b, i0 + r, h) : nullptr;
+    for (int64_t d = 0; d < D; ++d) dst[r * D + d] = row ? a * row[d] : T(0);
+  }
+}
+
+// kt: (headdim, kBN) = rows [j0, j0 + nj) of `src` (kv head hk) transposed, zero beyond nj.
+template <typename T>
+void transpose_tile(const Rows<T>& src, int64_t b, int64_t hk, int64_t j0, int64_t nj, T* kt) {
+  const int64_t D = src.headdim;
+  for (int64_t jj = 0; jj < kBN; ++jj) {
+    const T* row = jj < nj ? src.at(b, j0 + jj, hk) : nullptr;
+    for (int64_t d = 0; d < D; ++d) kt[d * kBN + jj] = row ? row[d] : T(0);
+  }
+}
+
+// Scales the scores s[:kBN] of row i, sets those outside the mask (or beyond nj) to -inf; returns the max.
+template <typename T>
+T mask_and_max(T* s, T scale, int64_t i, int64_t j0, int64_t nj, bool full, const SwaShape& sh) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T mx = kNegInf;
+  for (int64_t jj = 0; jj < kBN; ++jj) {
+    const bool ok = full || (jj < nj && swa_allowed(i, j0 + jj, sh.window, sh.sink));
+    const T val = ok ? s[jj] * scale : kNegInf;
+    s[jj] = val;
+    mx = val > mx ? val : mx;
+  }
+  return mx;
+}
+
+template <typename T>
+struct FwdState {
+  T* kt;  // (headdim, kBN) key tile transposed
+  T* qs;  // (kBM, headdim) scale * q rows
+  T* o;   // (kBM, headdim) unnormalized output
+  T* s;   // (kBM, kBN) scores, then P
+  T m[kBM], l[kBM];
+};
+
+// Online-softmax update of row r of st with its scores s[:kBN]: P into s, o row rescaled; returns nothing.
+template <typename T>
+void softmax_row_update(FwdState<T>& st, int64_t r, T* s, T mx, int64_t D) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (mx == kNegInf) {
+    fill_zero(s, kBN);
+    return;
+  }
+  const T m_new = mx > st.m[r] ? mx : st.m[r];
+  const T alpha = st.m[r] == kNegInf ? T(0) : exp_nonpos(st.m[r] - m_new);
+  T sum = 0;
+  for (int64_t jj = 0; jj < kBN; ++jj) {
+    const T pj = s[jj] == kNegInf ? T(0) : exp_nonpos(s[jj] - m_new);
+    s[jj] = pj;
+    sum += pj;
+  }
+  if (alpha != T(1)) {
+    T* orow = st.o + r * D;
+    for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
+  }
+  st.l[r] = alpha * st.l[r] + sum;
+  st.m[r] = m_new;
+}
+
+// One key tile [j0, j0 + nj) against query rows [i0, i0 + ni): S = Q K^T, online softmax, O += P V.
+template <typename T>
+void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t hk, int64_t i0,
+                  int64_t ni, int64_t j0, int64_t nj, FwdState<T>& st) {
+  const int64_t D = sh.headdim;
+  const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
+  transpose_tile(k, b, hk, j0, nj, st.kt);
+  fill_zero(st.s, kBM * kBN);
+  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.s, kBN);
+  for (int64_t r = 0; r < ni; ++r) {
+    T* s = st.s + r * kBN;
+    softmax_row_update(st, r, s, mask_and_max(s, T(1), i0 + r, j0, nj, full, sh), D);
+  }
+  fill_zero(st.s + ni * kBN, (kBM - ni) * kBN);
+  gemm_acc<T>(kBM, D, nj, st.s, kBN, 1, v.at(b, j0, hk), v.stride(), st.o, D);
+}
+
+// Keys [begin, end) in tiles of kBN.
+template <typename T>
+void fwd_key_range(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t hk, int64_t i0,
+                   int64_t ni, int64_t begin, int64_t end, FwdState<T>& st) {
+  for (int64_t j0 = begin; j0 < end; j0 += kBN) fwd_key_tile(sh, k, v, b, hk, i0, ni, j0, min64(kBN, end - j0), st);
+}
+
+// Query tile `tile` of flattened index (b * heads + h) * n_tiles + qt.
+// work: (headdim * kBN + 2 * kBM * headdim + kBM * kBN).
+template <typename T>
+void fwd_query_tile(const SwaFwdParams& p, int64_t tile, T* work) {
+  const SwaShape& sh = p.s;
+  const int64_t L = sh.seqlen, D = sh.headdim;
+  const int64_t n_tiles = (L + kBM - 1) / kBM;
+  const int64_t qt = tile % n_tiles, bh = tile / n_tiles;
+  const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / (sh.heads / sh.kv_heads);
+  const Rows<T> q{static_cast<const T*>(p.q), L, sh.heads, D};
+  const Rows<T> k{static_cast<const T*>(p.k), L, sh.kv_heads, D};
+  const Rows<T> v{static_cast<const T*>(p.v), L, sh.kv_heads, D};
+  const int64_t i0 = qt * kBM, ni = min64(kBM, L - i0);
+
+  FwdState<T> st;
+  st.kt = work;
+  st.qs = st.kt + D * kBN;
+  st.o = st.qs + kBM * D;
+  st.s = st.o + kBM * D;
+  for (int64_t r = 0; r < kBM; ++r) {
+    st.m[r] = -std::numeric_limits<T>::infinity();
+    st.l[r] = 0;
+  }
+  copy_rows(q, b, h, i0, ni, static_cast<T>(sh.scale), st.qs);
+  fill_zero(st.o, kBM * D);
+  fwd_key_range(sh, k, v, b, hk, i0, ni, 0, swa_sink_end(i0, sh.window, sh.sink), st);
+  fwd_key_range(sh, k, v, b, hk, i0, ni, swa_window_begin(i0, sh.window), i0 + ni, st);
+
+  T* out = static_cast<T*>(p.out);
+  T* lse = static_cast<T*>(p.lse) + bh * L;
+  for (int64_t r = 0; r < ni; ++r) {
+    const T inv = T(1) / st.l[r];
+    T* orow = out + (((b * L) + i0 + r) * sh.heads + h) * D;
+    for (int64_t d = 0; d < D; ++d) orow[d] = st.o[r * D + d] * inv;
+    lse[i0 + r] = st.m[r] + std::log(st.l[r]);
+  }
+}
+
+template <typename T>
+struct BwdState {
+  T* kt;   // (headdim, kBN) key tile transposed
+  T* vt;   // (headdim, kBN) value tile transposed
+  T* dk;   // (kBN, headdim)
+  T* dv;   // (kBN, headdim)
+  T* qs;   // (kBM, headdim) q rows
+  T* dos;  // (kBM, headdim) dout rows
+  T* dqt;  // (kBM, headdim) dq contribution of this tile pair
+  T* p;    // (kBM, kBN) scores, then P
+  T* ds;   // (kBM, kBN) dP, then scale * dS
+};
+
+// Query rows [i0, i0 + ni) of head h against key tile [j0, j0 + nj): the five tile products.
+template <typename T>
+void bwd_tile_pair(const SwaBwdParams& pr, const Rows<T>& q, const Rows<T>& k, const Rows<T>& dout, int64_t b,
+                   int64_t h, int64_t hk, int64_t i0, int64_t ni, int64_t j0, int64_t nj, BwdState<T>& st) {
+  const SwaShape& sh = pr.s;
+  const int64_t L = sh.seqlen, D = sh.headdim;
+  const T scale = static_cast<T>(sh.scale);
+  const T* lse = static_cast<const T*>(pr.lse) + (b * sh.heads + h) * L;
+  const T* delta = static_cast<const T*>(pr.delta) + (b * sh.heads + h) * L;
+  const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
+  copy_rows(q, b, h, i0, ni, T(1), st.qs);
+  copy_rows(dout, b, h, i0, ni, T(1), st.dos);
+  fill_zero(st.p, 2 * kBM * kBN);  // p and ds
+  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.p, kBN);
+  gemm_acc<T>(kBM, kBN, D, st.dos, D, 1, st.vt, kBN, st.ds, kBN);
+  for (int64_t r = 0; r < kBM; ++r) {
+    T* p = st.p + r * kBN;
+    T* ds = st.ds + r * kBN;
+    if (r >= ni) {
+      fill_zero(p, kBN);
+      fill_zero(ds, kBN);
+      continue;
+    }
+    mask_and_max(p, scale, i0 + r, j0, nj, full, sh);
+    const T lse_i = lse[i0 + r], delta_i = delta[i0 + r];
+    for (int64_t jj = 0; jj < kBN; ++jj) {
+      const T pj = p[jj] == -std::numeric_limits<T>::infinity() ? T(0) : exp_nonpos(p[jj] - lse_i);
+      p[jj] = pj;
+      ds[jj] = pj * (ds[jj] - delta_i) * scale;
+    }
+  }
+  gemm_acc<T>(kBN, D, ni, st.p, 1, kBN, st.dos, D, st.dv, D);  // dV += P^T dO
+  gemm_acc<T>(kBN, D, ni, st.ds, 1, kBN, st.qs, D, st.dk, D);  // dK += dS^T Q
+  fill_zero(st.dqt, kBM * D);
+  gemm_acc<T>(kBM, D, nj, st.ds, kBN, 1, k.at(b, j0, hk), k.stride(), st.dqt, D);  // dQ += dS K
+  T* dq = static_cast<T*>(pr.dq);
+  for (int64_t r = 0; r < ni; ++r) {
+    T* dqrow = dq + ((b * L + i0 + r) * sh.heads + h) * D;
+    for (int64_t d = 0; d < D; ++d) dqrow[d] += st.dqt[r * D + d];
+  }
+}
+
+// Key tile `kt_index` of (batch b, kv head hk): its dk, dv rows, and its dq contributions.
+// work: (4 * headdim * kBN + 3 * kBM * headdim + 2 * kBM * kBN).
+template <typename T>
+void bwd_key_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_index, T* work) {
+  const SwaShape& sh = p.s;
+  const int64_t L = sh.seqlen, D = sh.headdim, group = sh.heads / sh.kv_heads;
+  const Rows<T> q{static_cast<const T*>(p.q), L, sh.heads, D};
+  const Rows<T> k{static_cast<const T*>(p.k), L, sh.kv_heads, D};
+  const Rows<T> v{static_cast<const T*>(p.v), L, sh.kv_heads, D};
+  const Rows<T> dout{static_cast<const T*>(p.dout), L, sh.heads, D};
+  BwdState<T> st;
+  st.kt = work;
+  st.vt = st.kt + D * kBN;
+  st.dk = st.vt + D * kBN;
+  st.dv = st.dk + kBN * D;
+  st.qs = st.dv + kBN * D;
+  st.dos = st.qs + kBM * D;
+  st.dqt = st.dos + kBM * D;
+  st.p = st.dqt + kBM * D;
+  st.ds = st.p + kBM * kBN;
+
+  const int64_t j0 = kt_index * kBN, nj = min64(kBN, L - j0);
+  const int64_t q_end = swa_query_end(j0 + nj, L, sh.window, sh.sink, j0);
+  transpose_tile(k, b, hk, j0, nj, st.kt);
+  transpose_tile(v, b, hk, j0, nj, st.vt);
+  fill_zero(st.dk, 2 * kBN * D);  // dk and dv
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t i0 = j0; i0 < q_end; i0 += kBM) {
+      bwd_tile_pair(p, q, k, dout, b, h, hk, i0, min64(kBM, q_end - i0), j0, nj, st);
+    }
+  }
+  T* dk_out = static_cast<T*>(p.dk);
+  T* dv_out = static_cast<T*>(p.dv);
+  for (int64_t jj = 0; jj < nj; ++jj) {
+    const int64_t off = ((b * L + j0 + jj) * sh.kv_heads + hk) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dk_out[off + d] = st.dk[jj * D + d];
+      dv_out[off + d] = st.dv[jj * D + d];
+    }
+  }
+}
+
+}  // namespace SWA_CPU_ISA
+}  // namespace markovkit

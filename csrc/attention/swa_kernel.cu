@@ -1,0 +1,509 @@
+// CUDA sliding-window attention for float16 / bfloat16 with float32 accumulation, FlashAttention-2 style
+// on tensor cores: mma.sync.m16n8k16 through inline PTX, scores and probabilities kept in registers.
+//
+// Every CTA has 4 warps and a tile of 64 rows in shared memory; warp w owns rows [16 w, 16 w + 16). The
+// fragment layouts are those of the PTX ISA for m16n8k16 (lane = 4 g + t, g = lane / 4, t = lane % 4):
+//   A (16 x 16, row-major) four 32-bit registers: (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
+//   B (16 x 8, k x n)       two registers:         (k = 2t..2t+1, n = g), (k = 2t + 8.., n = g)
+//   C (16 x 8, float)       four floats:           (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
+// so the C fragments of two adjacent 8-column score tiles are, packed to 16 bits, the A fragment of the
+// next product (P V and the backward's P^T dO, dS^T Q, dS K) without a trip through shared memory.
+//
+// Forward: CTA per (query tile of kBM rows, batch * head); key tiles of kBN keys over [0, sink_end) and
+// [window_begin, i1) (swa_params.h); the mask is evaluated only on tiles that are not fully visible;
+// online softmax in base 2 with scale * log2(e) folded in.
+// Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
+// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly),
+// one per query tile computes dQ (over its key tiles); both recompute P = exp(S - lse) and use
+// dS = P (dP - delta), delta = rowsum(dO O) - dlse from the glue.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "attention/swa_params.h"
+
+namespace markovkit {
+namespace {
+
+constexpr int kBM = 64;  // query rows per tile
+constexpr int kBN = 64;  // keys per tile
+constexpr int kThreads = 128;
+constexpr int kPad = 8;  // row padding of shared-memory tiles (elements): conflict-free fragment loads
+constexpr float kLog2e = 1.4426950408889634f;
+
+// D = A B + D for one m16n8k16 tile; T selects the f16 or bf16 instruction.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                   uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a 32-bit pair of T, lo in the low half (the smaller index, as the fragments want).
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+struct Lane {
+  int g, t;  // lane = 4 g + t
+};
+
+// ldmatrix .x4: lane l gives the address of row l % 8 of the 8x8 matrix l / 8 (16-byte aligned rows);
+// register i receives matrix i as an mma fragment (lane l: row l / 4, cols 2 (l % 4) and + 1), or with
+// kTrans its transpose (lane l: rows 2 (l % 4) and + 1 of col l / 4).
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(const uint16_t* row, uint32_t (&r)[4]) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
+// A fragment of rows [r0, r0 + 16) x cols [k0, k0 + 16) of a row-major tile with leading dimension ld:
+// matrices (rows + 0, cols + 0), (+ 8, + 0), (+ 0, + 8), (+ 8, + 8).
+__device__ __forceinline__ void load_a(const void* tile, int ld, int r0, int k0, Lane ln, uint32_t (&a)[4]) {
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = r0 + lane % 8 + 8 * (mi % 2), col = k0 + 8 * (mi / 2);
+  ldmatrix_x4<false>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, a);
+}
+
+// B fragments (k in [k0, k0 + 16)) of the n-tiles [n0, n0 + 8) and [n0 + 8, n0 + 16) with B(k, n) = X[n][k]
+// (X rows are the n index): b = {b0, b1 of the first, b0, b1 of the second}.
+__device__ __forceinline__ void load_b_rows(const void* tile, int ld, int n0, int k0, Lane ln, uint32_t (&b)[4]) {
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = n0 + lane % 8 + 8 * (mi / 2), col = k0 + 8 * (mi % 2);
+  ldmatrix_x4<false>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, b);
+}
+
+// The same with B(k, n) = X[k][n] (X rows are the k index), through the transposing load.
+__device__ __forceinline__ void load_b_cols(const void* tile, int ld, int k0, int n0, Lane ln, uint32_t (&b)[4]) {
+  const int lane = 4 * ln.g + ln.t, mi = lane / 8;
+  const int row = k0 + lane % 8 + 8 * (mi % 2), col = n0 + 8 * (mi / 2);
+  ldmatrix_x4<true>(static_cast<const uint16_t*>(tile) + static_cast<int64_t>(row) * ld + col, b);
+}
+
+// A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&right)[4], uint32_t (&a)[4]) {
+  a[0] = pack<T>(left[0], left[1]);
+  a[1] = pack<T>(left[2], left[3]);
+  a[2] = pack<T>(right[0], right[1]);
+  a[3] = pack<T>(right[2], right[3]);
+}
+
+// acc (16 rows x kBN cols, as kBN / 8 C fragments) = rows [r0, r0 + 16) of A times X^T over D, where the
+// B operand comes from the kBN rows of X (B(k, n) = X[n][k]).
+template <typename T, int D>
+__device__ __forceinline__ void warp_abt(const T* a_tile, const T* x_tile, int r0, Lane ln, float (&acc)[kBN / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a_tile, kLd, r0, 16 * kk, ln, a);
+#pragma unroll
+    for (int n = 0; n < kBN / 8; n += 2) {
+      uint32_t b[4];
+      load_b_rows(x_tile, kLd, 8 * n, 16 * kk, ln, b);
+      mma<T>(acc[n], a, b[0], b[1]);
+      mma<T>(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 rows x D, as D / 8 C fragments) += P (16 x 64, as C fragments) times the 64 rows of X (64 x D).
+template <typename T, int D>
+__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, Lane ln,
+                                        float (&acc)[D / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(p[2 * kk], p[2 * kk + 1], a);
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b);
+      mma<T>(acc[n], a, b[0], b[1]);
+      mma<T>(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// tile (64, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor, zero beyond n.
+template <typename T, int D>
+__device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
+                          int64_t nheads, int64_t h, T* tile) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  for (int x = threadIdx.x; x < 64 * kPerRow; x += kThreads) {
+    const int r = x / kPerRow, c = (x % kPerRow) * kVec;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < n) val = *reinterpret_cast<const uint4*>(src + ((b * seqlen + r0 + r) * nheads + h) * D + c);
+    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = val;
+  }
+}
+
+// Writes the warp's 16 rows (C fragments acc, times row_scale[half] for rows g and g + 8) as T to rows
+// [r0 + 16 w, ...) of head h, only rows < n.
+template <typename T, int D>
+__device__ void store_rows(const float (&acc)[D / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
+                           int64_t r0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h, Lane ln) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = 16 * warp + ln.g + 8 * half;
+    if (r >= n) continue;
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D);
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+      row[(8 * c + 2 * ln.t) / 2] =
+          pack<T>(acc[c][2 * half] * row_scale[half], acc[c][2 * half + 1] * row_scale[half]);
+    }
+  }
+}
+
+// Max / sum over the 4 lanes (t = 0..3) that hold one row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <typename T, int D>
+constexpr int64_t tile_bytes() {
+  return int64_t{64} * (D + kPad) * sizeof(T);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sq = reinterpret_cast<T*>(smem);
+  T* sk = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sv = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
+  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
+  const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
+
+  load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 units) of rows g, g + 8
+  float l[2] = {0.0f, 0.0f};            // this lane's part of the running row sums
+
+  const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
+  for (int range = 0; range < 2; ++range) {
+    for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
+      const int64_t nj = min(static_cast<int64_t>(kBN), ranges[range][1] - j0);
+      __syncthreads();  // every warp is done with the previous sk, sv
+      load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
+      load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+      __syncthreads();
+      const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
+      float sc[kBN / 8][4];
+      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = i0 + 16 * warp + ln.g + 8 * (e / 2);
+          const int jj = 8 * n + 2 * ln.t + (e % 2);
+          const bool ok = full || (jj < nj && swa_allowed(i, j0 + jj, s.window, s.sink));
+          sc[n][e] = ok ? sc[n][e] * scale_log2 : -INFINITY;
+          mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
+        }
+      }
+      float alpha[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float m_new = fmaxf(m[half], quad_max(mx[half]));
+        alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
+        m[half] = m_new;
+      }
+      float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[n][e] = sc[n][e] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[e / 2]);
+          sum[e / 2] += sc[n][e];
+        }
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+      }
+      warp_px<T, D>(sc, sv, ln, o);
+    }
+  }
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    l[half] = quad_sum(l[half]);
+    inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+  }
+  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, warp, ni, L, s.heads, h, ln);
+  if (ln.t == 0) {
+    float* lse = static_cast<float*>(p.lse) + bh * L;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = 16 * warp + ln.g + 8 * half;
+      if (r < ni) lse[i0 + r] = (m[half] + log2f(l[half])) / kLog2e;
+    }
+  }
+}
+
+// P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
+// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); visible(row, col), lse2(row, col) (lse * log2 e)
+// and delta(row, col) give the mask and statistics of that element.
+template <typename Visible, typename Lse, typename Delta>
+__device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
+                                         float scale, Visible visible, Lse lse2, Delta delta) {
+  const float scale_log2 = scale * kLog2e;
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + ln.g + 8 * (e / 2);
+      const int col = 8 * n + 2 * ln.t + (e % 2);
+      const float pv = visible(row, col) ? exp2f(sc[n][e] * scale_log2 - lse2(row, col)) : 0.0f;
+      sc[n][e] = pv;
+      dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
+    }
+  }
+}
+
+// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
+__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
+                           float* sdelta) {
+  if (threadIdx.x < 64) {
+    const int r = threadIdx.x;
+    slse[r] = r < n ? lse[i0 + r] * kLog2e : INFINITY;
+    sdelta[r] = r < n ? delta[i0 + r] : 0.0f;
+  }
+}
+
+template <typename T, int D>
+constexpr int64_t bwd_smem_bytes() {
+  return 4 * tile_bytes<T, D>() + 2 * 64 * sizeof(float);
+}
+
+// dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y; warp w owns keys [16 w, 16 w + 16).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sk = reinterpret_cast<T*>(smem);
+  T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sq = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+  T* sdo = reinterpret_cast<T*>(smem + 3 * tile_bytes<T, D>());
+  float* slse = reinterpret_cast<float*>(smem + 4 * tile_bytes<T, D>());
+  float* sdelta = slse + 64;
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN, bk = blockIdx.y;
+  const int64_t b = bk / s.kv_heads, hk = bk % s.kv_heads;
+  const int64_t nj = min(static_cast<int64_t>(kBN), L - j0);
+  const int64_t q_end = swa_query_end(j0 + nj, L, s.window, s.sink, j0);
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale = static_cast<float>(s.scale);
+
+  load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
+  load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+  }
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const float* lse = static_cast<const float*>(p.lse) + (b * s.heads + h) * L;
+    const float* delta = static_cast<const float*>(p.delta) + (b * s.heads + h) * L;
+    for (int64_t i0 = j0; i0 < q_end; i0 += kBM) {
+      const int64_t ni = min(static_cast<int64_t>(kBM), q_end - i0);
+      __syncthreads();  // every warp is done with the previous sq, sdo, slse, sdelta
+      load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+      load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
+      load_stats(lse, delta, i0, ni, slse, sdelta);
+      __syncthreads();
+      const bool full = nj == kBN && ni == kBM && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
+      float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
+      warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
+      warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
+      p_and_ds(
+          st, dpt, warp, ln, scale,
+          [&](int r, int c) { return full || (r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink)); },
+          [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+      warp_px<T, D>(st, sdo, ln, dv);   // dV += P^T dO
+      warp_px<T, D>(dpt, sq, ln, dk);   // dK += scale dS^T Q
+    }
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, warp, nj, L, s.kv_heads, hk, ln);
+}
+
+// dQ of query tile blockIdx.x for (batch, head) blockIdx.y; warp w owns queries [16 w, 16 w + 16).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sq = reinterpret_cast<T*>(smem);
+  T* sdo = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
+  T* sk = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+  T* sv = reinterpret_cast<T*>(smem + 3 * tile_bytes<T, D>());
+  float* slse = reinterpret_cast<float*>(smem + 4 * tile_bytes<T, D>());
+  float* sdelta = slse + 64;
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
+  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
+  const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
+  const int warp = threadIdx.x / 32;
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale = static_cast<float>(s.scale);
+
+  load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
+  load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
+             sdelta);
+  float dq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
+  }
+  const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
+  for (int range = 0; range < 2; ++range) {
+    for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
+      const int64_t nj = min(static_cast<int64_t>(kBN), ranges[range][1] - j0);
+      __syncthreads();  // every warp is done with the previous sk, sv (and the stats are loaded)
+      load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
+      load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+      __syncthreads();
+      const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
+      float sc[kBN / 8][4], dp[kBN / 8][4];
+      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);   // S = Q K^T
+      warp_abt<T, D>(sdo, sv, 16 * warp, ln, dp);  // dP = dO V^T
+      p_and_ds(
+          sc, dp, warp, ln, scale,
+          [&](int r, int c) { return full || (c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink)); },
+          [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
+      warp_px<T, D>(dp, sk, ln, dq);  // dQ += scale dS K
+    }
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, warp, ni, L, s.heads, h, ln);
+}
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, dim3 grid, int64_t smem_bytes, const Params& p, cudaStream_t stream) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
+}
+
+template <typename T, int D>
+void forward(const SwaFwdParams& p, cudaStream_t stream) {
+  const dim3 grid((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
+  launch(swa_fwd_kernel<T, D>, grid, 3 * tile_bytes<T, D>(), p, stream);
+}
+
+template <typename T, int D>
+void backward(const SwaBwdParams& p, cudaStream_t stream) {
+  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
+  launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem_bytes<T, D>(), p, stream);
+  const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
+  launch(swa_bwd_dq_kernel<T, D>, grid_q, bwd_smem_bytes<T, D>(), p, stream);
+}
+
+// Calls fn.template operator()<T, D>() for the runtime dtype (float16 / bfloat16) and headdim.
+template <typename Fn>
+void dispatch(DType dtype, int64_t headdim, Fn fn) {
+  auto with_type = [&](auto tag) {
+    using T = decltype(tag);
+    switch (headdim) {
+      case 32: fn.template operator()<T, 32>(); break;
+      case 64: fn.template operator()<T, 64>(); break;
+      case 96: fn.template operator()<T, 96>(); break;
+      case 128: fn.template operator()<T, 128>(); break;
+      default: fn.template operator()<T, 256>(); break;  // the glue admits only these five
+    }
+  };
+  if (dtype == DType::kBFloat16) {
+    with_type(__nv_bfloat16{});
+  } else {
+    with_type(__half{});
+  }
+}
+
+}  // namespace
+
+void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream) {
+  dispatch(p.s.dtype, p.s.headdim, [&]<typename T, int D>() { forward<T, D>(p, stream); });
+}
+
+void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream) {
+  dispatch(p.s.dtype, p.s.headdim, [&]<typename T, int D>() { backward<T, D>(p, stream); });
+}
+
+}  // namespace markovkit

@@ -1,0 +1,87 @@
+#pragma once
+// Sliding-window causal attention: params structs and the mask rules shared by the CPU kernel and the CUDA
+// kernels.
+//
+// Layouts (all contiguous, 64-bit offsets):
+//   q, out, dout, dq: (batch, seqlen, heads, headdim)     k, v, dk, dv: (batch, seqlen, kv_heads, headdim)
+//   lse, delta:       (batch, heads, seqlen), float32 (float64 for float64 inputs)
+// Query head h reads kv head h / (heads / kv_heads) (consecutive query heads share a kv head).
+//
+// Mask: query i sees key j iff j <= i and (i - j < window or j < sink): the last `window` keys including
+// itself plus the first `sink` keys. FlashAttention's equivalent is causal=True, window_size=(window-1, 0)
+// (without sink). Every row sees at least its own key, so no row is empty.
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/macros.h"
+#ifdef MARKOVKIT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace markovkit {
+
+struct SwaShape {
+  int64_t batch, seqlen, heads, kv_heads, headdim;
+  int64_t window;  // >= 1, keys including self
+  int64_t sink;    // >= 0, leading keys always visible (causally)
+  double scale;    // softmax scale applied to q·k
+  DType dtype;     // of q, k, v, out (the accumulators are float32, float64 for float64)
+};
+
+struct SwaFwdParams {
+  SwaShape s;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  void* lse;  // natural-log logsumexp of the scaled scores of each row
+};
+
+struct SwaBwdParams {
+  SwaShape s;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
+  const void* lse;
+  const void* delta;  // rowsum(dout * out) - dlse, same type as lse
+  void* dq;
+  void* dk;
+  void* dv;
+};
+
+MK_HOST_DEVICE bool swa_allowed(int64_t i, int64_t j, int64_t window, int64_t sink) {
+  return j <= i && (i - j < window || j < sink);
+}
+
+// Query rows [i0, i1) see keys only in [0, swa_sink_end) and [swa_window_begin, i1): two disjoint ranges,
+// so a key is never counted twice.
+MK_HOST_DEVICE int64_t swa_window_begin(int64_t i0, int64_t window) {
+  return i0 - window + 1 > 0 ? i0 - window + 1 : 0;
+}
+
+MK_HOST_DEVICE int64_t swa_sink_end(int64_t i0, int64_t window, int64_t sink) {
+  const int64_t begin = swa_window_begin(i0, window);
+  return sink < begin ? sink : begin;
+}
+
+// Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only.
+MK_HOST_DEVICE int64_t swa_query_end(int64_t j1, int64_t seqlen, int64_t window, int64_t sink, int64_t j0) {
+  if (j0 < sink) return seqlen;
+  const int64_t end = j1 - 1 + window;
+  return end < seqlen ? end : seqlen;
+}
+
+// True when every (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: such tiles need no mask.
+MK_HOST_DEVICE bool swa_tile_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t window, int64_t sink) {
+  return j1 - 1 <= i0 && (i1 - 1 - j0 < window || j1 <= sink);
+}
+
+void swa_forward_cpu(const SwaFwdParams& p);
+void swa_backward_cpu(const SwaBwdParams& p);
+#ifdef MARKOVKIT_WITH_CUDA
+void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
+void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace markovkit

@@ -1,0 +1,308 @@
+"""Sliding-window attention: values, lse and gradients against a float64 dense masked reference; merge of
+attention results; op contract (opcheck, fake kernels, torch.compile); errors on bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import markovkit
+from conftest import TOL
+from markovkit import reference
+
+# (batch, seqlen, heads, kv_heads, headdim, window, sink): windows 1, small, large, >= seqlen; seqlens that
+# are not multiples of any tile; GQA 2 and 4, MQA; sink tokens.
+SHAPES = [
+    (1, 70, 2, 2, 32, 1, 0),
+    (2, 100, 2, 1, 64, 5, 0),
+    (1, 200, 4, 1, 32, 67, 0),
+    (1, 130, 4, 2, 64, 130, 0),
+    (1, 97, 2, 2, 32, 500, 0),
+    (2, 150, 4, 4, 32, 20, 3),
+    (1, 300, 4, 1, 64, 64, 70),
+]
+
+
+def _inputs(shape, dtype, device, seed=0):
+    batch, seqlen, heads, kv_heads, headdim, _, _ = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seqlen, heads, headdim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, seqlen, kv_heads, headdim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seqlen, kv_heads, headdim, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def _grads(fn, q, k, v, dout, dlse):
+    """Gradients of <out, dout> + <lse, dlse> with respect to q, k, v."""
+    q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(q, k, v)
+    loss = (out.double() * dout.double()).sum() + (lse.double() * dlse.double()).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+def _close(actual, expected, dtype, scale=1.0, low_precision_ref=None):
+    """actual vs the float64 `expected` within TOL[dtype]; for float16/bfloat16 alternatively within twice
+    the error of a PyTorch computation in that dtype (FlashAttention's rule), `low_precision_ref`."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    if low_precision_ref is not None:
+        err = (actual - expected).abs().max().item()
+        ref_err = (low_precision_ref.double().cpu() - expected).abs().max().item()
+        if err <= 2 * ref_err + TOL[dtype]["atol"]:
+            return
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def _skip_unsupported(device, dtype):
+    if device.type == "cuda" and dtype in (torch.float32, torch.float64):
+        pytest.skip("CUDA kernels take float16 and bfloat16")
+
+
+LOW = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_forward_matches_reference(device, shape, dtype):
+    _skip_unsupported(device, dtype)
+    window, sink = shape[5], shape[6]
+    q, k, v = _inputs(shape, dtype, device)
+    out, lse = markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
+    ref_out, ref_lse = reference.sliding_window_attention(q.double(), k.double(), v.double(), window, sink)
+    low_out = reference.sliding_window_attention(q, k, v, window, sink)[0] if dtype in LOW else None
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert lse.shape == (shape[0], shape[2], shape[1])
+    _close(out, ref_out, dtype, low_precision_ref=low_out)
+    _close(lse, ref_lse, dtype if dtype != torch.float32 else torch.float32, scale=10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_gradients_match_reference(device, shape, dtype):
+    _skip_unsupported(device, dtype)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and shape != SHAPES[2]:
+        pytest.skip("the CPU upcasts half dtypes to float32: one shape suffices")
+    window, sink = shape[5], shape[6]
+    q, k, v = _inputs(shape, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(device)
+    dlse = torch.randn(shape[0], shape[2], shape[1], generator=g, dtype=torch.float64).to(device)
+
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, window, sink)
+
+    got = _grads(ours, q, k, v, dout, dlse)
+    expected = _grads(ref, q.double(), k.double(), v.double(), dout, dlse)
+    low = _grads(ref, q, k, v, dout.to(dtype), dlse) if dtype in LOW else [None] * 3
+    for a, e, lo in zip(got, expected, low):
+        assert a.dtype == dtype
+        _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
+
+
+@pytest.mark.parametrize("headdim", [96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_headdims(device, headdim, dtype):
+    """Forward and gradients at the larger head dims (each is its own CUDA kernel instantiation)."""
+    if device.type == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU upcasts half dtypes to float32")
+    _skip_unsupported(device, dtype)
+    shape = (1, 140, 4, 2, headdim, 50, 2)
+    q, k, v = _inputs(shape, dtype, device)
+    dout = torch.randn(q.shape, dtype=torch.float64).to(device)
+    dlse = torch.zeros(1, 4, 140, dtype=torch.float64, device=device)
+
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, 50, sink=2, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, 50, 2)
+
+    _close(ours(q, k, v)[0], ref(q.double(), k.double(), v.double())[0], dtype,
+           low_precision_ref=ref(q, k, v)[0] if dtype in LOW else None)
+    expected = _grads(ref, q.double(), k.double(), v.double(), dout, dlse)
+    low = _grads(ref, q, k, v, dout.to(dtype), dlse) if dtype in LOW else [None] * 3
+    for a, e, lo in zip(_grads(ours, q, k, v, dout, dlse), expected, low):
+        _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
+
+
+def test_window_one_returns_v_and_self_score(device):
+    q, k, v = _inputs((2, 50, 4, 2, 32, 1, 0), torch.float64, device)
+    out, lse = markovkit.sliding_window_attention(q, k, v, 1, return_lse=True)
+    v_rep = v.repeat_interleave(2, dim=2)
+    k_rep = k.repeat_interleave(2, dim=2)
+    torch.testing.assert_close(out, v_rep, rtol=0, atol=1e-14)
+    torch.testing.assert_close(lse, (q * k_rep).sum(-1).transpose(1, 2) * 32**-0.5, rtol=1e-13, atol=1e-13)
+
+
+def test_large_window_is_causal_sdpa(device):
+    q, k, v = _inputs((2, 90, 4, 4, 64, 0, 0), torch.float64, device)
+    out = markovkit.sliding_window_attention(q, k, v, 90, softmax_scale=0.3)
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=True, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, sdpa, **TOL[torch.float64])
+
+
+def test_sink_equals_merge_of_window_and_sink_keys():
+    """Sink keys are the window result merged with attention over the sink keys outside the window."""
+    shape = (1, 120, 2, 1, 32, 10, 4)
+    q, k, v = _inputs(shape, torch.float64, "cpu")
+    both, both_lse = markovkit.sliding_window_attention(q, k, v, 10, sink=4, return_lse=True)
+    win, win_lse = markovkit.sliding_window_attention(q, k, v, 10, return_lse=True)
+    rest, rest_lse = _masked_attention(q, k, v, lambda i, j: (j < 4) & (j <= i - 10))
+    out, lse = markovkit.merge_attention(win, win_lse, rest, rest_lse)
+    torch.testing.assert_close(out, both, **TOL[torch.float64])
+    torch.testing.assert_close(lse, both_lse, **TOL[torch.float64])
+
+
+def _masked_attention(q, k, v, rule):
+    """Dense attention over the keys j with rule(i, j); rows without keys give out = 0, lse = -inf."""
+    seqlen, group = q.shape[1], q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    i = torch.arange(seqlen, device=q.device)[:, None]
+    j = torch.arange(seqlen, device=q.device)[None, :]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~rule(i, j), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - torch.where(torch.isneginf(lse), 0, lse)[..., None])
+    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+def test_merge_window_and_rest_is_causal_attention_with_gradients(device):
+    """Window result (markovkit, differentiable lse) merged with the disjoint older keys equals causal
+    attention, values and gradients (this exercises the backward through lse)."""
+    shape = (2, 110, 4, 2, 32, 16, 0)
+    q, k, v = _inputs(shape, torch.float64, device)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(2, 4, 110, dtype=torch.float64, device=device)
+
+    def merged(q, k, v):
+        win, win_lse = markovkit.sliding_window_attention(q, k, v, 16, return_lse=True)
+        rest, rest_lse = _masked_attention(q, k, v, lambda i, j: j <= i - 16)
+        return markovkit.merge_attention(win, win_lse, rest, rest_lse)
+
+    def causal(q, k, v):
+        return reference.sliding_window_attention(q, k, v, 110)
+
+    out, lse = merged(q, k, v)
+    ref_out, ref_lse = causal(q, k, v)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    for a, e in zip(_grads(merged, q, k, v, dout, dlse), _grads(causal, q, k, v, dout, dlse)):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+def test_merge_is_associative_and_commutative():
+    g = torch.Generator().manual_seed(3)
+    outs = [torch.randn(2, 9, 3, 32, generator=g) for _ in range(3)]
+    lses = [4 * torch.randn(2, 3, 9, generator=g) for _ in range(3)]
+    (o0, o1, o2), (l0, l1, l2) = outs, lses
+    first = markovkit.merge_attention(*markovkit.merge_attention(o0, l0, o1, l1), o2, l2)
+    second = markovkit.merge_attention(o2, l2, *markovkit.merge_attention(o1, l1, o0, l0))
+    third = markovkit.merge_attention(o1, l1, *markovkit.merge_attention(o2, l2, o0, l0))
+    for other in (second, third):
+        torch.testing.assert_close(other[0], first[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(other[1], first[1], rtol=1e-6, atol=1e-6)
+    expected_lse = torch.logsumexp(torch.stack(lses), 0)
+    torch.testing.assert_close(first[1], expected_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_with_empty_sources():
+    g = torch.Generator().manual_seed(4)
+    o, lse = torch.randn(1, 5, 2, 32, generator=g), torch.randn(1, 2, 5, generator=g)
+    empty_o, empty_lse = torch.zeros_like(o), torch.full_like(lse, float("-inf"))
+    out, out_lse = markovkit.merge_attention(o, lse, empty_o, empty_lse)
+    assert torch.equal(out, o) and torch.equal(out_lse, lse)
+    out, out_lse = markovkit.merge_attention(empty_o, empty_lse, empty_o, empty_lse)
+    assert torch.equal(out, empty_o) and torch.equal(out_lse, empty_lse)
+
+
+def test_gradcheck_float64():
+    q, k, v = [t.requires_grad_() for t in _inputs((1, 11, 2, 1, 32, 0, 0), torch.float64, "cpu")]
+
+    def f(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, 4, sink=2, return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_opcheck(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((2, 70, 4, 2, 32, 0, 0), dtype, device)
+    for args in [(q, k, v, 9, 0, 0.2), (q, k, v, 100, 3, 0.1)]:
+        torch.library.opcheck(torch.ops.markovkit.sliding_window_attention_fwd, args)
+    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, 9, 2, 0.2)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    for dl in (dlse, None):
+        torch.library.opcheck(torch.ops.markovkit.sliding_window_attention_bwd,
+                              (dout, dl, q, k, v, out, lse, 9, 2, 0.2))
+
+
+def test_compile_fullgraph(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = [t.requires_grad_() for t in _inputs((1, 80, 4, 2, 64, 0, 0), dtype, device)]
+
+    def f(q, k, v):
+        out, lse = markovkit.sliding_window_attention(q, k, v, 17, sink=1, return_lse=True)
+        return (out.float() ** 2).sum() + lse.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    expected_loss = f(q, k, v)
+    expected = torch.autograd.grad(expected_loss, (q, k, v))
+    torch.testing.assert_close(loss, expected_loss)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e)
+
+
+def test_non_contiguous_inputs():
+    q, k, v = _inputs((2, 40, 2, 2, 32, 0, 0), torch.float64, "cpu")
+    qt = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qt.is_contiguous()
+    out = markovkit.sliding_window_attention(qt, k, v, 7)
+    torch.testing.assert_close(out, reference.sliding_window_attention(q, k, v, 7)[0], **TOL[torch.float64])
+
+
+def test_bad_input_errors():
+    q, k, v = _inputs((1, 10, 4, 2, 32, 0, 0), torch.float32, "cpu")
+    swa = markovkit.sliding_window_attention
+    with pytest.raises(RuntimeError, match="window: expected >= 1"):
+        swa(q, k, v, 0)
+    with pytest.raises(RuntimeError, match="sink: expected >= 0"):
+        swa(q, k, v, 3, sink=-1)
+    with pytest.raises(RuntimeError, match="k: expected kv_heads dividing heads = 4, got 3"):
+        swa(q, k[:, :, :1].expand(1, 10, 3, 32), v[:, :, :1].expand(1, 10, 3, 32), 3)
+    with pytest.raises(RuntimeError, match="q: expected headdim 32, 64, 96, 128 or 256, got 16"):
+        swa(q[..., :16], k[..., :16], v[..., :16], 3)
+    with pytest.raises(RuntimeError, match=r"k: expected shape \[1, 10, 2, 32\], got \[1, 9, 2, 32\]"):
+        swa(q, k[:, :9], v[:, :9], 3)
+    with pytest.raises(RuntimeError, match=r"v: expected shape \[1, 10, 2, 32\], got \[1, 10, 1, 32\]"):
+        swa(q, k, v[:, :, :1], 3)
+    with pytest.raises(RuntimeError, match="k: expected dtype Float"):
+        swa(q, k.double(), v, 3)
+    with pytest.raises(RuntimeError, match="q: expected 4 dims"):
+        swa(q[0], k[0], v[0], 3)
+    with pytest.raises(RuntimeError, match="q: expected dtype Float or Double, got Int"):
+        swa(q.int(), k.int(), v.int(), 3)
+    with pytest.raises(RuntimeError, match="softmax_scale: expected a finite positive number"):
+        swa(q, k, v, 3, softmax_scale=-1.0)
+
+
+def test_batch_split_gives_the_same_bits(device):
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((3, 130, 4, 2, 64, 0, 0), dtype, device)
+    out, lse = markovkit.sliding_window_attention(q, k, v, 40, sink=1, return_lse=True)
+    for b in range(3):
+        ob, lb = markovkit.sliding_window_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 40, sink=1, return_lse=True)
+        assert torch.equal(ob[0], out[b]) and torch.equal(lb[0], lse[b])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rejects_float32():
+    q = torch.randn(1, 8, 2, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="q: expected dtype Half or BFloat16, got Float"):
+        markovkit.sliding_window_attention(q, q, q, 3)
