@@ -20,6 +20,7 @@ from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 # --- mafbm ---
 
 # --- mjp ---
+from markovkit.mjp import CtmcEvents, simulate_ctmc, simulate_reactions  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -30,3 +31,4 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "philox_normal", "philox_uniform"]
+__all__ += ["CtmcEvents", "simulate_ctmc", "simulate_reactions"]  # mjp

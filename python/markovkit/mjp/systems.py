@@ -1,0 +1,77 @@
+"""Model systems and exact quantities of continuous-time Markov chains (fp64 oracles for the simulators).
+
+Rate matrices here are generators: off-diagonal rates >= 0 and the diagonal minus the exit rate, batched over
+any leading dims: Q (..., S, S).
+"""
+import torch
+
+
+def generator(rates: torch.Tensor) -> torch.Tensor:
+    """The generator with the off-diagonal rates of `rates` (..., S, S): the diagonal becomes -(row sum)."""
+    eye = torch.eye(rates.shape[-1], dtype=torch.bool, device=rates.device)
+    off = rates.masked_fill(eye, 0)
+    return off - torch.diag_embed(off.sum(-1))
+
+
+def flashing_ratchet(V: float = 1.0, r: float = 1.0, b: float = 1.0, dtype=torch.float64) -> torch.Tensor:
+    """The discrete flashing ratchet (6 states; Roldán & Parrondo 2010, NeuralMJP App. J.1).
+
+    States 0, 1, 2: potential on, energies U = (0, V, 2V), rates exp(-(U_j - U_i) / 2); states 3, 4, 5:
+    potential off, rates b; switching i <-> i + 3 at rate r.
+    """
+    Q = torch.zeros(6, 6, dtype=torch.float64)
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                Q[i, j] = torch.exp(torch.tensor(-V * (j - i) / 2, dtype=torch.float64))
+                Q[i + 3, j + 3] = b
+        Q[i, i + 3] = Q[i + 3, i] = r
+    return generator(Q).to(dtype)
+
+
+def protein_folding(dtype=torch.float64) -> torch.Tensor:
+    """Two-state protein folding (NeuralMJP's estimate on the VAMPnets toy model; folded, unfolded)."""
+    return torch.tensor([[-0.028, 0.028], [0.085, -0.085]], dtype=dtype)
+
+
+def stationary_distribution(Q: torch.Tensor) -> torch.Tensor:
+    """pi (..., S) with pi Q = 0 and sum(pi) = 1 (Q irreducible)."""
+    Q = generator(Q)
+    S = Q.shape[-1]
+    A = Q.transpose(-1, -2).clone()
+    A[..., -1, :] = 1.0
+    rhs = torch.zeros(Q.shape[:-1], dtype=Q.dtype, device=Q.device)
+    rhs[..., -1] = 1.0
+    return torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1).reshape(Q.shape[:-2] + (S,))
+
+
+def entropy_production(Q: torch.Tensor, p: torch.Tensor = None) -> torch.Tensor:
+    """Entropy production rate sum_{i != j} p_i Q_ij ln(p_i Q_ij / (p_j Q_ji)) at distribution p (default:
+    the stationary one). Pairs with Q_ij = 0 contribute 0; a one-way rate (Q_ij > 0 = Q_ji) gives inf."""
+    Q = generator(Q)
+    p = stationary_distribution(Q) if p is None else p
+    eye = torch.eye(Q.shape[-1], dtype=torch.bool, device=Q.device)
+    flux = (p.unsqueeze(-1) * Q).masked_fill(eye, 0)  # (..., S, S): p_i Q_ij
+    back = flux.transpose(-1, -2)
+    terms = torch.where(flux > 0, flux * torch.log(flux / back), torch.zeros_like(flux))
+    return terms.sum((-1, -2))
+
+
+def marginals(Q: torch.Tensor, p0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Exact marginals p0 expm(Q t): Q (..., S, S), p0 (..., S), t (L,) -> (..., L, S)."""
+    Q = generator(Q)
+    P = torch.linalg.matrix_exp(Q.unsqueeze(-3) * t.reshape(-1, 1, 1).to(Q))  # (..., L, S, S)
+    return (p0.unsqueeze(-2).unsqueeze(-2) @ P).squeeze(-2)
+
+
+def expected_jumps(Q: torch.Tensor, p0: torch.Tensor, T: float) -> torch.Tensor:
+    """E[number of jumps on [0, T]] = int_0^T p(t) . q dt, exactly: the integral of expm(Q t) is the top-right
+    block of expm([[Q, I], [0, 0]] T)."""
+    Q = generator(Q)
+    S = Q.shape[-1]
+    big = torch.zeros(Q.shape[:-2] + (2 * S, 2 * S), dtype=Q.dtype, device=Q.device)
+    big[..., :S, :S] = Q
+    big[..., :S, S:] = torch.eye(S, dtype=Q.dtype, device=Q.device)
+    integral = torch.linalg.matrix_exp(big * T)[..., :S, S:]
+    exit_rates = -torch.diagonal(Q, dim1=-2, dim2=-1)
+    return ((p0.unsqueeze(-2) @ integral).squeeze(-2) * exit_rates).sum(-1)
