@@ -256,3 +256,200 @@ def test_reference_direct_method_matches_expm():
     pvalues = {f"half {h}": chi2_pvalue(torch.bincount(states[0, h * 3000:(h + 1) * 3000, h], minlength=6), exact[h])
                for h in range(2)}
     assert_all_pass(pvalues)
+
+
+# --- reaction networks ---------------------------------------------------------------------------------------
+
+
+def test_birth_death_network_is_poisson(device):
+    """0 -> A (k1), A -> 0 (k2) from A = 0: A(t) ~ Poisson(k1/k2 (1 - exp(-k2 t))); two processes with their
+    own rates, each time on a disjoint block of paths: distribution, mean and variance."""
+    reactants, products = torch.tensor([[0], [1]]), torch.tensor([[1], [0]])
+    rates = torch.tensor([[10.0, 1.0], [3.0, 0.5]], dtype=torch.float64)
+    times = torch.tensor([0.2, 0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    block = 3000
+    x0 = torch.zeros(2, block * len(times), 1, dtype=torch.long)
+    counts = simulate_reactions(reactants.to(device), products.to(device), rates.to(device), x0.to(device),
+                                times.to(device), seed=8)[..., 0].cpu()
+    pvalues = {}
+    for b in range(2):
+        k1, k2 = rates[b].tolist()
+        for k, t in enumerate(times.tolist()):
+            x = counts[b, k * block:(k + 1) * block, k].numpy()
+            mu = k1 / k2 * (1 - math.exp(-k2 * t))
+            support = np.arange(x.max() + 2)
+            probs = scipy.stats.poisson.pmf(support, mu)
+            probs[-1] = scipy.stats.poisson.sf(support[-2], mu)  # the last cell is the tail
+            pvalues[f"process {b} t={t} distribution"] = chi2_pvalue(np.bincount(x, minlength=len(support)), probs)
+            pvalues[f"process {b} t={t} mean"] = z_pvalue(x, mu)
+            var_z = (x.var(ddof=1) - mu) / math.sqrt((mu + 2 * mu * mu) / len(x))  # Var S^2 ~ (mu4 - s^4) / n
+            pvalues[f"process {b} t={t} variance"] = float(2 * scipy.stats.norm.sf(abs(var_z)))
+    assert_all_pass(pvalues)
+
+
+def test_dimerization_matches_finite_state_projection(device):
+    """2A <-> B (k_f for 2A -> B at k_f A (A - 1) / 2, k_b B) from (A, B) = (10, 0): B(t) against expm of the
+    6-state generator; A + 2B is conserved."""
+    kf, kb = 0.2, 1.0
+    Q = torch.zeros(6, 6, dtype=torch.float64)
+    for b in range(6):
+        a = 10 - 2 * b
+        if b < 5:
+            Q[b, b + 1] = kf * a * (a - 1) / 2
+        if b > 0:
+            Q[b, b - 1] = kb * b
+    times = torch.tensor([0.1, 0.3, 1.0, 3.0], dtype=torch.float64)
+    block = 5000
+    x0 = torch.tensor([10, 0]).expand(1, block * len(times), 2)
+    counts = simulate_reactions(torch.tensor([[2, 0], [0, 1]], device=device), torch.tensor([[0, 1], [2, 0]], device=device),
+                                torch.tensor([kf, kb], device=device), x0.to(device), times.to(device), seed=4).cpu()
+    assert bool((counts[..., 0] + 2 * counts[..., 1] == 10).all())
+    exact = systems.marginals(Q, torch.eye(6, dtype=torch.float64)[0], times)
+    pvalues = {f"t={t}": chi2_pvalue(torch.bincount(counts[0, k * block:(k + 1) * block, k, 1], minlength=6), exact[k])
+               for k, t in enumerate(times.tolist())}
+    assert_all_pass(pvalues)
+
+
+def one_hot_network(Q):
+    """The CTMC Q (B, S, S) as a reaction network: reaction S_i -> S_j for every i != j in row-major order."""
+    S = Q.shape[-1]
+    pairs = [(i, j) for i in range(S) for j in range(S) if i != j]
+    eye = torch.eye(S, dtype=torch.long)
+    reactants = torch.stack([eye[i] for i, _ in pairs])
+    products = torch.stack([eye[j] for _, j in pairs])
+    rates = torch.stack([Q[:, i, j] for i, j in pairs], -1)
+    return reactants, products, rates
+
+
+def test_ctmc_equals_its_reaction_network(device):
+    """Same seed: the one-hot reaction network reproduces the CTMC's paths exactly (same uniforms, same
+    cumulative sums), hence also its distribution."""
+    B, P, S = 3, 400, 5
+    Q = random_rates(B, S, seed=4)
+    reactants, products, rates = one_hot_network(Q)
+    x0 = torch.randint(0, S, (B, P), generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0, 5, 21, dtype=torch.float64)
+    states = simulate_ctmc(Q.to(device), x0.to(device), grid.to(device), seed=12)
+    counts = simulate_reactions(reactants.to(device), products.to(device), rates.to(device),
+                                torch.nn.functional.one_hot(x0, S).to(device), grid.to(device), seed=12)
+    assert bool((counts.sum(-1) == 1).all())
+    assert torch.equal(counts.argmax(-1).to(states.dtype), states)
+
+
+def test_reactions_batch_split_invariance(device):
+    reactants, products = torch.tensor([[0, 0], [1, 0], [1, 0], [0, 1]]), torch.tensor([[1, 0], [0, 0], [1, 1], [0, 0]])
+    rates = torch.rand(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 5
+    x0 = torch.randint(0, 5, (5, 30, 2), generator=torch.Generator().manual_seed(3))
+    args = [t.to(device) for t in (reactants, products, rates, x0)]
+    grid = torch.linspace(0, 2, 9, device=device)
+    full = simulate_reactions(*args, grid, seed=1)
+    head = simulate_reactions(*args[:2], args[2][:2], args[3][:2], grid, seed=1)
+    tail = simulate_reactions(*args[:2], args[2][2:], args[3][2:], grid, seed=1, process_offset=2)
+    assert torch.equal(torch.cat([head, tail]), full)
+    assert torch.equal(simulate_reactions(*args[:3], args[3][:, :7], grid, seed=1), full[:, :7])
+    assert not torch.equal(simulate_reactions(*args, grid, seed=2), full)
+
+
+# --- devices, op contract, errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cpu_and_cuda_paths_are_identical():
+    B, P, S = 7, 700, 6  # 700 paths: three blocks per process on CUDA
+    Q = random_rates(B, S, seed=5)
+    Q[2, 3] = 0  # an absorbing state in process 2
+    p0 = torch.rand(B, S, dtype=torch.float64)
+    grid = torch.sort(torch.rand(B, P, 50, dtype=torch.float64) * 8, -1).values
+    for record, t in [("grid", grid), ("grid", grid[0, 0]), ("events", 8.0), ("events", math.inf)]:
+        kw = dict(p0=p0, paths=P, seed=2**40 + 3, record=record, max_events=60, process_offset=5)
+        cpu = simulate_ctmc(Q, None, t, **kw)
+        cuda = simulate_ctmc(Q.cuda(), None, t.cuda() if torch.is_tensor(t) else t, **{**kw, "p0": p0.cuda()})
+        for a, b in zip(*(([cpu], [cuda]) if record == "grid" else (cpu, cuda))):
+            assert torch.equal(a, b.cpu()), record
+    reactants, products, rates = one_hot_network(Q)
+    reactants = torch.cat([reactants, torch.tensor([[2, 0, 0, 0, 0, 0]])])  # a dimerisation-like channel
+    products = torch.cat([products, torch.tensor([[0, 1, 0, 0, 0, 0]])])
+    rates = torch.cat([rates, torch.full((B, 1), 0.01, dtype=torch.float64)], -1)
+    x0 = torch.randint(0, 20, (B, P, S))
+    cpu = simulate_reactions(reactants, products, rates, x0, grid, seed=6)
+    cuda = simulate_reactions(reactants.cuda(), products.cuda(), rates.cuda(), x0.cuda(), grid.cuda(), seed=6)
+    assert torch.equal(cpu, cuda.cpu())
+
+
+def test_opcheck(device):
+    Q = random_rates(2, 4).to(device)
+    x0 = torch.randint(0, 4, (2, 5)).to(device)
+    p0 = torch.rand(4, dtype=torch.float64, device=device)
+    grid = torch.linspace(0, 1, 6, device=device)
+    ops = torch.ops.markovkit
+    torch.library.opcheck(ops.mjp_ctmc_grid, (Q, x0, None, grid, 2, 5, 3, 0))
+    torch.library.opcheck(ops.mjp_ctmc_grid, (Q[0].float(), None, p0, grid.expand(2, 5, 6), 2, 5, 3, 1))
+    torch.library.opcheck(ops.mjp_ctmc_events, (Q, None, p0, 2.0, 2, 5, 8, 3, 0))
+    reactants, products, rates = (t.to(device) for t in one_hot_network(Q.cpu()))
+    x_counts = torch.randint(0, 3, (2, 5, 4), device=device)
+    torch.library.opcheck(ops.mjp_reactions_grid, (reactants, products, rates, x_counts, grid, 3, 0))
+
+
+def test_compile_fullgraph(device):
+    Q = random_rates(3, 4).to(device)
+    x0 = torch.randint(0, 4, (3, 16)).to(device)
+    grid = torch.linspace(0, 2, 5, device=device)
+    reactants, products, rates = (t.to(device) for t in one_hot_network(Q.cpu()))
+
+    def f(Q, x0, grid):
+        states = simulate_ctmc(Q, x0, grid, seed=1)
+        events = simulate_ctmc(Q, x0, 2.0, seed=1, record="events", max_events=12)
+        counts = simulate_reactions(reactants, products, rates, torch.nn.functional.one_hot(x0, 4), grid, seed=1)
+        return states.long() + 1, events.counts, counts.argmax(-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for a, b in zip(compiled(Q, x0, grid), f(Q, x0, grid)):
+        assert torch.equal(a, b)
+
+
+def test_bad_input_errors():
+    Q = systems.flashing_ratchet(1.0)
+    x0 = torch.zeros(1, 4, dtype=torch.long)
+    grid = torch.linspace(0, 1, 5)
+    bad_q = Q.clone()
+    bad_q[0, 1] = -0.5
+    nan_q = Q.clone()
+    nan_q[2, 0] = math.nan
+    cases = [
+        (lambda: simulate_ctmc(bad_q, x0, grid, seed=0), r"Q: expected off-diagonal rates >= 0, got -0.5"),
+        (lambda: simulate_ctmc(nan_q, x0, grid, seed=0), r"Q: expected off-diagonal rates without NaN"),
+        (lambda: simulate_ctmc(Q[:, :5], x0, grid, seed=0), r"Q: expected shape \(S, S\) or \(processes, S, S\)"),
+        (lambda: simulate_ctmc(Q.expand(2, 6, 6), x0, grid, seed=0), r"x0: expected shape \[2, 4\]"),
+        (lambda: simulate_ctmc(Q, x0 + 6, grid, seed=0), r"x0: expected states in \[0, 6\), got values in \[6, 6\]"),
+        (lambda: simulate_ctmc(Q, x0.float(), grid, seed=0), r"x0: expected an integer dtype, got Float"),
+        (lambda: simulate_ctmc(Q, x0, grid.flip(0), seed=0), r"t_grid: expected times non-decreasing"),
+        (lambda: simulate_ctmc(Q, x0, grid - 1, seed=0), r"t_grid: expected times >= 0"),
+        (lambda: simulate_ctmc(Q, x0, grid * math.nan, seed=0), r"t_grid: expected finite times"),
+        (lambda: simulate_ctmc(Q, x0, grid.expand(3, 5), seed=0), r"t_grid: expected 1 processes in dim 0"),
+        (lambda: simulate_ctmc(Q, None, grid, p0=-torch.ones(6), paths=3, seed=0), r"p0: expected probabilities >= 0"),
+        (lambda: simulate_ctmc(Q, None, grid, p0=torch.ones(5), paths=3, seed=0), r"p0: expected shape \(6,\)"),
+        (lambda: simulate_ctmc(Q, None, grid, seed=0), r"give the initial states x0 or the initial distributions"),
+        (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events"), r"record='events' needs max_events"),
+        (lambda: simulate_ctmc(Q, x0, -1.0, seed=0, record="events", max_events=3), r"t_end: expected a horizon >= 0"),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, record="jumps"), r"record must be 'grid' or 'events'"),
+        (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, x0, torch.ones(6), grid, 1, 4, 0), r"x0, p0: expected exactly one"),
+        (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, None, torch.ones(6), grid, 1, 2**32, 0), r"paths: expected"),
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([-1.0]),
+                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"rates: expected rate constants >= 0"),
+        (lambda: simulate_reactions(torch.tensor([[-1]]), torch.tensor([[0]]), torch.tensor([1.0]),
+                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"reactants: expected stoichiometric"),
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0, 1]]), torch.tensor([1.0]),
+                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"products: expected shape \[1, 1\]"),
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0, 2.0]),
+                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"rates: expected shape \(1,\)"),
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0]),
+                                    -torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"x0: expected counts >= 0"),
+        (lambda: simulate_reactions(torch.ones(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.long),
+                                    torch.tensor([1.0]), torch.ones(1, 2, 33, dtype=torch.long), grid, seed=0),
+         r"x0: expected shape \(processes, paths, species\) with 1 <= species <= 32"),
+    ]
+    for fn, message in cases:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            fn()
