@@ -13,7 +13,7 @@ import torch
 
 import markovkit
 from markovkit.mjp import simulate_ctmc, simulate_reactions, state_dtype, systems
-from markovkit.reference import mjp_ctmc_direct
+from markovkit.reference import mjp_ctmc_direct, mjp_reactions_direct
 from conftest import HAS_CUDA
 
 ALPHA = 1e-4
@@ -453,3 +453,15 @@ def test_bad_input_errors():
     for fn, message in cases:
         with pytest.raises((RuntimeError, ValueError), match=message):
             fn()
+
+
+def test_reference_reaction_direct_method_is_poisson():
+    """The eager reaction reference (the benchmarks' peer): birth-death A(1) ~ Poisson(10 (1 - e^-1))."""
+    x0 = torch.zeros(1, 4000, 1, dtype=torch.long)
+    counts = mjp_reactions_direct(torch.tensor([[0], [1]]), torch.tensor([[1], [0]]), torch.tensor([10.0, 1.0]), x0,
+                                  torch.tensor([1.0]), torch.Generator().manual_seed(0))[0, :, 0, 0].numpy()
+    mu = 10 * (1 - math.exp(-1))
+    support = np.arange(counts.max() + 2)
+    probs = scipy.stats.poisson.pmf(support, mu)
+    probs[-1] = scipy.stats.poisson.sf(support[-2], mu)
+    assert chi2_pvalue(np.bincount(counts, minlength=len(support)), probs) > ALPHA

@@ -113,22 +113,26 @@ MK_HOST_DEVICE int64_t ctmc_initial_state(const CtmcParams& p, int64_t b, int64_
   return mjp_pick(w, p.S, -1, uniform_double(r.v[0], r.v[1]) * mjp_row_sum(w, p.S, -1));
 }
 
-// rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA).
+// rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA). Fields live in locals: the stores
+// through `out` (a char type for uint8) would otherwise force reloading them after every write.
 template <typename Out>
 MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
                                    int64_t path) {
   const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const uint64_t seed = p.seed;
+  const int64_t S = p.S, L = p.L;
   const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
-  Out* out = mjp_states<Out>(p.states, (b * p.P + path) * p.L);
+  Out* out = mjp_states<Out>(p.states, (b * p.P + path) * L);
   int64_t x = ctmc_initial_state(p, b, path, hi);
   double t = 0.0;
   int64_t k = 0;
   for (uint64_t draw = 1;; ++draw) {
     double u_dest = 0.0;
-    const double t_next = mjp_next_time(p.seed, draw, hi, t, exit[x], &u_dest);
-    while (k < p.L && grid[k] < t_next) out[k++] = static_cast<Out>(x);
-    if (k == p.L) return;
-    x = mjp_pick(rates + x * p.S, p.S, x, u_dest * exit[x]);
+    const double q = exit[x];
+    const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
+    for (const Out value = static_cast<Out>(x); k < L && grid[k] < t_next; ++k) out[k] = value;
+    if (k == L) return;
+    x = mjp_pick(rates + x * S, S, x, u_dest * q);
     t = t_next;
   }
 }
