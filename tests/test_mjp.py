@@ -187,6 +187,8 @@ def test_output_dtype_holds_the_states(device):
     assert states.dtype == torch.int16 and int(states.max()) > 255 and int(states.min()) >= 0
     small = simulate_ctmc(systems.protein_folding().to(device), x0[:, :4] * 0, torch.ones(3, device=device), seed=0)
     assert small.dtype == torch.uint8
+    empty = simulate_ctmc(Q.to(device), x0[:, :0].expand(3, 0), torch.ones(3, device=device), seed=0)
+    assert empty.shape == (3, 0, 3)
 
 
 # --- CTMC: recording and reproducibility ---------------------------------------------------------------------

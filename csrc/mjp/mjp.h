@@ -8,12 +8,14 @@
 // agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the uniform of the initial state. Draw k + 1
 // is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q), words 2-3 give U2 (the destination: the
 // first channel whose cumulative rate exceeds U2 q). All arithmetic is fp64 additions, multiplications and
-// divisions in a fixed order (no a * b + c forms a compiler could fuse), so both devices round alike.
+// divisions in a fixed order (no a * b + c forms a compiler could fuse; -log by mjp_neg_log, not libm), so
+// both devices round alike.
 //
 // Recording (right-continuous paths): grid value k is the state entered at the last jump with time <= t_k,
 // the initial state when there is none. Every path starts at time 0.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "common/macros.h"
@@ -93,12 +95,56 @@ MK_HOST_DEVICE int64_t mjp_pick(const double* w, int64_t n, int64_t skip, double
   return last;
 }
 
+// fp64 products and sums rounded one by one: nvcc would otherwise fuse a * b + c into an fma, which the host
+// compiler (x86-64 without -mfma) does not, and the two devices would round differently.
+MK_HOST_DEVICE double mjp_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MK_HOST_DEVICE double mjp_add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// -log(u) for u in (0, 1), within 2 ulp, by the same operations on both devices (libm's log and CUDA's log
+// differ in the last bit). u = m 2^e with m in [1/sqrt 2, sqrt 2); log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.172, summed to s^23; e ln 2 in two parts (fdlibm's split: e * kLn2Hi is exact).
+MK_HOST_DEVICE double mjp_neg_log(double u) {
+  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  uint64_t bits;
+  memcpy(&bits, &u, sizeof(bits));
+  int64_t e = static_cast<int64_t>(bits >> 52) - 1022;       // u normal and positive: u = m 2^e, m in [1/2, 1)
+  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull;
+  double m;
+  memcpy(&m, &bits, sizeof(m));
+  if (m < 0.70710678118654752440) {
+    m = m + m;
+    e -= 1;
+  }
+  const double s = (m - 1.0) / (m + 1.0);
+  const double z = mjp_mul(s, s);
+  double poly = 1.0 / 23.0;
+  MK_UNROLL
+  for (int k = 10; k >= 1; --k) poly = mjp_add(1.0 / (2 * k + 1), mjp_mul(z, poly));
+  const double two_s = s + s;
+  const double log_m = mjp_add(two_s, mjp_mul(two_s, mjp_mul(z, poly)));
+  const double ed = static_cast<double>(e);
+  return -mjp_add(mjp_mul(ed, kLn2Hi), mjp_add(log_m, mjp_mul(ed, kLn2Lo)));
+}
+
 // Time of the next jump after t at exit rate q (+inf when q = 0), and the destination uniform.
 MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q, double* u_dest) {
   if (!(q > 0.0)) return std::numeric_limits<double>::infinity();
   const Philox4 r = philox_block(seed, draw, hi);
   *u_dest = uniform_double(r.v[2], r.v[3]);
-  return t + (-log(uniform_double(r.v[0], r.v[1])) / q);
+  return t + mjp_neg_log(uniform_double(r.v[0], r.v[1])) / q;
 }
 
 template <typename Out>
