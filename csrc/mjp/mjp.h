@@ -176,7 +176,9 @@ MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, con
     double u_dest = 0.0;
     const double q = exit[x];
     const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
-    for (const Out value = static_cast<Out>(x); k < L && grid[k] < t_next; ++k) out[k] = value;
+    int64_t end = k;  // grid points before the jump: found first, then filled (no stores in the search)
+    while (end < L && grid[end] < t_next) ++end;
+    for (const Out value = static_cast<Out>(x); k < end; ++k) out[k] = value;
     if (k == L) return;
     x = mjp_pick(rates + x * S, S, x, u_dest * q);
     t = t_next;
