@@ -3,6 +3,7 @@ import pytest
 import scipy.stats
 import torch
 
+from conftest import HAS_CUDA
 from markovkit.mjp import fim, systems
 
 
@@ -76,3 +77,13 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert data["states"].shape == (5, 7, 100)
     assert "5/5" in capsys.readouterr().err
     assert systems.stationary_distribution(systems.protein_folding()).sub(torch.tensor([0.752, 0.248], dtype=torch.float64)).abs().max() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cpu_and_cuda_datasets_are_identical():
+    config = fim.FimConfig(paths=64)
+    cpu = fim.generate(40, config, seed=2, device="cpu", chunk=15)
+    cuda = fim.generate(40, config, seed=2, device="cuda", chunk=40)
+    for name in ("states", "observations", "mask"):
+        assert torch.equal(cpu[name], cuda[name]), name

@@ -12,6 +12,7 @@ Reproducibility: parameters come from a numpy Generator seeded with `seed`; path
 positions fixed by the global process index. A dataset is the same on CPU and CUDA and for any chunking.
 """
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,20 +111,18 @@ def generate(processes: int, config: FimConfig = FimConfig(), seed: int = 0, dev
     params = sample_parameters(processes, config, seed)
     t = torch.linspace(0, config.t_max, config.grid_points, dtype=torch.float64)
     states, observations, masks = [], [], []
-    bar = Progress(processes, "fim-mjp") if progress else None
-    for first in range(0, processes, chunk):
-        last = min(first + chunk, processes)
-        part = {k: v[first:last] for k, v in params.items()}
-        x = simulate_ctmc(part["rates"].to(device), None, t.to(device), p0=part["p0"].to(device),
-                          paths=config.paths, seed=seed, process_offset=first)
-        obs, mask = _observe(x, part, first, config, seed)
-        states.append(x.cpu())
-        observations.append(obs.cpu())
-        masks.append(mask.cpu())
-        if bar is not None:
-            bar.update(last - first, f"{last}/{processes} processes")
-    if bar is not None:
-        bar.__exit__(None, None, None)
+    with Progress(processes, "fim-mjp") if progress else contextlib.nullcontext() as bar:
+        for first in range(0, processes, chunk):
+            last = min(first + chunk, processes)
+            part = {k: v[first:last] for k, v in params.items()}
+            x = simulate_ctmc(part["rates"].to(device), None, t.to(device), p0=part["p0"].to(device),
+                              paths=config.paths, seed=seed, process_offset=first)
+            obs, mask = _observe(x, part, first, config, seed)
+            states.append(x.cpu())
+            observations.append(obs.cpu())
+            masks.append(mask.cpu())
+            if bar is not None:
+                bar.update(last - first, f"{last}/{processes} processes")
     return {
         "rates": params["rates"].float(), "num_states": params["num_states"],
         "initial_distribution": params["p0"].float(), "times": (t / config.t_max).float(),
