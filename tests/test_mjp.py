@@ -467,3 +467,21 @@ def test_reference_reaction_direct_method_is_poisson():
     probs = scipy.stats.poisson.pmf(support, mu)
     probs[-1] = scipy.stats.poisson.sf(support[-2], mu)
     assert chi2_pvalue(np.bincount(counts, minlength=len(support)), probs) > ALPHA
+
+
+def test_first_passage_times(device):
+    """Ion channel: pi and MFPTs of the notes; simulated first-passage times 2 -> 0 and 0 -> 2 (event-count mode)
+    have the analytic means."""
+    Q = systems.ion_channel()
+    torch.testing.assert_close(systems.stationary_distribution(Q), torch.tensor([0.181, 0.147, 0.672], dtype=torch.float64),
+                               atol=6e-4, rtol=0)
+    kohs = torch.tensor([[0, 0.068, 0.054], [0.133, 0, 0.033], [0.181, 0.092, 0]], dtype=torch.float64)
+    tau = systems.mean_first_passage_times(Q)
+    torch.testing.assert_close(tau, kohs, atol=6e-4, rtol=0)
+    x0 = torch.tensor([[2] * 5000, [0] * 5000], device=device)
+    events = simulate_ctmc(Q.to(device), x0, math.inf, seed=17, record="events", max_events=100)
+    target = torch.tensor([0, 2], device=device).view(2, 1, 1)
+    hit = events.states.long() == target
+    assert bool(hit.any(-1).all())
+    first = events.times.gather(-1, hit.int().argmax(-1, keepdim=True))[..., 0].cpu()
+    assert_all_pass({"2 -> 0": z_pvalue(first[0], tau[2, 0].item()), "0 -> 2": z_pvalue(first[1], tau[0, 2].item())})

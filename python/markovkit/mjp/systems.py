@@ -75,3 +75,23 @@ def expected_jumps(Q: torch.Tensor, p0: torch.Tensor, T: float) -> torch.Tensor:
     integral = torch.linalg.matrix_exp(big * T)[..., :S, S:]
     exit_rates = -torch.diagonal(Q, dim1=-2, dim2=-1)
     return ((p0.unsqueeze(-2) @ integral).squeeze(-2) * exit_rates).sum(-1)
+
+
+def mean_first_passage_times(Q: torch.Tensor) -> torch.Tensor:
+    """tau (..., S, S): expected time to reach j from i (tau_ii = 0). For each target j, delete row and column j
+    of Q and solve A x = -1."""
+    Q = generator(Q)
+    S = Q.shape[-1]
+    tau = torch.zeros_like(Q)
+    for j in range(S):
+        keep = [i for i in range(S) if i != j]
+        A = Q[..., keep, :][..., :, keep]
+        ones = torch.ones(Q.shape[:-2] + (S - 1, 1), dtype=Q.dtype, device=Q.device)
+        tau[..., keep, j] = torch.linalg.solve(A, -ones).squeeze(-1)
+    return tau
+
+
+def ion_channel(dtype=torch.float64) -> torch.Tensor:
+    """A 3-state ion channel generator (s^-1) whose mean first-passage times are Köhs et al.'s (rounded) values
+    for the KcvMT325 recordings; a test case derived from published summaries, not a fitted model."""
+    return torch.tensor([[-29.93, 18.68, 11.25], [23.96, -69.51, 45.55], [2.84, 10.13, -12.97]], dtype=dtype)
