@@ -338,6 +338,16 @@ def test_ctmc_equals_its_reaction_network(device):
     assert torch.equal(counts.argmax(-1).to(states.dtype), states)
 
 
+def test_vilar_oscillator_conserves_its_genes(device):
+    """DA + DA' = 1 and DR + DR' = 1 along every path; counts stay >= 0; the repressor R oscillates."""
+    reactants, products, rates, x0 = (t.to(device) for t in systems.vilar_oscillator())
+    counts = simulate_reactions(reactants, products, rates, x0.expand(1, 8, 9), torch.linspace(0, 50, 101, device=device),
+                                seed=3)[0].cpu()
+    assert bool((counts[..., 0] + counts[..., 1] == 1).all() & (counts[..., 2] + counts[..., 3] == 1).all())
+    assert bool((counts >= 0).all())
+    assert int(counts[..., 7].max()) > 500 and int(counts[:, 50:, 7].min()) < 50
+
+
 def test_reactions_batch_split_invariance(device):
     reactants, products = torch.tensor([[0, 0], [1, 0], [1, 0], [0, 1]]), torch.tensor([[1, 0], [0, 0], [1, 1], [0, 0]])
     rates = torch.rand(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 5
@@ -451,6 +461,9 @@ def test_bad_input_errors():
         (lambda: simulate_reactions(torch.ones(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.long),
                                     torch.tensor([1.0]), torch.ones(1, 2, 33, dtype=torch.long), grid, seed=0),
          r"x0: expected shape \(processes, paths, species\) with 1 <= species <= 32"),
+        (lambda: simulate_reactions(torch.ones(129, 1, dtype=torch.long), torch.ones(129, 1, dtype=torch.long),
+                                    torch.ones(129), torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0),
+         r"reactants: expected shape \(reactions, species\) with at most 128 reactions"),
     ]
     for fn, message in cases:
         with pytest.raises((RuntimeError, ValueError), match=message):

@@ -205,14 +205,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_even
   return {initial, times, states, counts, overflow};
 }
 
-// reactants, products: (R, N) -> int32 alpha and nu = beta - alpha.
-std::pair<at::Tensor, at::Tensor> prepare_stoichiometry(const at::Tensor& reactants, const at::Tensor& products,
-                                                        const at::Tensor& x0) {
+// reactants, products: (R, N) -> int32 alpha, nu = beta - alpha, and uint8 affects (R, R): firing r changes
+// the count of a reactant of r2.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(const at::Tensor& reactants,
+                                                                     const at::Tensor& products, const at::Tensor& x0) {
   check_integral(reactants, "reactants");
   check_integral(products, "products");
   check_same_device(reactants, "reactants", x0, "x0");
   check_same_device(products, "products", x0, "x0");
-  TORCH_CHECK(reactants.dim() == 2, "reactants: expected shape (reactions, species), got ", reactants.sizes());
+  TORCH_CHECK(reactants.dim() == 2 && reactants.size(0) <= kMjpMaxReactions,
+              "reactants: expected shape (reactions, species) with at most ", kMjpMaxReactions, " reactions, got ",
+              reactants.sizes());
   check_shape(products, "products", reactants.sizes());
   TORCH_CHECK(reactants.size(1) == x0.size(-1), "reactants: expected ", x0.size(-1),
               " species (the last dim of x0), got shape ", reactants.sizes());
@@ -224,7 +227,8 @@ std::pair<at::Tensor, at::Tensor> prepare_stoichiometry(const at::Tensor& reacta
   }
   at::Tensor alpha = reactants.to(at::kInt).contiguous();
   at::Tensor nu = (products.to(at::kInt) - alpha).contiguous();
-  return {alpha, nu};
+  at::Tensor affects = at::matmul(nu.ne(0).to(at::kFloat), alpha.gt(0).to(at::kFloat).t()).gt(0).to(at::kByte);
+  return {alpha, nu, affects.contiguous()};
 }
 
 at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& products, const at::Tensor& rates,
@@ -236,7 +240,7 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
               x0.sizes());
   const int64_t B = x0.size(0), P = x0.size(1), N = x0.size(2);
   check_sizes(B, P, process_offset);
-  const auto [alpha, nu] = prepare_stoichiometry(reactants, products, x0);
+  const auto [alpha, nu, affects] = prepare_stoichiometry(reactants, products, x0);
   const int64_t R = alpha.size(0);
   check_dtype(rates, "rates", {at::kFloat, at::kDouble});
   check_same_device(rates, "rates", x0, "x0");
@@ -250,8 +254,8 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
   }
   const Grid grid = prepare_grid(t_grid, B, P, x0, "x0");
   at::Tensor out = at::empty({B, P, grid.L, N}, x.options());
-  const ReactionParams p{alpha.data_ptr<int32_t>(), nu.data_ptr<int32_t>(), k.data_ptr<double>(),
-                         rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(), grid.values.data_ptr<double>(),
+  const ReactionParams p{alpha.data_ptr<int32_t>(), nu.data_ptr<int32_t>(), affects.data_ptr<uint8_t>(),
+                         k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(), grid.values.data_ptr<double>(),
                          grid.b_stride, grid.p_stride, grid.L, out.data_ptr<int64_t>(), B, P, R, N,
                          static_cast<uint64_t>(seed), process_offset};
   if (x0.is_cpu()) {

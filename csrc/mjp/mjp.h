@@ -29,8 +29,9 @@ namespace markovkit {
 // Integer type of the state outputs: the smallest one that holds every state of S.
 enum class StateType : int { kUInt8, kInt16, kInt32 };
 
-// The reaction kernels keep one path's counts in a thread-local array of this size.
+// The reaction kernels keep one path's counts and propensities in thread-local arrays of these sizes.
 constexpr int kMjpMaxSpecies = 32;
+constexpr int kMjpMaxReactions = 128;
 
 struct CtmcParams {
   const double* rates;   // (Bq, S, S) off-diagonal rates (diagonal ignored); Bq = 1 when shared
@@ -57,6 +58,7 @@ struct CtmcParams {
 struct ReactionParams {
   const int32_t* reactants;  // (R, N) alpha
   const int32_t* change;     // (R, N) nu = beta - alpha
+  const uint8_t* affects;    // (R, R) 1 where firing reaction r changes a reactant count of reaction r2
   const double* rates;       // (Bk, R) mass-action constants k_r; Bk = 1 when shared
   int64_t rates_stride;      // 0 (shared) or R
   const int64_t* x0;         // (B, P, N) initial counts
@@ -230,49 +232,38 @@ MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64
   return a;
 }
 
-MK_HOST_DEVICE double mjp_total_propensity(const int32_t* alpha, const double* k, const int64_t* x, int64_t R,
-                                           int64_t N) {
-  double total = 0.0;
-  for (int64_t r = 0; r < R; ++r) total += mjp_propensity(alpha + r * N, k[r], x, N);
-  return total;
-}
-
-// mjp_pick over the propensities, recomputed rather than stored (no per-thread array of R values).
-MK_HOST_DEVICE int64_t mjp_pick_reaction(const int32_t* alpha, const double* k, const int64_t* x, int64_t R,
-                                         int64_t N, double threshold) {
-  double cum = 0.0;
-  int64_t last = -1;
-  for (int64_t r = 0; r < R; ++r) {
-    const double a = mjp_propensity(alpha + r * N, k[r], x, N);
-    if (!(a > 0.0)) continue;
-    cum += a;
-    last = r;
-    if (cum > threshold) return r;
-  }
-  return last;
-}
-
-// alpha, nu: (R, N); k: (R,) of process b (in shared memory on CUDA).
+// alpha, nu: (R, N); k: (R,) of process b; affects: (R, R) (all in shared memory on CUDA). The propensities
+// live in a per-path array; after reaction r fires only those with affects[r, r2] are recomputed (the same
+// values a full recomputation gives), and their total is summed afresh in index order at every step.
 MK_HOST_DEVICE void reaction_grid_path(const ReactionParams& p, const int32_t* alpha, const int32_t* nu,
-                                       const double* k, int64_t b, int64_t path) {
+                                       const double* k, const uint8_t* affects, int64_t b, int64_t path) {
   const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const uint64_t seed = p.seed;
   const int64_t i = b * p.P + path;
+  const int64_t R = p.R, N = p.N, L = p.L;
   const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
-  int64_t* out = p.out + i * p.L * p.N;
+  int64_t* out = p.out + i * L * N;
   int64_t x[kMjpMaxSpecies];
-  for (int64_t s = 0; s < p.N; ++s) x[s] = p.x0[i * p.N + s];
+  for (int64_t s = 0; s < N; ++s) x[s] = p.x0[i * N + s];
+  double a[kMjpMaxReactions];
+  for (int64_t r = 0; r < R; ++r) a[r] = mjp_propensity(alpha + r * N, k[r], x, N);
   double t = 0.0;
   int64_t step = 0;
   for (uint64_t draw = 1;; ++draw) {
-    const double a0 = mjp_total_propensity(alpha, k, x, p.R, p.N);
+    const double a0 = mjp_row_sum(a, R, -1);
     double u_dest = 0.0;
-    const double t_next = mjp_next_time(p.seed, draw, hi, t, a0, &u_dest);
-    for (; step < p.L && grid[step] < t_next; ++step) {
-      for (int64_t s = 0; s < p.N; ++s) out[step * p.N + s] = x[s];
+    const double t_next = mjp_next_time(seed, draw, hi, t, a0, &u_dest);
+    int64_t end = step;
+    while (end < L && grid[end] < t_next) ++end;
+    for (; step < end; ++step) {
+      for (int64_t s = 0; s < N; ++s) out[step * N + s] = x[s];
     }
-    if (step == p.L) return;
-    const int64_t r = mjp_pick_reaction(alpha, k, x, p.R, p.N, u_dest * a0);
-    for (int64_t s = 0; s < p.N; ++s) x[s] += nu[r * p.N + s];
+    if (step == L) return;
+    const int64_t fired = mjp_pick(a, R, -1, u_dest * a0);
+    for (int64_t s = 0; s < N; ++s) x[s] += nu[fired * N + s];
+    for (int64_t r = 0; r < R; ++r) {
+      if (affects[fired * R + r]) a[r] = mjp_propensity(alpha + r * N, k[r], x, N);
+    }
     t = t_next;
   }
 }

@@ -51,7 +51,7 @@ void ctmc_events_cpu(const CtmcParams& p) { ctmc_dispatch<true>(p); }
 
 void reactions_grid_cpu(const ReactionParams& p) {
   for_each_path(p.B, p.P, [&](int64_t b, int64_t path) {
-    reaction_grid_path(p, p.reactants, p.change, p.rates + b * p.rates_stride, b, path);
+    reaction_grid_path(p, p.reactants, p.change, p.rates + b * p.rates_stride, p.affects, b, path);
   });
 }
 

@@ -79,21 +79,24 @@ void ctmc_dispatch(const CtmcParams& p, cudaStream_t stream) {
 }
 
 __global__ void reactions_kernel(ReactionParams p, int64_t chunks, bool staged) {
-  extern __shared__ double smem[];  // staged: k (R,), then alpha (R, N) and nu (R, N) as int32
+  extern __shared__ double smem[];  // staged: k (R,), then alpha and nu (R, N) as int32, then affects (R, R)
   const int64_t RN = p.R * p.N;
   double* k_smem = smem;
   int32_t* alpha_smem = reinterpret_cast<int32_t*>(smem + p.R);
   int32_t* nu_smem = alpha_smem + RN;
+  uint8_t* affects_smem = reinterpret_cast<uint8_t*>(nu_smem + RN);
   if (staged) {
     for (int64_t j = threadIdx.x; j < RN; j += blockDim.x) {
       alpha_smem[j] = p.reactants[j];
       nu_smem[j] = p.change[j];
     }
+    for (int64_t j = threadIdx.x; j < p.R * p.R; j += blockDim.x) affects_smem[j] = p.affects[j];
   }
   for (int64_t blk = blockIdx.x; blk < p.B * chunks; blk += gridDim.x) {
     const int64_t b = blk / chunks;
     const int32_t* alpha = p.reactants;
     const int32_t* nu = p.change;
+    const uint8_t* affects = p.affects;
     const double* k = p.rates + b * p.rates_stride;
     if (staged) {
       __syncthreads();  // the previous iteration's paths no longer read k_smem
@@ -101,10 +104,11 @@ __global__ void reactions_kernel(ReactionParams p, int64_t chunks, bool staged) 
       __syncthreads();
       alpha = alpha_smem;
       nu = nu_smem;
+      affects = affects_smem;
       k = k_smem;
     }
     const int64_t path = (blk % chunks) * blockDim.x + threadIdx.x;
-    if (path < p.P) reaction_grid_path(p, alpha, nu, k, b, path);
+    if (path < p.P) reaction_grid_path(p, alpha, nu, k, affects, b, path);
   }
 }
 
@@ -123,7 +127,7 @@ void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<
 void reactions_grid_cuda(const ReactionParams& p, cudaStream_t stream) {
   if (p.B * p.P == 0) return;
   const Plan plan = plan_for(p.B, p.P);
-  const int64_t bytes = p.R * static_cast<int64_t>(sizeof(double) + 2 * sizeof(int32_t) * p.N);
+  const int64_t bytes = p.R * static_cast<int64_t>(sizeof(double) + 2 * sizeof(int32_t) * p.N + p.R);
   const bool staged = bytes <= kMaxStagedBytes;
   reactions_kernel<<<plan.grid, plan.threads, staged ? bytes : 0, stream>>>(p, plan.chunks, staged);
 }

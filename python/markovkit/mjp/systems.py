@@ -95,3 +95,34 @@ def ion_channel(dtype=torch.float64) -> torch.Tensor:
     """A 3-state ion channel generator (s^-1) whose mean first-passage times are Köhs et al.'s (rounded) values
     for the KcvMT325 recordings; a test case derived from published summaries, not a fitted model."""
     return torch.tensor([[-29.93, 18.68, 11.25], [23.96, -69.51, 45.55], [2.84, 10.13, -12.97]], dtype=dtype)
+
+
+# Vilar et al. (PNAS 2002) circadian oscillator: species DA, DA', DR, DR', MA, MR, A, R, C; (reactants,
+# products, rate constant) per reaction.
+_VILAR = [
+    ({"A": 1, "DA": 1}, {"DA'": 1}, 1.0), ({"DA'": 1}, {"A": 1, "DA": 1}, 50.0),
+    ({"A": 1, "DR": 1}, {"DR'": 1}, 1.0), ({"DR'": 1}, {"A": 1, "DR": 1}, 100.0),
+    ({"DA": 1}, {"DA": 1, "MA": 1}, 50.0), ({"DA'": 1}, {"DA'": 1, "MA": 1}, 500.0),
+    ({"DR": 1}, {"DR": 1, "MR": 1}, 0.01), ({"DR'": 1}, {"DR'": 1, "MR": 1}, 50.0),
+    ({"MA": 1}, {"MA": 1, "A": 1}, 50.0), ({"MR": 1}, {"MR": 1, "R": 1}, 5.0),
+    ({"A": 1, "R": 1}, {"C": 1}, 2.0), ({"C": 1}, {"R": 1}, 1.0),
+    ({"A": 1}, {}, 1.0), ({"R": 1}, {}, 0.2), ({"MA": 1}, {}, 10.0), ({"MR": 1}, {}, 0.5),
+]
+_VILAR_SPECIES = ["DA", "DA'", "DR", "DR'", "MA", "MR", "A", "R", "C"]
+
+
+def vilar_oscillator():
+    """The Vilar circadian oscillator as a reaction network: reactants, products (16, 9), rates (16,) and the
+    initial counts (9,) (one DA, one DR); species in the order of _VILAR_SPECIES."""
+    index = {name: i for i, name in enumerate(_VILAR_SPECIES)}
+    reactants = torch.zeros(len(_VILAR), len(index), dtype=torch.long)
+    products = torch.zeros_like(reactants)
+    for r, (left, right, _) in enumerate(_VILAR):
+        for name, n in left.items():
+            reactants[r, index[name]] = n
+        for name, n in right.items():
+            products[r, index[name]] = n
+    rates = torch.tensor([k for _, _, k in _VILAR], dtype=torch.float64)
+    x0 = torch.zeros(len(index), dtype=torch.long)
+    x0[index["DA"]] = x0[index["DR"]] = 1
+    return reactants, products, rates, x0

@@ -1,6 +1,10 @@
 """Gillespie simulation: CTMC paths on a 100-point grid over [0, 10] (six-state chains with FIM-prior rates,
-one rate matrix per process), the FIM-MJP-size generation, and a mass-action network; against the vectorised
-eager-PyTorch direct method (markovkit.reference). Rates count expected jumps (exact, from expm)."""
+one rate matrix per process), the FIM-MJP-size generation, and mass-action networks; against the vectorised
+eager-PyTorch direct method (markovkit.reference). CTMC rates count expected jumps (exact, from expm).
+
+Published CPU anchors for the Vilar oscillator (one trajectory to t = 200; Armavica/rebop `benches/vilar`,
+GillesPy2_paper `performance-testing`): rebop ~19 ms, StochKit ~41 ms, GillesPy2 C++ ~66-163 ms,
+JumpProcesses.jl ~68 ms. GillesPy2 is benchmarked here only when importable."""
 import torch
 
 import markovkit
@@ -80,4 +84,20 @@ def reaction_cases(device: torch.device, quick: bool):
         ours=lambda: markovkit.simulate_reactions(reactants, products, rates, x0, grid, seed=1),
         reference=(lambda: mjp_reactions_direct(reactants, products, rates, x0, grid)) if paths <= 65536 else None,
         bytes=paths * L * 2 * 8, rate=(paths, "paths"),
+    )
+
+
+@cases("mjp")
+def vilar_cases(device: torch.device, quick: bool):
+    """The Vilar oscillator to t = 200 (about 5.6e5 reactions per trajectory), 201 grid points."""
+    paths = 2 if quick else (32 if device.type == "cpu" else 4096)
+    horizon = 2.0 if quick else 200.0
+    reactants, products, rates, x0 = (t.to(device) for t in systems.vilar_oscillator())
+    x0 = x0.expand(1, paths, -1).contiguous()
+    grid = torch.linspace(0, horizon, 201, dtype=torch.float64, device=device)
+    yield Case(
+        family="mjp", name="vilar oscillator", shape=f"{paths} paths, 16 reactions, 9 species, T={horizon:g}",
+        dtype=torch.float64,
+        ours=lambda: markovkit.simulate_reactions(reactants, products, rates, x0, grid, seed=1),
+        bytes=paths * 201 * 9 * 8, rate=(paths, "trajectories"),
     )
