@@ -387,6 +387,19 @@ def test_cpu_and_cuda_paths_are_identical():
     cpu = simulate_reactions(reactants, products, rates, x0, grid, seed=6)
     cuda = simulate_reactions(reactants.cuda(), products.cuda(), rates.cuda(), x0.cuda(), grid.cuda(), seed=6)
     assert torch.equal(cpu, cuda.cpu())
+    # Few paths per process: the flat kernels.
+    Q, x0 = random_rates(300, S, seed=6), torch.randint(0, S, (300, 3))
+    for record, t in [("grid", grid[0, 0]), ("events", 8.0)]:
+        cpu = simulate_ctmc(Q, x0, t, seed=9, record=record, max_events=60)
+        cuda = simulate_ctmc(Q.cuda(), x0.cuda(), t.cuda() if torch.is_tensor(t) else t, seed=9, record=record,
+                             max_events=60)
+        for a, b in zip(*(([cpu], [cuda]) if record == "grid" else (cpu, cuda))):
+            assert torch.equal(a, b.cpu()), record
+    reactants, products, rates = one_hot_network(Q)
+    x0 = torch.nn.functional.one_hot(x0, S)
+    cpu = simulate_reactions(reactants, products, rates, x0, grid[0, 0], seed=6)
+    cuda = simulate_reactions(reactants.cuda(), products.cuda(), rates.cuda(), x0.cuda(), grid[0, 0].cuda(), seed=6)
+    assert torch.equal(cpu, cuda.cpu())
 
 
 def test_opcheck(device):

@@ -1,7 +1,8 @@
-// CUDA kernels of the Gillespie simulators: one thread per path. A block covers a chunk of the paths of one
-// process and stages that process's parameters in shared memory (when they fit in 48 KiB; else it reads
-// them from global memory). Blocks stride over (process, chunk) pairs, so any batch size launches.
-// The per-path code is the CPU kernels' (mjp.h), so both devices produce the same paths.
+// CUDA kernels of the Gillespie simulators: one thread per path. With >= 32 paths per process a block covers a
+// chunk of the paths of one process and stages that process's parameters in shared memory (when they fit in
+// 48 KiB; else it reads them from global memory); blocks stride over (process, chunk) pairs. With fewer
+// paths, threads run over the flat (process, path) index and read the parameters from global memory (L1),
+// so that warps stay full. The per-path code is the CPU kernels' (mjp.h): both devices produce the same paths.
 #include <algorithm>
 
 #include "mjp/mjp.h"
@@ -12,6 +13,7 @@ namespace {
 constexpr int64_t kMaxStagedBytes = 48 * 1024;
 constexpr int64_t kMaxThreads = 256;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;
+constexpr int64_t kMinBlockPaths = 32;  // fewer paths per process: the flat kernels
 
 // Paths of a process split into `chunks` blocks of `threads` (a multiple of 32) with little idle tail.
 struct Plan {
@@ -32,6 +34,29 @@ __global__ void ctmc_exit_kernel(CtmcParams p) {
   if (row < p.n_q * p.S) p.exit[row] = mjp_row_sum(p.rates + row * p.S, p.S, row % p.S);
 }
 
+unsigned flat_grid(int64_t n) {
+  return static_cast<unsigned>(std::min((n + kMaxThreads - 1) / kMaxThreads, kMaxGrid));
+}
+
+template <typename Out, bool kEvents>
+__device__ void ctmc_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b, int64_t path) {
+  if constexpr (kEvents) {
+    ctmc_events_path<Out>(p, rates, exit, b, path);
+  } else {
+    ctmc_grid_path<Out>(p, rates, exit, b, path);
+  }
+}
+
+template <typename Out, bool kEvents>
+__global__ void ctmc_flat_kernel(CtmcParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.B * p.P; i += stride) {
+    const int64_t b = i / p.P;
+    const int64_t qb = p.n_q == 1 ? 0 : b;
+    ctmc_path<Out, kEvents>(p, p.rates + qb * p.S * p.S, p.exit + qb * p.S, b, i % p.P);
+  }
+}
+
 template <typename Out, bool kEvents>
 __global__ void ctmc_kernel(CtmcParams p, int64_t chunks, bool staged) {
   extern __shared__ double smem[];  // staged: rates (S, S), then exit (S,)
@@ -50,18 +75,16 @@ __global__ void ctmc_kernel(CtmcParams p, int64_t chunks, bool staged) {
       exit = smem + SS;
     }
     const int64_t path = (blk % chunks) * blockDim.x + threadIdx.x;
-    if (path < p.P) {
-      if constexpr (kEvents) {
-        ctmc_events_path<Out>(p, rates, exit, b, path);
-      } else {
-        ctmc_grid_path<Out>(p, rates, exit, b, path);
-      }
-    }
+    if (path < p.P) ctmc_path<Out, kEvents>(p, rates, exit, b, path);
   }
 }
 
 template <typename Out, bool kEvents>
 void ctmc_launch(const CtmcParams& p, cudaStream_t stream) {
+  if (p.P < kMinBlockPaths) {
+    ctmc_flat_kernel<Out, kEvents><<<flat_grid(p.B * p.P), kMaxThreads, 0, stream>>>(p);
+    return;
+  }
   const Plan plan = plan_for(p.B, p.P);
   const int64_t bytes = (p.S * p.S + p.S) * static_cast<int64_t>(sizeof(double));
   const bool staged = bytes <= kMaxStagedBytes;
@@ -75,6 +98,14 @@ void ctmc_dispatch(const CtmcParams& p, cudaStream_t stream) {
     case StateType::kUInt8: return ctmc_launch<uint8_t, kEvents>(p, stream);
     case StateType::kInt16: return ctmc_launch<int16_t, kEvents>(p, stream);
     case StateType::kInt32: return ctmc_launch<int32_t, kEvents>(p, stream);
+  }
+}
+
+__global__ void reactions_flat_kernel(ReactionParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.B * p.P; i += stride) {
+    const int64_t b = i / p.P;
+    reaction_grid_path(p, p.reactants, p.change, p.rates + b * p.rates_stride, p.affects, b, i % p.P);
   }
 }
 
@@ -126,6 +157,10 @@ void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<
 
 void reactions_grid_cuda(const ReactionParams& p, cudaStream_t stream) {
   if (p.B * p.P == 0) return;
+  if (p.P < kMinBlockPaths) {
+    reactions_flat_kernel<<<flat_grid(p.B * p.P), kMaxThreads, 0, stream>>>(p);
+    return;
+  }
   const Plan plan = plan_for(p.B, p.P);
   const int64_t bytes = p.R * static_cast<int64_t>(sizeof(double) + 2 * sizeof(int32_t) * p.N + p.R);
   const bool staged = bytes <= kMaxStagedBytes;
