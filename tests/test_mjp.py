@@ -163,6 +163,11 @@ def test_ratchet_stationary_distribution_and_entropy_production(device):
     assert_all_pass(pvalues)
 
 
+def test_protein_folding_stationary_distribution():
+    pi = systems.stationary_distribution(systems.protein_folding())
+    assert (pi - torch.tensor([0.752, 0.248], dtype=torch.float64)).abs().max() < 1e-3
+
+
 def test_absorbing_states(device):
     """0 -> 1 (rate 1), 0 -> 2 (rate 1), 2 -> 1 (rate 0.5); 1 absorbs."""
     Q = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.5, 0.0]], dtype=torch.float64)
@@ -178,7 +183,8 @@ def test_absorbing_states(device):
 
 
 def test_output_dtype_holds_the_states(device):
-    assert [state_dtype(n) for n in (2, 256, 257, 32768, 32769)] == [torch.uint8] * 2 + [torch.int16] * 2 + [torch.int32]
+    dtypes = [state_dtype(n) for n in (2, 256, 257, 32768, 32769)]
+    assert dtypes == [torch.uint8] * 2 + [torch.int16] * 2 + [torch.int32]
     S = 300  # a ring 0 -> 1 -> ... -> 299 -> 0 at rate 100: from 250, states past 255 within 0.1
     Q = torch.diag(torch.full((S - 1,), 100.0), 1)
     Q[-1, 0] = 100.0
@@ -303,8 +309,9 @@ def test_dimerization_matches_finite_state_projection(device):
     times = torch.tensor([0.1, 0.3, 1.0, 3.0], dtype=torch.float64)
     block = 5000
     x0 = torch.tensor([10, 0]).expand(1, block * len(times), 2)
-    counts = simulate_reactions(torch.tensor([[2, 0], [0, 1]], device=device), torch.tensor([[0, 1], [2, 0]], device=device),
-                                torch.tensor([kf, kb], device=device), x0.to(device), times.to(device), seed=4).cpu()
+    reactants, products = torch.tensor([[2, 0], [0, 1]]), torch.tensor([[0, 1], [2, 0]])
+    counts = simulate_reactions(reactants.to(device), products.to(device), torch.tensor([kf, kb], device=device),
+                                x0.to(device), times.to(device), seed=4).cpu()
     assert bool((counts[..., 0] + 2 * counts[..., 1] == 10).all())
     exact = systems.marginals(Q, torch.eye(6, dtype=torch.float64)[0], times)
     pvalues = {f"t={t}": chi2_pvalue(torch.bincount(counts[0, k * block:(k + 1) * block, k, 1], minlength=6), exact[k])
@@ -341,8 +348,8 @@ def test_ctmc_equals_its_reaction_network(device):
 def test_vilar_oscillator_conserves_its_genes(device):
     """DA + DA' = 1 and DR + DR' = 1 along every path; counts stay >= 0; the repressor R oscillates."""
     reactants, products, rates, x0 = (t.to(device) for t in systems.vilar_oscillator())
-    counts = simulate_reactions(reactants, products, rates, x0.expand(1, 8, 9), torch.linspace(0, 50, 101, device=device),
-                                seed=3)[0].cpu()
+    grid = torch.linspace(0, 50, 101, device=device)
+    counts = simulate_reactions(reactants, products, rates, x0.expand(1, 8, 9), grid, seed=3)[0].cpu()
     assert bool((counts[..., 0] + counts[..., 1] == 1).all() & (counts[..., 2] + counts[..., 3] == 1).all())
     assert bool((counts >= 0).all())
     assert int(counts[..., 7].max()) > 500 and int(counts[:, 50:, 7].min()) < 50
@@ -442,6 +449,7 @@ def test_bad_input_errors():
     bad_q[0, 1] = -0.5
     nan_q = Q.clone()
     nan_q[2, 0] = math.nan
+    ones = torch.ones(1, 2, 1, dtype=torch.long)  # x0 of the reaction cases
     cases = [
         (lambda: simulate_ctmc(bad_q, x0, grid, seed=0), r"Q: expected off-diagonal rates >= 0, got -0.5"),
         (lambda: simulate_ctmc(nan_q, x0, grid, seed=0), r"Q: expected off-diagonal rates without NaN"),
@@ -459,18 +467,19 @@ def test_bad_input_errors():
         (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events"), r"record='events' needs max_events"),
         (lambda: simulate_ctmc(Q, x0, -1.0, seed=0, record="events", max_events=3), r"t_end: expected a horizon >= 0"),
         (lambda: simulate_ctmc(Q, x0, grid, seed=0, record="jumps"), r"record must be 'grid' or 'events'"),
-        (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, x0, torch.ones(6), grid, 1, 4, 0), r"x0, p0: expected exactly one"),
+        (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, x0, torch.ones(6), grid, 1, 4, 0),
+         r"x0, p0: expected exactly one"),
         (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, None, torch.ones(6), grid, 1, 2**32, 0), r"paths: expected"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([-1.0]),
-                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"rates: expected rate constants >= 0"),
+                                    ones, grid, seed=0), r"rates: expected rate constants >= 0"),
         (lambda: simulate_reactions(torch.tensor([[-1]]), torch.tensor([[0]]), torch.tensor([1.0]),
-                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"reactants: expected stoichiometric"),
+                                    ones, grid, seed=0), r"reactants: expected stoichiometric"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0, 1]]), torch.tensor([1.0]),
-                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"products: expected shape \[1, 1\]"),
+                                    ones, grid, seed=0), r"products: expected shape \[1, 1\]"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0, 2.0]),
-                                    torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"rates: expected shape \(1,\)"),
+                                    ones, grid, seed=0), r"rates: expected shape \(1,\)"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0]),
-                                    -torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0), r"x0: expected counts >= 0"),
+                                    -ones, grid, seed=0), r"x0: expected counts >= 0"),
         (lambda: simulate_reactions(torch.ones(1, 33, dtype=torch.long), torch.ones(1, 33, dtype=torch.long),
                                     torch.tensor([1.0]), torch.ones(1, 2, 33, dtype=torch.long), grid, seed=0),
          r"x0: expected shape \(processes, paths, species\) with 1 <= species <= 32"),
@@ -499,8 +508,8 @@ def test_first_passage_times(device):
     """Ion channel: pi and MFPTs of the notes; simulated first-passage times 2 -> 0 and 0 -> 2 (event-count mode)
     have the analytic means."""
     Q = systems.ion_channel()
-    torch.testing.assert_close(systems.stationary_distribution(Q), torch.tensor([0.181, 0.147, 0.672], dtype=torch.float64),
-                               atol=6e-4, rtol=0)
+    pi = torch.tensor([0.181, 0.147, 0.672], dtype=torch.float64)
+    torch.testing.assert_close(systems.stationary_distribution(Q), pi, atol=6e-4, rtol=0)
     kohs = torch.tensor([[0, 0.068, 0.054], [0.133, 0, 0.033], [0.181, 0.092, 0]], dtype=torch.float64)
     tau = systems.mean_first_passage_times(Q)
     torch.testing.assert_close(tau, kohs, atol=6e-4, rtol=0)

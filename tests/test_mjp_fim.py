@@ -76,7 +76,6 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     data = torch.load(out)
     assert data["states"].shape == (5, 7, 100)
     assert "5/5" in capsys.readouterr().err
-    assert systems.stationary_distribution(systems.protein_folding()).sub(torch.tensor([0.752, 0.248], dtype=torch.float64)).abs().max() < 1e-3
 
 
 @pytest.mark.gpu

@@ -130,7 +130,8 @@ at::Tensor prepare_initial(const std::optional<at::Tensor>& x0, const std::optio
   at::Tensor w = p0->to(at::kDouble).contiguous();
   check_weights(w, "p0", "probabilities");
   if (w.numel() > 0) {
-    TORCH_CHECK(!any_true(w.sum(-1) <= 0), "p0: expected every distribution to have a positive sum, got a zero row");
+    TORCH_CHECK(!any_true(w.sum(-1) <= 0),
+                "p0: expected every distribution to have a positive sum, got a zero row");
   }
   p.p0 = w.data_ptr<double>();
   p.p0_stride = p0->dim() == 1 ? 0 : p.S;
@@ -207,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_even
 
 // reactants, products: (R, N) -> int32 alpha, nu = beta - alpha, and uint8 affects (R, R): firing r changes
 // the count of a reactant of r2.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(const at::Tensor& reactants,
-                                                                     const at::Tensor& products, const at::Tensor& x0) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(
+    const at::Tensor& reactants, const at::Tensor& products, const at::Tensor& x0) {
   check_integral(reactants, "reactants");
   check_integral(products, "products");
   check_same_device(reactants, "reactants", x0, "x0");
@@ -222,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(const at::T
   for (const auto& [t, name] : {std::pair{reactants, "reactants"}, std::pair{products, "products"}}) {
     if (t.numel() == 0) continue;
     const int64_t lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < kMaxStoichiometry, name, ": expected stoichiometric coefficients in [0, 2^30), got ",
-                "values in [", lo, ", ", hi, "]");
+    TORCH_CHECK(lo >= 0 && hi < kMaxStoichiometry, name,
+                ": expected stoichiometric coefficients in [0, 2^30), got values in [", lo, ", ", hi, "]");
   }
   at::Tensor alpha = reactants.to(at::kInt).contiguous();
   at::Tensor nu = (products.to(at::kInt) - alpha).contiguous();
@@ -255,9 +256,9 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
   const Grid grid = prepare_grid(t_grid, B, P, x0, "x0");
   at::Tensor out = at::empty({B, P, grid.L, N}, x.options());
   const ReactionParams p{alpha.data_ptr<int32_t>(), nu.data_ptr<int32_t>(), affects.data_ptr<uint8_t>(),
-                         k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(), grid.values.data_ptr<double>(),
-                         grid.b_stride, grid.p_stride, grid.L, out.data_ptr<int64_t>(), B, P, R, N,
-                         static_cast<uint64_t>(seed), process_offset};
+                         k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
+                         grid.values.data_ptr<double>(), grid.b_stride, grid.p_stride, grid.L,
+                         out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset};
   if (x0.is_cpu()) {
     reactions_grid_cpu(p);
   } else {

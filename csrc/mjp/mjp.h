@@ -4,12 +4,12 @@
 //
 // Randomness. Path `path` of process `b` draws Philox blocks under key = seed with the counter
 //   lo = draw index, hi = ((process_offset + b) << 32) | path,
-// so a path's output depends only on (seed, global process id, path) and its inputs: CPU, CUDA and any split of the batch
-// agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the uniform of the initial state. Draw k + 1
-// is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q), words 2-3 give U2 (the destination: the
-// first channel whose cumulative rate exceeds U2 q). All arithmetic is fp64 additions, multiplications and
-// divisions in a fixed order (no a * b + c forms a compiler could fuse; -log by mjp_neg_log, not libm), so
-// both devices round alike.
+// so a path's output depends only on (seed, global process id, path) and its inputs: CPU, CUDA and any split
+// of the batch agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the uniform of the initial
+// state. Draw k + 1 is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q), words 2-3 give U2 (the
+// destination: the first channel whose cumulative rate exceeds U2 q). All arithmetic is fp64 additions,
+// multiplications and divisions in a fixed order (no a * b + c forms a compiler could fuse; -log by
+// mjp_neg_log, not libm), so both devices round alike.
 //
 // Recording (right-continuous paths): grid value k is the state entered at the last jump with time <= t_k,
 // the initial state when there is none. Every path starts at time 0.
@@ -142,7 +142,8 @@ MK_HOST_DEVICE double mjp_neg_log(double u) {
 }
 
 // Time of the next jump after t at exit rate q (+inf when q = 0), and the destination uniform.
-MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q, double* u_dest) {
+MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q,
+                                    double* u_dest) {
   if (!(q > 0.0)) return std::numeric_limits<double>::infinity();
   const Philox4 r = philox_block(seed, draw, hi);
   *u_dest = uniform_double(r.v[2], r.v[3]);
