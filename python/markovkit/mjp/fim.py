@@ -100,7 +100,7 @@ def _observe(states, params, first: int, config: FimConfig, seed: int):
     return observations, mask
 
 
-def generate(processes: int, config: FimConfig = FimConfig(), seed: int = 0, device="cpu", chunk: int = 2000,
+def generate(processes: int, config: FimConfig = FimConfig(), seed: int = 0, device="cpu", chunk: int = 1000,
              progress: bool = False) -> dict:
     """A FIM-MJP dataset of `processes` processes.
 
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--paths", type=int, default=FimConfig.paths, help="paths per process")
     parser.add_argument("--grid", choices=["reg", "rand", "mixed"], default=FimConfig.grid)
     parser.add_argument("--noise", type=float, default=FimConfig.noise, help="label flip probability")
-    parser.add_argument("--chunk", type=int, default=2000, help="processes simulated per call")
+    parser.add_argument("--chunk", type=int, default=1000, help="processes simulated per call")
     args = parser.parse_args(argv)
     config = FimConfig(paths=args.paths, grid=args.grid, noise=args.noise)
     data = generate(args.processes, config, args.seed, args.device, args.chunk, progress=True)
