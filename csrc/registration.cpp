@@ -20,6 +20,12 @@ TORCH_LIBRARY(markovkit, m) {
         "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
   // --- mjp: Markov jump processes (csrc/mjp) ---
+  m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, int seed, "
+        "int process_offset=0) -> Tensor");
+  m.def("mjp_ctmc_events(Tensor Q, Tensor? x0, Tensor? p0, float t_end, int processes, int paths, int max_events, "
+        "int seed, int process_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, int seed, "
+        "int process_offset=0) -> Tensor");
 }
 
 namespace {

@@ -21,6 +21,7 @@ from markovkit.attention import merge_attention, sliding_window_attention  # noq
 # --- mafbm ---
 
 # --- mjp ---
+from markovkit.mjp import CtmcEvents, simulate_ctmc, simulate_reactions  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -31,3 +32,4 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "philox_normal", "philox_uniform"]
+__all__ += ["CtmcEvents", "simulate_ctmc", "simulate_reactions"]  # mjp

@@ -1,0 +1,283 @@
+#pragma once
+// Gillespie's direct method for Markov jump processes: the params structs and the per-path code shared by
+// the CPU kernels (mjp_cpu.cpp) and the CUDA kernels (mjp_kernel.cu). No torch headers.
+//
+// Randomness. Path `path` of process `b` draws Philox blocks under key = seed with the counter
+//   lo = draw index, hi = ((process_offset + b) << 32) | path,
+// so a path's output depends only on (seed, global process id, path) and its inputs: CPU, CUDA and any split
+// of the batch agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the uniform of the initial
+// state. Draw k + 1 is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q), words 2-3 give U2 (the
+// destination: the first channel whose cumulative rate exceeds U2 q). All arithmetic is fp64 additions,
+// multiplications and divisions in a fixed order (no a * b + c forms a compiler could fuse; -log by
+// mjp_neg_log, not libm), so both devices round alike.
+//
+// Recording (right-continuous paths): grid value k is the state entered at the last jump with time <= t_k,
+// the initial state when there is none. Every path starts at time 0.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common/macros.h"
+#include "common/philox.h"
+#ifdef MARKOVKIT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace markovkit {
+
+// Integer type of the state outputs: the smallest one that holds every state of S.
+enum class StateType : int { kUInt8, kInt16, kInt32 };
+
+// The reaction kernels keep one path's counts and propensities in thread-local arrays of these sizes.
+constexpr int kMjpMaxSpecies = 32;
+constexpr int kMjpMaxReactions = 128;
+
+struct CtmcParams {
+  const double* rates;   // (Bq, S, S) off-diagonal rates (diagonal ignored); Bq = 1 when shared
+  double* exit;          // (Bq, S) exit rates, filled by the exit pass before the simulation
+  int64_t n_q;           // Bq: 1 (shared Q) or B
+  const int64_t* x0;     // (B, P) initial states, or nullptr when drawn from p0
+  const double* p0;      // (Bp, S) initial weights (not necessarily normalised), Bp = 1 or B; or nullptr
+  int64_t p0_stride;     // 0 (shared p0) or S
+  const double* grid;    // grid mode: element (b, path, k) at b * grid_b_stride + path * grid_p_stride + k
+  int64_t grid_b_stride, grid_p_stride, L;
+  double t_end;          // events mode: record the jumps at times <= t_end (may be +inf)
+  int64_t max_events;    // events mode: M
+  void* states;          // grid mode (B, P, L); events mode (B, P, M) state after each event
+  void* initial;         // events mode (B, P): the initial state
+  double* times;         // events mode (B, P, M) jump times, +inf past the last one
+  int64_t* counts;       // events mode (B, P) jumps recorded (<= M)
+  bool* overflow;        // events mode (B, P) true when a jump at time <= t_end was left out
+  int64_t B, P, S;
+  uint64_t seed;
+  int64_t process_offset;  // global id of process 0 of this batch
+  StateType state_type;
+};
+
+struct ReactionParams {
+  const int32_t* reactants;  // (R, N) alpha
+  const int32_t* change;     // (R, N) nu = beta - alpha
+  const uint8_t* affects;    // (R, R) 1 where firing reaction r changes a reactant count of reaction r2
+  const double* rates;       // (Bk, R) mass-action constants k_r; Bk = 1 when shared
+  int64_t rates_stride;      // 0 (shared) or R
+  const int64_t* x0;         // (B, P, N) initial counts
+  const double* grid;        // as in CtmcParams
+  int64_t grid_b_stride, grid_p_stride, L;
+  int64_t* out;              // (B, P, L, N) counts on the grid
+  int64_t B, P, R, N;
+  uint64_t seed;
+  int64_t process_offset;    // as in CtmcParams
+};
+
+MK_HOST_DEVICE uint64_t mjp_counter_hi(int64_t b, int64_t path) {
+  return (static_cast<uint64_t>(b) << 32) | static_cast<uint64_t>(path);
+}
+
+// Sum of w[0..n) in index order, skipping index `skip`.
+MK_HOST_DEVICE double mjp_row_sum(const double* w, int64_t n, int64_t skip) {
+  double total = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j != skip) total += w[j];
+  }
+  return total;
+}
+
+// The first index j != skip with w[j] > 0 whose running sum exceeds `threshold` (= U * total); the last
+// positive one when rounding leaves none.
+MK_HOST_DEVICE int64_t mjp_pick(const double* w, int64_t n, int64_t skip, double threshold) {
+  double cum = 0.0;
+  int64_t last = skip;
+  for (int64_t j = 0; j < n; ++j) {
+    if (j == skip || !(w[j] > 0.0)) continue;
+    cum += w[j];
+    last = j;
+    if (cum > threshold) return j;
+  }
+  return last;
+}
+
+// fp64 products and sums rounded one by one: nvcc would otherwise fuse a * b + c into an fma, which the host
+// compiler (x86-64 without -mfma) does not, and the two devices would round differently.
+MK_HOST_DEVICE double mjp_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MK_HOST_DEVICE double mjp_add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// -log(u) for u in (0, 1), within 2 ulp, by the same operations on both devices (libm's log and CUDA's log
+// differ in the last bit). u = m 2^e with m in [1/sqrt 2, sqrt 2); log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.172, summed to s^23; e ln 2 in two parts (fdlibm's split: e * kLn2Hi is exact).
+MK_HOST_DEVICE double mjp_neg_log(double u) {
+  constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  uint64_t bits;
+  memcpy(&bits, &u, sizeof(bits));
+  int64_t e = static_cast<int64_t>(bits >> 52) - 1022;       // u normal and positive: u = m 2^e, m in [1/2, 1)
+  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull;
+  double m;
+  memcpy(&m, &bits, sizeof(m));
+  if (m < 0.70710678118654752440) {
+    m = m + m;
+    e -= 1;
+  }
+  const double s = (m - 1.0) / (m + 1.0);
+  const double z = mjp_mul(s, s);
+  double poly = 1.0 / 23.0;
+  MK_UNROLL
+  for (int k = 10; k >= 1; --k) poly = mjp_add(1.0 / (2 * k + 1), mjp_mul(z, poly));
+  const double two_s = s + s;
+  const double log_m = mjp_add(two_s, mjp_mul(two_s, mjp_mul(z, poly)));
+  const double ed = static_cast<double>(e);
+  return -mjp_add(mjp_mul(ed, kLn2Hi), mjp_add(log_m, mjp_mul(ed, kLn2Lo)));
+}
+
+// Time of the next jump after t at exit rate q (+inf when q = 0), and the destination uniform.
+MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q,
+                                    double* u_dest) {
+  if (!(q > 0.0)) return std::numeric_limits<double>::infinity();
+  const Philox4 r = philox_block(seed, draw, hi);
+  *u_dest = uniform_double(r.v[2], r.v[3]);
+  return t + mjp_neg_log(uniform_double(r.v[0], r.v[1])) / q;
+}
+
+template <typename Out>
+MK_HOST_DEVICE Out* mjp_states(void* base, int64_t offset) {
+  return static_cast<Out*>(base) + offset;
+}
+
+MK_HOST_DEVICE int64_t ctmc_initial_state(const CtmcParams& p, int64_t b, int64_t path, uint64_t hi) {
+  if (p.x0 != nullptr) return p.x0[b * p.P + path];
+  const double* w = p.p0 + b * p.p0_stride;
+  const Philox4 r = philox_block(p.seed, 0, hi);
+  return mjp_pick(w, p.S, -1, uniform_double(r.v[0], r.v[1]) * mjp_row_sum(w, p.S, -1));
+}
+
+// rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA). Fields live in locals: the stores
+// through `out` (a char type for uint8) would otherwise force reloading them after every write.
+template <typename Out>
+MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                                   int64_t path) {
+  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const uint64_t seed = p.seed;
+  const int64_t S = p.S, L = p.L;
+  const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
+  Out* out = mjp_states<Out>(p.states, (b * p.P + path) * L);
+  int64_t x = ctmc_initial_state(p, b, path, hi);
+  double t = 0.0;
+  int64_t k = 0;
+  for (uint64_t draw = 1;; ++draw) {
+    double u_dest = 0.0;
+    const double q = exit[x];
+    const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
+    int64_t end = k;  // grid points before the jump: found first, then filled (no stores in the search)
+    while (end < L && grid[end] < t_next) ++end;
+    for (const Out value = static_cast<Out>(x); k < end; ++k) out[k] = value;
+    if (k == L) return;
+    x = mjp_pick(rates + x * S, S, x, u_dest * q);
+    t = t_next;
+  }
+}
+
+template <typename Out>
+MK_HOST_DEVICE void ctmc_events_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                                     int64_t path) {
+  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const int64_t i = b * p.P + path;
+  Out* states = mjp_states<Out>(p.states, i * p.max_events);
+  double* times = p.times + i * p.max_events;
+  int64_t x = ctmc_initial_state(p, b, path, hi);
+  mjp_states<Out>(p.initial, i)[0] = static_cast<Out>(x);
+  double t = 0.0;
+  int64_t n = 0;
+  bool overflow = false;
+  for (uint64_t draw = 1;; ++draw) {
+    double u_dest = 0.0;
+    const double t_next = mjp_next_time(p.seed, draw, hi, t, exit[x], &u_dest);
+    if (!(exit[x] > 0.0) || !(t_next <= p.t_end)) break;  // absorbed, or past the horizon
+    if (n == p.max_events) {
+      overflow = true;
+      break;
+    }
+    x = mjp_pick(rates + x * p.S, p.S, x, u_dest * exit[x]);
+    t = t_next;
+    times[n] = t;
+    states[n++] = static_cast<Out>(x);
+  }
+  p.counts[i] = n;
+  p.overflow[i] = overflow;
+  for (int64_t m = n; m < p.max_events; ++m) {
+    times[m] = std::numeric_limits<double>::infinity();
+    states[m] = static_cast<Out>(x);
+  }
+}
+
+// Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (m + 1).
+MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64_t* x, int64_t n_species) {
+  double a = k;
+  for (int64_t s = 0; s < n_species; ++s) {
+    for (int32_t m = 0; m < alpha[s]; ++m) {
+      if (x[s] <= m) return 0.0;
+      a *= static_cast<double>(x[s] - m) / static_cast<double>(m + 1);
+    }
+  }
+  return a;
+}
+
+// alpha, nu: (R, N); k: (R,) of process b; affects: (R, R) (all in shared memory on CUDA). The propensities
+// live in a per-path array; after reaction r fires only those with affects[r, r2] are recomputed (the same
+// values a full recomputation gives), and their total is summed afresh in index order at every step.
+MK_HOST_DEVICE void reaction_grid_path(const ReactionParams& p, const int32_t* alpha, const int32_t* nu,
+                                       const double* k, const uint8_t* affects, int64_t b, int64_t path) {
+  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const uint64_t seed = p.seed;
+  const int64_t i = b * p.P + path;
+  const int64_t R = p.R, N = p.N, L = p.L;
+  const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
+  int64_t* out = p.out + i * L * N;
+  int64_t x[kMjpMaxSpecies];
+  for (int64_t s = 0; s < N; ++s) x[s] = p.x0[i * N + s];
+  double a[kMjpMaxReactions];
+  for (int64_t r = 0; r < R; ++r) a[r] = mjp_propensity(alpha + r * N, k[r], x, N);
+  double t = 0.0;
+  int64_t step = 0;
+  for (uint64_t draw = 1;; ++draw) {
+    const double a0 = mjp_row_sum(a, R, -1);
+    double u_dest = 0.0;
+    const double t_next = mjp_next_time(seed, draw, hi, t, a0, &u_dest);
+    int64_t end = step;
+    while (end < L && grid[end] < t_next) ++end;
+    for (; step < end; ++step) {
+      for (int64_t s = 0; s < N; ++s) out[step * N + s] = x[s];
+    }
+    if (step == L) return;
+    const int64_t fired = mjp_pick(a, R, -1, u_dest * a0);
+    for (int64_t s = 0; s < N; ++s) x[s] += nu[fired * N + s];
+    for (int64_t r = 0; r < R; ++r) {
+      if (affects[fired * R + r]) a[r] = mjp_propensity(alpha + r * N, k[r], x, N);
+    }
+    t = t_next;
+  }
+}
+
+void ctmc_exit_rates_cpu(const CtmcParams& p);
+void ctmc_grid_cpu(const CtmcParams& p);
+void ctmc_events_cpu(const CtmcParams& p);
+void reactions_grid_cpu(const ReactionParams& p);
+#ifdef MARKOVKIT_WITH_CUDA
+void ctmc_exit_rates_cuda(const CtmcParams& p, cudaStream_t stream);
+void ctmc_grid_cuda(const CtmcParams& p, cudaStream_t stream);
+void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream);
+void reactions_grid_cuda(const ReactionParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace markovkit

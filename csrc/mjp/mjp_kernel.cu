@@ -1,0 +1,170 @@
+// CUDA kernels of the Gillespie simulators: one thread per path. With >= 32 paths per process a block covers a
+// chunk of the paths of one process and stages that process's parameters in shared memory (when they fit in
+// 48 KiB; else it reads them from global memory); blocks stride over (process, chunk) pairs. With fewer
+// paths, threads run over the flat (process, path) index and read the parameters from global memory (L1),
+// so that warps stay full. The per-path code is the CPU kernels' (mjp.h): both devices produce the same paths.
+#include <algorithm>
+
+#include "mjp/mjp.h"
+
+namespace markovkit {
+namespace {
+
+constexpr int64_t kMaxStagedBytes = 48 * 1024;
+constexpr int64_t kMaxThreads = 256;
+constexpr int64_t kMaxGrid = int64_t{1} << 20;
+constexpr int64_t kMinBlockPaths = 32;  // fewer paths per process: the flat kernels
+
+// Paths of a process split into `chunks` blocks of `threads` (a multiple of 32) with little idle tail.
+struct Plan {
+  int64_t chunks;
+  int threads;
+  unsigned grid;
+};
+
+Plan plan_for(int64_t B, int64_t P) {
+  const int64_t chunks = std::max<int64_t>((P + kMaxThreads - 1) / kMaxThreads, 1);
+  const int64_t per = (P + chunks - 1) / chunks;
+  const int threads = static_cast<int>(std::max<int64_t>((per + 31) / 32 * 32, 32));
+  return {chunks, threads, static_cast<unsigned>(std::min(B * chunks, kMaxGrid))};
+}
+
+__global__ void ctmc_exit_kernel(CtmcParams p) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row < p.n_q * p.S) p.exit[row] = mjp_row_sum(p.rates + row * p.S, p.S, row % p.S);
+}
+
+unsigned flat_grid(int64_t n) {
+  return static_cast<unsigned>(std::min((n + kMaxThreads - 1) / kMaxThreads, kMaxGrid));
+}
+
+template <typename Out, bool kEvents>
+__device__ void ctmc_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b, int64_t path) {
+  if constexpr (kEvents) {
+    ctmc_events_path<Out>(p, rates, exit, b, path);
+  } else {
+    ctmc_grid_path<Out>(p, rates, exit, b, path);
+  }
+}
+
+template <typename Out, bool kEvents>
+__global__ void ctmc_flat_kernel(CtmcParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.B * p.P; i += stride) {
+    const int64_t b = i / p.P;
+    const int64_t qb = p.n_q == 1 ? 0 : b;
+    ctmc_path<Out, kEvents>(p, p.rates + qb * p.S * p.S, p.exit + qb * p.S, b, i % p.P);
+  }
+}
+
+template <typename Out, bool kEvents>
+__global__ void ctmc_kernel(CtmcParams p, int64_t chunks, bool staged) {
+  extern __shared__ double smem[];  // staged: rates (S, S), then exit (S,)
+  const int64_t SS = p.S * p.S;
+  for (int64_t blk = blockIdx.x; blk < p.B * chunks; blk += gridDim.x) {
+    const int64_t b = blk / chunks;
+    const int64_t qb = p.n_q == 1 ? 0 : b;
+    const double* rates = p.rates + qb * SS;
+    const double* exit = p.exit + qb * p.S;
+    if (staged) {
+      __syncthreads();  // the previous iteration's paths no longer read smem
+      for (int64_t j = threadIdx.x; j < SS; j += blockDim.x) smem[j] = rates[j];
+      for (int64_t j = threadIdx.x; j < p.S; j += blockDim.x) smem[SS + j] = exit[j];
+      __syncthreads();
+      rates = smem;
+      exit = smem + SS;
+    }
+    const int64_t path = (blk % chunks) * blockDim.x + threadIdx.x;
+    if (path < p.P) ctmc_path<Out, kEvents>(p, rates, exit, b, path);
+  }
+}
+
+template <typename Out, bool kEvents>
+void ctmc_launch(const CtmcParams& p, cudaStream_t stream) {
+  if (p.P < kMinBlockPaths) {
+    ctmc_flat_kernel<Out, kEvents><<<flat_grid(p.B * p.P), kMaxThreads, 0, stream>>>(p);
+    return;
+  }
+  const Plan plan = plan_for(p.B, p.P);
+  const int64_t bytes = (p.S * p.S + p.S) * static_cast<int64_t>(sizeof(double));
+  const bool staged = bytes <= kMaxStagedBytes;
+  ctmc_kernel<Out, kEvents><<<plan.grid, plan.threads, staged ? bytes : 0, stream>>>(p, plan.chunks, staged);
+}
+
+template <bool kEvents>
+void ctmc_dispatch(const CtmcParams& p, cudaStream_t stream) {
+  if (p.B * p.P == 0) return;
+  switch (p.state_type) {
+    case StateType::kUInt8: return ctmc_launch<uint8_t, kEvents>(p, stream);
+    case StateType::kInt16: return ctmc_launch<int16_t, kEvents>(p, stream);
+    case StateType::kInt32: return ctmc_launch<int32_t, kEvents>(p, stream);
+  }
+}
+
+__global__ void reactions_flat_kernel(ReactionParams p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.B * p.P; i += stride) {
+    const int64_t b = i / p.P;
+    reaction_grid_path(p, p.reactants, p.change, p.rates + b * p.rates_stride, p.affects, b, i % p.P);
+  }
+}
+
+__global__ void reactions_kernel(ReactionParams p, int64_t chunks, bool staged) {
+  extern __shared__ double smem[];  // staged: k (R,), then alpha and nu (R, N) as int32, then affects (R, R)
+  const int64_t RN = p.R * p.N;
+  double* k_smem = smem;
+  int32_t* alpha_smem = reinterpret_cast<int32_t*>(smem + p.R);
+  int32_t* nu_smem = alpha_smem + RN;
+  uint8_t* affects_smem = reinterpret_cast<uint8_t*>(nu_smem + RN);
+  if (staged) {
+    for (int64_t j = threadIdx.x; j < RN; j += blockDim.x) {
+      alpha_smem[j] = p.reactants[j];
+      nu_smem[j] = p.change[j];
+    }
+    for (int64_t j = threadIdx.x; j < p.R * p.R; j += blockDim.x) affects_smem[j] = p.affects[j];
+  }
+  for (int64_t blk = blockIdx.x; blk < p.B * chunks; blk += gridDim.x) {
+    const int64_t b = blk / chunks;
+    const int32_t* alpha = p.reactants;
+    const int32_t* nu = p.change;
+    const uint8_t* affects = p.affects;
+    const double* k = p.rates + b * p.rates_stride;
+    if (staged) {
+      __syncthreads();  // the previous iteration's paths no longer read k_smem
+      for (int64_t j = threadIdx.x; j < p.R; j += blockDim.x) k_smem[j] = k[j];
+      __syncthreads();
+      alpha = alpha_smem;
+      nu = nu_smem;
+      affects = affects_smem;
+      k = k_smem;
+    }
+    const int64_t path = (blk % chunks) * blockDim.x + threadIdx.x;
+    if (path < p.P) reaction_grid_path(p, alpha, nu, k, affects, b, path);
+  }
+}
+
+}  // namespace
+
+void ctmc_exit_rates_cuda(const CtmcParams& p, cudaStream_t stream) {
+  const int64_t rows = p.n_q * p.S;
+  if (rows == 0) return;
+  ctmc_exit_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
+}
+
+void ctmc_grid_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<false>(p, stream); }
+
+void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<true>(p, stream); }
+
+void reactions_grid_cuda(const ReactionParams& p, cudaStream_t stream) {
+  if (p.B * p.P == 0) return;
+  if (p.P < kMinBlockPaths) {
+    reactions_flat_kernel<<<flat_grid(p.B * p.P), kMaxThreads, 0, stream>>>(p);
+    return;
+  }
+  const Plan plan = plan_for(p.B, p.P);
+  const int64_t bytes = p.R * static_cast<int64_t>(sizeof(double) + 2 * sizeof(int32_t) * p.N + p.R);
+  const bool staged = bytes <= kMaxStagedBytes;
+  reactions_kernel<<<plan.grid, plan.threads, staged ? bytes : 0, stream>>>(p, plan.chunks, staged);
+}
+
+}  // namespace markovkit
