@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import markovkit
+import markovkit.nn  # noqa: F401  (markovkit.nn.Mamba)
 from conftest import HAS_CUDA
 from markovkit.reference import selective_scan_ref, selective_state_update_ref
 
@@ -377,3 +378,15 @@ def test_bad_input_errors():
     out = markovkit.selective_scan(x["u"].bfloat16(), x["delta"].float(), x["A"], x["B"].bfloat16(),
                                    x["C"].bfloat16())
     assert out.dtype == torch.float32
+
+
+def test_mamba_block_step_equals_forward(device):
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(d_model=16, d_state=8, d_conv=4, device=device, dtype=torch.float64)
+    hidden = torch.randn(2, 11, 16, device=device, dtype=F64)
+    full = block(hidden)
+    conv_state, ssm_state = block.allocate_inference_cache(2)
+    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state) for t in range(11)], dim=1)
+    torch.testing.assert_close(steps, full, **TOL64)
+    full.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())

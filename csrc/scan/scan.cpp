@@ -85,6 +85,9 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   check_arg(A, "A", u, wtype);
   const int64_t N = A.size(1);
   TORCH_CHECK(N >= 1 && N <= kScanMaxDstate, "A: expected dstate in [1, ", kScanMaxDstate, "], got ", N);
+  // the CUDA backward keeps a chunk of states in shared memory: float64 fits up to 128 states
+  TORCH_CHECK(!(u.is_cuda() && itype == at::kDouble && N > 128),
+              "A: expected dstate <= 128 for float64 inputs on CUDA, got ", N);
   int64_t groups = 0;
   const bool var_B = check_BC(B, "B", u, N, &groups);
   const bool var_C = check_BC(C, "C", u, N, &groups);

@@ -1,5 +1,6 @@
 """torch.nn modules built on markovkit's ops."""
 # --- scan ---
+from markovkit.nn.mamba import Mamba  # noqa: F401
 
 # --- attention ---
 
