@@ -6,12 +6,40 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "scan/scan_params.h"
 
 namespace markovkit {
 namespace {
+
+// exp without library calls and with integer-only selects, so that the dstate loops vectorize (floating
+// compares would not be if-converted under the default -ftrapping-math): |x| saturated at 100 on its bit
+// pattern, x = k ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^k from exponent bits with k
+// clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative error a few ulp; results below 2^-126 flush
+// to 0 and above 2^127 overflow to inf; NaN comes out as 0 or inf.
+inline float cpu_exp(float x) {
+  const int32_t bits = std::bit_cast<int32_t>(x);
+  int32_t mag = bits & 0x7fffffff;
+  mag = mag < 0x42c80000 ? mag : 0x42c80000;  // 100.0f
+  x = std::bit_cast<float>((bits & static_cast<int32_t>(0x80000000u)) | mag);
+  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t ki = static_cast<int32_t>(k);  // |k| <= 145
+  ki = ki < -127 ? -127 : (ki > 128 ? 128 : ki);
+  return p * std::bit_cast<float>((ki + 127) << 23);
+}
+inline double cpu_exp(double x) { return std::exp(x); }
 
 // Pointers of one (b, d) channel. in_t: activation type; acc_t: weight / math type.
 template <typename in_t, typename acc_t>
@@ -61,12 +89,10 @@ void load_state(const void* src, int64_t s, int64_t d, int64_t dim, int64_t N, a
 // h <- ā h + Δ B u over n; returns Σ_n C h.
 template <typename acc_t>
 acc_t step(int64_t N, const acc_t* A, const acc_t* Bt, const acc_t* Ct, acc_t dt, acc_t u, acc_t* h) {
-  acc_t y = 0;
   const acc_t du = dt * u;
-  for (int64_t n = 0; n < N; ++n) {
-    h[n] = mk_exp(dt * A[n]) * h[n] + du * Bt[n];
-    y += Ct[n] * h[n];
-  }
+  for (int64_t n = 0; n < N; ++n) h[n] = cpu_exp(dt * A[n]) * h[n] + du * Bt[n];
+  acc_t y = 0;
+  for (int64_t n = 0; n < N; ++n) y += Ct[n] * h[n];
   return y;
 }
 
@@ -111,10 +137,10 @@ void fwd(const ScanParams& p) {
 // Scratch of one backward task, reused over its channels.
 template <typename acc_t>
 struct BwdScratch {
-  std::vector<acc_t> hprev;  // (kScanChunk, N): h_prev of each step of the chunk
+  std::vector<acc_t> hprev, abar;  // (kScanChunk, N): h_prev and exp(Δ A) of each step of the chunk
   std::vector<acc_t> h, carry, Bt, Ct, dA, dB, dC;  // (N,)
   explicit BwdScratch(int64_t N)
-      : hprev(kScanChunk * N), h(N), carry(N), Bt(N), Ct(N), dA(N), dB(N), dC(N) {}
+      : hprev(kScanChunk * N), abar(kScanChunk * N), h(N), carry(N), Bt(N), Ct(N), dA(N), dB(N), dC(N) {}
 };
 
 // Per-channel sums of one channel's backward, added into the task's partials.
@@ -159,11 +185,19 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
     for (int64_t t = t0; t < t1; ++t) {
       while (sb.end(sf) <= t) ++sf;
       if (t == sb.begin(sf) && t > t0) load_state(p.h0, sb.global(sf, b), d, dim, N, w.h.data());
-      std::copy(w.h.begin(), w.h.end(), w.hprev.begin() + (t - t0) * N);
       const acc_t x = ch.pre_delta(t);
+      const acc_t dt = p.softplus ? softplus_thr(x) : x;
+      const acc_t dtu = dt * static_cast<acc_t>(ch.u[t]);
       ch.load_BC(t, w.Bt.data(), w.Ct.data());
-      step(N, ch.A, w.Bt.data(), w.Ct.data(), p.softplus ? softplus_thr(x) : x,
-           static_cast<acc_t>(ch.u[t]), w.h.data());
+      acc_t* hp = w.hprev.data() + (t - t0) * N;
+      acc_t* ab = w.abar.data() + (t - t0) * N;
+      acc_t* h = w.h.data();
+      const acc_t* Bt = w.Bt.data();
+      for (int64_t n = 0; n < N; ++n) {
+        hp[n] = h[n];
+        ab[n] = cpu_exp(dt * ch.A[n]);
+        h[n] = ab[n] * h[n] + dtu * Bt[n];
+      }
     }
     // reverse recurrence
     for (int64_t t = t1 - 1; t >= t0; --t) {
@@ -172,11 +206,12 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
       const acc_t dt = p.softplus ? softplus_thr(x) : x;
       const acc_t ut = static_cast<acc_t>(ch.u[t]);
       const acc_t* hp = w.hprev.data() + (t - t0) * N;
+      const acc_t* ab = w.abar.data() + (t - t0) * N;
       ch.load_BC(t, w.Bt.data(), w.Ct.data());
       acc_t dy = static_cast<acc_t>(dout[t]);
       if (ch.z) {
         acc_t y = ch.Dd * ut;
-        for (int64_t n = 0; n < N; ++n) y += w.Ct[n] * (mk_exp(dt * ch.A[n]) * hp[n] + dt * w.Bt[n] * ut);
+        for (int64_t n = 0; n < N; ++n) y += w.Ct[n] * (ab[n] * hp[n] + dt * w.Bt[n] * ut);
         const acc_t zt = static_cast<acc_t>(ch.z[t]), sz = sigmoid(zt);
         dz_out[t] = static_cast<in_t>(dy * y * sz * (acc_t(1) + zt * (acc_t(1) - sz)));
         dy *= zt * sz;
@@ -184,7 +219,7 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
       dD += dy * ut;
       acc_t du = ch.Dd * dy, ddt = 0;
       for (int64_t n = 0; n < N; ++n) {
-        const acc_t a = mk_exp(dt * ch.A[n]);
+        const acc_t a = ab[n];
         const acc_t ht = a * hp[n] + dt * w.Bt[n] * ut;
         const acc_t dh = w.Ct[n] * dy + w.carry[n];
         const acc_t dC = dy * ht, dB = dh * dt * ut;
@@ -246,7 +281,7 @@ void step_op(const ScanStepParams& p) {
       acc_t* h = static_cast<acc_t*>(p.state) + i * N;
       acc_t y = p.D ? static_cast<const acc_t*>(p.D)[d] * xt : acc_t(0);
       for (int64_t n = 0; n < N; ++n) {
-        h[n] = mk_exp(dt * A[n]) * h[n] + dt * static_cast<acc_t>(Bt[n]) * xt;
+        h[n] = cpu_exp(dt * A[n]) * h[n] + dt * static_cast<acc_t>(Bt[n]) * xt;
         y += static_cast<acc_t>(Ct[n]) * h[n];
       }
       if (p.z) {

@@ -15,6 +15,17 @@ def _expand_groups(X, dim):
     return X.repeat_interleave(dim // X.shape[1], dim=1)
 
 
+def _steps(X, dim, seqlen):
+    """B or C per step: seqlen tensors (batch, dim, dstate), or the constant (dim, dstate) repeated."""
+    if X.dim() == 2:
+        return [X] * seqlen
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    rep = dim // X.shape[1]
+    # unbind: one stack in the backward, not a full-size gradient per step
+    return [Xt.repeat_interleave(rep, dim=1) for Xt in X.unbind(-1)]
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, initial_state=None, cu_seqlens=None):
     """markovkit.selective_scan as a Python loop over time (float64 when u is float64, else float32)."""
@@ -39,16 +50,13 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         delta = delta + delta_bias.to(f)[:, None]
     if delta_softplus:
         delta = torch.nn.functional.softplus(delta)  # threshold 20, as the kernels
-    Bx = _expand_groups(B.to(f), dim) if B.dim() >= 3 else B.to(f)
-    Cx = _expand_groups(C.to(f), dim) if C.dim() >= 3 else C.to(f)
+    Bs, Cs = _steps(B.to(f), dim, seqlen), _steps(C.to(f), dim, seqlen)
     h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(f)
+    dts, us = delta.unsqueeze(-1).unbind(2), u.unsqueeze(-1).unbind(2)
     ys = []
     for t in range(seqlen):
-        dt = delta[:, :, t, None]
-        Bt = Bx[..., t] if Bx.dim() == 4 else Bx
-        Ct = Cx[..., t] if Cx.dim() == 4 else Cx
-        h = torch.exp(dt * A) * h + dt * Bt * u[:, :, t, None]
-        ys.append((h * Ct).sum(-1))
+        h = torch.exp(dts[t] * A) * h + dts[t] * Bs[t] * us[t]
+        ys.append((h * Cs[t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + u * D.to(f)[:, None]
