@@ -324,14 +324,15 @@ def test_dim_above_65535(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_64bit_offsets():
-    """batch·dim·n_chunks·dstate = 2^31 + 2^27 chunk-state elements (and u beyond 2^31 bytes): the channels
-    at the far end still match the CPU op on the same channels."""
-    batch, dim, seqlen, dstate = 1, 4352, 64 * 2048, 256  # 4352·2048·256 = 2^31 + 2^27
-    u = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.float16)
-    delta = 0.1 * torch.rand_like(u)
-    A = -torch.rand(dim, dstate, device="cuda")
-    B = torch.randn(batch, 1, dstate, seqlen, device="cuda", dtype=torch.float16)
-    C = torch.randn(batch, 1, dstate, seqlen, device="cuda", dtype=torch.float16)
+    """Forward with dim = 65540 (> 65535) and batch·dim·n_chunks·dstate = 65540·129·256 > 2^31 chunk-state
+    elements: the channels at the far end match the CPU op on the same channels."""
+    batch, dim, seqlen, dstate = 1, 65_540, 129 * 64, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.float16, generator=g)
+    delta = (0.1 * torch.rand(batch, dim, seqlen, device="cuda", generator=g)).half()
+    A = -torch.rand(dim, dstate, device="cuda", generator=g)
+    B = torch.randn(batch, 1, dstate, seqlen, device="cuda", generator=g).half()
+    C = torch.randn(batch, 1, dstate, seqlen, device="cuda", generator=g).half()
     out, last = markovkit.selective_scan(u, delta, A, B, C, return_last_state=True)
     sl = slice(dim - 2, dim)
     ref_out, ref_last = markovkit.selective_scan(u[:, sl].cpu(), delta[:, sl].cpu(), A[sl].cpu(), B.cpu(), C.cpu(),

@@ -215,8 +215,11 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   at::Tensor dh0 = at::empty({f.nseq, f.dim, N}, wopts);
   at::Tensor dA_part = at::empty({f.batch, f.dim, N}, wopts);
   at::Tensor dD_part = at::empty({f.batch, f.dim}, wopts), dbias_part = at::empty({f.batch, f.dim}, wopts);
+  // per-step partials: the CPU kernel adds into them, the CUDA kernel writes every element once
   auto BC_part = [&](bool var) {
-    return var ? at::zeros({f.batch, f.groups, nblk, N, L}, wopts) : at::empty({f.batch, f.dim, N}, wopts);
+    if (!var) return at::empty({f.batch, f.dim, N}, wopts);
+    return u.is_cpu() ? at::zeros({f.batch, f.groups, nblk, N, L}, wopts)
+                      : at::empty({f.batch, f.groups, nblk, N, L}, wopts);
   };
   at::Tensor dB_part = BC_part(f.var_B), dC_part = BC_part(f.var_C);
   ScanBwdParams q{f, dout.data_ptr(), ptr_or_null(dlast_state), blk, nblk,
