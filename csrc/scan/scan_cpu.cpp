@@ -138,9 +138,11 @@ void fwd(const ScanParams& p) {
 template <typename acc_t>
 struct BwdScratch {
   std::vector<acc_t> hprev, abar;  // (kScanChunk, N): h_prev and exp(Δ A) of each step of the chunk
+  std::vector<acc_t> dts, dx_ddt;  // (kScanChunk,): Δ and dΔ/dδ of each step of the chunk
   std::vector<acc_t> h, carry, Bt, Ct, dA, dB, dC;  // (N,)
   explicit BwdScratch(int64_t N)
-      : hprev(kScanChunk * N), abar(kScanChunk * N), h(N), carry(N), Bt(N), Ct(N), dA(N), dB(N), dC(N) {}
+      : hprev(kScanChunk * N), abar(kScanChunk * N), dts(kScanChunk), dx_ddt(kScanChunk), h(N), carry(N), Bt(N),
+        Ct(N), dA(N), dB(N), dC(N) {}
 };
 
 // Per-channel sums of one channel's backward, added into the task's partials.
@@ -187,6 +189,8 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
       if (t == sb.begin(sf) && t > t0) load_state(p.h0, sb.global(sf, b), d, dim, N, w.h.data());
       const acc_t x = ch.pre_delta(t);
       const acc_t dt = p.softplus ? softplus_thr(x) : x;
+      w.dts[t - t0] = dt;
+      w.dx_ddt[t - t0] = p.softplus ? softplus_thr_grad(x) : acc_t(1);
       const acc_t dtu = dt * static_cast<acc_t>(ch.u[t]);
       ch.load_BC(t, w.Bt.data(), w.Ct.data());
       acc_t* hp = w.hprev.data() + (t - t0) * N;
@@ -202,8 +206,7 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
     // reverse recurrence
     for (int64_t t = t1 - 1; t >= t0; --t) {
       if (t == sb.end(s) - 1) load_state(q.dlast, sb.global(s, b), d, dim, N, w.carry.data());
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
+      const acc_t dt = w.dts[t - t0];
       const acc_t ut = static_cast<acc_t>(ch.u[t]);
       const acc_t* hp = w.hprev.data() + (t - t0) * N;
       const acc_t* ab = w.abar.data() + (t - t0) * N;
@@ -230,7 +233,7 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
         du += dh * dt * w.Bt[n];
         w.carry[n] = a * dh;
       }
-      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(x) : ddt;
+      const acc_t dx = ddt * w.dx_ddt[t - t0];
       dbias += dx;
       du_out[t] = static_cast<in_t>(du);
       ddelta_out[t] = static_cast<in_t>(dx);
