@@ -375,6 +375,8 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="state: expected dtype Float, got Double"):
         state, step = _step_inputs("cpu")
         markovkit.selective_state_update(state.double(), *step)
+    with pytest.raises(TypeError, match="A: expected a real floating tensor"):
+        markovkit.selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
     # the Python wrapper promotes mixed activations instead of failing (fp32 params with bf16 activations)
     out = markovkit.selective_scan(x["u"].bfloat16(), x["delta"].float(), x["A"], x["B"].bfloat16(),
                                    x["C"].bfloat16())

@@ -29,8 +29,13 @@ def _wtype(itype):
     return torch.float64 if itype == torch.float64 else torch.float32
 
 
-def _as(t, dtype):
-    return None if t is None else t.to(dtype).contiguous()
+def _as(t, dtype, name):
+    """t in dtype, contiguous; only real floating tensors are converted (complex A/B/C are not supported)."""
+    if t is None:
+        return None
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+    return t.to(dtype).contiguous()
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -57,9 +62,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if var_C and C.dim() == 3:
         C = C.unsqueeze(1)
     out, last_state, _ = torch.ops.markovkit.selective_scan_fwd(
-        _as(u, itype), _as(delta, itype), _as(A, wtype), _as(B, itype if var_B else wtype),
-        _as(C, itype if var_C else wtype), _as(D, wtype), _as(z, itype), _as(delta_bias, wtype),
-        bool(delta_softplus), _as(initial_state, wtype), None if cu_seqlens is None else cu_seqlens.contiguous())
+        _as(u, itype, "u"), _as(delta, itype, "delta"), _as(A, wtype, "A"), _as(B, itype if var_B else wtype, "B"),
+        _as(C, itype if var_C else wtype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"),
+        _as(delta_bias, wtype, "delta_bias"), bool(delta_softplus), _as(initial_state, wtype, "initial_state"),
+        None if cu_seqlens is None else cu_seqlens.contiguous())
     return (out, last_state) if return_last_state else out
 
 
@@ -81,8 +87,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if C.dim() == 2:
         C = C.unsqueeze(1)
     return torch.ops.markovkit.selective_state_update(
-        state, _as(x, itype), _as(dt, itype), _as(A, wtype), _as(B, itype), _as(C, itype), _as(D, wtype),
-        _as(z, itype), _as(dt_bias, wtype), bool(dt_softplus))
+        state, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
+        _as(C, itype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"), _as(dt_bias, wtype, "dt_bias"),
+        bool(dt_softplus))
 
 
 def _nseq(u, cu_seqlens):
