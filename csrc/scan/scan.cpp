@@ -215,10 +215,10 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   at::Tensor dh0 = at::empty({f.nseq, f.dim, N}, wopts);
   at::Tensor dA_part = at::empty({f.batch, f.dim, N}, wopts);
   at::Tensor dD_part = at::empty({f.batch, f.dim}, wopts), dbias_part = at::empty({f.batch, f.dim}, wopts);
-  // per-step partials: the CPU kernel adds into them, the CUDA kernel writes every element once
+  // per-step partials: the CPU kernel adds into them time-major, the CUDA kernel writes every element once
   auto BC_part = [&](bool var) {
     if (!var) return at::empty({f.batch, f.dim, N}, wopts);
-    return u.is_cpu() ? at::zeros({f.batch, f.groups, nblk, N, L}, wopts)
+    return u.is_cpu() ? at::zeros({f.batch, f.groups, nblk, L, N}, wopts)
                       : at::empty({f.batch, f.groups, nblk, N, L}, wopts);
   };
   at::Tensor dB_part = BC_part(f.var_B), dC_part = BC_part(f.var_C);
@@ -234,7 +234,11 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   reduce_into(dbias_part, dbias, 1, f.batch, f.dim);
   auto BC_grad = [&](const at::Tensor& part, const at::Tensor& X, bool var) {
     at::Tensor g = at::empty_like(X);
-    if (var) {
+    if (var && u.is_cpu()) {
+      at::Tensor sum = at::empty({f.batch, f.groups, L, N}, wopts);
+      reduce_into(part, sum, f.batch * f.groups, nblk, L * N);
+      g.copy_(sum.transpose(2, 3));
+    } else if (var) {
       reduce_into(part, g, f.batch * f.groups, nblk, N * L);
     } else {
       reduce_into(part, g, 1, f.batch, f.dim * N);

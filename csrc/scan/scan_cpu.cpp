@@ -160,7 +160,7 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + (b * dim + d) * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
   const int64_t g = d / (dim / p.groups);
-  // per-step dB / dC partial of this task: (N, L)
+  // per-step dB / dC partial of this task, time-major on the CPU: (L, N)
   const int64_t var_off = ((b * p.groups + g) * q.nblk + blk) * N * L;
   acc_t* dBv = p.var_B ? static_cast<acc_t*>(q.dB_part) + var_off : nullptr;
   acc_t* dCv = p.var_C ? static_cast<acc_t*>(q.dC_part) + var_off : nullptr;
@@ -221,17 +221,21 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, int64_t blk, BwdS
       }
       dD += dy * ut;
       acc_t du = ch.Dd * dy, ddt = 0;
+      // dB, dC targets: the per-step partial's row t, or the per-channel sums
+      acc_t* dBt = p.var_B ? dBv + t * N : w.dB.data();
+      acc_t* dCt = p.var_C ? dCv + t * N : w.dC.data();
+      const acc_t *Bt = w.Bt.data(), *Ct = w.Ct.data(), *A = ch.A;
+      acc_t *carry = w.carry.data(), *dA = w.dA.data();
+      const acc_t dtu = dt * ut;
       for (int64_t n = 0; n < N; ++n) {
         const acc_t a = ab[n];
-        const acc_t ht = a * hp[n] + dt * w.Bt[n] * ut;
-        const acc_t dh = w.Ct[n] * dy + w.carry[n];
-        const acc_t dC = dy * ht, dB = dh * dt * ut;
-        if (p.var_C) dCv[n * L + t] += dC; else w.dC[n] += dC;
-        if (p.var_B) dBv[n * L + t] += dB; else w.dB[n] += dB;
-        w.dA[n] += dh * hp[n] * a * dt;
-        ddt += dh * (hp[n] * a * ch.A[n] + w.Bt[n] * ut);
-        du += dh * dt * w.Bt[n];
-        w.carry[n] = a * dh;
+        const acc_t dh = Ct[n] * dy + carry[n];
+        dCt[n] += dy * (a * hp[n] + dtu * Bt[n]);
+        dBt[n] += dh * dtu;
+        dA[n] += dh * hp[n] * a * dt;
+        ddt += dh * (hp[n] * a * A[n] + Bt[n] * ut);
+        du += dh * dt * Bt[n];
+        carry[n] = a * dh;
       }
       const acc_t dx = ddt * w.dx_ddt[t - t0];
       dbias += dx;

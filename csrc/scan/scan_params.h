@@ -69,7 +69,8 @@ struct ScanBwdParams {
   void* dA_part;          // (batch, dim, dstate)
   void* dD_part;          // (batch, dim)
   void* dbias_part;       // (batch, dim)
-  void* dB_part;          // constant: (batch, dim, dstate); per step: (batch, groups, nblk, dstate, seqlen)
+  void* dB_part;          // constant: (batch, dim, dstate); per step: (batch, groups, nblk, dstate, seqlen),
+                          // on the CPU (batch, groups, nblk, seqlen, dstate)
   void* dC_part;          // likewise
 };
 
