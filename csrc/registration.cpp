@@ -13,6 +13,18 @@ TORCH_LIBRARY(markovkit, m) {
   m.def("philox_uniform(Tensor like, int seed, int offset=0) -> Tensor");
   m.def("philox_normal(Tensor like, int seed, int offset=0) -> Tensor");
   // --- scan: selective scan (csrc/scan) ---
+  // selective_scan_fwd -> (out, last_state, chunk_states); the backward recomputes from chunk_states.
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dz is empty without z.
+  m.def("selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens, "
+        "Tensor chunk_states, Tensor dout, Tensor? dlast_state) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // one decode step; updates state in place and returns out
+  m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
   // --- attention: sliding-window attention (csrc/attention) ---
   m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, int sink, float softmax_scale) "
         "-> (Tensor out, Tensor lse)");

@@ -14,6 +14,7 @@ from markovkit import _C  # noqa: E402  (loads the library: registers torch.ops.
 from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 
 # --- scan ---
+from markovkit.scan import selective_scan, selective_scan_fn, selective_state_update  # noqa: E402
 
 # --- attention ---
 from markovkit.attention import merge_attention, sliding_window_attention  # noqa: E402

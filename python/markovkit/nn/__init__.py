@@ -1,5 +1,6 @@
 """torch.nn modules built on markovkit's ops."""
 # --- scan ---
+from markovkit.nn.mamba import Mamba  # noqa: F401
 
 # --- attention ---
 from markovkit.nn.sliding_window_attention import SlidingWindowAttention, rotary_embedding  # noqa: F401

@@ -1,0 +1,408 @@
+// CUDA kernels of the selective scan, mirroring scan_cpu.cpp. A "team" of kLanes threads (one warp or a
+// power-of-two slice of one) owns one (b, d) channel: lane l keeps the states n = l + k·kLanes, k < kS, in
+// registers, the team walks time sequentially like the CPU kernel and sums over n with warp shuffles.
+// Parallelism is batch·dim·kLanes threads. 1-D grids (dim may exceed 65535), 64-bit offsets throughout.
+//
+// Backward: a block holds R = blk teams, R consecutive channels of one group of one batch row (the task of
+// scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes h_prev of every step into shared
+// memory from the chunk's checkpoint, then runs the reverse recurrence over the chunk, as the CPU kernel.
+// Per-step dB/dC contributions of the R channels meet in shared memory and are summed in channel order into
+// the task's partial; per-channel sums stay in registers. No atomics: deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "scan/scan_params.h"
+
+namespace markovkit {
+namespace {
+
+constexpr int kFwdThreads = 128;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename out_t, typename acc_t>
+__device__ __forceinline__ out_t store_cast(acc_t x) {
+  if constexpr (std::is_same_v<out_t, __half>) {
+    return __float2half_rn(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<out_t, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return static_cast<out_t>(x);
+  }
+}
+
+// Sum over the kLanes lanes of a team (every lane gets the sum).
+template <int kLanes, typename T>
+__device__ __forceinline__ T team_sum(T v) {
+MK_UNROLL
+  for (int off = kLanes / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, kLanes);
+  return v;
+}
+
+// One channel as seen by one lane of its team.
+template <typename in_t, typename acc_t, int kLanes, int kS>
+struct Team {
+  int64_t L, N;
+  int lane;
+  bool var_B, var_C;
+  const in_t *u, *delta, *z, *Bv, *Cv;
+  acc_t A[kS], Bc[kS], Cc[kS];
+  acc_t Dd, bias;
+
+  __device__ Team(const ScanParams& p, int64_t b, int64_t d, int lane_)
+      : L(p.seqlen), N(p.dstate), lane(lane_), var_B(p.var_B), var_C(p.var_C) {
+    const int64_t row = (b * p.dim + d) * L;
+    const int64_t g = d / (p.dim / p.groups);
+    u = static_cast<const in_t*>(p.u) + row;
+    delta = static_cast<const in_t*>(p.delta) + row;
+    z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+    Bv = static_cast<const in_t*>(p.B) + (var_B ? (b * p.groups + g) * N * L : 0);
+    Cv = static_cast<const in_t*>(p.C) + (var_C ? (b * p.groups + g) * N * L : 0);
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      const int64_t n = lane + k * kLanes;
+      const bool ok = n < N;
+      A[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] : acc_t(0);
+      Bc[k] = ok && !var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
+      Cc[k] = ok && !var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
+    }
+    Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
+    bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
+  }
+  __device__ bool has(int k) const { return lane + k * kLanes < N; }
+  __device__ acc_t Bt(int k, int64_t t) const {
+    return var_B ? (has(k) ? to_acc(Bv[(lane + k * kLanes) * L + t]) : acc_t(0)) : Bc[k];
+  }
+  __device__ acc_t Ct(int k, int64_t t) const {
+    return var_C ? (has(k) ? to_acc(Cv[(lane + k * kLanes) * L + t]) : acc_t(0)) : Cc[k];
+  }
+  __device__ acc_t pre_delta(int64_t t) const { return to_acc(delta[t]) + bias; }
+  // state row src (N,) or zeros
+  __device__ void load(const acc_t* src, acc_t* h) const {
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) h[k] = src != nullptr && has(k) ? src[lane + k * kLanes] : acc_t(0);
+  }
+  __device__ void store(const acc_t* h, acc_t* dst) const {
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      if (has(k)) dst[lane + k * kLanes] = h[k];
+    }
+  }
+  // h <- ā h + Δ B u; returns this lane's part of Σ_n C h.
+  __device__ acc_t step(int64_t t, acc_t dt, acc_t ut, acc_t* h) const {
+    acc_t y = 0;
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      h[k] = mk_exp(dt * A[k]) * h[k] + dt * ut * Bt(k, t);
+      y += Ct(k, t) * h[k];
+    }
+    return y;
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ const acc_t* state_row(const void* base, int64_t s, int64_t d, int64_t dim, int64_t N) {
+  return base ? static_cast<const acc_t*>(base) + (s * dim + d) * N : nullptr;
+}
+
+template <typename in_t, typename acc_t, int kLanes, int kS>
+__global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
+  constexpr int kTeams = kFwdThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int64_t team = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes;
+  const bool active = team < p.batch * p.dim;  // the tail teams run along (for the shuffles), write nothing
+  const int64_t bd = active ? team : p.batch * p.dim - 1;
+  const int64_t b = bd / p.dim, d = bd % p.dim, N = p.dstate;
+  const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
+  const SeqBounds sb = seq_bounds(p);
+  acc_t* ckpt = static_cast<acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
+  in_t* out = static_cast<in_t*>(p.out) + bd * p.seqlen;
+  acc_t h[kS];
+  for (int64_t s = 0; s < sb.count(); ++s) {
+    const int64_t sg = sb.global(s, b);
+    ch.load(state_row<acc_t>(p.h0, sg, d, p.dim, N), h);
+    for (int64_t t = sb.begin(s); t < sb.end(s); ++t) {
+      if (active && t % kScanChunk == 0) ch.store(h, ckpt + (t / kScanChunk) * N);
+      const acc_t x = ch.pre_delta(t);
+      const acc_t dt = p.softplus ? softplus_thr(x) : x;
+      const acc_t ut = to_acc(ch.u[t]);
+      acc_t y = team_sum<kLanes>(ch.step(t, dt, ut, h)) + ch.Dd * ut;
+      if (ch.z) {
+        const acc_t zt = to_acc(ch.z[t]);
+        y *= zt * sigmoid(zt);
+      }
+      if (active && lane == 0) out[t] = store_cast<in_t>(y);
+    }
+    if (active) ch.store(h, static_cast<acc_t*>(p.last_state) + (sg * p.dim + d) * N);
+  }
+}
+
+template <typename in_t, typename acc_t, int kLanes, int kS>
+__global__ void scan_bwd_kernel(ScanBwdParams q) {
+  extern __shared__ __align__(16) unsigned char scan_smem[];
+  const ScanParams& p = q.f;
+  const int R = static_cast<int>(q.blk);
+  const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const int64_t task = blockIdx.x;
+  const int64_t blk = task % q.nblk, g = (task / q.nblk) % p.groups, b = task / (q.nblk * p.groups);
+  const int64_t dpg = p.dim / p.groups, kch = blk * q.blk + r;
+  const bool active = kch < dpg;  // channels past the group's end run along and contribute zeros
+  const int64_t d = g * dpg + (active ? kch : dpg - 1);
+  const int64_t N = p.dstate, L = p.seqlen, dim = p.dim, bd = b * dim + d;
+  const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
+  const SeqBounds sb = seq_bounds(p);
+  const in_t* dout = static_cast<const in_t*>(q.dout) + bd * L;
+  in_t* du_out = static_cast<in_t*>(q.du) + bd * L;
+  in_t* ddelta_out = static_cast<in_t*>(q.ddelta) + bd * L;
+  in_t* dz_out = q.dz ? static_cast<in_t*>(q.dz) + bd * L : nullptr;
+  const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
+  acc_t* dh0 = static_cast<acc_t*>(q.dh0);
+  // shared memory: h_prev of the chunk per team (R, kScanChunk, N); per-step dB, dC contributions
+  // (kScanChunk, R, N) each when per step
+  acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(r) * kScanChunk * N;
+  acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(R) * kScanChunk * N;
+  acc_t* sdC = sdB + (p.var_B ? kScanChunk * R * N : 0);
+  const int64_t var_off = ((b * p.groups + g) * q.nblk + blk) * N * L;
+
+  acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
+MK_UNROLL
+  for (int k = 0; k < kS; ++k) dA[k] = dBc[k] = dCc[k] = carry[k] = acc_t(0);
+  acc_t dD = 0, dbias = 0;
+  int64_t s = sb.count() - 1;  // the sequence of the step the reverse walk is at
+  auto skip_empty = [&]() {    // empty sequences: d initial_state = d last_state
+    while (s >= 0 && sb.begin(s) == sb.end(s)) {
+      const int64_t sg = sb.global(s, b);
+      acc_t tmp[kS];
+      ch.load(state_row<acc_t>(q.dlast, sg, d, dim, N), tmp);
+      if (active) ch.store(tmp, dh0 + (sg * dim + d) * N);
+      --s;
+    }
+  };
+  skip_empty();
+  for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * kScanChunk, t1 = t0 + kScanChunk < L ? t0 + kScanChunk : L;
+    // recompute h_prev over the chunk into shared memory (each lane its own states)
+    int64_t sf = s;
+    while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
+    ch.load(ckpt + c * N, h);
+    for (int64_t t = t0; t < t1; ++t) {
+      while (sb.end(sf) <= t) ++sf;
+      if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
+      ch.store(h, hps + (t - t0) * N);
+      const acc_t x = ch.pre_delta(t);
+      ch.step(t, p.softplus ? softplus_thr(x) : x, to_acc(ch.u[t]), h);
+    }
+    // reverse recurrence over the chunk
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
+      const acc_t x = ch.pre_delta(t);
+      const acc_t dt = p.softplus ? softplus_thr(x) : x;
+      const acc_t ut = to_acc(ch.u[t]);
+      acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
+      ch.load(hps + (t - t0) * N, hp);
+      acc_t yp = 0;
+MK_UNROLL
+      for (int k = 0; k < kS; ++k) {
+        Bt[k] = ch.Bt(k, t);
+        Ct[k] = ch.Ct(k, t);
+        a[k] = mk_exp(dt * ch.A[k]);
+        ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
+        yp += Ct[k] * ht[k];
+      }
+      acc_t dy = to_acc(dout[t]);
+      if (ch.z) {
+        const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
+        const acc_t zt = to_acc(ch.z[t]), sz = sigmoid(zt);
+        if (active && lane == 0) dz_out[t] = store_cast<in_t>(dy * y * sz * (acc_t(1) + zt * (acc_t(1) - sz)));
+        dy *= zt * sz;
+      }
+      dD += dy * ut;
+      acc_t ddt = 0, du = 0;
+MK_UNROLL
+      for (int k = 0; k < kS; ++k) {
+        const acc_t dh = Ct[k] * dy + carry[k];
+        const acc_t cC = dy * ht[k], cB = dh * dt * ut;
+        if (ch.has(k)) {
+          const int64_t slot = ((t - t0) * R + r) * N + lane + k * kLanes;
+          if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
+          if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+        }
+        if (!p.var_B) dBc[k] += cB;
+        if (!p.var_C) dCc[k] += cC;
+        dA[k] += dh * hp[k] * a[k] * dt;
+        ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
+        du += dh * dt * Bt[k];
+        carry[k] = a[k] * dh;
+      }
+      ddt = team_sum<kLanes>(ddt);
+      du = team_sum<kLanes>(du) + ch.Dd * dy;
+      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(x) : ddt;
+      dbias += dx;
+      if (active && lane == 0) {
+        du_out[t] = store_cast<in_t>(du);
+        ddelta_out[t] = store_cast<in_t>(dx);
+      }
+      if (t == sb.begin(s)) {
+        if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
+        --s;
+        skip_empty();
+      }
+    }
+    // per-step dB / dC: sum the R channels in order into the task's partial
+    if (p.var_B || p.var_C) {
+      __syncthreads();
+      for (int64_t idx = threadIdx.x; idx < (t1 - t0) * N; idx += blockDim.x) {
+        const int64_t i = idx / N, n = idx % N;
+        if (p.var_B) {
+          acc_t sum = 0;
+          for (int rr = 0; rr < R; ++rr) sum += sdB[(i * R + rr) * N + n];
+          static_cast<acc_t*>(q.dB_part)[var_off + n * L + t0 + i] = sum;
+        }
+        if (p.var_C) {
+          acc_t sum = 0;
+          for (int rr = 0; rr < R; ++rr) sum += sdC[(i * R + rr) * N + n];
+          static_cast<acc_t*>(q.dC_part)[var_off + n * L + t0 + i] = sum;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (!active) return;
+  ch.store(dA, static_cast<acc_t*>(q.dA_part) + bd * N);
+  if (!p.var_B) ch.store(dBc, static_cast<acc_t*>(q.dB_part) + bd * N);
+  if (!p.var_C) ch.store(dCc, static_cast<acc_t*>(q.dC_part) + bd * N);
+  if (lane == 0) {
+    static_cast<acc_t*>(q.dD_part)[bd] = dD;
+    static_cast<acc_t*>(q.dbias_part)[bd] = dbias;
+  }
+}
+
+template <typename in_t, typename acc_t>
+__global__ void scan_step_kernel(ScanStepParams p) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * p.dim) return;
+  const int64_t N = p.dstate, b = i / p.dim, d = i % p.dim, g = d / (p.dim / p.groups);
+  acc_t x = to_acc(static_cast<const in_t*>(p.dt)[i]);
+  if (p.dt_bias) x += static_cast<const acc_t*>(p.dt_bias)[d];
+  const acc_t dt = p.softplus ? softplus_thr(x) : x;
+  const acc_t xt = to_acc(static_cast<const in_t*>(p.x)[i]);
+  const acc_t* A = static_cast<const acc_t*>(p.A) + d * N;
+  const in_t* Bt = static_cast<const in_t*>(p.B) + (b * p.groups + g) * N;
+  const in_t* Ct = static_cast<const in_t*>(p.C) + (b * p.groups + g) * N;
+  acc_t* h = static_cast<acc_t*>(p.state) + i * N;
+  acc_t y = p.D ? static_cast<const acc_t*>(p.D)[d] * xt : acc_t(0);
+  for (int64_t n = 0; n < N; ++n) {
+    h[n] = mk_exp(dt * A[n]) * h[n] + dt * to_acc(Bt[n]) * xt;
+    y += to_acc(Ct[n]) * h[n];
+  }
+  if (p.z) {
+    const acc_t zt = to_acc(static_cast<const in_t*>(p.z)[i]);
+    y *= zt * sigmoid(zt);
+  }
+  static_cast<in_t*>(p.out)[i] = store_cast<in_t>(y);
+}
+
+template <typename acc_t, typename out_t>
+__global__ void scan_reduce_kernel(ScanReduceParams p) {
+  const int64_t total = p.outer * p.inner;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const acc_t* part = static_cast<const acc_t*>(p.part);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t o = i / p.inner, j = i % p.inner;
+    acc_t s = 0;
+    for (int64_t k = 0; k < p.K; ++k) s += part[(o * p.K + k) * p.inner + j];
+    static_cast<out_t*>(p.out)[i] = store_cast<out_t>(s);
+  }
+}
+
+template <typename F>
+void dispatch_itype(DType itype, F&& f) {
+  switch (itype) {
+    case DType::kFloat64: f.template operator()<double, double>(); break;
+    case DType::kFloat32: f.template operator()<float, float>(); break;
+    case DType::kFloat16: f.template operator()<__half, float>(); break;
+    case DType::kBFloat16: f.template operator()<__nv_bfloat16, float>(); break;
+  }
+}
+
+// Calls f.template operator()<kLanes, kS>() with kLanes·kS >= dstate.
+template <typename F>
+void dispatch_lanes(int64_t dstate, F&& f) {
+  if (dstate <= 4) {
+    f.template operator()<4, 1>();
+  } else if (dstate <= 8) {
+    f.template operator()<8, 1>();
+  } else if (dstate <= 16) {
+    f.template operator()<16, 1>();
+  } else if (dstate <= 32) {
+    f.template operator()<32, 1>();
+  } else if (dstate <= 64) {
+    f.template operator()<32, 2>();
+  } else if (dstate <= 128) {
+    f.template operator()<32, 4>();
+  } else {
+    f.template operator()<32, 8>();
+  }
+}
+
+unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+}  // namespace
+
+int64_t scan_bwd_cuda_blk(int64_t dstate) {
+  const int64_t r = 128 / dstate;
+  return r < 1 ? 1 : (r > 8 ? 8 : r);
+}
+
+void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
+  if (p.batch * p.dim == 0) return;
+  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
+    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
+      const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
+      scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
+    });
+  });
+}
+
+void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
+  const ScanParams& p = q.f;
+  if (p.batch * p.dim == 0) return;
+  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
+    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
+      const int64_t per_buf = kScanChunk * q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
+      const int smem = static_cast<int>(per_buf * (1 + (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0)));
+      auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
+      kernel<<<grid, static_cast<unsigned>(q.blk * kLanes), smem, stream>>>(q);
+    });
+  });
+}
+
+void scan_step_cuda(const ScanStepParams& p, cudaStream_t stream) {
+  if (p.batch * p.dim == 0) return;
+  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
+    scan_step_kernel<in_t, acc_t><<<grid_of(p.batch * p.dim, 128), 128, 0, stream>>>(p);
+  });
+}
+
+void scan_reduce_cuda(const ScanReduceParams& p, cudaStream_t stream) {
+  const int64_t total = p.outer * p.inner;
+  if (total == 0) return;
+  const int64_t blocks = (total + 255) / 256;
+  const unsigned grid = static_cast<unsigned>(blocks < 65536 * 16 ? blocks : 65536 * 16);
+  if (p.acc_type == DType::kFloat64) {
+    scan_reduce_kernel<double, double><<<grid, 256, 0, stream>>>(p);
+    return;
+  }
+  dispatch_itype(p.out_type, [&]<typename out_t, typename acc_t>() {
+    scan_reduce_kernel<float, out_t><<<grid, 256, 0, stream>>>(p);
+  });
+}
+
+}  // namespace markovkit

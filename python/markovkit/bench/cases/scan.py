@@ -1,0 +1,75 @@
+"""Selective scan, forward and forward + backward, against the Python-loop reference and (when importable)
+mamba_ssm's CUDA kernel. Mamba-block settings: z present, per-step B/C with one group, delta_softplus.
+
+The reference loops over time: its torch.compile unrolls that loop, so at full sizes run this family with
+--no-compile."""
+import torch
+
+import markovkit
+from markovkit.bench.case import Case, cases
+from markovkit.reference import selective_scan_ref
+
+# (batch, dim, seqlen, dstate, dtype)
+CUDA_SHAPES = [(8, 4096, 2048, 16, torch.bfloat16), (8, 4096, 2048, 16, torch.float32),
+               (2, 4096, 8192, 16, torch.bfloat16), (8, 4096, 2048, 64, torch.bfloat16)]
+CPU_SHAPES = [(2, 256, 1024, 16, torch.float32)]
+QUICK_SHAPES = [(1, 32, 128, 16, torch.float32)]
+
+
+def _peer():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def _inputs(batch, dim, seqlen, dstate, dtype, device, grad):
+    g = torch.Generator(device=device).manual_seed(0)
+    act = lambda *s: torch.randn(*s, generator=g, device=device).to(dtype).requires_grad_(grad)  # noqa: E731
+    weight = lambda t: t.requires_grad_(grad)  # noqa: E731
+    return dict(
+        u=act(batch, dim, seqlen),
+        delta=(0.5 * torch.rand(batch, dim, seqlen, generator=g, device=device)).to(dtype).requires_grad_(grad),
+        A=weight(-torch.rand(dim, dstate, generator=g, device=device)),
+        B=act(batch, 1, dstate, seqlen), C=act(batch, 1, dstate, seqlen),
+        D=weight(torch.randn(dim, generator=g, device=device)), z=act(batch, dim, seqlen),
+        delta_bias=weight(0.5 * torch.rand(dim, generator=g, device=device)))
+
+
+def _fwd(fn, x):
+    return lambda: fn(**x, delta_softplus=True)
+
+
+def _fwd_bwd(fn, x, dout):
+    leaves = [v for v in x.values()]
+
+    def run():
+        out = fn(**x, delta_softplus=True)
+        return torch.autograd.grad(out, leaves, dout)
+
+    return run
+
+
+@cases("scan")
+def scan_cases(device: torch.device, quick: bool):
+    shapes = QUICK_SHAPES if quick else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    peer = _peer() if device.type == "cuda" else None
+    for batch, dim, seqlen, dstate, dtype in shapes:
+        size = torch.tensor([], dtype=dtype).element_size()
+        shape = f"({batch},{dim},{seqlen},{dstate})"
+        act_bytes = batch * dim * seqlen * size
+        bc_bytes = 2 * batch * dstate * seqlen * size
+        # forward: u, delta, z in, out out, B and C once; backward: those again + dout in, du, ddelta, dz out
+        fwd_bytes, bwd_bytes = 4 * act_bytes + bc_bytes, 7 * act_bytes + 2 * bc_bytes
+        rate = (batch * dim * seqlen, "channel·steps")
+        x = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=False)
+        yield Case(family="scan", name="forward", shape=shape, dtype=dtype, ours=_fwd(markovkit.selective_scan, x),
+                   reference=_fwd(selective_scan_ref, x),
+                   peers={"mamba_ssm": _fwd(peer, x)} if peer else {}, bytes=fwd_bytes, rate=rate)
+        xg = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=True)
+        dout = torch.randn(batch, dim, seqlen, device=device).to(dtype)
+        yield Case(family="scan", name="forward+backward", shape=shape, dtype=dtype,
+                   ours=_fwd_bwd(markovkit.selective_scan, xg, dout), reference=_fwd_bwd(selective_scan_ref, xg, dout),
+                   peers={"mamba_ssm": _fwd_bwd(peer, xg, dout)} if peer else {},
+                   bytes=fwd_bytes + bwd_bytes, rate=rate)

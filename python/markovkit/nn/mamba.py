@@ -1,0 +1,82 @@
+"""The Mamba (S6) block on markovkit's selective scan, with a one-token ``step`` for decoding."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from markovkit.scan import selective_scan, selective_state_update
+
+
+class Mamba(nn.Module):
+    """in_proj -> causal depthwise conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj -> selective scan with
+    D skip and SiLU(z) gate -> out_proj. Parameters and initialisation follow the Mamba paper's block:
+    A = -exp(A_log) with A_log = log(1..d_state) per channel, D = 1, dt_proj bias = softplus^-1(dt) for dt
+    log-uniform in [dt_min, dt_max] (floored at dt_init_floor), dt_proj weight uniform in ±dt_rank^-0.5.
+
+    forward(hidden: (batch, seqlen, d_model)) -> (batch, seqlen, d_model).
+    step(hidden: (batch, 1, d_model), conv_state, ssm_state) -> (batch, 1, d_model), updating both states
+    in place; ``allocate_inference_cache(batch)`` gives zero states. Decoding token by token from zero states
+    equals ``forward`` on the whole sequence.
+    """
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
+                 dt_init_floor=1e-4, conv_bias=True, bias=False, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
+                                bias=conv_bias, **kw)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **kw)
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, **kw) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
+
+    def _dt_BC(self, x):
+        """x: (..., d_inner) -> dt (..., d_inner) without bias, B and C (..., d_state)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, hidden):
+        seqlen = hidden.shape[1]
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                     # (batch, seqlen, d_inner) each
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :seqlen])         # (batch, d_inner, seqlen)
+        dt, B, C = self._dt_BC(x.transpose(1, 2))
+        y = selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+                           C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
+                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))
+
+    def allocate_inference_cache(self, batch, device=None):
+        """Zero (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) float32, or
+        float64 for a float64 module)."""
+        w = self.conv1d.weight
+        device = device or w.device
+        ssm_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        return (torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=w.dtype),
+                torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
+
+    def step(self, hidden, conv_state, ssm_state):
+        """One token: hidden (batch, 1, d_model); conv_state and ssm_state are updated in place."""
+        x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)               # (batch, d_inner) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self._dt_BC(x)
+        y = selective_state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y)[:, None]

@@ -1,0 +1,148 @@
+"""Selective scan (Mamba-1 S6): a drop-in for mamba_ssm's ``selective_scan_fn`` with initial states, a
+differentiable last state, packed variable-length batches and a deterministic backward; plus the decode step
+``selective_state_update``.
+
+Recurrence (per batch b, channel d, state n; see csrc/scan/scan_params.h):
+    Δ_t = softplus(delta_t + delta_bias_d) (or without softplus);  h_t = exp(Δ_t A_dn) h_{t-1} + Δ_t B_nt u_t
+    y_t = Σ_n C_nt h_t + D_d u_t;  out_t = y_t · silu(z_t) (or y_t)
+Math is float32 (float64 for float64 inputs). The backward sums over batch and channels in a fixed order
+(per-task partials, no atomics): two runs give bitwise-equal gradients, on CPU and on CUDA; this is the only
+mode, it costs one extra small reduction pass.
+"""
+import torch
+
+__all__ = ["selective_scan", "selective_scan_fn", "selective_state_update"]
+
+CHUNK = 64  # steps between the state checkpoints the forward saves for the backward (kScanChunk)
+
+
+def _itype(*acts):
+    """The activation dtype: the promotion of the given floating tensors."""
+    dtype = None
+    for t in acts:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _wtype(itype):
+    return torch.float64 if itype == torch.float64 else torch.float32
+
+
+def _as(t, dtype, name):
+    """t in dtype, contiguous; only real floating tensors are converted (complex A/B/C are not supported)."""
+    if t is None:
+        return None
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+    return t.to(dtype).contiguous()
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None, cu_seqlens=None):
+    """The selective scan; same arguments, shapes and results as mamba_ssm's ``selective_scan_fn``.
+
+    u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real, dstate <= 256; B, C: (dim, dstate) constant
+    or per step (batch, dstate, seqlen) / (batch, groups, dstate, seqlen); D, delta_bias: (dim,).
+    Activations (u, delta, z, per-step B/C) are promoted to one dtype (float32, float16, bfloat16; float64
+    on CPU) and weights to float32 (float64 with float64 activations); out has the activation dtype.
+
+    initial_state: (nseq, dim, dstate), the state before the first step (0 when None); differentiable.
+    cu_seqlens: int32 (nseq + 1,) offsets of sequences packed along seqlen (batch must be 1): the state
+    restarts at each sequence start, from initial_state[s] or 0. Checked on CPU; on CUDA it must hold
+    0 = cu[0] <= cu[1] <= ... <= cu[nseq] = seqlen (checking would cost a host sync).
+    Returns out (batch, dim, seqlen), and with return_last_state also last_state (nseq, dim, dstate)
+    (nseq = batch without cu_seqlens), which carries gradient.
+    """
+    var_B, var_C = B.dim() >= 3, C.dim() >= 3
+    itype = _itype(u, delta, z, B if var_B else None, C if var_C else None)
+    wtype = _wtype(itype)
+    if var_B and B.dim() == 3:
+        B = B.unsqueeze(1)
+    if var_C and C.dim() == 3:
+        C = C.unsqueeze(1)
+    out, last_state, _ = torch.ops.markovkit.selective_scan_fwd(
+        _as(u, itype, "u"), _as(delta, itype, "delta"), _as(A, wtype, "A"), _as(B, itype if var_B else wtype, "B"),
+        _as(C, itype if var_C else wtype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"),
+        _as(delta_bias, wtype, "delta_bias"), bool(delta_softplus), _as(initial_state, wtype, "initial_state"),
+        None if cu_seqlens is None else cu_seqlens.contiguous())
+    return (out, last_state) if return_last_state else out
+
+
+selective_scan_fn = selective_scan
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step of the scan: updates ``state`` in place and returns out.
+
+    state: (batch, dim, dstate) float32 (float64 with float64 inputs), contiguous; x, dt, z: (batch, dim);
+    A: (dim, dstate); B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
+    state <- state * exp(Δ A) + Δ B x with Δ = softplus(dt + dt_bias) (same threshold as the scan);
+    out = (Σ_n C state + D x) · silu(z). L steps from h0 equal ``selective_scan(..., initial_state=h0)``.
+    """
+    itype = _itype(x, dt, z, B, C)
+    wtype = _wtype(itype)
+    if B.dim() == 2:
+        B = B.unsqueeze(1)
+    if C.dim() == 2:
+        C = C.unsqueeze(1)
+    return torch.ops.markovkit.selective_state_update(
+        state, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
+        _as(C, itype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"), _as(dt_bias, wtype, "dt_bias"),
+        bool(dt_softplus))
+
+
+def _nseq(u, cu_seqlens):
+    return u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+@torch.library.register_fake("markovkit::selective_scan_fwd")
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    wtype = _wtype(u.dtype)
+    n_chunks = (seqlen + CHUNK - 1) // CHUNK
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty((_nseq(u, cu_seqlens), dim, dstate), dtype=wtype),
+            u.new_empty((batch, dim, n_chunks, dstate), dtype=wtype))
+
+
+@torch.library.register_fake("markovkit::selective_scan_bwd")
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, chunk_states, dout,
+      dlast_state):
+    dim, dstate = A.shape
+    wtype = _wtype(u.dtype)
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return (like(u), like(u), like(A), like(B), like(C), u.new_empty((dim,), dtype=wtype),
+            like(u) if z is not None else u.new_empty((0,)), u.new_empty((dim,), dtype=wtype),
+            u.new_empty((_nseq(u, cu_seqlens), dim, dstate), dtype=wtype))
+
+
+@torch.library.register_fake("markovkit::selective_state_update")
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+_FWD_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "initial_state",
+             "cu_seqlens")
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.delta_softplus = inputs[8]
+    ctx.has = [t is not None for t in inputs]
+    ctx.save_for_backward(*[inputs[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)], output[2])
+
+
+def _backward(ctx, dout, dlast_state, _dchunk):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, chunk_states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = torch.ops.markovkit.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, cu_seqlens, chunk_states,
+        dout.contiguous(), None if dlast_state is None else dlast_state.contiguous())
+    has = dict(zip(_FWD_ARGS, ctx.has))
+    return (du, ddelta, dA, dB, dC, dD if has["D"] else None, dz if has["z"] else None,
+            dbias if has["delta_bias"] else None, None, dh0 if has["initial_state"] else None, None)
+
+
+torch.library.register_autograd("markovkit::selective_scan_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,408 @@
+"""Selective scan: outputs and every gradient against the float64 Python-loop reference, gradcheck, opcheck,
+torch.compile, varlen, state chaining, decode step, determinism, errors."""
+import itertools
+
+import pytest
+import torch
+
+import markovkit
+import markovkit.nn  # noqa: F401  (markovkit.nn.Mamba)
+from conftest import HAS_CUDA
+from markovkit.reference import selective_scan_ref, selective_state_update_ref
+
+F64 = torch.float64
+# float64 op vs float64 reference: only summation order differs
+TOL64 = dict(rtol=1e-9, atol=1e-10)
+# low precision (inputs rounded to dtype, reference in float64 on the rounded inputs; math is float32 in the
+# op): (rtol, atol as a fraction of the largest reference magnitude), for outputs and gradients alike
+TOL_LOW = {torch.float32: (2e-4, 2e-5), torch.float16: (5e-3, 3e-3), torch.bfloat16: (3e-2, 2e-2)}
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+
+def make_inputs(batch=2, dim=4, seqlen=77, dstate=8, B_mode="var3", C_mode="var3", groups=1, has_D=True,
+                has_z=True, has_bias=True, has_h0=True, nseq=None, device="cpu", seed=0):
+    """float64 inputs with the peer's test distributions; B/C mode: const (dim, N), var3 (batch, N, L),
+    var4 (batch, groups, N, L)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.rand(*s, generator=g, dtype=F64)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    bc = {"const": (dim, dstate), "var3": (batch, dstate, seqlen), "var4": (batch, groups, dstate, seqlen)}
+    x = dict(u=randn(batch, dim, seqlen), delta=0.5 * rand(batch, dim, seqlen), A=-0.5 * rand(dim, dstate),
+             B=randn(*bc[B_mode]), C=randn(*bc[C_mode]),
+             D=randn(dim) if has_D else None, z=randn(batch, dim, seqlen) if has_z else None,
+             delta_bias=0.5 * rand(dim) if has_bias else None,
+             initial_state=randn(nseq or batch, dim, dstate) if has_h0 else None)
+    return {k: (v.to(device) if v is not None else None) for k, v in x.items()}
+
+
+def run(fn, x, softplus, g, g_last, **kw):
+    """(out, last_state, {name: grad}) of fn on leaf copies of x, with upstream gradients g, g_last."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+    out, last = fn(**leaves, delta_softplus=softplus, return_last_state=True, **kw)
+    loss = (out.to(F64) * g.to(out.device)).sum()
+    if g_last is not None:
+        loss = loss + (last.to(F64) * g_last.to(last.device)).sum()
+    loss.backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def upstream(x, seed=1, with_last=True, nseq=None):
+    g = torch.Generator().manual_seed(seed)
+    batch, dim, seqlen = x["u"].shape
+    dstate = x["A"].shape[1]
+    gl = torch.randn(nseq or batch, dim, dstate, generator=g, dtype=F64) if with_last else None
+    return torch.randn(batch, dim, seqlen, generator=g, dtype=F64), gl
+
+
+def assert_all_close(got, want, rtol, atol_frac=None, atol=None):
+    out, last, grads = got
+    rout, rlast, rgrads = want
+    pairs = [("out", out, rout), ("last_state", last, rlast)] + [(k, grads[k], rgrads[k]) for k in rgrads]
+    for name, a, b in pairs:
+        a, b = a.detach().cpu().to(F64), b.detach().cpu().to(F64)
+        tol = atol if atol is not None else atol_frac * max(b.abs().max().item(), 1e-30)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+FLAGS = list(itertools.product([False, True], repeat=4))  # has_z, has_D, softplus+bias, has_h0
+BC_MODES = [("const", "const"), ("var3", "var3"), ("var4", "const"), ("const", "var4"), ("var4", "var4")]
+
+
+@pytest.mark.parametrize("B_mode,C_mode", BC_MODES)
+@pytest.mark.parametrize("has_z,has_D,softplus,has_h0", FLAGS)
+def test_float64_matches_reference_every_option(device, B_mode, C_mode, has_z, has_D, softplus, has_h0):
+    x = make_inputs(B_mode=B_mode, C_mode=C_mode, groups=2, has_z=has_z, has_D=has_D, has_bias=softplus,
+                    has_h0=has_h0, seqlen=77, device=device)
+    g, gl = upstream(x, with_last=has_h0)
+    got = run(markovkit.selective_scan, x, softplus, g, gl)
+    want = run(selective_scan_ref, {k: v.cpu() if v is not None else None for k, v in x.items()}, softplus, g, gl)
+    assert_all_close(got, want, TOL64["rtol"], atol=TOL64["atol"])
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 63, 64, 65, 127, 128, 372])
+def test_float64_lengths_and_groups(device, seqlen):
+    groups = {1: 1, 7: 2, 372: 4}.get(seqlen, 2)
+    x = make_inputs(batch=2, dim=4, seqlen=seqlen, dstate=5, B_mode="var4", C_mode="var4", groups=groups,
+                    device=device)
+    g, gl = upstream(x)
+    got = run(markovkit.selective_scan, x, True, g, gl)
+    want = run(selective_scan_ref, {k: v.cpu() if v is not None else None for k, v in x.items()}, True, g, gl)
+    assert_all_close(got, want, TOL64["rtol"], atol=TOL64["atol"])
+
+
+def test_float64_long_multichunk():
+    """19 chunks of 64 with an uneven tail, dstate 16, constant B and per-step C."""
+    x = make_inputs(batch=1, dim=3, seqlen=1134, dstate=16, B_mode="const", C_mode="var3")
+    g, gl = upstream(x)
+    assert_all_close(run(markovkit.selective_scan, x, True, g, gl), run(selective_scan_ref, x, True, g, gl),
+                     TOL64["rtol"], atol=TOL64["atol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B_mode,C_mode", [("var4", "var4"), ("const", "const")])
+def test_low_precision_against_float64(device, dtype, B_mode, C_mode):
+    if device.type == "cpu" and dtype != torch.float32:
+        pytest.skip("half types: one CPU case below keeps the CPU test time down")
+    _low_precision_case(device, dtype, B_mode, C_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu(dtype):
+    _low_precision_case(torch.device("cpu"), dtype, "var4", "const")
+
+
+def _low_precision_case(device, dtype, B_mode, C_mode):
+    x = make_inputs(batch=2, dim=8, seqlen=150, dstate=16, B_mode=B_mode, C_mode=C_mode, groups=2)
+    # activations rounded to dtype; weights stay float32 (mixed precision: fp32 params, low-precision acts)
+    acts = {"u", "delta", "z"} | {k for k in ("B", "C") if x[k].dim() >= 3}
+    xd = {k: (v.to(dtype if k in acts else torch.float32).to(device) if v is not None else None)
+          for k, v in x.items()}
+    x64 = {k: (v.cpu().to(F64) if v is not None else None) for k, v in xd.items()}
+    g, gl = upstream(x)
+    g = g.to(dtype).to(F64)
+    out, last, grads = run(markovkit.selective_scan, xd, True, g, gl)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert all(grads[k].dtype == xd[k].dtype for k in grads)
+    rtol, atol_frac = TOL_LOW[dtype]
+    assert_all_close((out, last, grads), run(selective_scan_ref, x64, True, g, gl), rtol, atol_frac=atol_frac)
+
+
+def _tiny(seqlen, **kw):
+    x = make_inputs(batch=2, dim=2, seqlen=seqlen, dstate=3, groups=2, **kw)
+    return {k: v for k, v in x.items() if v is not None}
+
+
+@pytest.mark.parametrize("B_mode,C_mode,seqlen", [("var4", "const", 6), ("const", "var3", 66)])
+def test_gradcheck_every_input(B_mode, C_mode, seqlen):
+    x = _tiny(seqlen, B_mode=B_mode, C_mode=C_mode)
+    names = list(x)
+
+    def f(*args):
+        out, last = markovkit.selective_scan(**dict(zip(names, args)), delta_softplus=True, return_last_state=True)
+        return out, last
+
+    args = [v.requires_grad_() for v in x.values()]
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_varlen():
+    x = make_inputs(batch=1, dim=2, seqlen=70, dstate=2, B_mode="var3", C_mode="var3", nseq=4, seed=3)
+    cu = torch.tensor([0, 3, 3, 64, 70], dtype=torch.int32)  # an empty sequence, a boundary at the chunk edge
+    names = [k for k, v in x.items() if v is not None]
+
+    def f(*args):
+        return markovkit.selective_scan(**dict(zip(names, args)), delta_softplus=True, return_last_state=True,
+                                        cu_seqlens=cu)
+
+    args = [x[k].requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _op_args(device, dtype=torch.float32, seqlen=70, varlen=False):
+    x = make_inputs(batch=1 if varlen else 2, dim=4, seqlen=seqlen, dstate=4, B_mode="var4", C_mode="const",
+                    groups=2, nseq=3 if varlen else None, device=device)
+    w = torch.float64 if dtype == torch.float64 else torch.float32
+    cu = torch.tensor([0, 10, 64, seqlen], dtype=torch.int32, device=device) if varlen else None
+    return [x["u"].to(dtype), x["delta"].to(dtype), x["A"].to(w), x["B"].to(dtype), x["C"].to(w), x["D"].to(w),
+            x["z"].to(dtype), x["delta_bias"].to(w), True, x["initial_state"].to(w), cu]
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(device, dtype, varlen):
+    args = _op_args(device, dtype, varlen=varlen)
+    torch.library.opcheck(torch.ops.markovkit.selective_scan_fwd, args)
+    out, last, chunks = torch.ops.markovkit.selective_scan_fwd(*args)
+    bwd_args = args + [chunks, torch.randn_like(out), torch.randn_like(last)]
+    torch.library.opcheck(torch.ops.markovkit.selective_scan_bwd, bwd_args)
+    no_opt = args[:5] + [None, None, None, False, None, cu := args[10]]
+    torch.library.opcheck(torch.ops.markovkit.selective_scan_fwd, no_opt)
+    out, _, chunks = torch.ops.markovkit.selective_scan_fwd(*no_opt)
+    torch.library.opcheck(torch.ops.markovkit.selective_scan_bwd,
+                          no_opt[:10] + [cu, chunks, torch.randn_like(out), None])
+
+
+def test_opcheck_state_update(device):
+    state, step = _step_inputs(device)
+    torch.library.opcheck(torch.ops.markovkit.selective_state_update, (state, *step))
+
+
+def test_compile_fullgraph(device):
+    x = make_inputs(batch=2, dim=4, seqlen=70, dstate=4, B_mode="var3", C_mode="var3", device=device)
+    g, gl = upstream(x)
+    g, gl = g.to(device), gl.to(device)
+
+    def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        out, last = markovkit.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, True, True, initial_state)
+        return (out * g).sum() + (last * gl).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        leaves = [v.detach().clone().requires_grad_() for v in x.values()]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [v.grad for v in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("B_mode", ["const", "var3"])
+def test_varlen_equals_each_sequence_alone(device, B_mode):
+    cu_list = [0, 5, 5, 64, 150, 151, 300]
+    nseq = len(cu_list) - 1
+    x = make_inputs(batch=1, dim=3, seqlen=300, dstate=4, B_mode=B_mode, C_mode="var3", nseq=nseq, device=device)
+    g, gl = upstream(x, nseq=nseq)
+    cu = torch.tensor(cu_list, dtype=torch.int32, device=device)
+    out, last, grads = run(markovkit.selective_scan, x, True, g, gl, cu_seqlens=cu)
+    for s in range(nseq):
+        sl = slice(cu_list[s], cu_list[s + 1])
+        xs = {k: v for k, v in x.items()}
+        for k in ("u", "delta", "z", "C") + (("B",) if B_mode != "const" else ()):
+            xs[k] = x[k][..., sl]
+        xs["initial_state"] = x["initial_state"][s:s + 1]
+        o, l, gr = run(markovkit.selective_scan, xs, True, g[..., sl], gl[s:s + 1])
+        torch.testing.assert_close(out[..., sl], o, **TOL64)
+        torch.testing.assert_close(last[s:s + 1], l, **TOL64)
+        for k in ("u", "delta", "z", "C") + (("B",) if B_mode != "const" else ()):
+            torch.testing.assert_close(grads[k][..., sl], gr[k], **TOL64)
+        torch.testing.assert_close(grads["initial_state"][s:s + 1], gr["initial_state"], **TOL64)
+    # per-channel gradients sum over the sequences; compared with the float64 reference
+    want = run(selective_scan_ref, {k: v.cpu() if v is not None else None for k, v in x.items()}, True, g, gl,
+               cu_seqlens=cu.cpu())
+    assert_all_close((out, last, grads), want, TOL64["rtol"], atol=TOL64["atol"])
+
+
+def test_chaining_through_the_last_state(device):
+    """scan([x1; x2]) = scan(x1) -> last_state -> scan(x2, initial_state=last), outputs and gradients (fp32)."""
+    x = make_inputs(batch=2, dim=4, seqlen=200, dstate=8, B_mode="var3", C_mode="var3", device=device)
+    x = {k: v.float() for k, v in x.items()}
+    g = upstream(x, with_last=False)[0].float().to(device)
+    cut = 90
+
+    def split(**kw):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+        if kw.get("whole"):
+            out = markovkit.selective_scan(**leaves, delta_softplus=True)
+        else:
+            part = lambda v, sl: v[..., sl] if v.dim() == 3 else v  # noqa: E731
+            first = {k: part(v, slice(0, cut)) for k, v in leaves.items() if k != "initial_state"}
+            second = {k: part(v, slice(cut, None)) for k, v in leaves.items() if k != "initial_state"}
+            o1, h = markovkit.selective_scan(**first, initial_state=leaves["initial_state"], delta_softplus=True,
+                                             return_last_state=True)
+            o2 = markovkit.selective_scan(**second, initial_state=h, delta_softplus=True)
+            out = torch.cat([o1, o2], dim=-1)
+        (out * g).sum().backward()
+        return [out] + [leaves[k].grad for k in NAMES]
+
+    for a, b in zip(split(whole=True), split()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _step_inputs(device, batch=3, dim=8, dstate=16, groups=2, dtype=torch.float32, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    state = r(batch, dim, dstate).to(device)
+    step = [r(batch, dim).to(dtype).to(device), (0.5 * r(batch, dim)).to(dtype).to(device),
+            (-torch.rand(dim, dstate, generator=g)).to(device), r(batch, groups, dstate).to(dtype).to(device),
+            r(batch, groups, dstate).to(dtype).to(device), r(dim).to(device), r(batch, dim).to(dtype).to(device),
+            r(dim).to(device), True]
+    return state, step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_state_update_matches_reference(device, dtype):
+    state, step = _step_inputs(device, dtype=dtype)
+    ref_state = state.clone()
+    out = markovkit.selective_state_update(state, *step)
+    ref = selective_state_update_ref(ref_state, *step)
+    rtol, atol_frac = TOL_LOW[dtype]
+    torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol_frac * ref.abs().max().item())
+
+
+def test_state_update_huge_dt_is_finite():
+    """dt = 100 with softplus: the thresholded softplus passes it through (no exp overflow)."""
+    state, step = _step_inputs("cpu")
+    step[1] = torch.full_like(step[1], 100.0)
+    assert torch.isfinite(markovkit.selective_state_update(state, *step)).all()
+
+
+def test_decode_steps_equal_the_scan(device):
+    x = make_inputs(batch=2, dim=6, seqlen=20, dstate=8, B_mode="var4", C_mode="var4", groups=3, device=device)
+    out, last = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    state = x["initial_state"].clone()
+    for t in range(20):
+        y = markovkit.selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
+                                             x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)
+        torch.testing.assert_close(y, out[..., t], **TOL64)
+    torch.testing.assert_close(state, last, **TOL64)
+
+
+def test_backward_is_deterministic(device):
+    x = make_inputs(batch=2, dim=64, seqlen=300, dstate=16, B_mode="var4", C_mode="var4", groups=1, device=device)
+    x = {k: v.float() for k, v in x.items()}
+    g, gl = upstream(x)
+    first = run(markovkit.selective_scan, x, True, g.float(), gl.float())
+    for _ in range(2):
+        again = run(markovkit.selective_scan, x, True, g.float(), gl.float())
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+        for k in first[2]:
+            assert torch.equal(first[2][k], again[2][k]), k
+
+
+def test_dim_above_65535(device):
+    x = make_inputs(batch=1, dim=65_537, seqlen=3, dstate=2, B_mode="var3", C_mode="const", device=device)
+    g, gl = upstream(x)
+    got = run(markovkit.selective_scan, x, True, g, gl)
+    assert_all_close(got, run(selective_scan_ref, {k: v.cpu() for k, v in x.items()}, True, g, gl),
+                     TOL64["rtol"], atol=TOL64["atol"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_64bit_offsets():
+    """Forward with dim = 65540 (> 65535) and batch·dim·n_chunks·dstate = 65540·129·256 > 2^31 chunk-state
+    elements: the channels at the far end match the CPU op on the same channels."""
+    batch, dim, seqlen, dstate = 1, 65_540, 129 * 64, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(batch, dim, seqlen, device="cuda", dtype=torch.float16, generator=g)
+    delta = (0.1 * torch.rand(batch, dim, seqlen, device="cuda", generator=g)).half()
+    A = -torch.rand(dim, dstate, device="cuda", generator=g)
+    B = torch.randn(batch, 1, dstate, seqlen, device="cuda", generator=g).half()
+    C = torch.randn(batch, 1, dstate, seqlen, device="cuda", generator=g).half()
+    out, last = markovkit.selective_scan(u, delta, A, B, C, return_last_state=True)
+    sl = slice(dim - 2, dim)
+    ref_out, ref_last = markovkit.selective_scan(u[:, sl].cpu(), delta[:, sl].cpu(), A[sl].cpu(), B.cpu(), C.cpu(),
+                                                 return_last_state=True)
+    torch.testing.assert_close(out[:, sl].cpu(), ref_out, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(last[:, sl].cpu(), ref_last, rtol=1e-3, atol=1e-3)
+
+
+def test_bad_input_errors():
+    x = make_inputs(batch=2, dim=4, seqlen=10, dstate=3, B_mode="var4", C_mode="var4", groups=2)
+    args = _op_args("cpu", torch.float32, seqlen=10)
+    op = torch.ops.markovkit.selective_scan_fwd
+
+    def bad(i, value, match):
+        a = list(args)
+        a[i] = value
+        with pytest.raises(RuntimeError, match=match):
+            op(*a)
+
+    bad(0, args[0][..., None], r"u: expected shape \(batch, dim, seqlen\), got \[2, 4, 10, 1\]")
+    bad(1, args[1][:, :, :9].contiguous(), r"delta: expected shape \[2, 4, 10\], got \[2, 4, 9\]")
+    bad(1, args[1].double(), "delta: expected dtype Float, got Double")
+    bad(2, torch.zeros(4, 300), r"A: expected dstate in \[1, 256\], got 300")
+    bad(2, args[2].half(), "A: expected dtype Float, got Half")
+    bad(3, torch.zeros(2, 3, 4, 10), "B: expected a number of groups dividing dim = 4, got 3")
+    bad(4, torch.zeros(5, 4), r"C: expected shape \[4, 4\], got \[5, 4\]")
+    bad(0, args[0].transpose(1, 2).contiguous().transpose(1, 2), "u: expected a contiguous tensor")
+    bad(6, args[6].half(), "z: expected dtype Float, got Half")
+    bad(9, torch.zeros(3, 4, 4), r"initial_state: expected shape \[2, 4, 4\], got \[3, 4, 4\]")
+    bad(10, torch.tensor([0, 10], dtype=torch.int32), "u: expected batch 1 with cu_seqlens")
+    a = [v[:1] if isinstance(v, torch.Tensor) and k in (0, 1, 3, 6, 9) else v for k, v in enumerate(args)]
+    for cu, match in [([0, 4, 9], "cu_seqlens: expected to start at 0 and end at seqlen = 10"),
+                      ([0, 6, 4, 10], "cu_seqlens: expected non-decreasing offsets"),
+                      (torch.tensor([0, 10], dtype=torch.int64), "cu_seqlens: expected dtype Int, got Long")]:
+        b = list(a)
+        b[10] = cu if isinstance(cu, torch.Tensor) else torch.tensor(cu, dtype=torch.int32)
+        b[9] = None
+        with pytest.raises(RuntimeError, match=match):
+            op(*b)
+    with pytest.raises(RuntimeError, match="state: expected dtype Float, got Double"):
+        state, step = _step_inputs("cpu")
+        markovkit.selective_state_update(state.double(), *step)
+    with pytest.raises(TypeError, match="A: expected a real floating tensor"):
+        markovkit.selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
+    # the Python wrapper promotes mixed activations instead of failing (fp32 params with bf16 activations)
+    out = markovkit.selective_scan(x["u"].bfloat16(), x["delta"].float(), x["A"], x["B"].bfloat16(),
+                                   x["C"].bfloat16())
+    assert out.dtype == torch.float32
+
+
+def test_mamba_block_step_equals_forward(device):
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(d_model=16, d_state=8, d_conv=4, device=device, dtype=torch.float64)
+    hidden = torch.randn(2, 11, 16, device=device, dtype=F64)
+    full = block(hidden)
+    conv_state, ssm_state = block.allocate_inference_cache(2)
+    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state) for t in range(11)], dim=1)
+    torch.testing.assert_close(steps, full, **TOL64)
+    full.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_float32_strong_decay_and_flush():
+    """Δ·A down to about -150 (the CPU's vectorized exp flushes e^x below 2^-126 to 0) still matches float64."""
+    x = make_inputs(batch=1, dim=4, seqlen=70, dstate=8, B_mode="var3", C_mode="var3")
+    x["A"] = -30.0 * torch.rand(4, 8, dtype=F64)
+    x["delta"] = 5.0 * x["delta"]
+    x32 = {k: v.float() for k, v in x.items()}
+    x64 = {k: v.double() for k, v in x32.items()}
+    g, gl = upstream(x)
+    rtol, atol_frac = TOL_LOW[torch.float32]
+    assert_all_close(run(markovkit.selective_scan, x32, False, g, gl), run(selective_scan_ref, x64, False, g, gl),
+                     rtol, atol_frac=atol_frac)
