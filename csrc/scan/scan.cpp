@@ -215,10 +215,10 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   at::Tensor dh0 = at::empty({f.nseq, f.dim, N}, wopts);
   at::Tensor dA_part = at::empty({f.batch, f.dim, N}, wopts);
   at::Tensor dD_part = at::empty({f.batch, f.dim}, wopts), dbias_part = at::empty({f.batch, f.dim}, wopts);
-  // per-step partials: the CPU kernel adds into them time-major, the CUDA kernel writes every element once
+  // per-step partials, every element written once: time-major on the CPU
   auto BC_part = [&](bool var) {
     if (!var) return at::empty({f.batch, f.dim, N}, wopts);
-    return u.is_cpu() ? at::zeros({f.batch, f.groups, nblk, L, N}, wopts)
+    return u.is_cpu() ? at::empty({f.batch, f.groups, nblk, L, N}, wopts)
                       : at::empty({f.batch, f.groups, nblk, N, L}, wopts);
   };
   at::Tensor dB_part = BC_part(f.var_B), dC_part = BC_part(f.var_C);
