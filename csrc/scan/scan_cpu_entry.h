@@ -27,11 +27,11 @@ inline int64_t scan_cpu_padded(int64_t dstate, int64_t elem_size) {
 // Scratch bytes of one thread (32-byte alignment slack included); elem_size: of the weight type.
 inline int64_t scan_cpu_fwd_work_bytes(int64_t seqlen, int64_t dstate, int64_t elem_size) {
   const int64_t Np = scan_cpu_padded(dstate, elem_size);
-  return (2 * seqlen * Np + 4 * Np) * elem_size + 32;
+  return (2 * seqlen * Np + 4 * Np + 2 * kScanChunk) * elem_size + 32;
 }
 inline int64_t scan_cpu_bwd_work_bytes(int64_t seqlen, int64_t dstate, int64_t elem_size) {
   const int64_t Np = scan_cpu_padded(dstate, elem_size);
-  return (4 * seqlen * Np + 8 * Np + 2 * kScanChunk * Np + 3 * kScanChunk) * elem_size + 32;
+  return (4 * seqlen * Np + 8 * Np + 2 * kScanChunk * Np + 4 * kScanChunk) * elem_size + 32;
 }
 
 // Kernels for activation type `itype`, built for the baseline instruction set or (where compiled in and

@@ -57,6 +57,54 @@ inline vd vexp(vd x) {
   return x;
 }
 
+// log(u) lane-wise for positive normal u (Cephes logf): u = m 2^e with m in [sqrt(1/2), sqrt(2)).
+inline vf vlog(vf u) {
+  const vi bits = (vi)u;
+  vi e = ((bits >> 23) & 0xff) - 126;
+  vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const vi below = m < vf{} + 0.707106781186547524f;  // -1 where true
+  e += below;
+  m = (below ? m + m : m) - 1.0f;
+  const vf z = m * m;
+  vf p = vf{} + 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  const vf ef = __builtin_convertvector(e, vf);
+  p = p * m * z + ef * -2.12194440e-4f - z * 0.5f;
+  return (m + p) + ef * 0.693359375f;
+}
+
+// softplus_thr lane-wise as max(x, 0) + log1p(e^-|x|) (above 20 the second term is below half an ulp of x,
+// so x comes out as with the threshold); log1p(y) = log(1 + y) + the rounding error of 1 + y, over 1 + y.
+inline vf vsoftplus(vf x) {
+  const vf y = vexp((vf)((vi)x | static_cast<int32_t>(0x80000000u)));  // e^-|x|
+  const vf w = 1.0f + y;
+  const vf pos = x > vf{} ? x : vf{};
+  return pos + (vlog(w) + (y - (w - 1.0f)) / w);
+}
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+// softplus_thr_grad: sigmoid rounds to 1 above 20 in float
+inline vf vsoftplus_grad(vf x) { return vsigmoid(x); }
+
+inline vd vsoftplus(vd x) {
+  for (int i = 0; i < 4; ++i) x[i] = softplus_thr(x[i]);
+  return x;
+}
+inline vd vsigmoid(vd x) {
+  for (int i = 0; i < 4; ++i) x[i] = sigmoid(x[i]);
+  return x;
+}
+inline vd vsoftplus_grad(vd x) {
+  for (int i = 0; i < 4; ++i) x[i] = softplus_thr_grad(x[i]);
+  return x;
+}
+
 inline float hsum(vf v) {
   const vf s = v + __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3});
   return (s[0] + s[2]) + (s[1] + s[3]);
@@ -133,6 +181,32 @@ struct Channel {
   acc_t pre_delta(int64_t t) const { return static_cast<acc_t>(delta[t]) + bias; }
 };
 
+// Per step t in [t0, t0 + n), n <= kScanChunk, into 32-byte aligned (kScanChunk,) buffers: Δ_t into dt and,
+// where not null, dΔ/dδ into grad.
+template <typename in_t, typename acc_t>
+void deltas(const Channel<in_t, acc_t>& ch, bool softplus, int64_t t0, int64_t n, acc_t* dt, acc_t* grad) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t j = 0; j < n; j += W) {
+    V x;
+    for (int64_t l = 0; l < W; ++l) x[l] = j + l < n ? ch.pre_delta(t0 + j + l) : acc_t(0);
+    *reinterpret_cast<V*>(dt + j) = softplus ? vsoftplus(x) : x;
+    if (grad) *reinterpret_cast<V*>(grad + j) = softplus ? vsoftplus_grad(x) : V{} + acc_t(1);
+  }
+}
+
+// sigmoid(z_t) for t in [t0, t0 + n), n <= kScanChunk, into a 32-byte aligned (kScanChunk,) buffer.
+template <typename in_t, typename acc_t>
+void sigmoids(const in_t* z, int64_t t0, int64_t n, acc_t* out) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t j = 0; j < n; j += W) {
+    V x;
+    for (int64_t l = 0; l < W; ++l) x[l] = j + l < n ? static_cast<acc_t>(z[t0 + j + l]) : acc_t(0);
+    *reinterpret_cast<V*>(out + j) = vsigmoid(x);
+  }
+}
+
 // Copies per-step B / C of (b, g) time-major into BCt unless the previous channel had them already.
 template <typename in_t, typename acc_t>
 void prepare_BC(const ScanParams& p, int64_t b, int64_t g, int64_t Np, acc_t* BCt, int64_t& cached) {
@@ -164,6 +238,8 @@ void fwd_range(const ScanParams& p, int64_t begin, int64_t end, void* work) {
   acc_t* rows = BCt + 2 * L * Np;     // (3, Np)
   V* h = reinterpret_cast<V*>(rows + 3 * Np);
   acc_t* hs = rows + 3 * Np;
+  acc_t* dts = hs + Np;               // (kScanChunk,) Δ of a block of steps
+  acc_t* sz = dts + kScanChunk;       // (kScanChunk,) sigmoid(z) of the block
   const SeqBounds sb = seq_bounds(p);
   int64_t cached = -1;
   for (int64_t i = begin; i < end; ++i) {
@@ -175,17 +251,17 @@ void fwd_range(const ScanParams& p, int64_t begin, int64_t end, void* work) {
     for (int64_t s = 0; s < sb.count(); ++s) {
       const int64_t sg = sb.global(s, b);
       load_padded(state_row<acc_t>(p.h0, sg, d, p.dim, N), N, Np, hs);
-      for (int64_t t = sb.begin(s); t < sb.end(s); ++t) {
-        if (t % kScanChunk == 0) store(hs, N, ckpt + (t / kScanChunk) * N);
-        const acc_t x = ch.pre_delta(t);
-        const acc_t dt = p.softplus ? softplus_thr(x) : x;
-        const acc_t ut = static_cast<acc_t>(ch.u[t]);
-        acc_t y = step(nv, ch.A, ch.B(t), ch.C(t), dt, dt * ut, h) + ch.Dd * ut;
-        if (ch.z) {
-          const acc_t zt = static_cast<acc_t>(ch.z[t]);
-          y *= zt * sigmoid(zt);
+      for (int64_t t0 = sb.begin(s); t0 < sb.end(s); t0 += kScanChunk) {
+        const int64_t n = sb.end(s) - t0 < kScanChunk ? sb.end(s) - t0 : kScanChunk;
+        deltas(ch, p.softplus, t0, n, dts, static_cast<acc_t*>(nullptr));
+        if (ch.z) sigmoids(ch.z, t0, n, sz);
+        for (int64_t t = t0; t < t0 + n; ++t) {
+          if (t % kScanChunk == 0) store(hs, N, ckpt + (t / kScanChunk) * N);
+          const acc_t dt = dts[t - t0], ut = static_cast<acc_t>(ch.u[t]);
+          acc_t y = step(nv, ch.A, ch.B(t), ch.C(t), dt, dt * ut, h) + ch.Dd * ut;
+          if (ch.z) y *= static_cast<acc_t>(ch.z[t]) * sz[t - t0];
+          out[t] = static_cast<in_t>(y);
         }
-        out[t] = static_cast<in_t>(y);
       }
       store(hs, N, static_cast<acc_t*>(p.last_state) + (sg * p.dim + d) * N);
     }
@@ -200,7 +276,7 @@ struct BwdWork {
   acc_t* rows;             // (3, Np): Channel rows
   V *h, *carry, *dA, *dBc, *dCc;  // (nv,)
   V *hprev, *abar;                // (kScanChunk, nv): h_prev and exp(Δ A) of each step of the chunk
-  acc_t *dts, *dx_ddt, *ys;       // (kScanChunk,): Δ, dΔ/dδ, pre-gate output of each step of the chunk
+  acc_t *dts, *dx_ddt, *ys, *sz;  // (kScanChunk,): Δ, dΔ/dδ, pre-gate output, sigmoid(z) of each step
 
   BwdWork(void* work, int64_t L, int64_t Np) {
     BCt = align32<acc_t>(work);
@@ -219,6 +295,7 @@ struct BwdWork {
     dts = reinterpret_cast<acc_t*>(abar + kScanChunk * nv);
     dx_ddt = dts + kScanChunk;
     ys = dx_ddt + kScanChunk;
+    sz = ys + kScanChunk;
   }
 };
 
@@ -266,14 +343,12 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, BwdWork<acc_t>& w
     int64_t sf = s;
     while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
     load_padded(ckpt + c * N, N, Np, hs);
+    deltas(ch, p.softplus, t0, t1 - t0, w.dts, w.dx_ddt);
+    if (ch.z) sigmoids(ch.z, t0, t1 - t0, w.sz);
     for (int64_t t = t0; t < t1; ++t) {
       while (sb.end(sf) <= t) ++sf;
       if (t == sb.begin(sf) && t > t0) load_padded(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), N, Np, hs);
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t ut = static_cast<acc_t>(ch.u[t]);
-      w.dts[t - t0] = dt;
-      w.dx_ddt[t - t0] = p.softplus ? softplus_thr_grad(x) : acc_t(1);
+      const acc_t dt = w.dts[t - t0], ut = static_cast<acc_t>(ch.u[t]);
       const acc_t dtu = dt * ut;
       const V *A = ch.A, *Bt = ch.B(t), *Ct = ch.C(t);
       V* hp = w.hprev + (t - t0) * nv;
@@ -294,7 +369,7 @@ void bwd_channel(const ScanBwdParams& q, int64_t b, int64_t d, BwdWork<acc_t>& w
       const acc_t ut = static_cast<acc_t>(ch.u[t]);
       acc_t dy = static_cast<acc_t>(dout[t]);
       if (ch.z) {
-        const acc_t zt = static_cast<acc_t>(ch.z[t]), sz = sigmoid(zt);
+        const acc_t zt = static_cast<acc_t>(ch.z[t]), sz = w.sz[t - t0];
         dz_out[t] = static_cast<in_t>(dy * w.ys[t - t0] * sz * (acc_t(1) + zt * (acc_t(1) - sz)));
         dy *= zt * sz;
       }
