@@ -8,7 +8,7 @@ import torch
 import markovkit
 import markovkit.nn  # noqa: F401  (markovkit.nn.Mamba)
 from conftest import HAS_CUDA
-from markovkit.reference import selective_scan_ref, selective_state_update_ref
+from markovkit.reference import selective_scan_materialized_ref, selective_scan_ref, selective_state_update_ref
 
 F64 = torch.float64
 # float64 op vs float64 reference: only summation order differs
@@ -105,6 +105,16 @@ def test_low_precision_against_float64(device, dtype, B_mode, C_mode):
     if device.type == "cpu" and dtype != torch.float32:
         pytest.skip("half types: one CPU case below keeps the CPU test time down")
     _low_precision_case(device, dtype, B_mode, C_mode)
+
+
+@pytest.mark.parametrize("B_mode,C_mode", BC_MODES)
+def test_materialized_reference_matches_reference(B_mode, C_mode):
+    # the benchmarks' eager peer (float32 math) against the float64 reference, outputs and gradients
+    x = make_inputs(seqlen=37, B_mode=B_mode, C_mode=C_mode, groups=2, has_h0=False)
+    g, _ = upstream(x, with_last=False)
+    got = run(selective_scan_materialized_ref, {k: v.float() for k, v in x.items() if v is not None}, True, g, None)
+    want = run(selective_scan_ref, x, True, g, None)
+    assert_all_close(got, want, rtol=1e-4, atol_frac=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

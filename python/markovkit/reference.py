@@ -66,6 +66,37 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
+def selective_scan_materialized_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                    return_last_state=False):
+    """The classic Mamba reference algorithm, the eager peer of the benchmarks (what users run without the
+    kernel): exp(Δ A) and Δ B u materialised at (batch, dim, seqlen, dstate), then a Python loop over time.
+    Same semantics as selective_scan_ref (no initial_state / cu_seqlens); float32 math."""
+    dtype_in = u.dtype
+    batch, dim, seqlen = u.shape
+    u, delta, A = u.float(), delta.float(), A.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = torch.nn.functional.softplus(delta)
+    # per step: (batch, dim, seqlen, dstate); constant: (dim, 1, dstate)
+    per_step = lambda X: _expand_groups(X.float(), dim).transpose(2, 3) if X.dim() >= 3 else X.float()[:, None]  # noqa: E731
+    Bx, Cx = per_step(B), per_step(C)
+    deltaA = torch.exp(delta[..., None] * A[:, None, :])
+    deltaB_u = delta[..., None] * Bx * u[..., None]
+    h = u.new_zeros(batch, dim, A.shape[1])
+    ys = []
+    for t in range(seqlen):
+        h = deltaA[:, :, t] * h + deltaB_u[:, :, t]
+        ys.append((h * (Cx[:, :, t] if C.dim() >= 3 else Cx[:, 0])).sum(-1))
+    y = torch.stack(ys, dim=2)
+    if D is not None:
+        y = y + u * D.float()[:, None]
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    out = y.to(dtype_in)
+    return (out, h) if return_last_state else out
+
+
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One decode step; updates state in place and returns out (x: (batch, dim); B, C: (batch, [groups,] dstate))."""
     f = state.dtype

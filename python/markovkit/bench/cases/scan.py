@@ -1,5 +1,7 @@
-"""Selective scan, forward and forward + backward, against the Python-loop reference and (when importable)
-mamba_ssm's CUDA kernel. Mamba-block settings: z present, per-step B/C with one group, delta_softplus.
+"""Selective scan, forward and forward + backward, against the classic Mamba reference algorithm (exp(ΔA) and
+ΔBu materialised at (batch, dim, seqlen, dstate), Python loop over time, autograd through it) and (when
+importable) mamba_ssm's CUDA kernel. Mamba-block settings: z present, per-step B/C with one group,
+delta_softplus.
 
 The reference loops over time: its torch.compile unrolls that loop, so at full sizes run this family with
 --no-compile."""
@@ -7,7 +9,7 @@ import torch
 
 import markovkit
 from markovkit.bench.case import Case, cases
-from markovkit.reference import selective_scan_ref
+from markovkit.reference import selective_scan_materialized_ref
 
 # (batch, dim, seqlen, dstate, dtype)
 CUDA_SHAPES = [(8, 4096, 2048, 16, torch.bfloat16), (8, 4096, 2048, 16, torch.float32),
@@ -65,11 +67,11 @@ def scan_cases(device: torch.device, quick: bool):
         rate = (batch * dim * seqlen, "channel·steps")
         x = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=False)
         yield Case(family="scan", name="forward", shape=shape, dtype=dtype, ours=_fwd(markovkit.selective_scan, x),
-                   reference=_fwd(selective_scan_ref, x),
+                   reference=_fwd(selective_scan_materialized_ref, x),
                    peers={"mamba_ssm": _fwd(peer, x)} if peer else {}, bytes=fwd_bytes, rate=rate)
         xg = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=True)
         dout = torch.randn(batch, dim, seqlen, device=device).to(dtype)
         yield Case(family="scan", name="forward+backward", shape=shape, dtype=dtype,
-                   ours=_fwd_bwd(markovkit.selective_scan, xg, dout), reference=_fwd_bwd(selective_scan_ref, xg, dout),
+                   ours=_fwd_bwd(markovkit.selective_scan, xg, dout), reference=_fwd_bwd(selective_scan_materialized_ref, xg, dout),
                    peers={"mamba_ssm": _fwd_bwd(peer, xg, dout)} if peer else {},
                    bytes=fwd_bytes + bwd_bytes, rate=rate)
