@@ -17,6 +17,7 @@
 #include "scan/scan_params.h"
 
 #define SCAN_CPU_ISA base
+#define SCAN_CPU_VEC_BYTES 16
 #define SCAN_CPU_KERNELS scan_cpu_kernels_base
 #include "scan/scan_cpu_isa.h"
 

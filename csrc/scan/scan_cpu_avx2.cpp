@@ -13,6 +13,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define SCAN_CPU_ISA avx2
+#define SCAN_CPU_VEC_BYTES 32
 #define SCAN_CPU_KERNELS scan_cpu_kernels_avx2
 #include "scan/scan_cpu_isa.h"
 #pragma GCC pop_options

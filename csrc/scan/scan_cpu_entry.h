@@ -18,7 +18,7 @@ struct ScanCpuKernels {
   ScanBwdRange bwd;
 };
 
-// The loops run over dstate in 32-byte vectors: dstate padded to a multiple of the vector width.
+// The loops run over dstate in vectors: dstate padded to a multiple of 32 bytes (whole vectors in each copy).
 inline int64_t scan_cpu_padded(int64_t dstate, int64_t elem_size) {
   const int64_t w = 32 / elem_size;
   return (dstate + w - 1) / w * w;

@@ -1,9 +1,9 @@
-// Body of one instruction-set copy of the CPU scan loops: include after defining SCAN_CPU_ISA (namespace)
-// and SCAN_CPU_KERNELS (the getter's name), with <cmath> and the c10 Half / BFloat16 headers included.
-// No include guard: each copy is its own translation unit.
+// Body of one instruction-set copy of the CPU scan loops: include after defining SCAN_CPU_ISA (namespace),
+// SCAN_CPU_KERNELS (the getter's name) and SCAN_CPU_VEC_BYTES (SIMD width), with <cmath> and the c10 Half /
+// BFloat16 headers included. No include guard: each copy is its own translation unit.
 //
-// A channel's state h (dstate,) lives in 32-byte vectors (dstate padded with A = B = C = 0, so the padding
-// lanes of h stay 0 and add nothing). Per-step B / C of the channel's (batch, group) are first copied
+// A channel's state h (dstate,) lives in vectors (dstate padded to a multiple of 32 bytes with
+// A = B = C = 0, so the padding lanes of h stay 0 and add nothing). Per-step B / C of the channel's (batch, group) are first copied
 // time-major and padded, (seqlen, Np), so each step reads contiguous vectors; a thread keeps that copy while
 // its consecutive channels share (batch, group).
 #include "scan/scan_cpu_entry.h"
@@ -12,9 +12,9 @@ namespace markovkit {
 namespace SCAN_CPU_ISA {
 namespace {
 
-typedef float vf __attribute__((vector_size(32)));
-typedef double vd __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(SCAN_CPU_VEC_BYTES)));
+typedef double vd __attribute__((vector_size(SCAN_CPU_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(SCAN_CPU_VEC_BYTES)));
 
 template <typename T>
 struct VecOf;
@@ -28,6 +28,8 @@ struct VecOf<double> {
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
+template <typename acc_t>
+constexpr int kLanes = SCAN_CPU_VEC_BYTES / sizeof(acc_t);
 
 // e^x lane-wise: |x| saturated at 100, x = k ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^k
 // from exponent bits with k clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative error a few ulp;
@@ -53,7 +55,7 @@ inline vf vexp(vf x) {
   return p * (vf)((ki + 127) << 23);
 }
 inline vd vexp(vd x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
   return x;
 }
 
@@ -82,6 +84,7 @@ inline vf vlog(vf u) {
 
 // softplus_thr lane-wise as max(x, 0) + log1p(e^-|x|) (above 20 the second term is below half an ulp of x,
 // so x comes out as with the threshold); log1p(y) = log(1 + y) + the rounding error of 1 + y, over 1 + y.
+// Relative error about 1e-7; results below 2^-126 (x below about -87) flush to 0.
 inline vf vsoftplus(vf x) {
   const vf y = vexp((vf)((vi)x | static_cast<int32_t>(0x80000000u)));  // e^-|x|
   const vf w = 1.0f + y;
@@ -93,26 +96,32 @@ inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 inline vf vsoftplus_grad(vf x) { return vsigmoid(x); }
 
 inline vd vsoftplus(vd x) {
-  for (int i = 0; i < 4; ++i) x[i] = softplus_thr(x[i]);
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = softplus_thr(x[i]);
   return x;
 }
 inline vd vsigmoid(vd x) {
-  for (int i = 0; i < 4; ++i) x[i] = sigmoid(x[i]);
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = sigmoid(x[i]);
   return x;
 }
 inline vd vsoftplus_grad(vd x) {
-  for (int i = 0; i < 4; ++i) x[i] = softplus_thr_grad(x[i]);
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = softplus_thr_grad(x[i]);
   return x;
 }
 
-inline float hsum(vf v) {
-  const vf s = v + __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3});
-  return (s[0] + s[2]) + (s[1] + s[3]);
+// Lane sum: upper half onto lower half while more than 4 lanes, then pairs.
+template <typename V>
+auto hsum(V v) {
+  constexpr int W = sizeof(V) / sizeof(v[0]);
+  if constexpr (W == 8) {
+    using Mask = decltype(v < v);
+    v += __builtin_shuffle(v, Mask{4, 5, 6, 7, 0, 1, 2, 3});
+  }
+  if constexpr (W == 2) {
+    return v[0] + v[1];
+  } else {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  }
 }
-inline double hsum(vd v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-
-template <typename acc_t>
-constexpr int64_t kLanes = 32 / sizeof(acc_t);
 
 // 32-byte aligned start of a scratch area.
 template <typename acc_t>
