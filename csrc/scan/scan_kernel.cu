@@ -6,8 +6,9 @@
 // Backward: a block holds R = blk teams, R consecutive channels of one group of one batch row (the task of
 // scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes h_prev of every step into shared
 // memory from the chunk's checkpoint, then runs the reverse recurrence over the chunk, as the CPU kernel.
-// Per-step dB/dC contributions of the R channels meet in shared memory and are summed in channel order into
-// the task's partial; per-channel sums stay in registers. No atomics: deterministic.
+// Per-step dB/dC contributions of the R channels meet in shared memory, kSub steps at a time, and are
+// summed in channel order into the task's partial; per-channel sums stay in registers. No atomics:
+// deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -19,6 +20,11 @@ namespace markovkit {
 namespace {
 
 constexpr int kFwdThreads = 128;
+// Backward: steps of per-step dB/dC contributions staged in shared memory between two block reductions
+// (a divisor of kScanChunk); their rows are padded to kSub + 1 so that both the lanes' writes (stride
+// kSub + 1) and the reduction's reads (consecutive steps) are free of bank conflicts.
+constexpr int kSub = 16;
+static_assert(kScanChunk % kSub == 0, "sub-blocks tile a chunk");
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -162,11 +168,11 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   in_t* dz_out = q.dz ? static_cast<in_t*>(q.dz) + bd * L : nullptr;
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
-  // shared memory: h_prev of the chunk per team (R, kScanChunk, N); per-step dB, dC contributions
-  // (kScanChunk, R, N) each when per step
+  // shared memory: h_prev of the chunk per team (R, kScanChunk, N); per-step dB, dC contributions of the
+  // current sub-block (R, N, kSub + 1) each when per step
   acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(r) * kScanChunk * N;
   acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(R) * kScanChunk * N;
-  acc_t* sdC = sdB + (p.var_B ? kScanChunk * R * N : 0);
+  acc_t* sdC = sdB + (p.var_B ? R * N * (kSub + 1) : 0);
   const int64_t var_off = ((b * p.groups + g) * q.nblk + blk) * N * L;
 
   acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
@@ -228,7 +234,7 @@ MK_UNROLL
         const acc_t dh = Ct[k] * dy + carry[k];
         const acc_t cC = dy * ht[k], cB = dh * dt * ut;
         if (ch.has(k)) {
-          const int64_t slot = ((t - t0) * R + r) * N + lane + k * kLanes;
+          const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
           if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
           if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
         }
@@ -252,24 +258,26 @@ MK_UNROLL
         --s;
         skip_empty();
       }
-    }
-    // per-step dB / dC: sum the R channels in order into the task's partial
-    if (p.var_B || p.var_C) {
-      __syncthreads();
-      for (int64_t idx = threadIdx.x; idx < (t1 - t0) * N; idx += blockDim.x) {
-        const int64_t i = idx / N, n = idx % N;
-        if (p.var_B) {
-          acc_t sum = 0;
-          for (int rr = 0; rr < R; ++rr) sum += sdB[(i * R + rr) * N + n];
-          static_cast<acc_t*>(q.dB_part)[var_off + n * L + t0 + i] = sum;
+      // per-step dB / dC of the sub-block [t, t + len): sum the R channels in order into the task's
+      // partial (t is block-uniform, so is the branch)
+      if ((p.var_B || p.var_C) && t % kSub == 0) {
+        const int64_t len = t1 - t < kSub ? t1 - t : kSub;
+        __syncthreads();
+        for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
+          const int64_t i = idx % len, n = idx / len;
+          if (p.var_B) {
+            acc_t sum = 0;
+            for (int rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
+            static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
+          }
+          if (p.var_C) {
+            acc_t sum = 0;
+            for (int rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
+            static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
+          }
         }
-        if (p.var_C) {
-          acc_t sum = 0;
-          for (int rr = 0; rr < R; ++rr) sum += sdC[(i * R + rr) * N + n];
-          static_cast<acc_t*>(q.dC_part)[var_off + n * L + t0 + i] = sum;
-        }
+        __syncthreads();
       }
-      __syncthreads();
     }
   }
   if (!active) return;
@@ -374,8 +382,8 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      const int64_t per_buf = kScanChunk * q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
-      const int smem = static_cast<int>(per_buf * (1 + (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0)));
+      const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
+      const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
       auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
