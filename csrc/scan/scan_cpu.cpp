@@ -7,7 +7,6 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -24,8 +23,8 @@
 namespace markovkit {
 namespace {
 
-// exp without library calls and with integer-only selects, so that the dstate loops vectorize (floating
-// compares would not be if-converted under the default -ftrapping-math): |x| saturated at 100 on its bit
+// exp without library calls and with integer-only selects, so that the decode step's dstate loop vectorizes
+// (floating compares would not be if-converted under the default -ftrapping-math): |x| saturated at 100 on its bit
 // pattern, x = k ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^k from exponent bits with k
 // clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative error a few ulp; results below 2^-126 flush
 // to 0 and above 2^127 overflow to inf; NaN comes out as 0 or inf.

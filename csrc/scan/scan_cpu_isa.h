@@ -2,10 +2,11 @@
 // SCAN_CPU_KERNELS (the getter's name) and SCAN_CPU_VEC_BYTES (SIMD width), with <cmath> and the c10 Half /
 // BFloat16 headers included. No include guard: each copy is its own translation unit.
 //
-// A channel's state h (dstate,) lives in vectors (dstate padded to a multiple of 32 bytes with
-// A = B = C = 0, so the padding lanes of h stay 0 and add nothing). Per-step B / C of the channel's (batch, group) are first copied
-// time-major and padded, (seqlen, Np), so each step reads contiguous vectors; a thread keeps that copy while
-// its consecutive channels share (batch, group).
+// A channel's state h (dstate,) lives in vectors (dstate padded to Np, a multiple of 32 bytes, with
+// A = B = C = 0, so the padding lanes of h stay 0 and add nothing). Per-step B / C of the channel's
+// (batch, group) are first copied time-major and padded, (seqlen, Np), so each step reads contiguous
+// vectors; a thread keeps that copy while its consecutive channels share (batch, group). Scratch comes from
+// the caller: nothing is allocated in code built for the wider instruction set.
 #include "scan/scan_cpu_entry.h"
 
 namespace markovkit {
