@@ -32,15 +32,13 @@ using Vec = typename VecOf<T>::type;
 template <typename acc_t>
 constexpr int kLanes = SCAN_CPU_VEC_BYTES / sizeof(acc_t);
 
-// e^x lane-wise: |x| saturated at 100, x = k ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^k
-// from exponent bits with k clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative error a few ulp;
-// results below 2^-126 flush to 0 and above 2^127 overflow to inf.
+// e^x lane-wise: x clamped to [-100, 100] (NaN passes), x = k ln2 + r (Cody-Waite), e^r by the Cephes expf
+// polynomial, 2^k from exponent bits with k clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative
+// error a few ulp; results below 2^-126 flush to 0 and above 2^127 overflow to inf.
 inline vf vexp(vf x) {
-  const vi bits = (vi)x;
-  const vi cap = vi{} + 0x42c80000;  // 100.0f
-  vi mag = bits & 0x7fffffff;
-  mag = mag < cap ? mag : cap;
-  x = (vf)((bits & static_cast<int32_t>(0x80000000u)) | mag);
+  const vf lo_x = vf{} - 100.0f, hi_x = vf{} + 100.0f;
+  x = x < lo_x ? lo_x : x;
+  x = x > hi_x ? hi_x : x;
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
   const vf r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
   vf p = vf{} + 1.9875691500e-4f;
@@ -52,7 +50,8 @@ inline vf vexp(vf x) {
   p = p * (r * r) + r + 1.0f;
   const vi lo = vi{} - 127, hi = vi{} + 128;
   vi ki = __builtin_convertvector(k, vi);  // |k| <= 145
-  ki = ki < lo ? lo : (ki > hi ? hi : ki);
+  ki = ki < lo ? lo : ki;
+  ki = ki > hi ? hi : ki;
   return p * (vf)((ki + 127) << 23);
 }
 inline vd vexp(vd x) {
