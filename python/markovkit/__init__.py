@@ -18,6 +18,8 @@ from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 # --- attention ---
 
 # --- mafbm ---
+from markovkit import fbm  # noqa: E402
+from markovkit.mafbm import mafbm_simulate, mafbm_step, step_coefficients  # noqa: E402
 
 # --- mjp ---
 
@@ -30,3 +32,4 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "philox_normal", "philox_uniform"]
+__all__ += ["fbm", "mafbm_simulate", "mafbm_step", "step_coefficients"]  # mafbm
