@@ -7,6 +7,7 @@ Schemes (Itô; b, σ, u held at their start-of-step values): "euler" (Euler-Maru
 γ_max·dt < 2, biased well before) and "exact" (the exact OU transition of the Y block, any dt).
 """
 import functools
+import math
 import warnings
 
 import torch
@@ -32,10 +33,18 @@ def _check_euler(gamma_max: float, dt: float) -> None:
 
 
 def _step_coefficients(gamma: torch.Tensor, dt: float, scheme: str):
-    """(drop, phi, factor) of the step in float64, factor of full rank K for "exact" (R = K, no truncation)."""
+    """(drop, phi, factor) of the step in float64 (no checks: traceable). "exact": factor = V √Λ of the eigen-
+    decomposition of Σ(dt), full rank K (no truncation, tiny negative eigenvalues clamped)."""
+    g = gamma.to(torch.float64)
     if scheme == "euler":
-        return fbm.ou_transition(gamma, dt, "euler")
-    return fbm.ou_transition(gamma, dt, "exact", tol=0.0)
+        return g * dt, torch.full_like(g, dt), torch.full((g.shape[0], 1), math.sqrt(dt), dtype=torch.float64)
+    g_sum = g[:, None] + g[None, :]
+    safe = torch.where(g_sum == 0, torch.ones_like(g_sum), g_sum)
+    cov = torch.where(g_sum == 0, torch.full_like(g_sum, dt), -torch.expm1(-safe * dt) / safe)
+    lam, vec = torch.linalg.eigh(cov)
+    safe_g = torch.where(g == 0, torch.ones_like(g), g)
+    phi = torch.where(g == 0, torch.full_like(g, dt), -torch.expm1(-safe_g * dt) / safe_g)
+    return -torch.expm1(-g * dt), phi, vec * lam.clamp_min(0).sqrt()
 
 
 @functools.lru_cache(maxsize=64)
