@@ -24,17 +24,19 @@ def _inputs(paths, dims, K, dtype, device, seed=0):
 
 
 def _philox_normals_f64(seed, step, stream, R):
-    """The R float64 normals of (stream, step): Box-Muller on 52-bit uniforms of philox_block(seed, step,
-    stream·8 + j) (the layout documented in csrc/mafbm/mafbm_step.h)."""
+    """The R float64 normals of (stream, step): normals [step·R, step·R + R) of the stream, normal i from
+    Box-Muller on the 52-bit uniforms of philox_block(seed, lo = i // 2, hi = stream), slot i % 2 (the layout
+    documented in csrc/mafbm/mafbm_step.h)."""
     z = []
-    for j in range((R + 1) // 2):
-        ctr = [step & 0xFFFFFFFF, step >> 32, (stream * 8 + j) & 0xFFFFFFFF, (stream * 8 + j) >> 32]
-        w = markovkit._C.philox4x32_10(ctr, [seed & 0xFFFFFFFF, seed >> 32])
+    for i in range(step * R, step * R + R):
+        b = i // 2
+        w = markovkit._C.philox4x32_10([b & 0xFFFFFFFF, b >> 32, stream & 0xFFFFFFFF, stream >> 32],
+                                       [seed & 0xFFFFFFFF, seed >> 32])
         u0 = ((((w[0] << 32) | w[1]) >> 12) + 0.5) * 2.0**-52
         u1 = ((((w[2] << 32) | w[3]) >> 12) + 0.5) * 2.0**-52
         r = math.sqrt(-2 * math.log(u0))
-        z += [r * math.cos(2 * math.pi * u1), r * math.sin(2 * math.pi * u1)]
-    return z[:R]
+        z.append(r * (math.cos if i % 2 == 0 else math.sin)(2 * math.pi * u1))
+    return z
 
 
 # --- the step against the float64 reference ------------------------------------------------------------

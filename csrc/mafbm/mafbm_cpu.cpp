@@ -1,6 +1,10 @@
 // CPU kernels of the MA-fBM step (forward, backward) and the simulator: threads split the paths.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
 #include "mafbm/mafbm_step.h"
 
 namespace markovkit {
@@ -20,13 +24,41 @@ void step_backward(const MafbmStepBackwardParams& p) {
   });
 }
 
-template <typename T>
-void simulate(const MafbmSimulateParams& p) {
+// --- float32 simulator over lanes of paths (mafbm_cpu_lanes.h), built for the baseline ISA and for AVX2 ---
+
+constexpr int kLanes = 16;
+
+namespace lanes_default {
+#include "mafbm/mafbm_cpu_lanes.h"
+}  // namespace lanes_default
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace lanes_avx2 {
+#include "mafbm/mafbm_cpu_lanes.h"
+}  // namespace lanes_avx2
+#pragma GCC pop_options
+
+void simulate_f32(const MafbmSimulateParams& p) {
+  float omega[kMafbmMaxK], drop[kMafbmMaxK], factor[kMafbmMaxK * kMafbmMaxK];
+  for (int k = 0; k < p.K; ++k) {
+    omega[k] = static_cast<float>(p.omega[k]);
+    drop[k] = static_cast<float>(p.drop[k]);
+    for (int j = 0; j < p.R; ++j) factor[k * p.R + j] = static_cast<float>(p.factor[k * p.R + j]);
+  }
+  const auto lanes = __builtin_cpu_supports("avx2") ? &lanes_avx2::simulate_lanes : &lanes_default::simulate_lanes;
+  const int64_t groups = (p.paths + kLanes - 1) / kLanes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) lanes(p, omega, drop, factor, i * kLanes);
+  });
+}
+
+void simulate_f64(const MafbmSimulateParams& p) {
   mafbm_sim_dispatch(p.K, p.R, [&]<int kK, int kR>() {
-    MafbmSimCoeffs<T, kK, kR> c;
-    mafbm_sim_coeffs<T, kK, kR>(p, &c);
+    MafbmSimCoeffs<double, kK, kR> c;
+    mafbm_sim_coeffs<double, kK, kR>(p, &c);
     at::parallel_for(0, p.paths, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) mafbm_simulate_path<T, kK, kR>(p, c, i);
+      for (int64_t i = begin; i < end; ++i) mafbm_simulate_path<double, kK, kR>(p, c, i);
     });
   });
 }
@@ -42,7 +74,7 @@ void mafbm_step_backward_cpu(const MafbmStepBackwardParams& p) {
 }
 
 void mafbm_simulate_cpu(const MafbmSimulateParams& p) {
-  p.dtype == DType::kFloat64 ? simulate<double>(p) : simulate<float>(p);
+  p.dtype == DType::kFloat64 ? simulate_f64(p) : simulate_f32(p);
 }
 
 }  // namespace markovkit

@@ -9,10 +9,11 @@
 // The host chooses the coefficients: Euler-Maruyama drop = γh, phi = h, factor = √h·1 (R = 1); the exact OU
 // transition drop = 1 − e^{−γh}, phi = (1 − e^{−γh})/γ, factor = a low-rank root of Σ(h).
 //
-// Philox counter layout (key = seed): the R normals of (path p, dim d, step n) come from the blocks
-// philox_block(seed, lo = n, hi = (p·dims + d)·8 + j), j = 0, 1, ... (fp32: 4 normals per block as two
-// Box-Muller pairs, fp64: 2 per block), normal r from block r / per, slot r % per. The simulator is the
-// step with dims = 1; its type-I start Y(0) = factor0 · z0 draws z0 at lo = 2^64 − 1 (step "−1").
+// Philox counter layout (key = seed). Each (path p, latent dim d) owns the stream s = p·dims + d of normals;
+// normal i of stream s is slot i % per of philox_block(seed, lo = i / per, hi = s), per = 4 for fp32 (two
+// Box-Muller pairs of 23-bit uniforms) and 2 for fp64 (one pair of 52-bit uniforms). Step n consumes normals
+// [n·R, n·R + R) of its stream. The simulator is the step with dims = 1; its type-I start Y(0) = factor0 · z0
+// takes z0 = normals [0, R0) (always fp64) of the separate stream hi = p | 2^63.
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -24,7 +25,7 @@
 namespace markovkit {
 
 constexpr int kMafbmMaxK = 16;  // modes (and noise rank) held in registers
-constexpr uint64_t kMafbmInitStep = ~uint64_t{0};
+constexpr uint64_t kMafbmInitStream = uint64_t{1} << 63;
 
 struct MafbmStepParams {
   const void* x;          // (paths, dims)
@@ -102,25 +103,29 @@ MK_HOST_DEVICE void mafbm_block_normals(const Philox4& r, double* z) {
   box_muller(uniform_double(r.v[0], r.v[1]), uniform_double(r.v[2], r.v[3]), &z[0], &z[1]);
 }
 
-// z[0, R) for (stream = p·dims + d, step), R ≤ kMax; whole blocks are written, so z holds kMax values
-// (kMax a multiple of 4).
-template <typename T, int kMax = kMafbmMaxK>
-MK_HOST_DEVICE void mafbm_philox_normals(uint64_t seed, uint64_t step, uint64_t stream, int R, T* z) {
+// z[0, count) = normals [first, first + count) of `stream`; count ≤ kMafbmMaxK.
+template <typename T>
+MK_HOST_DEVICE void mafbm_stream_normals(uint64_t seed, uint64_t stream, uint64_t first, int count, T* z) {
   constexpr int kPer = MafbmNormalsPerBlock<T>::value;
-MK_UNROLL
-  for (int b = 0; b < kMax / kPer; ++b) {
-    if (b * kPer < R) mafbm_block_normals(philox_block(seed, step, stream * 8 + b), z + b * kPer);
+  T block[kPer];
+  const uint64_t last = first + static_cast<uint64_t>(count);
+  for (uint64_t b = first / kPer; b * kPer < last; ++b) {
+    mafbm_block_normals(philox_block(seed, b, stream), block);
+    for (int j = 0; j < kPer; ++j) {
+      const uint64_t i = b * kPer + j;
+      if (i >= first && i < last) z[i - first] = block[j];
+    }
   }
 }
 
-// The normals of element e = p·dims + d: given ones or the Philox draw.
+// The R normals of element e = p·dims + d at `step`: given ones or the Philox draw.
 template <typename T>
 MK_HOST_DEVICE void mafbm_step_normals(const void* noise, uint64_t seed, uint64_t step, int64_t e, int R, T* z) {
   if (noise != nullptr) {
     const T* n = static_cast<const T*>(noise) + e * R;
     for (int j = 0; j < R; ++j) z[j] = n[j];
   } else {
-    mafbm_philox_normals<T>(seed, step, static_cast<uint64_t>(e), R, z);
+    mafbm_stream_normals<T>(seed, static_cast<uint64_t>(e), step * static_cast<uint64_t>(R), R, z);
   }
 }
 
@@ -199,40 +204,52 @@ MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, i
   }
 }
 
-// The simulator's coefficients in the kernel's precision, padded with zeros to kK modes and kR normals
-// (kK, kR multiples of 4 or kR = 1), so the loops have compile-time bounds.
+// The simulator's compile-time shapes: kK ≥ K modes (padded with zero coefficients), kR = R normals per
+// step when R ≤ 4, else kR = 0: R read at run time (≤ kK).
+template <int kK, int kR>
+struct MafbmSimShape {
+  static constexpr int kMaxR = kR > 0 ? kR : kK;
+  MK_HOST_DEVICE static int rank(int runtime_r) { return kR > 0 ? kR : runtime_r; }
+};
+
+// The simulator's coefficients in the kernel's precision.
 template <typename T, int kK, int kR>
 struct MafbmSimCoeffs {
-  T omega[kK], drop[kK], factor[kK * kR];
+  T omega[kK], drop[kK], factor[kK * MafbmSimShape<kK, kR>::kMaxR];
 };
 
 template <typename T, int kK, int kR>
 MK_HOST_DEVICE void mafbm_sim_coeffs(const MafbmSimulateParams& p, MafbmSimCoeffs<T, kK, kR>* c) {
+  constexpr int kMaxR = MafbmSimShape<kK, kR>::kMaxR;
   for (int k = 0; k < kK; ++k) {
     c->omega[k] = k < p.K ? static_cast<T>(p.omega[k]) : T(0);
     c->drop[k] = k < p.K ? static_cast<T>(p.drop[k]) : T(0);
-    for (int j = 0; j < kR; ++j) {
-      c->factor[k * kR + j] = (k < p.K && j < p.R) ? static_cast<T>(p.factor[k * p.R + j]) : T(0);
+    for (int j = 0; j < kMaxR; ++j) {
+      c->factor[k * kMaxR + j] = (k < p.K && j < p.R) ? static_cast<T>(p.factor[k * p.R + j]) : T(0);
     }
   }
 }
 
-// One whole path. z holds whole Philox blocks (≥ 4 values); entries past R are finite and meet zero factors.
+// One whole path, in groups of G = per steps: a group consumes exactly R Philox blocks (normals [nR, nR + GR)
+// of the path's stream, n = the group's first step), so z holds R·per values (registers when kR > 0).
 template <typename T, int kK, int kR>
 MK_HOST_DEVICE void mafbm_simulate_path(const MafbmSimulateParams& p, const MafbmSimCoeffs<T, kK, kR>& c,
                                         int64_t path) {
-  constexpr int kZ = kR < 4 ? 4 : kR;
+  constexpr int kPer = MafbmNormalsPerBlock<T>::value;
+  constexpr int kMaxR = MafbmSimShape<kK, kR>::kMaxR;
+  const int R = MafbmSimShape<kK, kR>::rank(p.R);
   const int64_t n_saved = p.n_steps / p.save_every + 1;
   T* out = static_cast<T*>(p.out) + path * n_saved;
   const T h = static_cast<T>(p.dt), theta = static_cast<T>(p.theta), mu = static_cast<T>(p.mu);
   const T sigma = static_cast<T>(p.sigma);
-  T y[kK], z[kZ];
+  const uint64_t stream = static_cast<uint64_t>(path);
+  T y[kK], z[kMaxR * kPer];
   T x = static_cast<const T*>(p.x0)[path];
 MK_UNROLL
   for (int k = 0; k < kK; ++k) y[k] = T(0);
   if (p.R0 > 0) {  // type-I start: Y(0) = factor0 · z0, in float64 whatever T
     double z0[kMafbmMaxK];
-    mafbm_philox_normals<double>(p.seed, kMafbmInitStep, static_cast<uint64_t>(path), p.R0, z0);
+    mafbm_stream_normals<double>(p.seed, stream | kMafbmInitStream, 0, p.R0, z0);
     for (int k = 0; k < p.K; ++k) {
       double acc = 0.0;
       for (int j = 0; j < p.R0; ++j) acc += p.factor0[k * p.R0 + j] * z0[j];
@@ -240,32 +257,43 @@ MK_UNROLL
     }
   }
   out[0] = x;
-  for (int64_t n = 0; n < p.n_steps; ++n) {
-    mafbm_philox_normals<T, kZ>(p.seed, static_cast<uint64_t>(n), static_cast<uint64_t>(path), p.R, z);
-    T s = T(0);
+  for (int64_t n0 = 0; n0 < p.n_steps; n0 += kPer) {
+    const uint64_t first_block = static_cast<uint64_t>(n0 / kPer) * static_cast<uint64_t>(R);
 MK_UNROLL
-    for (int k = 0; k < kK; ++k) {
-      T dy = -c.drop[k] * y[k];
-MK_UNROLL
-      for (int j = 0; j < kR; ++j) dy += c.factor[k * kR + j] * z[j];
-      y[k] += dy;
-      s += c.omega[k] * dy;
+    for (int b = 0; b < kMaxR; ++b) {
+      if (b < R) mafbm_block_normals(philox_block(p.seed, first_block + b, stream), z + b * kPer);
     }
-    x += theta * (mu - x) * h + sigma * s;
-    if ((n + 1) % p.save_every == 0) out[(n + 1) / p.save_every] = x;
+MK_UNROLL
+    for (int g = 0; g < kPer; ++g) {
+      const int64_t n = n0 + g;
+      if (n >= p.n_steps) break;
+      T s = T(0);
+MK_UNROLL
+      for (int k = 0; k < kK; ++k) {
+        T dy = -c.drop[k] * y[k];
+MK_UNROLL
+        for (int j = 0; j < kMaxR; ++j) {
+          if (j < R) dy += c.factor[k * kMaxR + j] * z[g * R + j];
+        }
+        y[k] += dy;
+        s += c.omega[k] * dy;
+      }
+      x += theta * (mu - x) * h + sigma * s;
+      if ((n + 1) % p.save_every == 0) out[(n + 1) / p.save_every] = x;
+    }
   }
 }
 
-// Calls f.template operator()<kK, kR>() with the smallest compiled (kK, kR) that holds (K, R).
+// Calls f.template operator()<kK, kR>() with the smallest compiled kK ≥ K and kR as in MafbmSimShape.
 template <typename F>
 void mafbm_sim_dispatch(int K, int R, F&& f) {
   auto with_k = [&]<int kK>() {
-    if (R == 1) {
-      f.template operator()<kK, 1>();
-    } else if (R <= 4) {
-      f.template operator()<kK, 4>();
-    } else {
-      f.template operator()<kK, kK>();
+    switch (R) {
+      case 1: f.template operator()<kK, 1>(); break;
+      case 2: f.template operator()<kK, 2>(); break;
+      case 3: f.template operator()<kK, 3>(); break;
+      case 4: f.template operator()<kK, 4>(); break;
+      default: f.template operator()<kK, 0>(); break;
     }
   };
   if (K <= 4) {
