@@ -62,7 +62,7 @@ struct MafbmStepBackwardParams {
   const void* factor;       // (K, R)
   void* grad_y;             // (paths, dims, K)
   void* grad_diffusion;     // (paths, dims)
-  void* grad_control;       // (paths, dims) or nullptr
+  void* grad_control;       // (paths, dims): the gradient for u (u = 0 when control is absent)
   void* grad_omega_terms;   // (paths, dims, K): summed over paths and dims by the host
   int64_t paths, dims;
   int K, R;
@@ -103,17 +103,30 @@ MK_HOST_DEVICE void mafbm_block_normals(const Philox4& r, double* z) {
   box_muller(uniform_double(r.v[0], r.v[1]), uniform_double(r.v[2], r.v[3]), &z[0], &z[1]);
 }
 
-// z[0, count) = normals [first, first + count) of `stream`; count ≤ kMafbmMaxK.
+// Box-Muller pair `pair` of a Philox block: fp32 pairs 0 and 1 (words 0-1, 2-3), fp64 pair 0 (all four).
+MK_HOST_DEVICE void mafbm_pair_normals(const Philox4& r, int pair, float* z0, float* z1) {
+  box_muller(uniform_float(r.v[2 * pair]), uniform_float(r.v[2 * pair + 1]), z0, z1);
+}
+
+MK_HOST_DEVICE void mafbm_pair_normals(const Philox4& r, int, double* z0, double* z1) {
+  box_muller(uniform_double(r.v[0], r.v[1]), uniform_double(r.v[2], r.v[3]), z0, z1);
+}
+
+// z[0, count) = normals [first, first + count) of `stream` (the same values as mafbm_block_normals), computing
+// only the Box-Muller pairs that meet the range.
 template <typename T>
 MK_HOST_DEVICE void mafbm_stream_normals(uint64_t seed, uint64_t stream, uint64_t first, int count, T* z) {
   constexpr int kPer = MafbmNormalsPerBlock<T>::value;
-  T block[kPer];
   const uint64_t last = first + static_cast<uint64_t>(count);
   for (uint64_t b = first / kPer; b * kPer < last; ++b) {
-    mafbm_block_normals(philox_block(seed, b, stream), block);
-    for (int j = 0; j < kPer; ++j) {
-      const uint64_t i = b * kPer + j;
-      if (i >= first && i < last) z[i - first] = block[j];
+    const Philox4 r = philox_block(seed, b, stream);
+    for (int pair = 0; pair < kPer / 2; ++pair) {
+      const uint64_t i0 = b * kPer + 2 * pair;
+      if (i0 + 1 < first || i0 >= last) continue;
+      T z0, z1;
+      mafbm_pair_normals(r, pair, &z0, &z1);
+      if (i0 >= first) z[i0 - first] = z0;
+      if (i0 + 1 < last) z[i0 + 1 - first] = z1;
     }
   }
 }
@@ -153,17 +166,22 @@ MK_HOST_DEVICE void mafbm_step_path(const MafbmStepParams& p, int64_t path) {
   const T* ctl = static_cast<const T*>(p.control);
   T* x_next = static_cast<T*>(p.x_next);
   T* y_next = static_cast<T*>(p.y_next);
+  const T* omega = static_cast<const T*>(p.omega);
+  const T* drop = static_cast<const T*>(p.drop);
+  const T* phi = static_cast<const T*>(p.phi);
+  const T* factor = static_cast<const T*>(p.factor);
+  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
+  const int64_t dims = p.dims;
   const T h = static_cast<T>(p.dt);
   T z[kMafbmMaxK], dy[kMafbmMaxK];
   T kl = T(0);
-  for (int64_t d = 0; d < p.dims; ++d) {
-    const int64_t e = path * p.dims + d;
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t e = path * dims + d;
     const T u = ctl != nullptr ? ctl[e] : T(0);
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
-    const T* ye = y + e * p.K;
-    const T s = mafbm_increment<T>(ye, u, z, static_cast<const T*>(p.omega), static_cast<const T*>(p.drop),
-                                   static_cast<const T*>(p.phi), static_cast<const T*>(p.factor), p.K, p.R, dy);
-    for (int k = 0; k < p.K; ++k) y_next[e * p.K + k] = ye[k] + dy[k];
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, R, z);
+    const T* ye = y + e * K;
+    const T s = mafbm_increment<T>(ye, u, z, omega, drop, phi, factor, K, R, dy);
+    for (int k = 0; k < K; ++k) y_next[e * K + k] = ye[k] + dy[k];
     x_next[e] = x[e] + b[e] * h + sig[e] * s;
     kl += u * u;
   }
@@ -182,25 +200,31 @@ MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, i
   const T* omega = static_cast<const T*>(p.omega);
   const T* drop = static_cast<const T*>(p.drop);
   const T* phi = static_cast<const T*>(p.phi);
+  const T* factor = static_cast<const T*>(p.factor);
+  T* grad_y = static_cast<T*>(p.grad_y);
+  T* grad_omega_terms = static_cast<T*>(p.grad_omega_terms);
+  T* grad_diffusion = static_cast<T*>(p.grad_diffusion);
+  T* grad_control = static_cast<T*>(p.grad_control);
+  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
+  const int64_t dims = p.dims;
   const T h = static_cast<T>(p.dt);
   const T gkl = static_cast<const T*>(p.grad_kl)[path];
   T z[kMafbmMaxK], dy[kMafbmMaxK];
-  for (int64_t d = 0; d < p.dims; ++d) {
-    const int64_t e = path * p.dims + d;
+  for (int64_t d = 0; d < dims; ++d) {
+    const int64_t e = path * dims + d;
     const T u = ctl != nullptr ? ctl[e] : T(0);
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
-    const T s = mafbm_increment<T>(y + e * p.K, u, z, omega, drop, phi, static_cast<const T*>(p.factor), p.K,
-                                   p.R, dy);
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, R, z);
+    const T s = mafbm_increment<T>(y + e * K, u, z, omega, drop, phi, factor, K, R, dy);
     const T gs = gx[e] * sig[e];
     T gu = gkl * u * h;
-    for (int k = 0; k < p.K; ++k) {
-      const T g_dy = gy[e * p.K + k] + gs * omega[k];
-      static_cast<T*>(p.grad_y)[e * p.K + k] = gy[e * p.K + k] - drop[k] * g_dy;
-      static_cast<T*>(p.grad_omega_terms)[e * p.K + k] = gs * dy[k];
+    for (int k = 0; k < K; ++k) {
+      const T g_dy = gy[e * K + k] + gs * omega[k];
+      grad_y[e * K + k] = gy[e * K + k] - drop[k] * g_dy;
+      grad_omega_terms[e * K + k] = gs * dy[k];
       gu += phi[k] * g_dy;
     }
-    static_cast<T*>(p.grad_diffusion)[e] = gx[e] * s;
-    if (p.grad_control != nullptr) static_cast<T*>(p.grad_control)[e] = gu;
+    grad_diffusion[e] = gx[e] * s;
+    grad_control[e] = gu;
   }
 }
 
