@@ -23,6 +23,9 @@ TORCH_LIBRARY(markovkit, m) {
         "int step) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mafbm_simulate(Tensor x0, Tensor omega, Tensor drop, Tensor factor, Tensor? factor0, int n_steps, "
         "float dt, float theta, float mu, float sigma, int save_every, int seed) -> Tensor");
+  m.def("mafbm_simulate_backward(Tensor grad_out, Tensor x0, Tensor omega, Tensor drop, Tensor factor, "
+        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, int seed) "
+        "-> Tensor");
   // --- mjp: Markov jump processes (csrc/mjp) ---
 }
 

@@ -149,8 +149,11 @@ def test_opcheck(device, with_control, R):
                            step))
     x0 = torch.randn(9, dtype=F64, device=device)
     d, _, f = fbm.ou_transition(GAMMA, 0.05, "exact", OMEGA_II)
-    torch.library.opcheck(torch.ops.markovkit.mafbm_simulate,
-                          (x0, OMEGA_II, d, f, fbm.stationary_factor(GAMMA), 7, 0.05, 1.0, 0.5, 1.0, 3, 5),
+    sim_args = (OMEGA_II, d, f, fbm.stationary_factor(GAMMA), 7, 0.05, 1.0, 0.5, 1.0, 3, 5)
+    torch.library.opcheck(torch.ops.markovkit.mafbm_simulate, (x0, *sim_args),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.markovkit.mafbm_simulate_backward,
+                          (torch.randn(9, 3, dtype=F64, device=device), x0, *sim_args),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -195,6 +198,35 @@ def test_simulate_equals_a_loop_of_steps(device, dtype):
             saved.append(x[:, 0])
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, torch.stack(saved, 1), **tol)
+
+
+@pytest.mark.parametrize("kind", ["I", "II"])
+def test_simulate_gradcheck(device, kind):
+    """x0, θ, μ, σ (fp64): the tangent re-run against finite differences of the same draws."""
+    w = fbm.omega(0.3, GAMMA, 1.0, kind)
+    x0 = torch.randn(6, dtype=F64, device=device, requires_grad=True)
+    params = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.7, 0.2, 1.3)]
+
+    def f(x0, theta, mu, sigma):
+        return markovkit.mafbm_simulate(x0, 13, 0.05, w, GAMMA, theta=theta, mu=mu, sigma=sigma, save_every=3,
+                                        seed=5, kind=kind)
+
+    torch.autograd.gradcheck(f, (x0, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simulate_backward_closed_forms(device, dtype):
+    """L = Σ out: dL/dx0 = Σ_j ρ^{j·s}, dL/dμ = Σ_j (1 − ρ^{j·s}) (x0 = μ = 0 start), ρ = 1 − θh."""
+    n, dt, theta, se = 40, 0.05, 0.8, 4
+    x0 = torch.zeros(100, dtype=dtype, device=device, requires_grad=True)
+    mu = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    out = markovkit.mafbm_simulate(x0, n, dt, OMEGA_II, GAMMA, theta=theta, mu=mu, seed=1, save_every=se,
+                                   kind="II")
+    out.sum().backward()
+    rho = (1 - theta * dt) ** (torch.arange(0, n // se + 1, dtype=F64) * se)
+    torch.testing.assert_close(x0.grad.double().cpu(), torch.full((100,), float(rho.sum()), dtype=F64),
+                               **TOL[dtype])
+    assert math.isclose(mu.grad, 100 * float((1 - rho).sum()), rel_tol=1e-4)
 
 
 def _moments(paths):

@@ -16,11 +16,12 @@
 namespace markovkit {
 namespace {
 
-// A tensor like `ref` (dtype, device), made contiguous.
-at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape) {
-  check_same_device(t, name, ref, "x");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
-              " (the dtype of x), got ", t.scalar_type());
+// A tensor like `ref` (dtype, device) of the given shape, made contiguous.
+at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                   const char* ref_name = "x") {
+  check_same_device(t, name, ref, ref_name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
+              ref_name, "), got ", t.scalar_type());
   check_shape(t, name, shape);
   return t.contiguous();
 }
@@ -97,17 +98,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
   check_step_scalars(dt, step);
   const int64_t P = grad_x_in.size(0), D = grad_x_in.size(1);
   const at::Tensor gx = grad_x_in.contiguous();
-  const at::Tensor gy = checked(grad_y_in, "grad_y_next", gx, {P, D, K});
-  const at::Tensor gkl = checked(grad_kl_in, "grad_kl", gx, {P});
-  const at::Tensor y = checked(y_in, "y", gx, {P, D, K});
-  const at::Tensor diffusion = checked(diffusion_in, "diffusion", gx, {P, D});
-  const at::Tensor omega = checked(omega_in, "omega", gx, {K});
-  const at::Tensor drop = checked(drop_in, "drop", gx, {K});
-  const at::Tensor phi = checked(phi_in, "phi", gx, {K});
-  const at::Tensor factor = checked(factor_in, "factor", gx, {K, R});
+  const at::Tensor gy = checked(grad_y_in, "grad_y_next", gx, {P, D, K}, "grad_x_next");
+  const at::Tensor gkl = checked(grad_kl_in, "grad_kl", gx, {P}, "grad_x_next");
+  const at::Tensor y = checked(y_in, "y", gx, {P, D, K}, "grad_x_next");
+  const at::Tensor diffusion = checked(diffusion_in, "diffusion", gx, {P, D}, "grad_x_next");
+  const at::Tensor omega = checked(omega_in, "omega", gx, {K}, "grad_x_next");
+  const at::Tensor drop = checked(drop_in, "drop", gx, {K}, "grad_x_next");
+  const at::Tensor phi = checked(phi_in, "phi", gx, {K}, "grad_x_next");
+  const at::Tensor factor = checked(factor_in, "factor", gx, {K, R}, "grad_x_next");
   std::optional<at::Tensor> control, noise;
-  if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D});
-  if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R});
+  if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
+  if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
   at::Tensor grad_y = at::empty_like(y), grad_diffusion = at::empty_like(gx), grad_control = at::empty_like(gx);
   at::Tensor grad_omega_terms = at::empty_like(y);
   const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
@@ -133,11 +134,13 @@ at::Tensor host_values(const at::Tensor& t) {
   return t.detach().to(at::kCPU, at::kDouble).contiguous();
 }
 
-at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega_in, const at::Tensor& drop_in,
-                          const at::Tensor& factor_in, const std::optional<at::Tensor>& factor0_in, int64_t n_steps,
-                          double dt, double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
-  check_dtype(x0_in, "x0", {at::kFloat, at::kDouble});
-  TORCH_CHECK(x0_in.dim() == 1, "x0: expected shape (paths,), got ", x0_in.sizes());
+// Checks the simulator's inputs and fills everything of its params but the output pointers.
+MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omega_in, const at::Tensor& drop_in,
+                                    const at::Tensor& factor_in, const std::optional<at::Tensor>& factor0_in,
+                                    int64_t n_steps, double dt, double theta, double mu, double sigma,
+                                    int64_t save_every, int64_t seed) {
+  check_dtype(x0, "x0", {at::kFloat, at::kDouble});
+  TORCH_CHECK(x0.dim() == 1, "x0: expected shape (paths,), got ", x0.sizes());
   TORCH_CHECK(omega_in.dim() == 1 && omega_in.size(0) >= 1 && omega_in.size(0) <= kMafbmMaxK,
               "omega: expected shape (K,) with 1 <= K <= ", kMafbmMaxK, ", got ", omega_in.sizes());
   const int64_t K = omega_in.size(0);
@@ -152,13 +155,9 @@ at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega_in, c
   TORCH_CHECK(n_steps >= 0, "n_steps: expected a non-negative number of steps, got ", n_steps);
   TORCH_CHECK(dt > 0, "dt: expected a positive time step, got ", dt);
   TORCH_CHECK(save_every >= 1, "save_every: expected a positive stride, got ", save_every);
-  const at::Tensor x0 = x0_in.contiguous();
-  const int64_t P = x0.size(0);
-  at::Tensor out = at::empty({P, n_steps / save_every + 1}, x0.options());
   MafbmSimulateParams p{};
   p.x0 = x0.data_ptr();
-  p.out = out.data_ptr();
-  p.paths = P;
+  p.paths = x0.size(0);
   p.n_steps = n_steps;
   p.save_every = save_every;
   p.K = static_cast<int>(K);
@@ -175,6 +174,10 @@ at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega_in, c
   p.sigma = sigma;
   p.seed = static_cast<uint64_t>(seed);
   p.dtype = dtype_of(x0, "x0");
+  return p;
+}
+
+void run_simulate(const MafbmSimulateParams& p, const at::Tensor& x0) {
   if (x0.is_cpu()) {
     mafbm_simulate_cpu(p);
   } else {
@@ -184,7 +187,34 @@ at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega_in, c
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   }
+}
+
+at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega, const at::Tensor& drop,
+                          const at::Tensor& factor, const std::optional<at::Tensor>& factor0, int64_t n_steps,
+                          double dt, double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+  const at::Tensor x0 = x0_in.contiguous();
+  MafbmSimulateParams p =
+      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  at::Tensor out = at::empty({p.paths, n_steps / save_every + 1}, x0.options());
+  p.out = out.data_ptr();
+  run_simulate(p, x0);
   return out;
+}
+
+// -> (4, paths): per-path dL/dx0 and the per-path terms of dL/dθ, dL/dμ, dL/dσ (summed by the caller).
+at::Tensor mafbm_simulate_backward(const at::Tensor& grad_out_in, const at::Tensor& x0_in, const at::Tensor& omega,
+                                   const at::Tensor& drop, const at::Tensor& factor,
+                                   const std::optional<at::Tensor>& factor0, int64_t n_steps, double dt,
+                                   double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+  const at::Tensor x0 = x0_in.contiguous();
+  MafbmSimulateParams p =
+      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  const at::Tensor grad_out = checked(grad_out_in, "grad_out", x0, {p.paths, n_steps / save_every + 1}, "x0");
+  at::Tensor partials = at::empty({4, p.paths}, x0.options());
+  p.grad_out = grad_out.data_ptr();
+  p.partials = partials.data_ptr();
+  run_simulate(p, x0);
+  return partials;
 }
 
 }  // namespace
@@ -193,6 +223,7 @@ TORCH_LIBRARY_IMPL(markovkit, CPU, m) {
   m.impl("mafbm_step", &mafbm_step);
   m.impl("mafbm_step_backward", &mafbm_step_backward);
   m.impl("mafbm_simulate", &mafbm_simulate);
+  m.impl("mafbm_simulate_backward", &mafbm_simulate_backward);
 }
 
 #ifdef MARKOVKIT_WITH_CUDA
@@ -200,6 +231,7 @@ TORCH_LIBRARY_IMPL(markovkit, CUDA, m) {
   m.impl("mafbm_step", &mafbm_step);
   m.impl("mafbm_step_backward", &mafbm_step_backward);
   m.impl("mafbm_simulate", &mafbm_simulate);
+  m.impl("mafbm_simulate_backward", &mafbm_simulate_backward);
 }
 #endif
 

@@ -46,7 +46,9 @@ void simulate_f32(const MafbmSimulateParams& p) {
     drop[k] = static_cast<float>(p.drop[k]);
     for (int j = 0; j < p.R; ++j) factor[k * p.R + j] = static_cast<float>(p.factor[k * p.R + j]);
   }
-  const auto lanes = __builtin_cpu_supports("avx2") ? &lanes_avx2::simulate_lanes : &lanes_default::simulate_lanes;
+  const bool avx2 = __builtin_cpu_supports("avx2"), grad = p.grad_out != nullptr;
+  const auto lanes = avx2 ? (grad ? &lanes_avx2::simulate_lanes<true> : &lanes_avx2::simulate_lanes<false>)
+                          : (grad ? &lanes_default::simulate_lanes<true> : &lanes_default::simulate_lanes<false>);
   const int64_t groups = (p.paths + kLanes - 1) / kLanes;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) lanes(p, omega, drop, factor, i * kLanes);
@@ -58,7 +60,10 @@ void simulate_f64(const MafbmSimulateParams& p) {
     MafbmSimCoeffs<double, kK, kR> c;
     mafbm_sim_coeffs<double, kK, kR>(p, &c);
     at::parallel_for(0, p.paths, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) mafbm_simulate_path<double, kK, kR>(p, c, i);
+      for (int64_t i = begin; i < end; ++i) {
+        p.grad_out != nullptr ? mafbm_simulate_path<double, kK, kR, true>(p, c, i)
+                              : mafbm_simulate_path<double, kK, kR, false>(p, c, i);
+      }
     });
   });
 }

@@ -101,6 +101,8 @@ inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* st
 
 // Paths [first, first + kLanes) (clamped to the last path; only real paths are stored). K and R are run-time
 // bounds here: every loop body works on kLanes values. c: omega, drop (K,), factor (K, R), in float.
+// kGrad: the backward (tangents as in mafbm_simulate_path) instead of the forward.
+template <bool kGrad>
 void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const float* c_drop, const float* c_factor,
                     int64_t first) {
   const int K = p.K, R = p.R;
@@ -127,7 +129,22 @@ void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const fl
     }
   }
   float* out = static_cast<float*>(p.out);
-  for (int l = 0; l < live; ++l) out[(first + l) * n_saved] = x[l];
+  const float* grad = static_cast<const float*>(p.grad_out);
+  const float rho = 1.0f - theta * h;
+  float t_x0[kLanes], t_theta[kLanes], t_mu[kLanes], t_sigma[kLanes];  // tangents of x
+  float g_x0[kLanes], g_theta[kLanes], g_mu[kLanes], g_sigma[kLanes];  // contracted with grad_out
+  for (int l = 0; l < kLanes; ++l) {
+    t_x0[l] = 1.0f;
+    t_theta[l] = t_mu[l] = t_sigma[l] = 0.0f;
+    g_x0[l] = g_theta[l] = g_mu[l] = g_sigma[l] = 0.0f;
+  }
+  for (int l = 0; l < live; ++l) {
+    if constexpr (kGrad) {
+      g_x0[l] = grad[(first + l) * n_saved];
+    } else {
+      out[(first + l) * n_saved] = x[l];
+    }
+  }
   for (int64_t n0 = 0; n0 < p.n_steps; n0 += 4) {
     const uint64_t first_block = static_cast<uint64_t>(n0 / 4) * static_cast<uint64_t>(R);
     for (int b = 0; b < R; ++b) lane_block_normals(p.seed, first_block + b, stream, z + 4 * b);
@@ -146,11 +163,39 @@ void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const fl
           s[l] += c_omega[k] * dy[l];
         }
       }
+      if constexpr (kGrad) {
+        for (int l = 0; l < kLanes; ++l) {
+          t_x0[l] = rho * t_x0[l];
+          t_theta[l] = rho * t_theta[l] + (mu - x[l]) * h;
+          t_mu[l] = rho * t_mu[l] + theta * h;
+          t_sigma[l] = rho * t_sigma[l] + s[l];
+        }
+      }
       for (int l = 0; l < kLanes; ++l) x[l] += theta * (mu - x[l]) * h + sigma * s[l];
       const int64_t n = n0 + g + 1;
       if (n % p.save_every == 0) {
-        for (int l = 0; l < live; ++l) out[(first + l) * n_saved + n / p.save_every] = x[l];
+        const int64_t j = n / p.save_every;
+        for (int l = 0; l < live; ++l) {
+          if constexpr (kGrad) {
+            const float gl = grad[(first + l) * n_saved + j];
+            g_x0[l] += gl * t_x0[l];
+            g_theta[l] += gl * t_theta[l];
+            g_mu[l] += gl * t_mu[l];
+            g_sigma[l] += gl * t_sigma[l];
+          } else {
+            out[(first + l) * n_saved + j] = x[l];
+          }
+        }
       }
+    }
+  }
+  if constexpr (kGrad) {
+    float* partials = static_cast<float*>(p.partials);
+    for (int l = 0; l < live; ++l) {
+      partials[first + l] = g_x0[l];
+      partials[p.paths + first + l] = g_theta[l];
+      partials[2 * p.paths + first + l] = g_mu[l];
+      partials[3 * p.paths + first + l] = g_sigma[l];
     }
   }
 }

@@ -24,19 +24,23 @@ __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
 }
 
 // The coefficients go to shared memory once per block; every thread then steps its own path.
-template <typename T, int kK, int kR>
+template <typename T, int kK, int kR, bool kGrad>
 __global__ void simulate_kernel(MafbmSimulateParams p) {
   __shared__ MafbmSimCoeffs<T, kK, kR> c;
   if (threadIdx.x == 0) mafbm_sim_coeffs<T, kK, kR>(p, &c);
   __syncthreads();
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < p.paths) mafbm_simulate_path<T, kK, kR>(p, c, i);
+  if (i < p.paths) mafbm_simulate_path<T, kK, kR, kGrad>(p, c, i);
 }
 
 template <typename T>
 void simulate(const MafbmSimulateParams& p, cudaStream_t stream) {
   mafbm_sim_dispatch(p.K, p.R, [&]<int kK, int kR>() {
-    simulate_kernel<T, kK, kR><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+    if (p.grad_out != nullptr) {
+      simulate_kernel<T, kK, kR, true><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+    } else {
+      simulate_kernel<T, kK, kR, false><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+    }
   });
 }
 

@@ -72,9 +72,15 @@ struct MafbmStepBackwardParams {
 };
 
 // Whole fractional OU paths dX = θ(μ − X)dt + σ dB̂ with the Y block stepped as above (u = 0).
+// Backward (grad_out given): X is linear in (x0, μ, σ) given the noise, and θ enters through ρ = 1 − θh, so the
+// tangents ∂x_n/∂(x0, θ, μ, σ) are carried forward along a re-run of the same path (same Philox draws):
+//   t_x0' = ρ t_x0, t_θ' = ρ t_θ + (μ − x_n) h, t_μ' = ρ t_μ + θ h, t_σ' = ρ t_σ + s_n,
+// and partials[:, p] = Σ_j grad_out[p, j] · t(step j·save_every): O(paths) memory, no stored trajectory.
 struct MafbmSimulateParams {
-  const void* x0;  // (paths,)
-  void* out;       // (paths, n_steps / save_every + 1): X at steps 0, save_every, 2·save_every, ...
+  const void* x0;        // (paths,)
+  void* out;             // forward: (paths, n_steps / save_every + 1), X at steps 0, save_every, ...
+  const void* grad_out;  // backward: (paths, n_saved) gradient of `out`; nullptr in the forward
+  void* partials;        // backward: (4, paths) per-path dL/dx0, and dL/dθ, dL/dμ, dL/dσ terms
   int64_t paths, n_steps, save_every;
   int K, R, R0;    // modes, noise rank per step, rank of the start factor (0: Y(0) = 0)
   double omega[kMafbmMaxK], drop[kMafbmMaxK];
@@ -256,7 +262,7 @@ MK_HOST_DEVICE void mafbm_sim_coeffs(const MafbmSimulateParams& p, MafbmSimCoeff
 
 // One whole path, in groups of G = per steps: a group consumes exactly R Philox blocks (normals [nR, nR + GR)
 // of the path's stream, n = the group's first step), so z holds R·per values (registers when kR > 0).
-template <typename T, int kK, int kR>
+template <typename T, int kK, int kR, bool kGrad>
 MK_HOST_DEVICE void mafbm_simulate_path(const MafbmSimulateParams& p, const MafbmSimCoeffs<T, kK, kR>& c,
                                         int64_t path) {
   constexpr int kPer = MafbmNormalsPerBlock<T>::value;
@@ -280,7 +286,15 @@ MK_UNROLL
       y[k] = static_cast<T>(acc);
     }
   }
-  out[0] = x;
+  const T* grad = kGrad ? static_cast<const T*>(p.grad_out) + path * n_saved : nullptr;
+  const T rho = T(1) - theta * h;
+  T t_x0 = T(1), t_theta = T(0), t_mu = T(0), t_sigma = T(0);  // tangents of x
+  T g_x0 = T(0), g_theta = T(0), g_mu = T(0), g_sigma = T(0);  // their contractions with grad_out
+  if (kGrad) {
+    g_x0 = grad[0];
+  } else {
+    out[0] = x;
+  }
   for (int64_t n0 = 0; n0 < p.n_steps; n0 += kPer) {
     const uint64_t first_block = static_cast<uint64_t>(n0 / kPer) * static_cast<uint64_t>(R);
 MK_UNROLL
@@ -302,9 +316,32 @@ MK_UNROLL
         y[k] += dy;
         s += c.omega[k] * dy;
       }
+      if (kGrad) {
+        t_x0 = rho * t_x0;
+        t_theta = rho * t_theta + (mu - x) * h;
+        t_mu = rho * t_mu + theta * h;
+        t_sigma = rho * t_sigma + s;
+      }
       x += theta * (mu - x) * h + sigma * s;
-      if ((n + 1) % p.save_every == 0) out[(n + 1) / p.save_every] = x;
+      if ((n + 1) % p.save_every == 0) {
+        const int64_t j = (n + 1) / p.save_every;
+        if (kGrad) {
+          g_x0 += grad[j] * t_x0;
+          g_theta += grad[j] * t_theta;
+          g_mu += grad[j] * t_mu;
+          g_sigma += grad[j] * t_sigma;
+        } else {
+          out[j] = x;
+        }
+      }
     }
+  }
+  if (kGrad) {
+    T* partials = static_cast<T*>(p.partials);
+    partials[path] = g_x0;
+    partials[p.paths + path] = g_theta;
+    partials[2 * p.paths + path] = g_mu;
+    partials[3 * p.paths + path] = g_sigma;
   }
 }
 
@@ -331,11 +368,11 @@ void mafbm_sim_dispatch(int K, int R, F&& f) {
 
 void mafbm_step_cpu(const MafbmStepParams& p);
 void mafbm_step_backward_cpu(const MafbmStepBackwardParams& p);
-void mafbm_simulate_cpu(const MafbmSimulateParams& p);
+void mafbm_simulate_cpu(const MafbmSimulateParams& p);  // backward when p.grad_out != nullptr
 #ifdef MARKOVKIT_WITH_CUDA
 void mafbm_step_cuda(const MafbmStepParams& p, cudaStream_t stream);
 void mafbm_step_backward_cuda(const MafbmStepBackwardParams& p, cudaStream_t stream);
-void mafbm_simulate_cuda(const MafbmSimulateParams& p, cudaStream_t stream);
+void mafbm_simulate_cuda(const MafbmSimulateParams& p, cudaStream_t stream);  // likewise
 #endif
 
 }  // namespace markovkit

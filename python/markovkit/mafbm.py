@@ -92,14 +92,16 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
                                           control, noise, 0 if seed is None else seed, step)
 
 
-def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta: float = 0.0, mu: float = 0.0,
-                   sigma: float = 1.0, save_every: int = 1, seed: int, scheme: str = "exact", kind: str = "I"):
+def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
+                   seed: int, scheme: str = "exact", kind: str = "I"):
     """Whole fractional OU paths dX = θ(μ − X) dt + σ dB̂ in one kernel -> (paths, n_steps // save_every + 1).
 
     x0: (paths,) float32/float64 (CPU or CUDA); column j is X at step j·save_every. θ = 0, σ = 1 gives
     MA-fBM paths. kind "I" starts Y from its stationary law N(0, 1/(γ_i + γ_j)), "II" from 0.
     "exact" draws r ≤ K normals per step (the low-rank root of Σ(dt) accurate to 1e-6 on diag Σ and ωᵀΣω).
     The drift term is an Euler step in X; the noise of X is exact in distribution for "exact".
+    Differentiable in x0 and in theta, mu, sigma when given as scalar tensors: the backward re-runs the paths
+    with forward tangents (same draws), so its memory is O(paths), not paths x steps x K.
     """
     _check_scheme(scheme)
     fbm._check_kind(kind)
@@ -108,8 +110,38 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta: float = 
     if scheme == "euler":
         _check_euler(float(torch.as_tensor(gamma).max()), dt)
     factor0 = fbm.stationary_factor(gamma, w) if kind == "I" else None
-    return torch.ops.markovkit.mafbm_simulate(x0, w, drop, factor, factor0, int(n_steps), float(dt), float(theta),
-                                              float(mu), float(sigma), int(save_every), int(seed))
+    consts = (w, drop, factor, factor0, int(n_steps), float(dt), int(save_every), int(seed))
+    params = [p if isinstance(p, torch.Tensor) else torch.tensor(float(p), dtype=torch.float64)
+              for p in (theta, mu, sigma)]
+    if torch.is_grad_enabled() and (x0.requires_grad or any(p.requires_grad for p in params)):
+        return _Simulate.apply(x0, *params, consts)
+    return _simulate(x0, *(float(p) for p in params), consts)
+
+
+def _simulate(x0, theta: float, mu: float, sigma: float, consts):
+    w, drop, factor, factor0, n_steps, dt, save_every, seed = consts
+    return torch.ops.markovkit.mafbm_simulate(x0, w, drop, factor, factor0, n_steps, dt, theta, mu, sigma,
+                                              save_every, seed)
+
+
+class _Simulate(torch.autograd.Function):
+    """Autograd of the simulator for x0 (paths,) and the scalar tensors θ, μ, σ."""
+
+    @staticmethod
+    def forward(ctx, x0, theta, mu, sigma, consts):
+        ctx.consts, ctx.scalars = consts, (float(theta), float(mu), float(sigma))
+        ctx.save_for_backward(x0)
+        return _simulate(x0, *ctx.scalars, consts)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x0,) = ctx.saved_tensors
+        w, drop, factor, factor0, n_steps, dt, save_every, seed = ctx.consts
+        partials = torch.ops.markovkit.mafbm_simulate_backward(grad_out.contiguous(), x0.detach(), w, drop, factor,
+                                                               factor0, n_steps, dt, *ctx.scalars, save_every,
+                                                               seed)
+        sums = partials[1:].sum(1).double().cpu()
+        return partials[0], sums[0], sums[1], sums[2], None
 
 
 # --- fakes ----------------------------------------------------------------------------------------------
@@ -127,6 +159,11 @@ def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor,
 @torch.library.register_fake("markovkit::mafbm_simulate")
 def _(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
     return x0.new_empty((x0.shape[0], n_steps // save_every + 1))
+
+
+@torch.library.register_fake("markovkit::mafbm_simulate_backward")
+def _(grad_out, x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
+    return x0.new_empty((4, x0.shape[0]))
 
 
 # --- autograd of the step -------------------------------------------------------------------------------

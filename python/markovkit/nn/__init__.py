@@ -4,3 +4,4 @@
 # --- attention ---
 
 # --- mafbm ---
+from markovkit.nn.fractional_sde import FractionalSDE  # noqa: F401
