@@ -37,7 +37,7 @@ def main():
     model = FractionalSDE(1, K=5, gamma_max=20.0, kind="I", hurst=args.hurst, horizon=HORIZON, hidden=64,
                           drift=False)
     model.diffusion.requires_grad_(False)  # σ = 1: the prior is fixed, only the control learns
-    opt = torch.optim.Adam(model.control.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.control.parameters(), lr=1e-2)
     obs, times = torch.zeros(1, 1, 1), torch.tensor([T_END])
     start = time.time()
     for it in range(args.iters):

@@ -1,7 +1,7 @@
 """Learn the Hurst index by the ELBO: sequences simulated from a type-I MA-fBM with H = 0.3 (K = 5,
-γ_max = 20, on [0, 1]) are observed with small noise at every step; a FractionalSDE with learnable H
-(started at ½, Brownian motion) and a posterior control that sees the next observation is trained on the
-ELBO, and the recovered H is printed.
+γ_max = 20, on [0, 1], 50 steps) are observed with noise every 5th step; a FractionalSDE with learnable H
+(started at ½, Brownian motion) and a posterior control that sees the next observation and the time left
+to it is trained on the ELBO, and the recovered H is printed.
 
 Usage: python examples/fit_hurst.py [--true-hurst 0.3] [--iters 300]
 """
@@ -14,7 +14,7 @@ import markovkit
 from markovkit import fbm
 from markovkit.nn import FractionalSDE
 
-K, GAMMA_MAX, N_STEPS, OBS_STD = 5, 20.0, 50, 0.05
+K, GAMMA_MAX, N_STEPS, OBS_EVERY, OBS_STD = 5, 20.0, 50, 5, 0.1
 
 
 def simulate_data(hurst: float, sequences: int, seed: int) -> torch.Tensor:
@@ -31,22 +31,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--true-hurst", type=float, default=0.3)
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--sequences", type=int, default=32)
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(0)
     dt = 1.0 / N_STEPS
     data = simulate_data(args.true_hurst, args.sequences, seed=7)  # (B, N + 1, 1)
-    obs, times = data[:, 1:], torch.arange(1, N_STEPS + 1) * dt
+    obs_idx = torch.arange(OBS_EVERY, N_STEPS + 1, OBS_EVERY)
+    obs, times = data[:, obs_idx], obs_idx * dt
     model = FractionalSDE(1, K=K, gamma_max=GAMMA_MAX, kind="I", hurst=None, horizon=1.0, hidden=64,
-                          context_dims=1, drift=False)
+                          context_dims=2, drift=False)
     model.diffusion.requires_grad_(False)  # σ = 1 as in the data: H alone sets the roughness
-    opt = torch.optim.Adam([{"params": model.control.parameters(), "lr": 3e-3},
+    opt = torch.optim.Adam([{"params": model.control.parameters(), "lr": 1e-2},
                             {"params": [model.hurst_raw], "lr": 2e-2}])
     target = data.repeat_interleave(args.samples, 0)  # (paths, N + 1, 1)
 
-    def context(n, x):  # what the control sees: the gap to the next observation, in units of its noise
-        return (target[:, n + 1] - x) / OBS_STD
+    def context(n, x):  # what the control sees: the gap to the next observation and the time left to it
+        nxt = (n // OBS_EVERY + 1) * OBS_EVERY
+        return torch.cat([target[:, nxt] - x, torch.full_like(x, (nxt - n) / OBS_EVERY)], 1)
 
     start = time.time()
     for it in range(args.iters):

@@ -73,15 +73,15 @@ class FractionalSDE(nn.Module):
     def _run(self, x0, n_steps, dt, seed, posterior, context_fn=None):
         """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
         generator = torch.Generator().manual_seed(seed)
-        omega = self.omega().to(x0.dtype)
+        omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma.cpu()
         x, y = x0, self._initial_y(x0.shape[0], x0, generator).to(x0.device)
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
         for n in range(n_steps):
             t = n * dt
             b, sigma = self._coefficients(x, t)
             u = self._control(x, y, t, None if context_fn is None else context_fn(n, x)) if posterior else None
-            x, y, step_kl = markovkit.mafbm_step(x, y, b, sigma, omega.to(x.device), self.gamma.cpu(), dt, control=u,
-                                                 seed=seed, step=n, scheme=self.scheme)
+            x, y, step_kl = markovkit.mafbm_step(x, y, b, sigma, omega, gamma, dt, control=u, seed=seed, step=n,
+                                                 scheme=self.scheme)
             kl = kl + step_kl
             xs.append(x)
         return torch.stack(xs, 1), kl
