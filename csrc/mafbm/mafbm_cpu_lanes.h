@@ -99,6 +99,20 @@ inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* st
   }
 }
 
+// The step op's normals [step·R, step·R + R) of each lane's stream: z[r][l] (the layout of mafbm_step.h).
+void step_normals(uint64_t seed, uint64_t step, int R, const uint64_t* stream, float (*z)[kLanes]) {
+  float block[4][kLanes];
+  const uint64_t first = step * static_cast<uint64_t>(R), last = first + static_cast<uint64_t>(R);
+  for (uint64_t b = first / 4; b * 4 < last; ++b) {
+    lane_block_normals(seed, b, stream, block);
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t i = b * 4 + j;
+      if (i < first || i >= last) continue;
+      for (int l = 0; l < kLanes; ++l) z[i - first][l] = block[j][l];
+    }
+  }
+}
+
 // Paths [first, first + kLanes) (clamped to the last path; only real paths are stored). K and R are run-time
 // bounds here: every loop body works on kLanes values. c: omega, drop (K,), factor (K, R), in float.
 // kGrad: the backward (tangents as in mafbm_simulate_path) instead of the forward.

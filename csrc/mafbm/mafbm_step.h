@@ -162,75 +162,74 @@ MK_HOST_DEVICE T mafbm_increment(const T* y, T u, const T* z, const T* omega, co
   return s;
 }
 
+// Forward of element e = p·dims + d with its normals z (R,); returns its control value u.
+template <typename T>
+MK_HOST_DEVICE T mafbm_step_element(const MafbmStepParams& p, int64_t e, const T* z) {
+  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
+  const T* ctl = static_cast<const T*>(p.control);
+  const T u = ctl != nullptr ? ctl[e] : T(0);
+  const T* ye = static_cast<const T*>(p.y) + e * K;
+  T dy[kMafbmMaxK];
+  const T s = mafbm_increment<T>(ye, u, z, static_cast<const T*>(p.omega), static_cast<const T*>(p.drop),
+                                 static_cast<const T*>(p.phi), static_cast<const T*>(p.factor), K, R, dy);
+  T* y_next = static_cast<T*>(p.y_next) + e * K;
+  for (int k = 0; k < K; ++k) y_next[k] = ye[k] + dy[k];
+  const T drift = static_cast<const T*>(p.drift)[e], sigma = static_cast<const T*>(p.diffusion)[e];
+  static_cast<T*>(p.x_next)[e] = static_cast<const T*>(p.x)[e] + drift * static_cast<T>(p.dt) + sigma * s;
+  return u;
+}
+
 // Forward of path p: every latent dimension, and the path's kl.
 template <typename T>
 MK_HOST_DEVICE void mafbm_step_path(const MafbmStepParams& p, int64_t path) {
-  const T* x = static_cast<const T*>(p.x);
-  const T* y = static_cast<const T*>(p.y);
-  const T* b = static_cast<const T*>(p.drift);
-  const T* sig = static_cast<const T*>(p.diffusion);
-  const T* ctl = static_cast<const T*>(p.control);
-  T* x_next = static_cast<T*>(p.x_next);
-  T* y_next = static_cast<T*>(p.y_next);
-  const T* omega = static_cast<const T*>(p.omega);
-  const T* drop = static_cast<const T*>(p.drop);
-  const T* phi = static_cast<const T*>(p.phi);
-  const T* factor = static_cast<const T*>(p.factor);
-  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
-  const int64_t dims = p.dims;
-  const T h = static_cast<T>(p.dt);
-  T z[kMafbmMaxK], dy[kMafbmMaxK];
+  T z[kMafbmMaxK];
   T kl = T(0);
-  for (int64_t d = 0; d < dims; ++d) {
-    const int64_t e = path * dims + d;
-    const T u = ctl != nullptr ? ctl[e] : T(0);
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, R, z);
-    const T* ye = y + e * K;
-    const T s = mafbm_increment<T>(ye, u, z, omega, drop, phi, factor, K, R, dy);
-    for (int k = 0; k < K; ++k) y_next[e * K + k] = ye[k] + dy[k];
-    x_next[e] = x[e] + b[e] * h + sig[e] * s;
+  for (int64_t d = 0; d < p.dims; ++d) {
+    const int64_t e = path * p.dims + d;
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
+    const T u = mafbm_step_element<T>(p, e, z);
     kl += u * u;
   }
-  static_cast<T*>(p.kl)[path] = T(0.5) * h * kl;
+  static_cast<T*>(p.kl)[path] = T(0.5) * static_cast<T>(p.dt) * kl;
 }
 
-// Backward of path p. With G_k = ∂L/∂dy_k = gy'_k + gs ω_k, gs = gx' σ:
-//   gy_k = gy'_k − drop_k G_k, gσ = gx' s, gu = Σ_k phi_k G_k + gkl u h, gω_k (term) = gs dy_k.
+// Backward of element e with its normals z and its path's grad_kl. With G_k = ∂L/∂dy_k = gy'_k + gs ω_k,
+// gs = gx' σ: gy_k = gy'_k − drop_k G_k, gσ = gx' s, gu = Σ_k phi_k G_k + gkl u h, gω_k (term) = gs dy_k.
 template <typename T>
-MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, int64_t path) {
-  const T* gx = static_cast<const T*>(p.grad_x_next);
-  const T* gy = static_cast<const T*>(p.grad_y_next);
-  const T* y = static_cast<const T*>(p.y);
-  const T* sig = static_cast<const T*>(p.diffusion);
-  const T* ctl = static_cast<const T*>(p.control);
+MK_HOST_DEVICE void mafbm_step_backward_element(const MafbmStepBackwardParams& p, int64_t e, const T* z, T gkl) {
+  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
+  const T* gy = static_cast<const T*>(p.grad_y_next) + e * K;
   const T* omega = static_cast<const T*>(p.omega);
   const T* drop = static_cast<const T*>(p.drop);
   const T* phi = static_cast<const T*>(p.phi);
-  const T* factor = static_cast<const T*>(p.factor);
-  T* grad_y = static_cast<T*>(p.grad_y);
-  T* grad_omega_terms = static_cast<T*>(p.grad_omega_terms);
-  T* grad_diffusion = static_cast<T*>(p.grad_diffusion);
-  T* grad_control = static_cast<T*>(p.grad_control);
-  const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
-  const int64_t dims = p.dims;
-  const T h = static_cast<T>(p.dt);
+  const T* ctl = static_cast<const T*>(p.control);
+  const T u = ctl != nullptr ? ctl[e] : T(0);
+  T dy[kMafbmMaxK];
+  const T s = mafbm_increment<T>(static_cast<const T*>(p.y) + e * K, u, z, omega, drop, phi,
+                                 static_cast<const T*>(p.factor), K, R, dy);
+  const T gx = static_cast<const T*>(p.grad_x_next)[e];
+  const T gs = gx * static_cast<const T*>(p.diffusion)[e];
+  T* grad_y = static_cast<T*>(p.grad_y) + e * K;
+  T* grad_omega_terms = static_cast<T*>(p.grad_omega_terms) + e * K;
+  T gu = gkl * u * static_cast<T>(p.dt);
+  for (int k = 0; k < K; ++k) {
+    const T g_dy = gy[k] + gs * omega[k];
+    grad_y[k] = gy[k] - drop[k] * g_dy;
+    grad_omega_terms[k] = gs * dy[k];
+    gu += phi[k] * g_dy;
+  }
+  static_cast<T*>(p.grad_diffusion)[e] = gx * s;
+  static_cast<T*>(p.grad_control)[e] = gu;
+}
+
+template <typename T>
+MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, int64_t path) {
   const T gkl = static_cast<const T*>(p.grad_kl)[path];
-  T z[kMafbmMaxK], dy[kMafbmMaxK];
-  for (int64_t d = 0; d < dims; ++d) {
-    const int64_t e = path * dims + d;
-    const T u = ctl != nullptr ? ctl[e] : T(0);
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, R, z);
-    const T s = mafbm_increment<T>(y + e * K, u, z, omega, drop, phi, factor, K, R, dy);
-    const T gs = gx[e] * sig[e];
-    T gu = gkl * u * h;
-    for (int k = 0; k < K; ++k) {
-      const T g_dy = gy[e * K + k] + gs * omega[k];
-      grad_y[e * K + k] = gy[e * K + k] - drop[k] * g_dy;
-      grad_omega_terms[e * K + k] = gs * dy[k];
-      gu += phi[k] * g_dy;
-    }
-    grad_diffusion[e] = gx[e] * s;
-    grad_control[e] = gu;
+  T z[kMafbmMaxK];
+  for (int64_t d = 0; d < p.dims; ++d) {
+    const int64_t e = path * p.dims + d;
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
+    mafbm_step_backward_element<T>(p, e, z, gkl);
   }
 }
 
