@@ -159,6 +159,7 @@ void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const fl
       out[(first + l) * n_saved] = x[l];
     }
   }
+  int64_t next_save = p.save_every;
   for (int64_t n0 = 0; n0 < p.n_steps; n0 += 4) {
     const uint64_t first_block = static_cast<uint64_t>(n0 / 4) * static_cast<uint64_t>(R);
     for (int b = 0; b < R; ++b) lane_block_normals(p.seed, first_block + b, stream, z + 4 * b);
@@ -187,8 +188,9 @@ void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const fl
       }
       for (int l = 0; l < kLanes; ++l) x[l] += theta * (mu - x[l]) * h + sigma * s[l];
       const int64_t n = n0 + g + 1;
-      if (n % p.save_every == 0) {
-        const int64_t j = n / p.save_every;
+      if (n == next_save) {
+        const int64_t j = next_save / p.save_every;
+        next_save += p.save_every;
         for (int l = 0; l < live; ++l) {
           if constexpr (kGrad) {
             const float gl = grad[(first + l) * n_saved + j];

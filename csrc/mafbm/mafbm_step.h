@@ -294,6 +294,7 @@ MK_UNROLL
   } else {
     out[0] = x;
   }
+  int64_t next_save = p.save_every;
   for (int64_t n0 = 0; n0 < p.n_steps; n0 += kPer) {
     const uint64_t first_block = static_cast<uint64_t>(n0 / kPer) * static_cast<uint64_t>(R);
 MK_UNROLL
@@ -322,8 +323,9 @@ MK_UNROLL
         t_sigma = rho * t_sigma + s;
       }
       x += theta * (mu - x) * h + sigma * s;
-      if ((n + 1) % p.save_every == 0) {
-        const int64_t j = (n + 1) / p.save_every;
+      if (n + 1 == next_save) {  // a counter, not a 64-bit division per step
+        const int64_t j = next_save / p.save_every;
+        next_save += p.save_every;
         if (kGrad) {
           g_x0 += grad[j] * t_x0;
           g_theta += grad[j] * t_theta;
