@@ -3,7 +3,7 @@
 the ELBO; its marginal means and variances are compared with the exact Gaussian conditional of the same
 prior (closed form from markovkit.fbm.mafbm_cov), and with that of exact fBM for reference.
 
-Usage: python examples/fbm_bridge.py [--hurst 0.3] [--iters 400] [--png bridge.png]
+Usage: python examples/fbm_bridge.py [--hurst 0.3] [--iters 600] [--png bridge.png]
 """
 import argparse
 import time
@@ -27,7 +27,7 @@ def exact_conditional(cov: torch.Tensor):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hurst", type=float, default=0.3)
-    parser.add_argument("--iters", type=int, default=400)
+    parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--eval-paths", type=int, default=4096)
     parser.add_argument("--png", default="fbm_bridge.png")

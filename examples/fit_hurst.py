@@ -9,7 +9,7 @@ only shifts the drift, so the noise of the last step before an observation canno
 is not small against the observation noise, the ELBO's gap grows with roughness and biases H upwards (with
 observation sd 0.1 H stayed at 0.5 here); the exact marginal likelihood of these data peaks at H = 0.3.
 
-Usage: python examples/fit_hurst.py [--true-hurst 0.3] [--iters 300]
+Usage: python examples/fit_hurst.py [--true-hurst 0.3] [--iters 600]
 """
 import argparse
 import time
@@ -36,7 +36,7 @@ def simulate_data(hurst: float, sequences: int, seed: int) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--true-hurst", type=float, default=0.3)
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--iters", type=int, default=600)
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()

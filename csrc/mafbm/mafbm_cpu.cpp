@@ -13,7 +13,7 @@ namespace {
 
 // --- float32 simulator over lanes of paths (mafbm_cpu_lanes.h), built for the baseline ISA and for AVX2 ---
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 64;
 
 namespace lanes_default {
 #include "mafbm/mafbm_cpu_lanes.h"

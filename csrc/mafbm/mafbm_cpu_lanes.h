@@ -56,8 +56,12 @@ inline float lane_uniform(uint32_t x) {
   return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// High and low words of a·b from 16-bit halves: only 32-bit multiplies, which vectorise everywhere.
+// High word of a·b: the 64-bit product where AVX2 vectorises it (vpmuludq), else from 16-bit halves with only
+// 32-bit multiplies, which vectorise everywhere.
 inline uint32_t lane_mulhi(uint32_t a, uint32_t b) {
+#ifdef __AVX2__
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
   const uint32_t a0 = a & 0xFFFFu, a1 = a >> 16, b0 = b & 0xFFFFu, b1 = b >> 16;
   const uint32_t mid0 = a1 * b0, mid1 = a0 * b1;
   const uint32_t carry = ((a0 * b0) >> 16) + (mid0 & 0xFFFFu) + (mid1 & 0xFFFFu);
