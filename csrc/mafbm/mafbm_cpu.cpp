@@ -40,50 +40,48 @@ void step_backward(const MafbmStepBackwardParams& p) {
   });
 }
 
-// float32 with Philox noise: the normals of kLanes paths at a time by the vectorised generator, then the
-// per-element math. P: MafbmStepParams or MafbmStepBackwardParams.
-template <typename P, typename Element>
-void step_lanes_f32(const P& p, Element&& element) {
-  const auto normals = __builtin_cpu_supports("avx2") ? &lanes_avx2::step_normals : &lanes_default::step_normals;
-  const int64_t groups = (p.paths + kLanes - 1) / kLanes;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+// float32 with Philox noise, kLanes paths at a time: their normals by the vectorised generator, then the
+// step's math over the lanes (both from mafbm_cpu_lanes.h, baseline or AVX2 build).
+void step_f32(const MafbmStepParams& p) {
+  if (p.noise != nullptr) return step<float>(p);
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
+  const auto forward = avx2 ? &lanes_avx2::step_forward : &lanes_default::step_forward;
+  const float half_h = 0.5f * static_cast<float>(p.dt);
+  at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
+    uint64_t stream[kLanes];
+    float z[kMafbmMaxK][kLanes], u2[kLanes];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes;
       const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
+      std::fill_n(u2, kLanes, 0.0f);
       for (int64_t d = 0; d < p.dims; ++d) {
-        uint64_t stream[kLanes];
-        float z[kMafbmMaxK][kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          stream[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * p.dims + d);
-        }
+        for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * p.dims + d);
         normals(p.seed, p.step, p.R, stream, z);
-        for (int l = 0; l < live; ++l) {
-          float zl[kMafbmMaxK];
-          for (int r = 0; r < p.R; ++r) zl[r] = z[r][l];
-          element(first + l, d, zl);
-        }
+        forward(p, first, live, d, z, u2);
       }
+      for (int l = 0; l < live; ++l) static_cast<float*>(p.kl)[first + l] = half_h * u2[l];
     }
   });
 }
 
-void step_f32(const MafbmStepParams& p) {
-  if (p.noise != nullptr) return step<float>(p);
-  float* kl = static_cast<float*>(p.kl);
-  std::fill_n(kl, p.paths, 0.0f);
-  step_lanes_f32(p, [&](int64_t path, int64_t d, const float* z) {
-    const float u = mafbm_step_element<float>(p, path * p.dims + d, z);
-    kl[path] += u * u;
-  });
-  const float half_h = 0.5f * static_cast<float>(p.dt);
-  for (int64_t i = 0; i < p.paths; ++i) kl[i] *= half_h;
-}
-
 void step_backward_f32(const MafbmStepBackwardParams& p) {
   if (p.noise != nullptr) return step_backward<float>(p);
-  const float* gkl = static_cast<const float*>(p.grad_kl);
-  step_lanes_f32(p, [&](int64_t path, int64_t d, const float* z) {
-    mafbm_step_backward_element<float>(p, path * p.dims + d, z, gkl[path]);
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
+  const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
+  at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
+    uint64_t stream[kLanes];
+    float z[kMafbmMaxK][kLanes];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t first = g * kLanes;
+      const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
+      for (int64_t d = 0; d < p.dims; ++d) {
+        for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * p.dims + d);
+        normals(p.seed, p.step, p.R, stream, z);
+        backward(p, first, live, d, z);
+      }
+    }
   });
 }
 

@@ -117,6 +117,93 @@ void step_normals(uint64_t seed, uint64_t step, int R, const uint64_t* stream, f
   }
 }
 
+// Σ_j factor_kj z_j for each lane: nz[l].
+inline void lane_noise_term(const float* factor_k, int R, const float (*z)[kLanes], float* nz) {
+  for (int l = 0; l < kLanes; ++l) nz[l] = 0.0f;
+  for (int j = 0; j < R; ++j) {
+    const float f = factor_k[j];
+    for (int l = 0; l < kLanes; ++l) nz[l] += f * z[j][l];
+  }
+}
+
+// The step's forward (mafbm_step_element) for the elements e_l = (first + l)·dims + d, lanes past `live`
+// clamped to the last path (they rewrite its values); u2[l] += u_l².
+void step_forward(const MafbmStepParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes],
+                  float* u2) {
+  const int K = p.K, R = p.R;
+  const float h = static_cast<float>(p.dt);
+  const float* __restrict y = static_cast<const float*>(p.y);
+  const float* __restrict ctl = static_cast<const float*>(p.control);
+  float* __restrict y_next = static_cast<float*>(p.y_next);
+  int64_t e[kLanes];
+  float u[kLanes], s[kLanes], nz[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    e[l] = (first + std::min(l, live - 1)) * p.dims + d;
+    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
+    s[l] = 0.0f;
+  }
+  for (int k = 0; k < K; ++k) {
+    const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
+    const float omega = static_cast<const float*>(p.omega)[k];
+    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    for (int l = 0; l < kLanes; ++l) {
+      const float yk = y[e[l] * K + k];
+      const float dy = -drop * yk + phi * u[l] + nz[l];
+      y_next[e[l] * K + k] = yk + dy;
+      s[l] += omega * dy;
+    }
+  }
+  const float* __restrict x = static_cast<const float*>(p.x);
+  const float* __restrict drift = static_cast<const float*>(p.drift);
+  const float* __restrict sigma = static_cast<const float*>(p.diffusion);
+  float* __restrict x_next = static_cast<float*>(p.x_next);
+  for (int l = 0; l < kLanes; ++l) {
+    x_next[e[l]] = x[e[l]] + drift[e[l]] * h + sigma[e[l]] * s[l];
+    u2[l] += u[l] * u[l];
+  }
+}
+
+// The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,).
+void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes]) {
+  const int K = p.K, R = p.R;
+  const float h = static_cast<float>(p.dt);
+  const float* __restrict y = static_cast<const float*>(p.y);
+  const float* __restrict ctl = static_cast<const float*>(p.control);
+  const float* __restrict gy = static_cast<const float*>(p.grad_y_next);
+  const float* __restrict gkl = static_cast<const float*>(p.grad_kl);
+  float* __restrict grad_y = static_cast<float*>(p.grad_y);
+  float* __restrict grad_omega_terms = static_cast<float*>(p.grad_omega_terms);
+  int64_t e[kLanes];
+  float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const int64_t path = first + std::min(l, live - 1);
+    e[l] = path * p.dims + d;
+    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
+    gx[l] = static_cast<const float*>(p.grad_x_next)[e[l]];
+    gs[l] = gx[l] * static_cast<const float*>(p.diffusion)[e[l]];
+    gu[l] = gkl[path] * u[l] * h;
+    s[l] = 0.0f;
+  }
+  for (int k = 0; k < K; ++k) {
+    const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
+    const float omega = static_cast<const float*>(p.omega)[k];
+    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t i = e[l] * K + k;
+      const float dy = -drop * y[i] + phi * u[l] + nz[l];
+      const float g_dy = gy[i] + gs[l] * omega;
+      s[l] += omega * dy;
+      grad_y[i] = gy[i] - drop * g_dy;
+      grad_omega_terms[i] = gs[l] * dy;
+      gu[l] += phi * g_dy;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    static_cast<float*>(p.grad_diffusion)[e[l]] = gx[l] * s[l];
+    static_cast<float*>(p.grad_control)[e[l]] = gu[l];
+  }
+}
+
 // Paths [first, first + kLanes) (clamped to the last path; only real paths are stored). K and R are run-time
 // bounds here: every loop body works on kLanes values. c: omega, drop (K,), factor (K, R), in float.
 // kGrad: the backward (tangents as in mafbm_simulate_path) instead of the forward.
