@@ -32,4 +32,3 @@ def build_info() -> dict:
 
 
 __all__ = ["build_info", "philox_normal", "philox_uniform"]
-__all__ += ["fbm", "mafbm_simulate", "mafbm_step", "step_coefficients"]  # mafbm
