@@ -20,6 +20,8 @@ from markovkit.scan import selective_scan, selective_scan_fn, selective_state_up
 from markovkit.attention import merge_attention, sliding_window_attention  # noqa: E402
 
 # --- mafbm ---
+from markovkit import fbm  # noqa: E402
+from markovkit.mafbm import mafbm_simulate, mafbm_step, step_coefficients  # noqa: E402
 
 # --- mjp ---
 from markovkit.mjp import CtmcEvents, simulate_ctmc, simulate_reactions  # noqa: E402

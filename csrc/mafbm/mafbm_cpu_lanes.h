@@ -1,0 +1,308 @@
+// The float32 simulator over lanes of paths, CPU only. Included twice by mafbm_cpu.cpp, inside namespace
+// lanes_default and inside lanes_avx2 under #pragma GCC target("avx2"): no include guard, no includes.
+//
+// The same Philox blocks and Box-Muller pairs as mafbm_simulate_path, computed for kLanes paths at once in
+// plain loops over lanes that the compiler vectorises. log, sqrt, sin and cos are branch-free polynomials /
+// Newton steps (relative error < 1e-7), so the draws match the scalar path to float rounding. No FMA
+// contraction (avx2 without fma): both builds give bitwise-equal paths.
+
+// ln(u) for u in (0, 1]: u = m·2^e with m in [√½, √2), ln m = 2 atanh(t), t = (m − 1)/(m + 1), |t| < 0.172.
+inline float lane_log(float u) {
+  uint32_t bits;
+  std::memcpy(&bits, &u, 4);
+  int e = static_cast<int>(bits >> 23) - 127;
+  bits = (bits & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &bits, 4);
+  const int big = m > 1.41421356f;
+  m *= 1.0f - 0.5f * static_cast<float>(big);
+  e += big;
+  const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+  const float atanh_t = t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+  return static_cast<float>(e) * 0.693147180559945f + 2.0f * atanh_t;
+}
+
+// cos and sin of 2π·u, u in [0, 1): quarter turns q = round(4u), remainder a in [−π/4, π/4].
+inline void lane_sincos_turns(float u, float* c, float* s) {
+  const float v = 4.0f * u;
+  const float q = static_cast<float>(static_cast<int>(v + 0.5f));
+  const float a = (v - q) * 1.5707963267948966f, a2 = a * a;
+  const float sa = a * (1.0f - a2 * (1.0f / 6 - a2 * (1.0f / 120 - a2 * (1.0f / 5040 - a2 * (1.0f / 362880)))));
+  const float ca = 1.0f - a2 * (0.5f - a2 * (1.0f / 24 - a2 * (1.0f / 720 - a2 * (1.0f / 40320))));
+  const int quarter = static_cast<int>(q) & 3;
+  const float odd = static_cast<float>(quarter & 1);  // odd quarters swap cos and sin (exact blend)
+  const float sign_c = static_cast<float>(1 - 2 * (((quarter + 1) >> 1) & 1));  // − in quarters 1, 2
+  const float sign_s = static_cast<float>(1 - 2 * ((quarter >> 1) & 1));        // − in quarters 2, 3
+  *c = sign_c * ((1.0f - odd) * ca + odd * sa);
+  *s = sign_s * ((1.0f - odd) * sa + odd * ca);
+}
+
+// √v for v > 0 by three Newton steps on 1/√v from the bit-level guess (libm's sqrtf sets errno, which keeps
+// the loop scalar); relative error < 1e-7.
+inline float lane_sqrt(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = 0x5F3759DFu - (bits >> 1);
+  float r;
+  std::memcpy(&r, &bits, 4);
+  r = r * (1.5f - 0.5f * v * r * r);
+  r = r * (1.5f - 0.5f * v * r * r);
+  r = r * (1.5f - 0.5f * v * r * r);
+  return v * r;
+}
+
+// uniform_float (common/philox.h) with a signed conversion, which vectorises without AVX-512.
+inline float lane_uniform(uint32_t x) {
+  return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
+}
+
+// High word of a·b: the 64-bit product where AVX2 vectorises it (vpmuludq), else from 16-bit halves with only
+// 32-bit multiplies, which vectorise everywhere.
+inline uint32_t lane_mulhi(uint32_t a, uint32_t b) {
+#ifdef __AVX2__
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+  const uint32_t a0 = a & 0xFFFFu, a1 = a >> 16, b0 = b & 0xFFFFu, b1 = b >> 16;
+  const uint32_t mid0 = a1 * b0, mid1 = a0 * b1;
+  const uint32_t carry = ((a0 * b0) >> 16) + (mid0 & 0xFFFFu) + (mid1 & 0xFFFFu);
+  return a1 * b1 + (mid0 >> 16) + (mid1 >> 16) + (carry >> 16);
+}
+
+// The 4 normals of philox_block(seed, block, stream_l) for each lane l: z[slot][l].
+inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* stream, float (*z)[kLanes]) {
+  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    c0[l] = static_cast<uint32_t>(block);
+    c1[l] = static_cast<uint32_t>(block >> 32);
+    c2[l] = static_cast<uint32_t>(stream[l]);
+    c3[l] = static_cast<uint32_t>(stream[l] >> 32);
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int l = 0; l < kLanes; ++l) {
+      const uint32_t n0 = lane_mulhi(0xCD9E8D57u, c2[l]) ^ c1[l] ^ k0;
+      const uint32_t n2 = lane_mulhi(0xD2511F53u, c0[l]) ^ c3[l] ^ k1;
+      c1[l] = 0xCD9E8D57u * c2[l];
+      c3[l] = 0xD2511F53u * c0[l];
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    const float r0 = lane_sqrt(-2.0f * lane_log(lane_uniform(c0[l])));
+    const float r1 = lane_sqrt(-2.0f * lane_log(lane_uniform(c2[l])));
+    float cos0, sin0, cos1, sin1;
+    lane_sincos_turns(lane_uniform(c1[l]), &cos0, &sin0);
+    lane_sincos_turns(lane_uniform(c3[l]), &cos1, &sin1);
+    z[0][l] = r0 * cos0;
+    z[1][l] = r0 * sin0;
+    z[2][l] = r1 * cos1;
+    z[3][l] = r1 * sin1;
+  }
+}
+
+// The step op's normals [step·R, step·R + R) of each lane's stream: z[r][l] (the layout of mafbm_step.h).
+void step_normals(uint64_t seed, uint64_t step, int R, const uint64_t* stream, float (*z)[kLanes]) {
+  float block[4][kLanes];
+  const uint64_t first = step * static_cast<uint64_t>(R), last = first + static_cast<uint64_t>(R);
+  for (uint64_t b = first / 4; b * 4 < last; ++b) {
+    lane_block_normals(seed, b, stream, block);
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t i = b * 4 + j;
+      if (i < first || i >= last) continue;
+      for (int l = 0; l < kLanes; ++l) z[i - first][l] = block[j][l];
+    }
+  }
+}
+
+// Σ_j factor_kj z_j for each lane: nz[l].
+inline void lane_noise_term(const float* factor_k, int R, const float (*z)[kLanes], float* nz) {
+  for (int l = 0; l < kLanes; ++l) nz[l] = 0.0f;
+  for (int j = 0; j < R; ++j) {
+    const float f = factor_k[j];
+    for (int l = 0; l < kLanes; ++l) nz[l] += f * z[j][l];
+  }
+}
+
+// The step's forward (mafbm_step_element) for the elements e_l = (first + l)·dims + d, lanes past `live`
+// clamped to the last path (they rewrite its values); u2[l] += u_l².
+void step_forward(const MafbmStepParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes],
+                  float* u2) {
+  const int K = p.K, R = p.R;
+  const float h = static_cast<float>(p.dt);
+  const float* __restrict y = static_cast<const float*>(p.y);
+  const float* __restrict ctl = static_cast<const float*>(p.control);
+  float* __restrict y_next = static_cast<float*>(p.y_next);
+  int64_t e[kLanes];
+  float u[kLanes], s[kLanes], nz[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    e[l] = (first + std::min(l, live - 1)) * p.dims + d;
+    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
+    s[l] = 0.0f;
+  }
+  for (int k = 0; k < K; ++k) {
+    const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
+    const float omega = static_cast<const float*>(p.omega)[k];
+    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    for (int l = 0; l < kLanes; ++l) {
+      const float yk = y[e[l] * K + k];
+      const float dy = -drop * yk + phi * u[l] + nz[l];
+      y_next[e[l] * K + k] = yk + dy;
+      s[l] += omega * dy;
+    }
+  }
+  const float* __restrict x = static_cast<const float*>(p.x);
+  const float* __restrict drift = static_cast<const float*>(p.drift);
+  const float* __restrict sigma = static_cast<const float*>(p.diffusion);
+  float* __restrict x_next = static_cast<float*>(p.x_next);
+  for (int l = 0; l < kLanes; ++l) {
+    x_next[e[l]] = x[e[l]] + drift[e[l]] * h + sigma[e[l]] * s[l];
+    u2[l] += u[l] * u[l];
+  }
+}
+
+// The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,).
+void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes]) {
+  const int K = p.K, R = p.R;
+  const float h = static_cast<float>(p.dt);
+  const float* __restrict y = static_cast<const float*>(p.y);
+  const float* __restrict ctl = static_cast<const float*>(p.control);
+  const float* __restrict gy = static_cast<const float*>(p.grad_y_next);
+  const float* __restrict gkl = static_cast<const float*>(p.grad_kl);
+  float* __restrict grad_y = static_cast<float*>(p.grad_y);
+  float* __restrict grad_omega_terms = static_cast<float*>(p.grad_omega_terms);
+  int64_t e[kLanes];
+  float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const int64_t path = first + std::min(l, live - 1);
+    e[l] = path * p.dims + d;
+    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
+    gx[l] = static_cast<const float*>(p.grad_x_next)[e[l]];
+    gs[l] = gx[l] * static_cast<const float*>(p.diffusion)[e[l]];
+    gu[l] = gkl[path] * u[l] * h;
+    s[l] = 0.0f;
+  }
+  for (int k = 0; k < K; ++k) {
+    const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
+    const float omega = static_cast<const float*>(p.omega)[k];
+    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t i = e[l] * K + k;
+      const float dy = -drop * y[i] + phi * u[l] + nz[l];
+      const float g_dy = gy[i] + gs[l] * omega;
+      s[l] += omega * dy;
+      grad_y[i] = gy[i] - drop * g_dy;
+      grad_omega_terms[i] = gs[l] * dy;
+      gu[l] += phi * g_dy;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    static_cast<float*>(p.grad_diffusion)[e[l]] = gx[l] * s[l];
+    static_cast<float*>(p.grad_control)[e[l]] = gu[l];
+  }
+}
+
+// Paths [first, first + kLanes) (clamped to the last path; only real paths are stored). K and R are run-time
+// bounds here: every loop body works on kLanes values. c: omega, drop (K,), factor (K, R), in float.
+// kGrad: the backward (tangents as in mafbm_simulate_path) instead of the forward.
+template <bool kGrad>
+void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const float* c_drop, const float* c_factor,
+                    int64_t first) {
+  const int K = p.K, R = p.R;
+  const int64_t n_saved = p.n_steps / p.save_every + 1;
+  const float h = static_cast<float>(p.dt), theta = static_cast<float>(p.theta), mu = static_cast<float>(p.mu);
+  const float sigma = static_cast<float>(p.sigma);
+  const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
+  uint64_t stream[kLanes];
+  float x[kLanes], s[kLanes], y[kMafbmMaxK][kLanes], z[kMafbmMaxK * 4][kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    stream[l] = static_cast<uint64_t>(first + std::min(l, live - 1));
+    x[l] = static_cast<const float*>(p.x0)[stream[l]];
+    for (int k = 0; k < K; ++k) y[k][l] = 0.0f;
+  }
+  if (p.R0 > 0) {  // the type-I start, per lane as in the scalar path (float64)
+    for (int l = 0; l < kLanes; ++l) {
+      double z0[kMafbmMaxK];
+      mafbm_stream_normals<double>(p.seed, stream[l] | kMafbmInitStream, 0, p.R0, z0);
+      for (int k = 0; k < p.K; ++k) {
+        double acc = 0.0;
+        for (int j = 0; j < p.R0; ++j) acc += p.factor0[k * p.R0 + j] * z0[j];
+        y[k][l] = static_cast<float>(acc);
+      }
+    }
+  }
+  float* out = static_cast<float*>(p.out);
+  const float* grad = static_cast<const float*>(p.grad_out);
+  const float rho = 1.0f - theta * h;
+  float t_x0[kLanes], t_theta[kLanes], t_mu[kLanes], t_sigma[kLanes];  // tangents of x
+  float g_x0[kLanes], g_theta[kLanes], g_mu[kLanes], g_sigma[kLanes];  // contracted with grad_out
+  for (int l = 0; l < kLanes; ++l) {
+    t_x0[l] = 1.0f;
+    t_theta[l] = t_mu[l] = t_sigma[l] = 0.0f;
+    g_x0[l] = g_theta[l] = g_mu[l] = g_sigma[l] = 0.0f;
+  }
+  for (int l = 0; l < live; ++l) {
+    if constexpr (kGrad) {
+      g_x0[l] = grad[(first + l) * n_saved];
+    } else {
+      out[(first + l) * n_saved] = x[l];
+    }
+  }
+  int64_t next_save = p.save_every;
+  for (int64_t n0 = 0; n0 < p.n_steps; n0 += 4) {
+    const uint64_t first_block = static_cast<uint64_t>(n0 / 4) * static_cast<uint64_t>(R);
+    for (int b = 0; b < R; ++b) lane_block_normals(p.seed, first_block + b, stream, z + 4 * b);
+    for (int g = 0; g < 4 && n0 + g < p.n_steps; ++g) {
+      for (int l = 0; l < kLanes; ++l) s[l] = 0.0f;
+      for (int k = 0; k < K; ++k) {
+        float dy[kLanes];
+        for (int l = 0; l < kLanes; ++l) dy[l] = -c_drop[k] * y[k][l];
+        for (int j = 0; j < R; ++j) {
+          const float f = c_factor[k * R + j];
+          const float* zj = z[g * R + j];
+          for (int l = 0; l < kLanes; ++l) dy[l] += f * zj[l];
+        }
+        for (int l = 0; l < kLanes; ++l) {
+          y[k][l] += dy[l];
+          s[l] += c_omega[k] * dy[l];
+        }
+      }
+      if constexpr (kGrad) {
+        for (int l = 0; l < kLanes; ++l) {
+          t_x0[l] = rho * t_x0[l];
+          t_theta[l] = rho * t_theta[l] + (mu - x[l]) * h;
+          t_mu[l] = rho * t_mu[l] + theta * h;
+          t_sigma[l] = rho * t_sigma[l] + s[l];
+        }
+      }
+      for (int l = 0; l < kLanes; ++l) x[l] += theta * (mu - x[l]) * h + sigma * s[l];
+      const int64_t n = n0 + g + 1;
+      if (n == next_save) {
+        const int64_t j = next_save / p.save_every;
+        next_save += p.save_every;
+        for (int l = 0; l < live; ++l) {
+          if constexpr (kGrad) {
+            const float gl = grad[(first + l) * n_saved + j];
+            g_x0[l] += gl * t_x0[l];
+            g_theta[l] += gl * t_theta[l];
+            g_mu[l] += gl * t_mu[l];
+            g_sigma[l] += gl * t_sigma[l];
+          } else {
+            out[(first + l) * n_saved + j] = x[l];
+          }
+        }
+      }
+    }
+  }
+  if constexpr (kGrad) {
+    float* partials = static_cast<float*>(p.partials);
+    for (int l = 0; l < live; ++l) {
+      partials[first + l] = g_x0[l];
+      partials[p.paths + first + l] = g_theta[l];
+      partials[2 * p.paths + first + l] = g_mu[l];
+      partials[3 * p.paths + first + l] = g_sigma[l];
+    }
+  }
+}
