@@ -117,7 +117,7 @@ void ctmc_grid_typed(const CtmcParams& p) {
   std::vector<double> cum(p.n_q * p.S * p.S);
   std::vector<int64_t> last(p.n_q * p.S);
   ctmc_jump_tables(p, cum.data(), last.data());
-  at::parallel_for(0, p.B * p.P, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * p.P, kLanes, [&](int64_t begin, int64_t end) {
     ctmc_grid_range<Out>(p, cum.data(), last.data(), begin, end);
   });
 }
