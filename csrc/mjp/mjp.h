@@ -180,10 +180,23 @@ MK_HOST_DEVICE int64_t mjp_jump_table_row(const double* w, int64_t S, int64_t x,
 }
 
 // mjp_pick through the jump table of its row: cum is non-decreasing and flat at skipped indices, so the first
-// j with cum[j] > threshold is the number of entries <= threshold (a branch-free count).
+// j with cum[j] > threshold is the number of entries <= threshold (a branch-free count up to 32 states, a
+// binary search beyond).
 MK_HOST_DEVICE int64_t mjp_pick_table(const double* cum, int64_t S, int64_t last, double threshold) {
   int64_t below = 0;
-  for (int64_t j = 0; j < S; ++j) below += cum[j] <= threshold;
+  if (S <= 32) {
+    for (int64_t j = 0; j < S; ++j) below += cum[j] <= threshold;
+  } else {
+    for (int64_t n = S; n > 0;) {  // cum[j] <= threshold for every j < below; n entries from below unknown
+      const int64_t half = n / 2;
+      if (cum[below + half] <= threshold) {
+        below += half + 1;
+        n -= half + 1;
+      } else {
+        n = half;
+      }
+    }
+  }
   return below < S ? below : last;
 }
 
