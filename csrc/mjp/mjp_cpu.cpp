@@ -92,7 +92,7 @@ void ctmc_grid_range(const CtmcParams& p, const double* cum, const int64_t* last
   double u_time[kLanes], u_dest[kLanes], e[kLanes];
   while (busy > 0) {
     for (int l = 0; l < kLanes; ++l) mjp_jump_uniforms(p.seed, lanes[l].draw, lanes[l].hi, &u_time[l], &u_dest[l]);
-    for (int l = 0; l < kLanes; ++l) e[l] = mjp_neg_log(u_time[l]);  // vectorised
+    for (int l = 0; l < kLanes; ++l) e[l] = mjp_neg_log(u_time[l]);  // branch-free: vectorises over lanes
     for (int l = 0; l < kLanes; ++l) {
       Lane& lane = lanes[l];
       if (lane.path < 0) continue;
