@@ -300,6 +300,50 @@ def test_batch_split_gives_the_same_bits(device):
         assert torch.equal(ob[0], out[b]) and torch.equal(lb[0], lse[b])
 
 
+def test_mqa_many_tiles_gradients(device):
+    """One (batch, kv head) pair and many key / query tiles: the backward's split over key tiles (dK, dV)
+    and query tiles (dQ) must cover every tile pair exactly once, sink tiles included."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    shape, window, sink = (1, 1000, 3, 1, 32, 150, 70), 150, 70
+    q, k, v = _inputs(shape, dtype, device, seed=2)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(device)
+    dlse = torch.randn(1, 3, 1000, generator=g, dtype=torch.float64).to(device)
+
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, window, sink)
+
+    expected = _grads(ref, q.double(), k.double(), v.double(), dout, dlse)
+    low = _grads(ref, q, k, v, dout.to(dtype), dlse) if dtype in LOW else [None] * 3
+    for a, e, lo in zip(_grads(ours, q, k, v, dout, dlse), expected, low):
+        _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
+
+
+def test_backward_bits_independent_of_thread_count():
+    shape = (1, 400, 4, 1, 64, 100, 5)
+    q, k, v = _inputs(shape, torch.float32, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+
+    def grads():
+        qq, kk, vv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = markovkit.sliding_window_attention(qq, kk, vv, 100, sink=5)
+        return torch.autograd.grad(out, (qq, kk, vv), dout)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = grads()
+        torch.set_num_threads(3)
+        multi = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rejects_float32():

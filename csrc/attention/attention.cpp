@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   delta = delta.contiguous();
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   const at::Tensor dout = dense(dout_in), lse = lse_in.contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
                        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};

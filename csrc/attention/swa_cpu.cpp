@@ -1,5 +1,5 @@
-// CPU sliding-window attention: threads over (batch, head, query tile) forward and (batch, kv head)
-// backward, on the AVX2 + FMA copy of the tile loops when the CPU has it, else on the baseline copy.
+// CPU sliding-window attention: threads over (batch, head, query tile) forward, and backward over
+// (batch, kv head, key tile) for dK, dV then (batch, head, query tile) for dQ, on the AVX2 + FMA copy of the tile loops when the CPU has it, else on the baseline copy.
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -41,12 +41,18 @@ void swa_forward_cpu(const SwaFwdParams& p) {
 
 void swa_backward_cpu(const SwaBwdParams& p) {
   const SwaShape& s = p.s;
-  const SwaBwdHeads bwd = pick(s.dtype).bwd;
+  const SwaCpuKernels kernels = pick(s.dtype);
   const int64_t work_bytes = swa_bwd_work_size(s.headdim) * element_size(s.dtype);
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> work((work_bytes + 7) / 8);
-    bwd(p, begin, end, work.data());
-  });
+  const int64_t n_key_tiles = (s.seqlen + kSwaCpuBN - 1) / kSwaCpuBN;
+  const int64_t n_query_tiles = (s.seqlen + kSwaCpuBM - 1) / kSwaCpuBM;
+  const auto run = [&](SwaBwdTiles pass, int64_t n_items) {
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> work((work_bytes + 7) / 8);
+      pass(p, begin, end, work.data());
+    });
+  };
+  run(kernels.bwd_dkdv, s.batch * s.kv_heads * n_key_tiles);
+  run(kernels.bwd_dq, s.batch * s.heads * n_query_tiles);
 }
 
 }  // namespace markovkit

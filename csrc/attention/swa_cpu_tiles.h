@@ -4,9 +4,10 @@
 //
 // Forward, per (batch, head, query tile of kBM rows): online softmax over the key tiles of kBN keys in
 // [0, sink_end) and [window_begin, i1); only tiles that are not fully visible evaluate the mask.
-// Backward, per (batch, kv head): for each key tile, the query tiles of every head of the group that see
-// it, recomputing P = exp(S - lse); dS = P (dP - delta) with delta = rowsum(dO O) - dlse; dv, dk accumulate
-// in the tile, dq in place (this task owns every dq row of its kv head's group).
+// Backward in two passes that share no output (deterministic, no atomics, results independent of the
+// thread count), both recomputing P = exp(S - lse) and dS = P (dP - delta), delta = rowsum(dO O) - dlse:
+// dK, dV per (batch, kv head, key tile) over the query tiles of every head of the group that see it, and
+// dQ per (batch, head, query tile) over its key tiles.
 // Tile products go through gemm_acc, a register-blocked loop nest the compiler vectorizes.
 #include <cmath>
 #include <cstdint>
@@ -224,30 +225,43 @@ template <typename T>
 struct BwdState {
   T* kt;   // (headdim, kBN) key tile transposed
   T* vt;   // (headdim, kBN) value tile transposed
-  T* dk;   // (kBN, headdim)
-  T* dv;   // (kBN, headdim)
   T* qs;   // (kBM, headdim) q rows
   T* dos;  // (kBM, headdim) dout rows
-  T* dqt;  // (kBM, headdim) dq contribution of this tile pair
   T* p;    // (kBM, kBN) scores, then P
   T* ds;   // (kBM, kBN) dP, then scale * dS
+  T* acc;  // (kBM or kBN, headdim) x 2: dq of the query tile, or dk then dv of the key tile
 };
 
-// Query rows [i0, i0 + ni) of head h against key tile [j0, j0 + nj): the five tile products.
+// Splits work: swa_bwd_work_size(headdim) = 4 headdim kBN + 2 kBM headdim + 2 kBM kBN elements.
 template <typename T>
-void bwd_tile_pair(const SwaBwdParams& pr, const Rows<T>& q, const Rows<T>& k, const Rows<T>& dout, int64_t b,
-                   int64_t h, int64_t hk, int64_t i0, int64_t ni, int64_t j0, int64_t nj, BwdState<T>& st) {
+BwdState<T> bwd_state(T* work, int64_t D) {
+  static_assert(kBM == kBN, "the accumulators are sized for square tiles");
+  BwdState<T> st;
+  st.kt = work;
+  st.vt = st.kt + D * kBN;
+  st.qs = st.vt + D * kBN;
+  st.dos = st.qs + kBM * D;
+  st.p = st.dos + kBM * D;
+  st.ds = st.p + kBM * kBN;
+  st.acc = st.ds + kBM * kBN;
+  return st;
+}
+
+// P = exp(S - lse) and scale * dS = scale * P (dP - delta) of query rows [i0, i0 + ni) of head h against
+// key tile [j0, j0 + nj), from st.qs, st.dos (the rows) and st.kt, st.vt (the keys, transposed); rows
+// beyond ni and keys beyond nj get P = dS = 0.
+template <typename T>
+void bwd_p_ds(const SwaBwdParams& pr, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
+              BwdState<T>& st) {
   const SwaShape& sh = pr.s;
   const int64_t L = sh.seqlen, D = sh.headdim;
   const T scale = static_cast<T>(sh.scale);
   const T* lse = static_cast<const T*>(pr.lse) + (b * sh.heads + h) * L;
   const T* delta = static_cast<const T*>(pr.delta) + (b * sh.heads + h) * L;
   const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
-  copy_rows(q, b, h, i0, ni, T(1), st.qs);
-  copy_rows(dout, b, h, i0, ni, T(1), st.dos);
   fill_zero(st.p, 2 * kBM * kBN);  // p and ds
-  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.p, kBN);
-  gemm_acc<T>(kBM, kBN, D, st.dos, D, 1, st.vt, kBN, st.ds, kBN);
+  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.p, kBN);    // S = Q K^T
+  gemm_acc<T>(kBM, kBN, D, st.dos, D, 1, st.vt, kBN, st.ds, kBN);  // dP = dO V^T
   for (int64_t r = 0; r < kBM; ++r) {
     T* p = st.p + r * kBN;
     T* ds = st.ds + r * kBN;
@@ -264,46 +278,35 @@ void bwd_tile_pair(const SwaBwdParams& pr, const Rows<T>& q, const Rows<T>& k, c
       ds[jj] = pj * (ds[jj] - delta_i) * scale;
     }
   }
-  gemm_acc<T>(kBN, D, ni, st.p, 1, kBN, st.dos, D, st.dv, D);  // dV += P^T dO
-  gemm_acc<T>(kBN, D, ni, st.ds, 1, kBN, st.qs, D, st.dk, D);  // dK += dS^T Q
-  fill_zero(st.dqt, kBM * D);
-  gemm_acc<T>(kBM, D, nj, st.ds, kBN, 1, k.at(b, j0, hk), k.stride(), st.dqt, D);  // dQ += dS K
-  T* dq = static_cast<T*>(pr.dq);
-  for (int64_t r = 0; r < ni; ++r) {
-    T* dqrow = dq + ((b * L + i0 + r) * sh.heads + h) * D;
-    for (int64_t d = 0; d < D; ++d) dqrow[d] += st.dqt[r * D + d];
-  }
 }
 
-// Key tile `kt_index` of (batch b, kv head hk): its dk, dv rows, and its dq contributions.
-// work: (4 * headdim * kBN + 3 * kBM * headdim + 2 * kBM * kBN).
+// dK, dV pass: key tile `kt_index` of (batch b, kv head hk), over the query tiles of every head of the
+// group that see it. work: swa_bwd_work_size(headdim) elements.
 template <typename T>
-void bwd_key_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_index, T* work) {
+void bwd_dkdv_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_index, T* work) {
   const SwaShape& sh = p.s;
   const int64_t L = sh.seqlen, D = sh.headdim, group = sh.heads / sh.kv_heads;
   const Rows<T> q{static_cast<const T*>(p.q), L, sh.heads, D};
   const Rows<T> k{static_cast<const T*>(p.k), L, sh.kv_heads, D};
   const Rows<T> v{static_cast<const T*>(p.v), L, sh.kv_heads, D};
   const Rows<T> dout{static_cast<const T*>(p.dout), L, sh.heads, D};
-  BwdState<T> st;
-  st.kt = work;
-  st.vt = st.kt + D * kBN;
-  st.dk = st.vt + D * kBN;
-  st.dv = st.dk + kBN * D;
-  st.qs = st.dv + kBN * D;
-  st.dos = st.qs + kBM * D;
-  st.dqt = st.dos + kBM * D;
-  st.p = st.dqt + kBM * D;
-  st.ds = st.p + kBM * kBN;
+  BwdState<T> st = bwd_state(work, D);
+  T* dk = st.acc;           // (kBN, headdim)
+  T* dv = st.acc + kBN * D;  // (kBN, headdim)
 
   const int64_t j0 = kt_index * kBN, nj = min64(kBN, L - j0);
   const int64_t q_end = swa_query_end(j0 + nj, L, sh.window, sh.sink, j0);
   transpose_tile(k, b, hk, j0, nj, st.kt);
   transpose_tile(v, b, hk, j0, nj, st.vt);
-  fill_zero(st.dk, 2 * kBN * D);  // dk and dv
+  fill_zero(st.acc, 2 * kBN * D);
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t i0 = j0; i0 < q_end; i0 += kBM) {
-      bwd_tile_pair(p, q, k, dout, b, h, hk, i0, min64(kBM, q_end - i0), j0, nj, st);
+      const int64_t ni = min64(kBM, q_end - i0);
+      copy_rows(q, b, h, i0, ni, T(1), st.qs);
+      copy_rows(dout, b, h, i0, ni, T(1), st.dos);
+      bwd_p_ds(p, b, h, i0, ni, j0, nj, st);
+      gemm_acc<T>(kBN, D, ni, st.p, 1, kBN, st.dos, D, dv, D);   // dV += P^T dO
+      gemm_acc<T>(kBN, D, ni, st.ds, 1, kBN, st.qs, D, dk, D);   // dK += scale dS^T Q
     }
   }
   T* dk_out = static_cast<T*>(p.dk);
@@ -311,9 +314,43 @@ void bwd_key_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_index
   for (int64_t jj = 0; jj < nj; ++jj) {
     const int64_t off = ((b * L + j0 + jj) * sh.kv_heads + hk) * D;
     for (int64_t d = 0; d < D; ++d) {
-      dk_out[off + d] = st.dk[jj * D + d];
-      dv_out[off + d] = st.dv[jj * D + d];
+      dk_out[off + d] = dk[jj * D + d];
+      dv_out[off + d] = dv[jj * D + d];
     }
+  }
+}
+
+// dQ pass: query tile `qt` of (batch b, head h), over the key tiles it sees (as in the forward).
+// work: swa_bwd_work_size(headdim) elements.
+template <typename T>
+void bwd_dq_tile(const SwaBwdParams& p, int64_t b, int64_t h, int64_t qt, T* work) {
+  const SwaShape& sh = p.s;
+  const int64_t L = sh.seqlen, D = sh.headdim, hk = h / (sh.heads / sh.kv_heads);
+  const Rows<T> q{static_cast<const T*>(p.q), L, sh.heads, D};
+  const Rows<T> k{static_cast<const T*>(p.k), L, sh.kv_heads, D};
+  const Rows<T> v{static_cast<const T*>(p.v), L, sh.kv_heads, D};
+  const Rows<T> dout{static_cast<const T*>(p.dout), L, sh.heads, D};
+  BwdState<T> st = bwd_state(work, D);
+  T* dq = st.acc;  // (kBM, headdim)
+
+  const int64_t i0 = qt * kBM, ni = min64(kBM, L - i0);
+  copy_rows(q, b, h, i0, ni, T(1), st.qs);
+  copy_rows(dout, b, h, i0, ni, T(1), st.dos);
+  fill_zero(dq, kBM * D);
+  const int64_t ranges[2][2] = {{0, swa_sink_end(i0, sh.window, sh.sink)}, {swa_window_begin(i0, sh.window), i0 + ni}};
+  for (const auto& range : ranges) {
+    for (int64_t j0 = range[0]; j0 < range[1]; j0 += kBN) {
+      const int64_t nj = min64(kBN, range[1] - j0);
+      transpose_tile(k, b, hk, j0, nj, st.kt);
+      transpose_tile(v, b, hk, j0, nj, st.vt);
+      bwd_p_ds(p, b, h, i0, ni, j0, nj, st);
+      gemm_acc<T>(kBM, D, nj, st.ds, kBN, 1, k.at(b, j0, hk), k.stride(), dq, D);  // dQ += scale dS K
+    }
+  }
+  T* dq_out = static_cast<T*>(p.dq);
+  for (int64_t r = 0; r < ni; ++r) {
+    T* row = dq_out + ((b * L + i0 + r) * sh.heads + h) * D;
+    for (int64_t d = 0; d < D; ++d) row[d] = dq[r * D + d];
   }
 }
 
