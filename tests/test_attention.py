@@ -344,6 +344,39 @@ def test_backward_bits_independent_of_thread_count():
         assert torch.equal(a, b)
 
 
+_ISA_SCRIPT = """
+import torch, markovkit
+from markovkit import reference
+g = torch.Generator().manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    q, k, v = [torch.randn(1, 150, 4, 96, generator=g, dtype=torch.float64) for _ in range(3)]
+    k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    grads = []
+    for fn, t in ((markovkit.sliding_window_attention, dtype), (reference.sliding_window_attention, torch.float64)):
+        x = [a.to(t).requires_grad_() for a in (q, k, v)]
+        out = fn(x[0], x[1], x[2], 40, sink=3) if fn is markovkit.sliding_window_attention else fn(*x, 40, 3)[0]
+        grads.append([out] + list(torch.autograd.grad(out, x, dout.to(t))))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a.double(), e.double(), rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_instruction_set_copies(capability):
+    """The baseline and AVX2 copies of the CPU kernels (picked once per process, lowered as ATen's by
+    ATEN_CPU_CAPABILITY) against the float64 reference, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == "ok"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rejects_float32():

@@ -32,8 +32,9 @@ inline int64_t swa_bwd_work_size(int64_t headdim) {
 }
 
 // Kernels for element type float (is_double false) or double, built for the baseline instruction set or
-// (where compiled in and the CPU has it) AVX2 + FMA; nullptr members where absent.
+// (where compiled in and the CPU has it) AVX2 + FMA or AVX-512F; nullptr members where absent.
 SwaCpuKernels swa_cpu_kernels_base(bool is_double);
 SwaCpuKernels swa_cpu_kernels_avx2(bool is_double);
+SwaCpuKernels swa_cpu_kernels_avx512(bool is_double);
 
 }  // namespace markovkit

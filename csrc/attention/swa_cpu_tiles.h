@@ -8,7 +8,8 @@
 // thread count), both recomputing P = exp(S - lse) and dS = P (dP - delta), delta = rowsum(dO O) - dlse:
 // dK, dV per (batch, kv head, key tile) over the query tiles of every head of the group that see it, and
 // dQ per (batch, head, query tile) over its key tiles.
-// Tile products go through gemm_acc, a register-blocked loop nest the compiler vectorizes.
+// Tile products go through gemm_acc, a register-blocked loop nest on GCC vector types; the softmax row
+// loops (scale, mask, max, exp, sum) use the same vectors.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,28 +29,6 @@ constexpr int64_t kBN = 64;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// exp for x <= 0 (float): Cody-Waite reduction and a degree-7 polynomial (Cephes expf), < 2 ulp; written
-// branch-free so that the tile loops vectorize. x below -87 returns ~1e-38 instead of a smaller value.
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
-
-inline double exp_nonpos(double x) { return std::exp(x); }
-
 template <typename T>
 struct Rows {
   const T* base;
@@ -59,30 +38,124 @@ struct Rows {
   int64_t stride() const { return nheads * headdim; }
 };
 
-// SIMD vector of T, SWA_CPU_VEC_BYTES wide (16 for the baseline copy, 32 for the AVX2 copy).
+// SIMD vector of T, SWA_CPU_VEC_BYTES wide (16 for the baseline copy, 32 for AVX2, 64 for AVX-512).
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(SWA_CPU_VEC_BYTES)));
   static constexpr int kLanes = SWA_CPU_VEC_BYTES / sizeof(T);
 };
 
+template <typename T>
+using VecT = typename Vec<T>::type;
+typedef int32_t VecI32 __attribute__((vector_size(SWA_CPU_VEC_BYTES)));
+
+template <typename T>
+VecT<T> splat(T x) {
+  return VecT<T>{} + x;
+}
+
+template <typename T>
+VecT<T> vload(const T* p) {
+  VecT<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+void vstore(T* p, VecT<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+T hmax(VecT<T> v) {
+  T m = v[0];
+  for (int i = 1; i < Vec<T>::kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+template <typename T>
+T hsum(VecT<T> v) {
+  T s = v[0];
+  for (int i = 1; i < Vec<T>::kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp of each lane, for lanes <= 0 (float): Cody-Waite reduction and a degree-7 polynomial (Cephes expf),
+// < 2 ulp; lanes below -87 give ~1e-38 instead of a smaller value, so -inf lanes must be selected away.
+inline VecT<float> exp_nonpos(VecT<float> x) {
+  using V = VecT<float>;
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const V t = x * 1.44269504088896341f + 0.5f;
+  V n = __builtin_convertvector(__builtin_convertvector(t, VecI32), V);  // trunc(t)
+  n = n + __builtin_convertvector(n > t, V);                             // floor(t): -1 where trunc rounded up
+  V r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  V y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const VecI32 bits = (__builtin_convertvector(n, VecI32) + 127) << 23;
+  V two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return y * two_n;
+}
+
+inline VecT<double> exp_nonpos(VecT<double> x) {
+  for (int i = 0; i < Vec<double>::kLanes; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+inline float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// P = exp(s - m) for the kBN scores s (0 where s is -inf), in place; returns the sum of P.
+template <typename T>
+T exp_row(T* s, T m) {
+  using V = VecT<T>;
+  constexpr int kW = Vec<T>::kLanes;
+  const V neg_inf = splat(-std::numeric_limits<T>::infinity()), mv = splat(m);
+  V sum{};
+  for (int64_t jj = 0; jj < kBN; jj += kW) {
+    const V x = vload(s + jj);
+    const V e = x == neg_inf ? V{} : exp_nonpos(x - mv);
+    vstore(s + jj, e);
+    sum += e;
+  }
+  return hsum<T>(sum);
+}
+
+// Register block of gemm_acc: kRows rows x kCols vectors of accumulators, kCols + 1 more registers for
+// the B row and the broadcast A element: fits the 16 vector registers of SSE and AVX2.
+constexpr int kRows = 4;
+constexpr int kCols = 2;
+
 // C (M, N) += A (M, K) B (K, N), with A(m, k) = A[m * a_rs + k * a_cs] and B, C row-major (ldb, ldc).
-// M % kR == 0 and N % kLanes == 0: kR accumulator vectors stay in registers over the K loop.
+// M % kRows == 0 and N % (kCols * kLanes) == 0: the accumulators stay in registers over the K loop.
 template <typename T>
 void gemm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_cs,
               const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
-  using V = typename Vec<T>::type;
-  constexpr int kR = 8, kW = Vec<T>::kLanes;
-  for (int64_t m = 0; m < M; m += kR) {
-    for (int64_t n = 0; n < N; n += kW) {
-      V acc[kR];
-      for (int rr = 0; rr < kR; ++rr) std::memcpy(&acc[rr], C + (m + rr) * ldc + n, sizeof(V));
-      for (int64_t k = 0; k < K; ++k) {
-        V b;
-        std::memcpy(&b, B + k * ldb + n, sizeof(V));
-        for (int rr = 0; rr < kR; ++rr) acc[rr] += A[(m + rr) * a_rs + k * a_cs] * b;
+  using V = VecT<T>;
+  constexpr int kW = Vec<T>::kLanes;
+  for (int64_t m = 0; m < M; m += kRows) {
+    for (int64_t n = 0; n < N; n += kCols * kW) {
+      V acc[kRows][kCols];
+      for (int rr = 0; rr < kRows; ++rr) {
+        for (int cc = 0; cc < kCols; ++cc) acc[rr][cc] = vload(C + (m + rr) * ldc + n + cc * kW);
       }
-      for (int rr = 0; rr < kR; ++rr) std::memcpy(C + (m + rr) * ldc + n, &acc[rr], sizeof(V));
+      for (int64_t k = 0; k < K; ++k) {
+        V b[kCols];
+        for (int cc = 0; cc < kCols; ++cc) b[cc] = vload(B + k * ldb + n + cc * kW);
+        for (int rr = 0; rr < kRows; ++rr) {
+          const T a = A[(m + rr) * a_rs + k * a_cs];
+          for (int cc = 0; cc < kCols; ++cc) acc[rr][cc] += a * b[cc];
+        }
+      }
+      for (int rr = 0; rr < kRows; ++rr) {
+        for (int cc = 0; cc < kCols; ++cc) vstore(C + (m + rr) * ldc + n + cc * kW, acc[rr][cc]);
+      }
     }
   }
 }
@@ -115,15 +188,21 @@ void transpose_tile(const Rows<T>& src, int64_t b, int64_t hk, int64_t j0, int64
 // Scales the scores s[:kBN] of row i, sets those outside the mask (or beyond nj) to -inf; returns the max.
 template <typename T>
 T mask_and_max(T* s, T scale, int64_t i, int64_t j0, int64_t nj, bool full, const SwaShape& sh) {
+  using V = VecT<T>;
+  constexpr int kW = Vec<T>::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  T mx = kNegInf;
-  for (int64_t jj = 0; jj < kBN; ++jj) {
-    const bool ok = full || (jj < nj && swa_allowed(i, j0 + jj, sh.window, sh.sink));
-    const T val = ok ? s[jj] * scale : kNegInf;
-    s[jj] = val;
-    mx = val > mx ? val : mx;
+  if (!full) {
+    for (int64_t jj = 0; jj < kBN; ++jj) {
+      if (jj >= nj || !swa_allowed(i, j0 + jj, sh.window, sh.sink)) s[jj] = kNegInf;
+    }
   }
-  return mx;
+  V mx = splat(kNegInf);
+  for (int64_t jj = 0; jj < kBN; jj += kW) {
+    const V x = vload(s + jj) * scale;
+    vstore(s + jj, x);
+    mx = x > mx ? x : mx;
+  }
+  return hmax<T>(mx);
 }
 
 template <typename T>
@@ -145,12 +224,7 @@ void softmax_row_update(FwdState<T>& st, int64_t r, T* s, T mx, int64_t D) {
   }
   const T m_new = mx > st.m[r] ? mx : st.m[r];
   const T alpha = st.m[r] == kNegInf ? T(0) : exp_nonpos(st.m[r] - m_new);
-  T sum = 0;
-  for (int64_t jj = 0; jj < kBN; ++jj) {
-    const T pj = s[jj] == kNegInf ? T(0) : exp_nonpos(s[jj] - m_new);
-    s[jj] = pj;
-    sum += pj;
-  }
+  const T sum = exp_row(s, m_new);
   if (alpha != T(1)) {
     T* orow = st.o + r * D;
     for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
@@ -271,11 +345,10 @@ void bwd_p_ds(const SwaBwdParams& pr, int64_t b, int64_t h, int64_t i0, int64_t 
       continue;
     }
     mask_and_max(p, scale, i0 + r, j0, nj, full, sh);
-    const T lse_i = lse[i0 + r], delta_i = delta[i0 + r];
-    for (int64_t jj = 0; jj < kBN; ++jj) {
-      const T pj = p[jj] == -std::numeric_limits<T>::infinity() ? T(0) : exp_nonpos(p[jj] - lse_i);
-      p[jj] = pj;
-      ds[jj] = pj * (ds[jj] - delta_i) * scale;
+    exp_row(p, lse[i0 + r]);
+    const VecT<T> delta_i = splat(delta[i0 + r]);
+    for (int64_t jj = 0; jj < kBN; jj += Vec<T>::kLanes) {
+      vstore(ds + jj, vload(p + jj) * (vload(ds + jj) - delta_i) * scale);
     }
   }
 }
