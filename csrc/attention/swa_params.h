@@ -80,6 +80,8 @@ MK_HOST_DEVICE bool swa_tile_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1
 void swa_forward_cpu(const SwaFwdParams& p);
 void swa_backward_cpu(const SwaBwdParams& p);
 #ifdef MARKOVKIT_WITH_CUDA
+// Dynamic shared memory per block of the forward or backward kernels at this headdim (either dtype).
+int64_t swa_cuda_smem_bytes(int64_t headdim, bool backward);
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
 void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
 #endif
