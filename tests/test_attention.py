@@ -144,6 +144,22 @@ def test_large_window_is_causal_sdpa(device):
     torch.testing.assert_close(out, sdpa, **TOL[torch.float64])
 
 
+def test_int64_max_window_is_causal_with_gradients(device):
+    """A window of INT64_MAX (an "unbounded" window) must not overflow the backward's tile ranges."""
+    import sys
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((1, 150, 2, 1, 32, 0, 0), dtype, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    zero = torch.zeros(1, 2, 150, dtype=torch.float64, device=device)
+
+    def ours(window):
+        return lambda q, k, v: markovkit.sliding_window_attention(q, k, v, window, return_lse=True)
+
+    for a, e in zip(_grads(ours(sys.maxsize), q, k, v, dout, zero), _grads(ours(150), q, k, v, dout, zero)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_sink_equals_merge_of_window_and_sink_keys():
     """Sink keys are the window result merged with attention over the sink keys outside the window."""
     shape = (1, 120, 2, 1, 32, 10, 4)

@@ -65,11 +65,11 @@ MK_HOST_DEVICE int64_t swa_sink_end(int64_t i0, int64_t window, int64_t sink) {
   return sink < begin ? sink : begin;
 }
 
-// Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only.
+// Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only (min(j1 - 1 + window, seqlen),
+// written so that a window near INT64_MAX cannot overflow).
 MK_HOST_DEVICE int64_t swa_query_end(int64_t j1, int64_t seqlen, int64_t window, int64_t sink, int64_t j0) {
-  if (j0 < sink) return seqlen;
-  const int64_t end = j1 - 1 + window;
-  return end < seqlen ? end : seqlen;
+  if (j0 < sink || window >= seqlen - (j1 - 1)) return seqlen;
+  return j1 - 1 + window;
 }
 
 // True when every (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: such tiles need no mask.
