@@ -207,47 +207,75 @@ T mask_and_max(T* s, T scale, int64_t i, int64_t j0, int64_t nj, bool full, cons
 
 template <typename T>
 struct FwdState {
-  T* kt;  // (headdim, kBN) key tile transposed
-  T* qs;  // (kBM, headdim) scale * q rows
-  T* o;   // (kBM, headdim) unnormalized output
-  T* s;   // (kBM, kBN) scores, then P
-  T m[kBM], l[kBM];
+  T* kpad;  // (kBN, headdim) key rows of a partial tile, zero-padded
+  T* qt;    // (headdim, kBM) scale * q rows, transposed
+  T* o;     // (kBM, headdim) unnormalized output
+  T* st;    // (kBN, kBM) transposed scores S^T, then P^T
+  alignas(64) T m[kBM];  // running max of each query (column)
+  alignas(64) T l[kBM];  // running sum of each query
 };
 
-// Online-softmax update of row r of st with its scores s[:kBN]: P into s, o row rescaled; returns nothing.
+// Online-softmax update with the transposed scores st.st of key tile rows [0, kBN) (masked entries -inf):
+// P^T into st.st, o rows rescaled, m and l updated, all vectorized over the queries.
 template <typename T>
-void softmax_row_update(FwdState<T>& st, int64_t r, T* s, T mx, int64_t D) {
-  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
-  if (mx == kNegInf) {
-    fill_zero(s, kBN);
-    return;
+void softmax_columns_update(FwdState<T>& st, int64_t D) {
+  using V = VecT<T>;
+  constexpr int kW = Vec<T>::kLanes;
+  const V neg_inf = splat(-std::numeric_limits<T>::infinity());
+  alignas(64) T alpha[kBM];
+  for (int64_t r = 0; r < kBM; r += kW) {
+    V mx = vload(st.m + r);
+    for (int64_t jj = 0; jj < kBN; ++jj) {
+      const V x = vload(st.st + jj * kBM + r);
+      mx = x > mx ? x : mx;
+    }
+    const V m_old = vload(st.m + r);
+    vstore(alpha + r, m_old == neg_inf ? V{} : exp_nonpos(m_old - mx));
+    vstore(st.m + r, mx);
+    V sum{};
+    for (int64_t jj = 0; jj < kBN; ++jj) {
+      T* row = st.st + jj * kBM + r;
+      const V x = vload(row);
+      const V e = x == neg_inf ? V{} : exp_nonpos(x - mx);
+      vstore(row, e);
+      sum += e;
+    }
+    vstore(st.l + r, vload(alpha + r) * vload(st.l + r) + sum);
   }
-  const T m_new = mx > st.m[r] ? mx : st.m[r];
-  const T alpha = st.m[r] == kNegInf ? T(0) : exp_nonpos(st.m[r] - m_new);
-  const T sum = exp_row(s, m_new);
-  if (alpha != T(1)) {
+  for (int64_t r = 0; r < kBM; ++r) {
+    if (alpha[r] == T(1)) continue;
     T* orow = st.o + r * D;
-    for (int64_t d = 0; d < D; ++d) orow[d] *= alpha;
+    for (int64_t d = 0; d < D; ++d) orow[d] *= alpha[r];
   }
-  st.l[r] = alpha * st.l[r] + sum;
-  st.m[r] = m_new;
 }
 
-// One key tile [j0, j0 + nj) against query rows [i0, i0 + ni): S = Q K^T, online softmax, O += P V.
+// One key tile [j0, j0 + nj) against query rows [i0, i0 + ni): S^T = K Q^T, online softmax over each
+// query's column, O += P V (rows beyond ni compute values that are never stored).
 template <typename T>
 void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t hk, int64_t i0,
                   int64_t ni, int64_t j0, int64_t nj, FwdState<T>& st) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t D = sh.headdim;
   const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
-  transpose_tile(k, b, hk, j0, nj, st.kt);
-  fill_zero(st.s, kBM * kBN);
-  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.s, kBN);
-  for (int64_t r = 0; r < ni; ++r) {
-    T* s = st.s + r * kBN;
-    softmax_row_update(st, r, s, mask_and_max(s, T(1), i0 + r, j0, nj, full, sh), D);
+  const T* kr = k.at(b, j0, hk);
+  int64_t ld = k.stride();
+  if (nj < kBN) {
+    copy_rows(k, b, hk, j0, nj, T(1), st.kpad);
+    kr = st.kpad;
+    ld = D;
   }
-  fill_zero(st.s + ni * kBN, (kBM - ni) * kBN);
-  gemm_acc<T>(kBM, D, nj, st.s, kBN, 1, v.at(b, j0, hk), v.stride(), st.o, D);
+  fill_zero(st.st, kBN * kBM);
+  gemm_acc<T>(kBN, kBM, D, kr, ld, 1, st.qt, kBM, st.st, kBM);
+  if (!full) {
+    for (int64_t jj = 0; jj < kBN; ++jj) {
+      T* row = st.st + jj * kBM;
+      for (int64_t r = 0; r < kBM; ++r) {
+        if (jj >= nj || !swa_allowed(i0 + r, j0 + jj, sh.window, sh.sink)) row[r] = kNegInf;
+      }
+    }
+  }
+  softmax_columns_update(st, D);
+  gemm_acc<T>(kBM, D, nj, st.st, 1, kBM, v.at(b, j0, hk), v.stride(), st.o, D);  // O += P V
 }
 
 // Keys [begin, end) in tiles of kBN.
@@ -272,15 +300,17 @@ void fwd_query_tile(const SwaFwdParams& p, int64_t tile, T* work) {
   const int64_t i0 = qt * kBM, ni = min64(kBM, L - i0);
 
   FwdState<T> st;
-  st.kt = work;
-  st.qs = st.kt + D * kBN;
-  st.o = st.qs + kBM * D;
-  st.s = st.o + kBM * D;
+  st.kpad = work;
+  st.qt = st.kpad + kBN * D;
+  st.o = st.qt + D * kBM;
+  st.st = st.o + kBM * D;
   for (int64_t r = 0; r < kBM; ++r) {
     st.m[r] = -std::numeric_limits<T>::infinity();
     st.l[r] = 0;
   }
-  copy_rows(q, b, h, i0, ni, static_cast<T>(sh.scale), st.qs);
+  transpose_tile(q, b, h, i0, ni, st.qt);
+  const T scale = static_cast<T>(sh.scale);
+  for (int64_t x = 0; x < D * kBM; ++x) st.qt[x] *= scale;
   fill_zero(st.o, kBM * D);
   fwd_key_range(sh, k, v, b, hk, i0, ni, 0, swa_sink_end(i0, sh.window, sh.sink), st);
   fwd_key_range(sh, k, v, b, hk, i0, ni, swa_window_begin(i0, sh.window), i0 + ni, st);
@@ -393,10 +423,45 @@ void bwd_dkdv_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_inde
   }
 }
 
-// dQ pass: query tile `qt` of (batch b, head h), over the key tiles it sees (as in the forward).
+// P^T = exp(S^T - lse) and scale * dS^T = scale * P^T (dP^T - delta) in place of the transposed scores
+// st (keys j0 + [0, kBN) as rows, queries i0 + [0, kBM) as columns) and dpt; lse, delta: (kBM) of the
+// queries; rows beyond nj, columns beyond ni and masked pairs get 0.
+template <typename T>
+void bwd_pt_dst(const SwaShape& sh, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* lse, const T* delta,
+                T* st, T* dpt) {
+  using V = VecT<T>;
+  constexpr int kW = Vec<T>::kLanes;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const T scale = static_cast<T>(sh.scale);
+  const bool full = nj == kBN && ni == kBM && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
+  for (int64_t jj = 0; jj < kBN; ++jj) {
+    T* p = st + jj * kBM;
+    T* ds = dpt + jj * kBM;
+    if (jj >= nj) {
+      fill_zero(p, kBM);
+      fill_zero(ds, kBM);
+      continue;
+    }
+    if (!full) {
+      for (int64_t r = 0; r < kBM; ++r) {
+        if (r >= ni || !swa_allowed(i0 + r, j0 + jj, sh.window, sh.sink)) p[r] = kNegInf;
+      }
+    }
+    for (int64_t r = 0; r < kBM; r += kW) {
+      const V x = vload(p + r) * scale;
+      const V e = x == splat(kNegInf) ? V{} : exp_nonpos(x - vload(lse + r));
+      vstore(p + r, e);
+      vstore(ds + r, e * (vload(ds + r) - vload(delta + r)) * scale);
+    }
+  }
+}
+
+// dQ pass: query tile `qt` of (batch b, head h), over the key tiles it sees (as in the forward). Scores
+// are computed transposed (S^T = K Q^T, dP^T = V dO^T) so that only the query tile is transposed, once.
 // work: swa_bwd_work_size(headdim) elements.
 template <typename T>
 void bwd_dq_tile(const SwaBwdParams& p, int64_t b, int64_t h, int64_t qt, T* work) {
+  static_assert(kBM == kBN, "the query tile is transposed into key-tile-sized buffers");
   const SwaShape& sh = p.s;
   const int64_t L = sh.seqlen, D = sh.headdim, hk = h / (sh.heads / sh.kv_heads);
   const Rows<T> q{static_cast<const T*>(p.q), L, sh.heads, D};
@@ -404,20 +469,43 @@ void bwd_dq_tile(const SwaBwdParams& p, int64_t b, int64_t h, int64_t qt, T* wor
   const Rows<T> v{static_cast<const T*>(p.v), L, sh.kv_heads, D};
   const Rows<T> dout{static_cast<const T*>(p.dout), L, sh.heads, D};
   BwdState<T> st = bwd_state(work, D);
-  T* dq = st.acc;  // (kBM, headdim)
+  T* qt_tile = st.qs;     // (headdim, kBM) query rows transposed
+  T* dot_tile = st.dos;   // (headdim, kBM) dout rows transposed
+  T* k_pad = st.kt;       // (kBN, headdim) key rows of a partial tile, zero-padded
+  T* v_pad = st.vt;       // (kBN, headdim) value rows of a partial tile, zero-padded
+  T* dq = st.acc;         // (kBM, headdim)
 
   const int64_t i0 = qt * kBM, ni = min64(kBM, L - i0);
-  copy_rows(q, b, h, i0, ni, T(1), st.qs);
-  copy_rows(dout, b, h, i0, ni, T(1), st.dos);
+  const T* lse_in = static_cast<const T*>(p.lse) + (b * sh.heads + h) * L;
+  const T* delta_in = static_cast<const T*>(p.delta) + (b * sh.heads + h) * L;
+  T lse[kBM], delta[kBM];
+  for (int64_t r = 0; r < kBM; ++r) {
+    lse[r] = r < ni ? lse_in[i0 + r] : T(0);
+    delta[r] = r < ni ? delta_in[i0 + r] : T(0);
+  }
+  transpose_tile(q, b, h, i0, ni, qt_tile);
+  transpose_tile(dout, b, h, i0, ni, dot_tile);
   fill_zero(dq, kBM * D);
   const int64_t ranges[2][2] = {{0, swa_sink_end(i0, sh.window, sh.sink)}, {swa_window_begin(i0, sh.window), i0 + ni}};
   for (const auto& range : ranges) {
     for (int64_t j0 = range[0]; j0 < range[1]; j0 += kBN) {
       const int64_t nj = min64(kBN, range[1] - j0);
-      transpose_tile(k, b, hk, j0, nj, st.kt);
-      transpose_tile(v, b, hk, j0, nj, st.vt);
-      bwd_p_ds(p, b, h, i0, ni, j0, nj, st);
-      gemm_acc<T>(kBM, D, nj, st.ds, kBN, 1, k.at(b, j0, hk), k.stride(), dq, D);  // dQ += scale dS K
+      // key and value rows (kBN, headdim) with row stride ld
+      const T* kr = k.at(b, j0, hk);
+      const T* vr = v.at(b, j0, hk);
+      int64_t ld = k.stride();
+      if (nj < kBN) {
+        copy_rows(k, b, hk, j0, nj, T(1), k_pad);
+        copy_rows(v, b, hk, j0, nj, T(1), v_pad);
+        kr = k_pad;
+        vr = v_pad;
+        ld = D;
+      }
+      fill_zero(st.p, 2 * kBM * kBN);  // p and ds
+      gemm_acc<T>(kBN, kBM, D, kr, ld, 1, qt_tile, kBM, st.p, kBM);    // S^T = K Q^T
+      gemm_acc<T>(kBN, kBM, D, vr, ld, 1, dot_tile, kBM, st.ds, kBM);  // dP^T = V dO^T
+      bwd_pt_dst(sh, i0, ni, j0, nj, lse, delta, st.p, st.ds);
+      gemm_acc<T>(kBM, D, nj, st.ds, 1, kBM, k.at(b, j0, hk), k.stride(), dq, D);  // dQ += scale dS K
     }
   }
   T* dq_out = static_cast<T*>(p.dq);
