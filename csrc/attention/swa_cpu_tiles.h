@@ -3,13 +3,15 @@
 // them once per instruction set (the wrapper namespace SWA_CPU_ISA differs per copy: no ODR clash).
 //
 // Forward, per (batch, head, query tile of kBM rows): online softmax over the key tiles of kBN keys in
-// [0, sink_end) and [window_begin, i1); only tiles that are not fully visible evaluate the mask.
+// [0, sink_end) and [window_begin, i1); only tiles that are not fully visible evaluate the mask. Scores
+// are held transposed (keys x queries, S^T = K Q^T): the query tile is transposed once, key rows are
+// read in place, and the softmax statistics are vectors over the queries.
 // Backward in two passes that share no output (deterministic, no atomics, results independent of the
 // thread count), both recomputing P = exp(S - lse) and dS = P (dP - delta), delta = rowsum(dO O) - dlse:
 // dK, dV per (batch, kv head, key tile) over the query tiles of every head of the group that see it, and
-// dQ per (batch, head, query tile) over its key tiles.
-// Tile products go through gemm_acc, a register-blocked loop nest on GCC vector types; the softmax row
-// loops (scale, mask, max, exp, sum) use the same vectors.
+// dQ per (batch, head, query tile) over its key tiles (transposed scores, as in the forward).
+// Tile products go through gemm_acc, a register-blocked loop nest on GCC vector types; the softmax loops
+// (scale, max, exp, sum) use the same vectors.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -66,20 +68,6 @@ void vstore(T* p, VecT<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
-T hmax(VecT<T> v) {
-  T m = v[0];
-  for (int i = 1; i < Vec<T>::kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
-
-template <typename T>
-T hsum(VecT<T> v) {
-  T s = v[0];
-  for (int i = 1; i < Vec<T>::kLanes; ++i) s += v[i];
-  return s;
-}
-
 // exp of each lane, for lanes <= 0 (float): Cody-Waite reduction and a degree-7 polynomial (Cephes expf),
 // < 2 ulp; lanes below -87 give ~1e-38 instead of a smaller value, so -inf lanes must be selected away.
 inline VecT<float> exp_nonpos(VecT<float> x) {
@@ -106,25 +94,6 @@ inline VecT<float> exp_nonpos(VecT<float> x) {
 inline VecT<double> exp_nonpos(VecT<double> x) {
   for (int i = 0; i < Vec<double>::kLanes; ++i) x[i] = std::exp(x[i]);
   return x;
-}
-
-inline float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
-inline double exp_nonpos(double x) { return std::exp(x); }
-
-// P = exp(s - m) for the kBN scores s (0 where s is -inf), in place; returns the sum of P.
-template <typename T>
-T exp_row(T* s, T m) {
-  using V = VecT<T>;
-  constexpr int kW = Vec<T>::kLanes;
-  const V neg_inf = splat(-std::numeric_limits<T>::infinity()), mv = splat(m);
-  V sum{};
-  for (int64_t jj = 0; jj < kBN; jj += kW) {
-    const V x = vload(s + jj);
-    const V e = x == neg_inf ? V{} : exp_nonpos(x - mv);
-    vstore(s + jj, e);
-    sum += e;
-  }
-  return hsum<T>(sum);
 }
 
 // Register block of gemm_acc: kRows rows x kCols vectors of accumulators, kCols + 1 more registers for
@@ -185,9 +154,10 @@ void transpose_tile(const Rows<T>& src, int64_t b, int64_t hk, int64_t j0, int64
   }
 }
 
-// Scales the scores s[:kBN] of row i, sets those outside the mask (or beyond nj) to -inf; returns the max.
+// P = exp(scale * s - lse_i) in place of the scores s[:kBN] of query i against keys j0 + [0, kBN); 0 for
+// keys outside the mask or beyond nj.
 template <typename T>
-T mask_and_max(T* s, T scale, int64_t i, int64_t j0, int64_t nj, bool full, const SwaShape& sh) {
+void p_row(T* s, T scale, T lse_i, int64_t i, int64_t j0, int64_t nj, bool full, const SwaShape& sh) {
   using V = VecT<T>;
   constexpr int kW = Vec<T>::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -196,13 +166,10 @@ T mask_and_max(T* s, T scale, int64_t i, int64_t j0, int64_t nj, bool full, cons
       if (jj >= nj || !swa_allowed(i, j0 + jj, sh.window, sh.sink)) s[jj] = kNegInf;
     }
   }
-  V mx = splat(kNegInf);
   for (int64_t jj = 0; jj < kBN; jj += kW) {
     const V x = vload(s + jj) * scale;
-    vstore(s + jj, x);
-    mx = x > mx ? x : mx;
+    vstore(s + jj, x == splat(kNegInf) ? V{} : exp_nonpos(x - lse_i));
   }
-  return hmax<T>(mx);
 }
 
 template <typename T>
@@ -374,8 +341,7 @@ void bwd_p_ds(const SwaBwdParams& pr, int64_t b, int64_t h, int64_t i0, int64_t 
       fill_zero(ds, kBN);
       continue;
     }
-    mask_and_max(p, scale, i0 + r, j0, nj, full, sh);
-    exp_row(p, lse[i0 + r]);
+    p_row(p, scale, lse[i0 + r], i0 + r, j0, nj, full, sh);
     const VecT<T> delta_i = splat(delta[i0 + r]);
     for (int64_t jj = 0; jj < kBN; jj += Vec<T>::kLanes) {
       vstore(ds + jj, vload(p + jj) * (vload(ds + jj) - delta_i) * scale);
