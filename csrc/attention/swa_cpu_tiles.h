@@ -101,20 +101,29 @@ inline VecT<double> exp_nonpos(VecT<double> x) {
 constexpr int kRows = 4;
 constexpr int kCols = 2;
 
-// C (M, N) += A (M, K) B (K, N), with A(m, k) = A[m * a_rs + k * a_cs] and B, C row-major (ldb, ldc).
-// M % kRows == 0 and N % (kCols * kLanes) == 0: the accumulators stay in registers over the K loop.
-template <typename T>
-void gemm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t a_rs, int64_t a_cs,
-              const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc) {
+// The part of a tile product that row block [m, m + kRows) needs: columns [n0, n1) of C and terms
+// [k0, k1) of the sum (outside them the scores are masked, or A is zero).
+struct Span {
+  int64_t n0, n1, k0, k1;
+};
+
+// C (M, N) += A (M, K) B (K, N), with A(m, k) = A[m * a_rs + k * a_cs] and B, C row-major (ldb, ldc),
+// over span(m) of each row block (columns rounded out to whole register blocks; the rest of C is left as
+// it is). M % kRows == 0 and N % (kCols * kLanes) == 0: the accumulators stay in registers.
+template <typename T, typename SpanOf>
+void gemm_acc(int64_t M, int64_t N, const T* __restrict A, int64_t a_rs, int64_t a_cs, const T* __restrict B,
+              int64_t ldb, T* __restrict C, int64_t ldc, const SpanOf& span) {
   using V = VecT<T>;
   constexpr int kW = Vec<T>::kLanes;
+  constexpr int64_t kBlock = kCols * kW;
   for (int64_t m = 0; m < M; m += kRows) {
-    for (int64_t n = 0; n < N; n += kCols * kW) {
+    const Span sp = span(m);
+    for (int64_t n = sp.n0 / kBlock * kBlock; n < sp.n1; n += kBlock) {
       V acc[kRows][kCols];
       for (int rr = 0; rr < kRows; ++rr) {
         for (int cc = 0; cc < kCols; ++cc) acc[rr][cc] = vload(C + (m + rr) * ldc + n + cc * kW);
       }
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = sp.k0; k < sp.k1; ++k) {
         V b[kCols];
         for (int cc = 0; cc < kCols; ++cc) b[cc] = vload(B + k * ldb + n + cc * kW);
         for (int rr = 0; rr < kRows; ++rr) {
@@ -127,6 +136,55 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const T* __restrict A, int64_t a_
       }
     }
   }
+}
+
+inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// Keys [lo, hi) of the tile [j0, j0 + nj) seen by some query of [i, i + kRows) (a superset); empty from
+// i_end on (padding rows). No overflow for windows up to INT64_MAX.
+inline void keys_seen(const SwaShape& sh, int64_t i, int64_t i_end, int64_t j0, int64_t nj, int64_t& lo,
+                      int64_t& hi) {
+  if (i >= i_end) {
+    lo = hi = 0;
+    return;
+  }
+  lo = j0 < sh.sink || sh.window > i - j0 ? 0 : clamp64(i - j0 - sh.window + 1, 0, nj);
+  hi = clamp64(i + kRows - j0, 0, nj);
+}
+
+// Queries [lo, hi) of the tile [i0, i0 + ni) that see some key of [j, j + kRows) (a superset); empty from
+// j_end on (padding rows).
+inline void queries_seeing(const SwaShape& sh, int64_t j, int64_t j_end, int64_t i0, int64_t ni, int64_t& lo,
+                           int64_t& hi) {
+  if (j >= j_end) {
+    lo = hi = 0;
+    return;
+  }
+  const int64_t j_last = j + kRows - 1;  // seen up to query j_last + window - 1
+  lo = clamp64(j - i0, 0, ni);
+  hi = j < sh.sink || sh.window >= i0 + ni - j_last ? ni : clamp64(j_last + sh.window - i0, 0, ni);
+}
+
+// Spans of the products of query tile [i0, i0 + ni) and key tile [j0, j0 + nj): `inner` is the length
+// of the other dimension (headdim).
+// Rows are queries, the keys are the columns (S, dP) or the terms (P V, dS K):
+inline auto query_rows(const SwaShape& sh, int64_t i0, int64_t ni, int64_t j0, int64_t nj, bool keys_are_terms,
+                       int64_t inner) {
+  return [=, &sh](int64_t m) {
+    int64_t lo, hi;
+    keys_seen(sh, i0 + m, i0 + ni, j0, nj, lo, hi);
+    return keys_are_terms ? Span{0, inner, lo, hi} : Span{lo, hi, 0, inner};
+  };
+}
+
+// Rows are keys, the queries are the columns (S^T, dP^T) or the terms (P^T dO, dS^T Q):
+inline auto key_rows(const SwaShape& sh, int64_t i0, int64_t ni, int64_t j0, int64_t nj, bool queries_are_terms,
+                     int64_t inner) {
+  return [=, &sh](int64_t m) {
+    int64_t lo, hi;
+    queries_seeing(sh, j0 + m, j0 + nj, i0, ni, lo, hi);
+    return queries_are_terms ? Span{0, inner, lo, hi} : Span{lo, hi, 0, inner};
+  };
 }
 
 template <typename T>
@@ -232,7 +290,7 @@ void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_
     ld = D;
   }
   fill_zero(st.st, kBN * kBM);
-  gemm_acc<T>(kBN, kBM, D, kr, ld, 1, st.qt, kBM, st.st, kBM);
+  gemm_acc<T>(kBN, kBM, kr, ld, 1, st.qt, kBM, st.st, kBM, key_rows(sh, i0, ni, j0, nj, false, D));  // S^T
   if (!full) {
     for (int64_t jj = 0; jj < kBN; ++jj) {
       T* row = st.st + jj * kBM;
@@ -242,7 +300,8 @@ void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_
     }
   }
   softmax_columns_update(st, D);
-  gemm_acc<T>(kBM, D, nj, st.st, 1, kBM, v.at(b, j0, hk), v.stride(), st.o, D);  // O += P V
+  gemm_acc<T>(kBM, D, st.st, 1, kBM, v.at(b, j0, hk), v.stride(), st.o, D,
+              query_rows(sh, i0, ni, j0, nj, true, D));  // O += P V
 }
 
 // Keys [begin, end) in tiles of kBN.
@@ -331,8 +390,9 @@ void bwd_p_ds(const SwaBwdParams& pr, int64_t b, int64_t h, int64_t i0, int64_t 
   const T* delta = static_cast<const T*>(pr.delta) + (b * sh.heads + h) * L;
   const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
   fill_zero(st.p, 2 * kBM * kBN);  // p and ds
-  gemm_acc<T>(kBM, kBN, D, st.qs, D, 1, st.kt, kBN, st.p, kBN);    // S = Q K^T
-  gemm_acc<T>(kBM, kBN, D, st.dos, D, 1, st.vt, kBN, st.ds, kBN);  // dP = dO V^T
+  const auto span = query_rows(sh, i0, ni, j0, nj, false, D);
+  gemm_acc<T>(kBM, kBN, st.qs, D, 1, st.kt, kBN, st.p, kBN, span);    // S = Q K^T
+  gemm_acc<T>(kBM, kBN, st.dos, D, 1, st.vt, kBN, st.ds, kBN, span);  // dP = dO V^T
   for (int64_t r = 0; r < kBM; ++r) {
     T* p = st.p + r * kBN;
     T* ds = st.ds + r * kBN;
@@ -374,8 +434,9 @@ void bwd_dkdv_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_inde
       copy_rows(q, b, h, i0, ni, T(1), st.qs);
       copy_rows(dout, b, h, i0, ni, T(1), st.dos);
       bwd_p_ds(p, b, h, i0, ni, j0, nj, st);
-      gemm_acc<T>(kBN, D, ni, st.p, 1, kBN, st.dos, D, dv, D);   // dV += P^T dO
-      gemm_acc<T>(kBN, D, ni, st.ds, 1, kBN, st.qs, D, dk, D);   // dK += scale dS^T Q
+      const auto span = key_rows(sh, i0, ni, j0, nj, true, D);
+      gemm_acc<T>(kBN, D, st.p, 1, kBN, st.dos, D, dv, D, span);  // dV += P^T dO
+      gemm_acc<T>(kBN, D, st.ds, 1, kBN, st.qs, D, dk, D, span);  // dK += scale dS^T Q
     }
   }
   T* dk_out = static_cast<T*>(p.dk);
@@ -468,10 +529,12 @@ void bwd_dq_tile(const SwaBwdParams& p, int64_t b, int64_t h, int64_t qt, T* wor
         ld = D;
       }
       fill_zero(st.p, 2 * kBM * kBN);  // p and ds
-      gemm_acc<T>(kBN, kBM, D, kr, ld, 1, qt_tile, kBM, st.p, kBM);    // S^T = K Q^T
-      gemm_acc<T>(kBN, kBM, D, vr, ld, 1, dot_tile, kBM, st.ds, kBM);  // dP^T = V dO^T
+      const auto span = key_rows(sh, i0, ni, j0, nj, false, D);
+      gemm_acc<T>(kBN, kBM, kr, ld, 1, qt_tile, kBM, st.p, kBM, span);    // S^T = K Q^T
+      gemm_acc<T>(kBN, kBM, vr, ld, 1, dot_tile, kBM, st.ds, kBM, span);  // dP^T = V dO^T
       bwd_pt_dst(sh, i0, ni, j0, nj, lse, delta, st.p, st.ds);
-      gemm_acc<T>(kBM, D, nj, st.ds, 1, kBM, k.at(b, j0, hk), k.stride(), dq, D);  // dQ += scale dS K
+      gemm_acc<T>(kBM, D, st.ds, 1, kBM, k.at(b, j0, hk), k.stride(), dq, D,
+                  query_rows(sh, i0, ni, j0, nj, true, D));  // dQ += scale dS K
     }
   }
   T* dq_out = static_cast<T*>(p.dq);
