@@ -1,7 +1,12 @@
-// CPU sliding-window attention: threads over (batch, head, query tile) forward and (batch, kv head)
-// backward, on the AVX2 + FMA copy of the tile loops when the CPU has it, else on the baseline copy.
+// CPU sliding-window attention: threads over (batch, head, query tile) forward, and backward over
+// (batch, kv head, key tile) for dK, dV then (batch, head, query tile) for dQ. The copy of the tile loops
+// is the widest the CPU runs (AVX-512F, AVX2 + FMA, or the baseline), lowered as ATen's own kernels are by
+// ATEN_CPU_CAPABILITY=default|avx2.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "attention/swa_cpu_entry.h"
@@ -15,12 +20,27 @@
 namespace markovkit {
 namespace {
 
+// 2: AVX-512F, 1: AVX2 + FMA, 0: baseline.
+int isa_level() {
+  int level = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    level = __builtin_cpu_supports("avx512f") ? 2 : 1;
+  }
+#endif
+  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
+    const std::string cap(env);
+    if (cap == "default") level = 0;
+    if (cap == "avx2") level = std::min(level, 1);
+  }
+  return level;
+}
+
 SwaCpuKernels pick(DType dtype) {
   const bool is_double = dtype == DType::kFloat64;
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return swa_cpu_kernels_avx2(is_double);
-#endif
+  static const int level = isa_level();
+  if (level == 2) return swa_cpu_kernels_avx512(is_double);
+  if (level == 1) return swa_cpu_kernels_avx2(is_double);
   return swa_cpu_kernels_base(is_double);
 }
 
@@ -41,12 +61,18 @@ void swa_forward_cpu(const SwaFwdParams& p) {
 
 void swa_backward_cpu(const SwaBwdParams& p) {
   const SwaShape& s = p.s;
-  const SwaBwdHeads bwd = pick(s.dtype).bwd;
+  const SwaCpuKernels kernels = pick(s.dtype);
   const int64_t work_bytes = swa_bwd_work_size(s.headdim) * element_size(s.dtype);
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> work((work_bytes + 7) / 8);
-    bwd(p, begin, end, work.data());
-  });
+  const int64_t n_key_tiles = (s.seqlen + kSwaCpuBN - 1) / kSwaCpuBN;
+  const int64_t n_query_tiles = (s.seqlen + kSwaCpuBM - 1) / kSwaCpuBM;
+  const auto run = [&](SwaBwdTiles pass, int64_t n_items) {
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> work((work_bytes + 7) / 8);
+      pass(p, begin, end, work.data());
+    });
+  };
+  run(kernels.bwd_dkdv, s.batch * s.kv_heads * n_key_tiles);
+  run(kernels.bwd_dq, s.batch * s.heads * n_query_tiles);
 }
 
 }  // namespace markovkit
