@@ -4,13 +4,11 @@
 // ATEN_CPU_CAPABILITY=default|avx2.
 #include <ATen/Parallel.h>
 
-#include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "attention/swa_cpu_entry.h"
 #include "attention/swa_params.h"
+#include "common/cpu_isa.h"
 
 #define SWA_CPU_ISA base
 #define SWA_CPU_VEC_BYTES 16
@@ -20,28 +18,13 @@
 namespace markovkit {
 namespace {
 
-// 2: AVX-512F, 1: AVX2 + FMA, 0: baseline.
-int isa_level() {
-  int level = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    level = __builtin_cpu_supports("avx512f") ? 2 : 1;
-  }
-#endif
-  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
-    const std::string cap(env);
-    if (cap == "default") level = 0;
-    if (cap == "avx2") level = std::min(level, 1);
-  }
-  return level;
-}
-
 SwaCpuKernels pick(DType dtype) {
   const bool is_double = dtype == DType::kFloat64;
-  static const int level = isa_level();
-  if (level == 2) return swa_cpu_kernels_avx512(is_double);
-  if (level == 1) return swa_cpu_kernels_avx2(is_double);
-  return swa_cpu_kernels_base(is_double);
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return swa_cpu_kernels_avx512(is_double);
+    case CpuIsa::kAvx2: return swa_cpu_kernels_avx2(is_double);
+    default: return swa_cpu_kernels_base(is_double);
+  }
 }
 
 int64_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
