@@ -1,5 +1,5 @@
 // CPU kernels of the MA-fBM step (forward, backward) and the simulator: threads split the paths; float32
-// draws its Philox normals 16 paths at a time with the vectorised generator of mafbm_cpu_lanes.h.
+// draws its Philox normals kLanes paths at a time with the vectorised generator of common/philox_lanes.h.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -11,17 +11,19 @@
 namespace markovkit {
 namespace {
 
-// --- float32 simulator over lanes of paths (mafbm_cpu_lanes.h), built for the baseline ISA and for AVX2 ---
+// --- float32 step and simulator over lanes of paths (mafbm_cpu_lanes.h), baseline and AVX2 builds ---
 
 constexpr int kLanes = 64;
 
 namespace lanes_default {
+#include "common/philox_lanes.h"
 #include "mafbm/mafbm_cpu_lanes.h"
 }  // namespace lanes_default
 
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace lanes_avx2 {
+#include "common/philox_lanes.h"
 #include "mafbm/mafbm_cpu_lanes.h"
 }  // namespace lanes_avx2
 #pragma GCC pop_options

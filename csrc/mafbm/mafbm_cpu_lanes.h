@@ -1,106 +1,22 @@
-// The float32 simulator over lanes of paths, CPU only. Included twice by mafbm_cpu.cpp, inside namespace
-// lanes_default and inside lanes_avx2 under #pragma GCC target("avx2"): no include guard, no includes.
+// The float32 step and simulator over lanes of paths, CPU only. Included twice by mafbm_cpu.cpp, each time
+// right after common/philox_lanes.h inside namespace lanes_default, and inside lanes_avx2 under
+// #pragma GCC target("avx2"): no include guard, no includes.
 //
-// The same Philox blocks and Box-Muller pairs as mafbm_simulate_path, computed for kLanes paths at once in
-// plain loops over lanes that the compiler vectorises. log, sqrt, sin and cos are branch-free polynomials /
-// Newton steps (relative error < 1e-7), so the draws match the scalar path to float rounding. No FMA
-// contraction (avx2 without fma): both builds give bitwise-equal paths.
-
-// ln(u) for u in (0, 1]: u = m·2^e with m in [√½, √2), ln m = 2 atanh(t), t = (m − 1)/(m + 1), |t| < 0.172.
-inline float lane_log(float u) {
-  uint32_t bits;
-  std::memcpy(&bits, &u, 4);
-  int e = static_cast<int>(bits >> 23) - 127;
-  bits = (bits & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
-  float m;
-  std::memcpy(&m, &bits, 4);
-  const int big = m > 1.41421356f;
-  m *= 1.0f - 0.5f * static_cast<float>(big);
-  e += big;
-  const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
-  const float atanh_t = t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
-  return static_cast<float>(e) * 0.693147180559945f + 2.0f * atanh_t;
-}
-
-// cos and sin of 2π·u, u in [0, 1): quarter turns q = round(4u), remainder a in [−π/4, π/4].
-inline void lane_sincos_turns(float u, float* c, float* s) {
-  const float v = 4.0f * u;
-  const float q = static_cast<float>(static_cast<int>(v + 0.5f));
-  const float a = (v - q) * 1.5707963267948966f, a2 = a * a;
-  const float sa = a * (1.0f - a2 * (1.0f / 6 - a2 * (1.0f / 120 - a2 * (1.0f / 5040 - a2 * (1.0f / 362880)))));
-  const float ca = 1.0f - a2 * (0.5f - a2 * (1.0f / 24 - a2 * (1.0f / 720 - a2 * (1.0f / 40320))));
-  const int quarter = static_cast<int>(q) & 3;
-  const float odd = static_cast<float>(quarter & 1);  // odd quarters swap cos and sin (exact blend)
-  const float sign_c = static_cast<float>(1 - 2 * (((quarter + 1) >> 1) & 1));  // − in quarters 1, 2
-  const float sign_s = static_cast<float>(1 - 2 * ((quarter >> 1) & 1));        // − in quarters 2, 3
-  *c = sign_c * ((1.0f - odd) * ca + odd * sa);
-  *s = sign_s * ((1.0f - odd) * sa + odd * ca);
-}
-
-// √v for v > 0 by three Newton steps on 1/√v from the bit-level guess (libm's sqrtf sets errno, which keeps
-// the loop scalar); relative error < 1e-7.
-inline float lane_sqrt(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits = 0x5F3759DFu - (bits >> 1);
-  float r;
-  std::memcpy(&r, &bits, 4);
-  r = r * (1.5f - 0.5f * v * r * r);
-  r = r * (1.5f - 0.5f * v * r * r);
-  r = r * (1.5f - 0.5f * v * r * r);
-  return v * r;
-}
-
-// uniform_float (common/philox.h) with a signed conversion, which vectorises without AVX-512.
-inline float lane_uniform(uint32_t x) {
-  return (static_cast<float>(static_cast<int32_t>(x >> 9)) + 0.5f) * 1.1920928955078125e-07f;
-}
-
-// High word of a·b: the 64-bit product where AVX2 vectorises it (vpmuludq), else from 16-bit halves with only
-// 32-bit multiplies, which vectorise everywhere.
-inline uint32_t lane_mulhi(uint32_t a, uint32_t b) {
-#ifdef __AVX2__
-  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
-#endif
-  const uint32_t a0 = a & 0xFFFFu, a1 = a >> 16, b0 = b & 0xFFFFu, b1 = b >> 16;
-  const uint32_t mid0 = a1 * b0, mid1 = a0 * b1;
-  const uint32_t carry = ((a0 * b0) >> 16) + (mid0 & 0xFFFFu) + (mid1 & 0xFFFFu);
-  return a1 * b1 + (mid0 >> 16) + (mid1 >> 16) + (carry >> 16);
-}
+// The same Philox blocks and Box-Muller pairs as mafbm_simulate_path, computed for kLanes paths at once with
+// the lane generator of common/philox_lanes.h, so the draws match the scalar path to float rounding (its
+// normals are within 4e-7 relative of float64 Box-Muller). Both builds give bitwise-equal paths.
 
 // The 4 normals of philox_block(seed, block, stream_l) for each lane l: z[slot][l].
 inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* stream, float (*z)[kLanes]) {
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  uint32_t w[4][kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    c0[l] = static_cast<uint32_t>(block);
-    c1[l] = static_cast<uint32_t>(block >> 32);
-    c2[l] = static_cast<uint32_t>(stream[l]);
-    c3[l] = static_cast<uint32_t>(stream[l] >> 32);
+    w[0][l] = static_cast<uint32_t>(block);
+    w[1][l] = static_cast<uint32_t>(block >> 32);
+    w[2][l] = static_cast<uint32_t>(stream[l]);
+    w[3][l] = static_cast<uint32_t>(stream[l] >> 32);
   }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    for (int l = 0; l < kLanes; ++l) {
-      const uint32_t n0 = lane_mulhi(0xCD9E8D57u, c2[l]) ^ c1[l] ^ k0;
-      const uint32_t n2 = lane_mulhi(0xD2511F53u, c0[l]) ^ c3[l] ^ k1;
-      c1[l] = 0xCD9E8D57u * c2[l];
-      c3[l] = 0xD2511F53u * c0[l];
-      c0[l] = n0;
-      c2[l] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    const float r0 = lane_sqrt(-2.0f * lane_log(lane_uniform(c0[l])));
-    const float r1 = lane_sqrt(-2.0f * lane_log(lane_uniform(c2[l])));
-    float cos0, sin0, cos1, sin1;
-    lane_sincos_turns(lane_uniform(c1[l]), &cos0, &sin0);
-    lane_sincos_turns(lane_uniform(c3[l]), &cos1, &sin1);
-    z[0][l] = r0 * cos0;
-    z[1][l] = r0 * sin0;
-    z[2][l] = r1 * cos1;
-    z[3][l] = r1 * sin1;
-  }
+  lane_philox4x32_10<kLanes>(seed, w);
+  lane_box_muller_normals<kLanes>(w, z);
 }
 
 // The step op's normals [step·R, step·R + R) of each lane's stream: z[r][l] (the layout of mafbm_step.h).
