@@ -12,7 +12,7 @@
 //   #include "common/philox_lanes.h"
 //   }
 //   #pragma GCC pop_options
-// and pick one at run time (__builtin_cpu_supports("avx2")). The namespaces keep the copies apart: inline
+// and pick one at run time (common/cpu_isa.h: cpu_isa() != CpuIsa::kBaseline). The namespaces keep the copies apart: inline
 // functions of the same name built for two targets would be merged by the linker, which keeps either one.
 // Only code that is itself inside the ISA's namespace (also included there) gets that ISA's loops.
 //

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/cpu_isa.h"
 #include "mafbm/mafbm_step.h"
 
 namespace markovkit {
@@ -20,6 +21,7 @@ namespace lanes_default {
 #include "mafbm/mafbm_cpu_lanes.h"
 }  // namespace lanes_default
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace lanes_avx2 {
@@ -27,6 +29,9 @@ namespace lanes_avx2 {
 #include "mafbm/mafbm_cpu_lanes.h"
 }  // namespace lanes_avx2
 #pragma GCC pop_options
+#else
+namespace lanes_avx2 = lanes_default;  // cpu_isa() is kBaseline off x86-64
+#endif
 
 template <typename T>
 void step(const MafbmStepParams& p) {
@@ -46,7 +51,7 @@ void step_backward(const MafbmStepBackwardParams& p) {
 // step's math over the lanes (both from mafbm_cpu_lanes.h, baseline or AVX2 build).
 void step_f32(const MafbmStepParams& p) {
   if (p.noise != nullptr) return step<float>(p);
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool avx2 = cpu_isa() != CpuIsa::kBaseline;
   const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
   const auto forward = avx2 ? &lanes_avx2::step_forward : &lanes_default::step_forward;
   const float half_h = 0.5f * static_cast<float>(p.dt);
@@ -69,7 +74,7 @@ void step_f32(const MafbmStepParams& p) {
 
 void step_backward_f32(const MafbmStepBackwardParams& p) {
   if (p.noise != nullptr) return step_backward<float>(p);
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool avx2 = cpu_isa() != CpuIsa::kBaseline;
   const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
   const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
   at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
@@ -94,7 +99,7 @@ void simulate_f32(const MafbmSimulateParams& p) {
     drop[k] = static_cast<float>(p.drop[k]);
     for (int j = 0; j < p.R; ++j) factor[k * p.R + j] = static_cast<float>(p.factor[k * p.R + j]);
   }
-  const bool avx2 = __builtin_cpu_supports("avx2"), grad = p.grad_out != nullptr;
+  const bool avx2 = cpu_isa() != CpuIsa::kBaseline, grad = p.grad_out != nullptr;
   const auto lanes = avx2 ? (grad ? &lanes_avx2::simulate_lanes<true> : &lanes_avx2::simulate_lanes<false>)
                           : (grad ? &lanes_default::simulate_lanes<true> : &lanes_default::simulate_lanes<false>);
   const int64_t groups = (p.paths + kLanes - 1) / kLanes;

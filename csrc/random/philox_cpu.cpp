@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/cpu_isa.h"
 #include "random/philox_fill.h"
 
 namespace markovkit {
@@ -18,6 +19,7 @@ namespace lanes_default {
 #include "random/philox_cpu_lanes.h"
 }  // namespace lanes_default
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
 namespace lanes_avx2 {
@@ -25,6 +27,9 @@ namespace lanes_avx2 {
 #include "random/philox_cpu_lanes.h"
 }  // namespace lanes_avx2
 #pragma GCC pop_options
+#else
+namespace lanes_avx2 = lanes_default;  // cpu_isa() is kBaseline off x86-64
+#endif
 
 // Blocks [first, last) of the stream that out[0, numel) covers, PhiloxPerBlock<T> values each.
 template <typename T>
@@ -48,7 +53,7 @@ template <bool kNormal>
 void fill_f32(const PhiloxFillParams& p) {
   uint64_t first, last;
   block_range<float>(p, &first, &last);
-  const auto group = __builtin_cpu_supports("avx2") ? &lanes_avx2::fill_f32_blocks<kNormal>
+  const auto group = cpu_isa() != CpuIsa::kBaseline ? &lanes_avx2::fill_f32_blocks<kNormal>
                                                     : &lanes_default::fill_f32_blocks<kNormal>;
   const int64_t groups = static_cast<int64_t>((last - first + kFillLanes - 1) / kFillLanes);
   at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
