@@ -31,6 +31,17 @@ TORCH_LIBRARY(markovkit, m) {
   m.def("sliding_window_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
+  m.def("mafbm_step(Tensor x, Tensor y, Tensor drift, Tensor diffusion, Tensor omega, Tensor drop, Tensor phi, "
+        "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, int seed=0, int step=0) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mafbm_step_backward(Tensor grad_x_next, Tensor grad_y_next, Tensor grad_kl, Tensor y, Tensor diffusion, "
+        "Tensor omega, Tensor drop, Tensor phi, Tensor factor, float dt, Tensor? control, Tensor? noise, int seed, "
+        "int step) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("mafbm_simulate(Tensor x0, Tensor omega, Tensor drop, Tensor factor, Tensor? factor0, int n_steps, "
+        "float dt, float theta, float mu, float sigma, int save_every, int seed) -> Tensor");
+  m.def("mafbm_simulate_backward(Tensor grad_out, Tensor x0, Tensor omega, Tensor drop, Tensor factor, "
+        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, int seed) "
+        "-> Tensor");
   // --- mjp: Markov jump processes (csrc/mjp) ---
   m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, int seed, "
         "int process_offset=0) -> Tensor");

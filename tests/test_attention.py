@@ -144,6 +144,22 @@ def test_large_window_is_causal_sdpa(device):
     torch.testing.assert_close(out, sdpa, **TOL[torch.float64])
 
 
+def test_int64_max_window_is_causal_with_gradients(device):
+    """A window of INT64_MAX (an "unbounded" window) must not overflow the backward's tile ranges."""
+    import sys
+
+    dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((1, 150, 2, 1, 32, 0, 0), dtype, device)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
+    zero = torch.zeros(1, 2, 150, dtype=torch.float64, device=device)
+
+    def ours(window):
+        return lambda q, k, v: markovkit.sliding_window_attention(q, k, v, window, return_lse=True)
+
+    for a, e in zip(_grads(ours(sys.maxsize), q, k, v, dout, zero), _grads(ours(150), q, k, v, dout, zero)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 def test_sink_equals_merge_of_window_and_sink_keys():
     """Sink keys are the window result merged with attention over the sink keys outside the window."""
     shape = (1, 120, 2, 1, 32, 10, 4)
@@ -298,6 +314,83 @@ def test_batch_split_gives_the_same_bits(device):
     for b in range(3):
         ob, lb = markovkit.sliding_window_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], 40, sink=1, return_lse=True)
         assert torch.equal(ob[0], out[b]) and torch.equal(lb[0], lse[b])
+
+
+def test_mqa_many_tiles_gradients(device):
+    """One (batch, kv head) pair and many key / query tiles: the backward's split over key tiles (dK, dV)
+    and query tiles (dQ) must cover every tile pair exactly once, sink tiles included."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    shape, window, sink = (1, 1000, 3, 1, 32, 150, 70), 150, 70
+    q, k, v = _inputs(shape, dtype, device, seed=2)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(device)
+    dlse = torch.randn(1, 3, 1000, generator=g, dtype=torch.float64).to(device)
+
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
+
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, window, sink)
+
+    expected = _grads(ref, q.double(), k.double(), v.double(), dout, dlse)
+    low = _grads(ref, q, k, v, dout.to(dtype), dlse) if dtype in LOW else [None] * 3
+    for a, e, lo in zip(_grads(ours, q, k, v, dout, dlse), expected, low):
+        _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
+
+
+def test_backward_bits_independent_of_thread_count():
+    shape = (1, 400, 4, 1, 64, 100, 5)
+    q, k, v = _inputs(shape, torch.float32, "cpu")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+
+    def grads():
+        qq, kk, vv = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = markovkit.sliding_window_attention(qq, kk, vv, 100, sink=5)
+        return torch.autograd.grad(out, (qq, kk, vv), dout)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = grads()
+        torch.set_num_threads(3)
+        multi = grads()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
+
+
+_ISA_SCRIPT = """
+import torch, markovkit
+from markovkit import reference
+g = torch.Generator().manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    q, k, v = [torch.randn(1, 150, 4, 96, generator=g, dtype=torch.float64) for _ in range(3)]
+    k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    grads = []
+    for fn, t in ((markovkit.sliding_window_attention, dtype), (reference.sliding_window_attention, torch.float64)):
+        x = [a.to(t).requires_grad_() for a in (q, k, v)]
+        out = fn(x[0], x[1], x[2], 40, sink=3) if fn is markovkit.sliding_window_attention else fn(*x, 40, 3)[0]
+        grads.append([out] + list(torch.autograd.grad(out, x, dout.to(t))))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a.double(), e.double(), rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_instruction_set_copies(capability):
+    """The baseline and AVX2 copies of the CPU kernels (picked once per process, lowered as ATen's by
+    ATEN_CPU_CAPABILITY) against the float64 reference, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == "ok"
 
 
 @pytest.mark.gpu

@@ -230,6 +230,31 @@ def test_grid_record_equals_event_record(device):
     assert torch.equal(per_process, simulate_ctmc(Q, x0, grid[:, :1].expand(B, P, L), seed=9))
 
 
+@pytest.mark.parametrize("paths,S", [(1, 4), (3, 4), (37, 4), (37, 40)])
+def test_grid_record_on_long_grids(device, paths, S):
+    """Fewer paths than the CPU kernel interleaves, dense grids (many points between jumps, blocks and a
+    tail), repeated times, an absorbing state, and more states than the CPU kernel's linear destination
+    search takes: the grid record is still the event record read at the grid times."""
+    if S == 4:
+        Q = torch.tensor([[0.0, 0.3, 0.0, 0.1], [0.2, 0.0, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0], [0.4, 0.0, 0.6, 0.0]],
+                         dtype=torch.float64)
+    else:
+        Q = random_rates(1, S, seed=5)[0] / S
+        Q[2] = 0.0
+    Q = Q.to(device)
+    g = torch.Generator().manual_seed(3)
+    grid = torch.sort(torch.rand(2, 203, generator=g, dtype=torch.float64) * 30, -1).values
+    grid[:, 100:110] = grid[:, 100:101]
+    grid = grid.to(device)
+    x0 = torch.randint(0, S, (2, paths), generator=g).to(device)
+    states = simulate_ctmc(Q, x0, grid, seed=4)
+    events = simulate_ctmc(Q, x0, 30.0, seed=4, record="events", max_events=400)
+    assert not bool(events.overflow.any())
+    idx = torch.searchsorted(events.times, grid.unsqueeze(1).expand(2, paths, 203).contiguous(), right=True)
+    after = torch.cat([events.initial.unsqueeze(-1), events.states], -1).gather(-1, idx)
+    assert torch.equal(states, after)
+
+
 @pytest.mark.parametrize("record", ["grid", "events"])
 def test_batch_split_invariance(device, record):
     """Processes split over calls (with process_offset), or fewer paths, give the same paths; shared Q equals

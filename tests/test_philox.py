@@ -1,4 +1,6 @@
 """The Philox4x32-10 stream: known answers, conversions, stream arithmetic, distributions, op contract."""
+import math
+
 import pytest
 import scipy.stats
 import torch
@@ -37,6 +39,31 @@ def test_float32_uniform_is_top_23_bits_of_each_word():
         g = 5 + i
         word = _words(seed, g // 4)[g % 4]
         assert u[i].item() == ((word >> 9) + 0.5) * 2.0**-23
+
+
+@pytest.mark.parametrize("offset", [0, 5, 2**33 + 3])
+def test_float32_uniforms_equal_the_words_over_whole_lane_groups(offset):
+    """1030 values span whole groups of 64 blocks of the CPU lane fill, and its edges, bit for bit."""
+    seed = 2**40 + 9
+    u = markovkit.philox_uniform((1030,), seed, offset)
+    first = offset // 4
+    words = [w for b in range(first, (offset + 1030 + 3) // 4) for w in _words(seed, b)]
+    k = torch.tensor(words[offset - 4 * first:][:1030], dtype=torch.int64) >> 9
+    assert torch.equal(u.double(), (k.double() + 0.5) * 2.0**-23)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 2**33 + 1])
+def test_float32_normals_are_float64_box_muller_of_the_uniforms(offset):
+    """CPU float32 normals (the lane log / sqrt / sincos of csrc/common/philox_lanes.h) equal Box-Muller in
+    float64 of the float32 uniforms of the same words to 1e-6 relative: element g is r cos θ (g even) or
+    r sin θ (g odd), r = √(−2 ln u_{g − g%2}), θ = 2π u_{g − g%2 + 1}."""
+    seed, n = 2**40 + 21, 50_000
+    start = offset - offset % 2
+    u = markovkit.philox_uniform((n + 2,), seed, start).double()
+    r, theta = torch.sqrt(-2 * torch.log(u[0::2])), 2 * math.pi * u[1::2]
+    expected = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=1).flatten()[offset - start:][:n]
+    z = markovkit.philox_normal((n,), seed, offset)
+    torch.testing.assert_close(z.double(), expected, rtol=1e-6, atol=0)
 
 
 def test_float64_uniform_is_52_bits_of_two_words():

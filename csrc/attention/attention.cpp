@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifdef MARKOVKIT_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -54,6 +55,17 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return {batch, seqlen, heads, kv_heads, headdim, window, sink, scale, dtype_of(q, "q")};
 }
 
+#ifdef MARKOVKIT_WITH_CUDA
+// The kernels' shared memory at this headdim fits the current device's per-block opt-in limit.
+void check_cuda_smem(const SwaShape& s, bool backward) {
+  const int64_t need = swa_cuda_smem_bytes(s.headdim, backward);
+  int limit = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  TORCH_CHECK(need <= limit, "q: headdim ", s.headdim, " needs ", need, " bytes of shared memory per block in the ",
+              backward ? "backward" : "forward", " kernels, this device allows ", limit);
+}
+#endif
+
 // t contiguous, and 16-byte aligned for the CUDA kernels' vector loads.
 at::Tensor dense(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -77,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Ten
   } else {
 #ifdef MARKOVKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_smem(s, false);
     swa_forward_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
@@ -110,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   delta = delta.contiguous();
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   const at::Tensor dout = dense(dout_in), lse = lse_in.contiguous();
-  at::Tensor dq = at::zeros_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
                        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
@@ -119,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   } else {
 #ifdef MARKOVKIT_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
+    check_cuda_smem(s, true);
     swa_backward_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif

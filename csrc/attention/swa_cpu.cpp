@@ -1,11 +1,14 @@
-// CPU sliding-window attention: threads over (batch, head, query tile) forward and (batch, kv head)
-// backward, on the AVX2 + FMA copy of the tile loops when the CPU has it, else on the baseline copy.
+// CPU sliding-window attention: threads over (batch, head, query tile) forward, and backward over
+// (batch, kv head, key tile) for dK, dV then (batch, head, query tile) for dQ. The copy of the tile loops
+// is the widest the CPU runs (AVX-512F, AVX2 + FMA, or the baseline), lowered as ATen's own kernels are by
+// ATEN_CPU_CAPABILITY=default|avx2.
 #include <ATen/Parallel.h>
 
 #include <vector>
 
 #include "attention/swa_cpu_entry.h"
 #include "attention/swa_params.h"
+#include "common/cpu_isa.h"
 
 #define SWA_CPU_ISA base
 #define SWA_CPU_VEC_BYTES 16
@@ -17,11 +20,11 @@ namespace {
 
 SwaCpuKernels pick(DType dtype) {
   const bool is_double = dtype == DType::kFloat64;
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return swa_cpu_kernels_avx2(is_double);
-#endif
-  return swa_cpu_kernels_base(is_double);
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return swa_cpu_kernels_avx512(is_double);
+    case CpuIsa::kAvx2: return swa_cpu_kernels_avx2(is_double);
+    default: return swa_cpu_kernels_base(is_double);
+  }
 }
 
 int64_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
@@ -41,12 +44,18 @@ void swa_forward_cpu(const SwaFwdParams& p) {
 
 void swa_backward_cpu(const SwaBwdParams& p) {
   const SwaShape& s = p.s;
-  const SwaBwdHeads bwd = pick(s.dtype).bwd;
+  const SwaCpuKernels kernels = pick(s.dtype);
   const int64_t work_bytes = swa_bwd_work_size(s.headdim) * element_size(s.dtype);
-  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> work((work_bytes + 7) / 8);
-    bwd(p, begin, end, work.data());
-  });
+  const int64_t n_key_tiles = (s.seqlen + kSwaCpuBN - 1) / kSwaCpuBN;
+  const int64_t n_query_tiles = (s.seqlen + kSwaCpuBM - 1) / kSwaCpuBM;
+  const auto run = [&](SwaBwdTiles pass, int64_t n_items) {
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> work((work_bytes + 7) / 8);
+      pass(p, begin, end, work.data());
+    });
+  };
+  run(kernels.bwd_dkdv, s.batch * s.kv_heads * n_key_tiles);
+  run(kernels.bwd_dq, s.batch * s.heads * n_query_tiles);
 }
 
 }  // namespace markovkit

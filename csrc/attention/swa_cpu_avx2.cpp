@@ -18,6 +18,6 @@
 #pragma GCC pop_options
 #else
 namespace markovkit {
-SwaCpuKernels swa_cpu_kernels_avx2(bool) { return {nullptr, nullptr}; }
+SwaCpuKernels swa_cpu_kernels_avx2(bool) { return {nullptr, nullptr, nullptr}; }
 }  // namespace markovkit
 #endif

@@ -11,12 +11,14 @@ namespace markovkit {
 // Forward query tiles [begin, end) of the flattened (batch, heads, query tile) grid.
 // work: swa_fwd_work_size(headdim) elements of the element type.
 using SwaFwdTiles = void (*)(const SwaFwdParams& p, int64_t begin, int64_t end, void* work);
-// Backward for (batch, kv head) pairs [begin, end) of the flattened grid; work: swa_bwd_work_size(headdim).
-using SwaBwdHeads = void (*)(const SwaBwdParams& p, int64_t begin, int64_t end, void* work);
+// Backward passes over items [begin, end) of a flattened grid; work: swa_bwd_work_size(headdim) elements.
+// dK, dV: grid (batch, kv_heads, key tile); dQ: grid (batch, heads, query tile).
+using SwaBwdTiles = void (*)(const SwaBwdParams& p, int64_t begin, int64_t end, void* work);
 
 struct SwaCpuKernels {
   SwaFwdTiles fwd;
-  SwaBwdHeads bwd;
+  SwaBwdTiles bwd_dkdv;
+  SwaBwdTiles bwd_dq;
 };
 
 constexpr int64_t kSwaCpuBM = 64;  // query rows per tile
@@ -26,12 +28,13 @@ inline int64_t swa_fwd_work_size(int64_t headdim) {
   return headdim * kSwaCpuBN + 2 * kSwaCpuBM * headdim + kSwaCpuBM * kSwaCpuBN;
 }
 inline int64_t swa_bwd_work_size(int64_t headdim) {
-  return 4 * headdim * kSwaCpuBN + 3 * kSwaCpuBM * headdim + 2 * kSwaCpuBM * kSwaCpuBN;
+  return 4 * headdim * kSwaCpuBN + 2 * kSwaCpuBM * headdim + 2 * kSwaCpuBM * kSwaCpuBN;
 }
 
 // Kernels for element type float (is_double false) or double, built for the baseline instruction set or
-// (where compiled in and the CPU has it) AVX2 + FMA; nullptr members where absent.
+// (where compiled in and the CPU has it) AVX2 + FMA or AVX-512F; nullptr members where absent.
 SwaCpuKernels swa_cpu_kernels_base(bool is_double);
 SwaCpuKernels swa_cpu_kernels_avx2(bool is_double);
+SwaCpuKernels swa_cpu_kernels_avx512(bool is_double);
 
 }  // namespace markovkit

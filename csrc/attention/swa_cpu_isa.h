@@ -15,12 +15,20 @@ void fwd_tiles(const SwaFwdParams& p, int64_t begin, int64_t end, void* work) {
 }
 
 template <typename T>
-void bwd_heads(const SwaBwdParams& p, int64_t begin, int64_t end, void* work) {
-  const int64_t n_key_tiles = (p.s.seqlen + kBN - 1) / kBN;
-  for (int64_t bk = begin; bk < end; ++bk) {
-    for (int64_t kt = 0; kt < n_key_tiles; ++kt) {
-      bwd_key_tile<T>(p, bk / p.s.kv_heads, bk % p.s.kv_heads, kt, static_cast<T*>(work));
-    }
+void bwd_dkdv_tiles(const SwaBwdParams& p, int64_t begin, int64_t end, void* work) {
+  const int64_t n_tiles = (p.s.seqlen + kBN - 1) / kBN;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t bk = t / n_tiles;
+    bwd_dkdv_tile<T>(p, bk / p.s.kv_heads, bk % p.s.kv_heads, t % n_tiles, static_cast<T*>(work));
+  }
+}
+
+template <typename T>
+void bwd_dq_tiles(const SwaBwdParams& p, int64_t begin, int64_t end, void* work) {
+  const int64_t n_tiles = (p.s.seqlen + kBM - 1) / kBM;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t bh = t / n_tiles;
+    bwd_dq_tile<T>(p, bh / p.s.heads, bh % p.s.heads, t % n_tiles, static_cast<T*>(work));
   }
 }
 
@@ -29,8 +37,8 @@ void bwd_heads(const SwaBwdParams& p, int64_t begin, int64_t end, void* work) {
 
 SwaCpuKernels SWA_CPU_KERNELS(bool is_double) {
   using namespace SWA_CPU_ISA;
-  if (is_double) return {&fwd_tiles<double>, &bwd_heads<double>};
-  return {&fwd_tiles<float>, &bwd_heads<float>};
+  if (is_double) return {&fwd_tiles<double>, &bwd_dkdv_tiles<double>, &bwd_dq_tiles<double>};
+  return {&fwd_tiles<float>, &bwd_dkdv_tiles<float>, &bwd_dq_tiles<float>};
 }
 
 }  // namespace markovkit

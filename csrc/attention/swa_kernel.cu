@@ -456,6 +456,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, warp, ni, L, s.heads, h, ln);
 }
 
+// Above 48 KB of dynamic shared memory a kernel must opt in; the glue has checked smem_bytes against the
+// device's opt-in limit (swa_cuda_smem_bytes), and any failure here is reported by its launch check.
 template <typename Kernel, typename Params>
 void launch(Kernel kernel, dim3 grid, int64_t smem_bytes, const Params& p, cudaStream_t stream) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
@@ -497,6 +499,15 @@ void dispatch(DType dtype, int64_t headdim, Fn fn) {
 }
 
 }  // namespace
+
+int64_t swa_cuda_smem_bytes(int64_t headdim, bool backward) {
+  // float16 and bfloat16 tiles have the same size: __half stands for both
+  int64_t bytes = 0;
+  dispatch(DType::kFloat16, headdim, [&]<typename T, int D>() {
+    bytes = backward ? bwd_smem_bytes<T, D>() : 3 * tile_bytes<T, D>();
+  });
+  return bytes;
+}
 
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream) {
   dispatch(p.s.dtype, p.s.headdim, [&]<typename T, int D>() { forward<T, D>(p, stream); });

@@ -65,11 +65,11 @@ MK_HOST_DEVICE int64_t swa_sink_end(int64_t i0, int64_t window, int64_t sink) {
   return sink < begin ? sink : begin;
 }
 
-// Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only.
+// Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only (min(j1 - 1 + window, seqlen),
+// written so that a window near INT64_MAX cannot overflow).
 MK_HOST_DEVICE int64_t swa_query_end(int64_t j1, int64_t seqlen, int64_t window, int64_t sink, int64_t j0) {
-  if (j0 < sink) return seqlen;
-  const int64_t end = j1 - 1 + window;
-  return end < seqlen ? end : seqlen;
+  if (j0 < sink || window >= seqlen - (j1 - 1)) return seqlen;
+  return j1 - 1 + window;
 }
 
 // True when every (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: such tiles need no mask.
@@ -80,6 +80,8 @@ MK_HOST_DEVICE bool swa_tile_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1
 void swa_forward_cpu(const SwaFwdParams& p);
 void swa_backward_cpu(const SwaBwdParams& p);
 #ifdef MARKOVKIT_WITH_CUDA
+// Dynamic shared memory per block of the forward or backward kernels at this headdim (either dtype).
+int64_t swa_cuda_smem_bytes(int64_t headdim, bool backward);
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
 void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
 #endif

@@ -116,20 +116,23 @@ MK_HOST_DEVICE double mjp_add(double a, double b) {
 }
 
 // -log(u) for u in (0, 1), within 2 ulp, by the same operations on both devices (libm's log and CUDA's log
-// differ in the last bit). u = m 2^e with m in [1/sqrt 2, sqrt 2); log m = 2 atanh(s), s = (m - 1) / (m + 1),
-// |s| <= 0.172, summed to s^23; e ln 2 in two parts (fdlibm's split: e * kLn2Hi is exact).
+// differ in the last bit). u = m 2^e with m in [~1/sqrt 2, ~sqrt 2); log m = 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| < 0.172, summed to s^23; e ln 2 in two parts (fdlibm's split: e * kLn2Hi is exact).
 MK_HOST_DEVICE double mjp_neg_log(double u) {
   constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+  constexpr uint64_t kMantissa = 0x000FFFFFFFFFFFFFull, kHalf = 0x3FE0000000000000ull;
+  constexpr uint32_t kSqrtHalfHigh = 0x3FE6A09Eu;  // upper 32 bits of 1/sqrt(2) as a double
   uint64_t bits;
   memcpy(&bits, &u, sizeof(bits));
-  int64_t e = static_cast<int64_t>(bits >> 52) - 1022;       // u normal and positive: u = m 2^e, m in [1/2, 1)
-  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FE0000000000000ull;
+  // u is normal and positive: u = m 2^e with m = (1 + mantissa) / 2 in [1/2, 1) and e = exponent field - 1022.
+  // When the upper 32 bits of m are below those of 1/sqrt 2 (bit patterns order like positive doubles),
+  // m doubles and e drops by one. Integer selects on 32-bit words, no branch: the CPU kernel vectorises this.
+  const uint64_t mantissa = bits & kMantissa;
+  const uint64_t low = static_cast<uint32_t>((kHalf | mantissa) >> 32) < kSqrtHalfHigh ? 1 : 0;
+  const double ed = static_cast<double>(static_cast<int32_t>(bits >> 52) - 1022 - static_cast<int32_t>(low));
+  bits = (kHalf + (low << 52)) | mantissa;
   double m;
   memcpy(&m, &bits, sizeof(m));
-  if (m < 0.70710678118654752440) {
-    m = m + m;
-    e -= 1;
-  }
   const double s = (m - 1.0) / (m + 1.0);
   const double z = mjp_mul(s, s);
   double poly = 1.0 / 23.0;
@@ -137,17 +140,64 @@ MK_HOST_DEVICE double mjp_neg_log(double u) {
   for (int k = 10; k >= 1; --k) poly = mjp_add(1.0 / (2 * k + 1), mjp_mul(z, poly));
   const double two_s = s + s;
   const double log_m = mjp_add(two_s, mjp_mul(two_s, mjp_mul(z, poly)));
-  const double ed = static_cast<double>(e);
   return -mjp_add(mjp_mul(ed, kLn2Hi), mjp_add(log_m, mjp_mul(ed, kLn2Lo)));
+}
+
+// The two uniforms of a jump: U1 (holding time) from words 0-1, U2 (destination) from words 2-3.
+MK_HOST_DEVICE void mjp_jump_uniforms(uint64_t seed, uint64_t draw, uint64_t hi, double* u_time, double* u_dest) {
+  const Philox4 r = philox_block(seed, draw, hi);
+  *u_time = uniform_double(r.v[0], r.v[1]);
+  *u_dest = uniform_double(r.v[2], r.v[3]);
+}
+
+// The jump time after t for the unit exponential e = -log(U1) at exit rate q: t + e / q, +inf when q = 0.
+MK_HOST_DEVICE double mjp_jump_time(double t, double e, double q) {
+  return q > 0.0 ? t + e / q : std::numeric_limits<double>::infinity();
 }
 
 // Time of the next jump after t at exit rate q (+inf when q = 0), and the destination uniform.
 MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q,
                                     double* u_dest) {
   if (!(q > 0.0)) return std::numeric_limits<double>::infinity();
-  const Philox4 r = philox_block(seed, draw, hi);
-  *u_dest = uniform_double(r.v[2], r.v[3]);
-  return t + mjp_neg_log(uniform_double(r.v[0], r.v[1])) / q;
+  double u_time;
+  mjp_jump_uniforms(seed, draw, hi, &u_time, u_dest);
+  return mjp_jump_time(t, mjp_neg_log(u_time), q);
+}
+
+// Jump table of row x of a rate matrix, w: (S,): cum[j] = the running sum mjp_pick(w, S, x, .) holds after
+// index j (the same additions in the same order); returns the last j != x with w[j] > 0 (x when none).
+MK_HOST_DEVICE int64_t mjp_jump_table_row(const double* w, int64_t S, int64_t x, double* cum) {
+  double total = 0.0;
+  int64_t last = x;
+  for (int64_t j = 0; j < S; ++j) {
+    if (j != x && w[j] > 0.0) {
+      total += w[j];
+      last = j;
+    }
+    cum[j] = total;
+  }
+  return last;
+}
+
+// mjp_pick through the jump table of its row: cum is non-decreasing and flat at skipped indices, so the first
+// j with cum[j] > threshold is the number of entries <= threshold (a branch-free count up to 32 states, a
+// binary search beyond).
+MK_HOST_DEVICE int64_t mjp_pick_table(const double* cum, int64_t S, int64_t last, double threshold) {
+  int64_t below = 0;
+  if (S <= 32) {
+    for (int64_t j = 0; j < S; ++j) below += cum[j] <= threshold;
+  } else {
+    for (int64_t n = S; n > 0;) {  // cum[j] <= threshold for every j < below; n entries from below unknown
+      const int64_t half = n / 2;
+      if (cum[below + half] <= threshold) {
+        below += half + 1;
+        n -= half + 1;
+      } else {
+        n = half;
+      }
+    }
+  }
+  return below < S ? below : last;
 }
 
 template <typename Out>

@@ -20,6 +20,8 @@ from markovkit.scan import selective_scan, selective_scan_fn, selective_state_up
 from markovkit.attention import merge_attention, sliding_window_attention  # noqa: E402
 
 # --- mafbm ---
+from markovkit import fbm  # noqa: E402
+from markovkit.mafbm import mafbm_simulate, mafbm_step, step_coefficients  # noqa: E402
 
 # --- mjp ---
 from markovkit.mjp import CtmcEvents, simulate_ctmc, simulate_reactions  # noqa: E402
@@ -32,5 +34,13 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["build_info", "philox_normal", "philox_uniform"]
-__all__ += ["CtmcEvents", "simulate_ctmc", "simulate_reactions"]  # mjp
+from markovkit import nn  # noqa: E402  (modules; after the ops they use)
+
+__all__ = [
+    "build_info", "philox_normal", "philox_uniform",
+    "selective_scan", "selective_scan_fn", "selective_state_update",
+    "merge_attention", "sliding_window_attention",
+    "fbm", "mafbm_simulate", "mafbm_step", "step_coefficients",
+    "CtmcEvents", "simulate_ctmc", "simulate_reactions",
+    "nn",
+]

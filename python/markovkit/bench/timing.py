@@ -12,13 +12,16 @@ def _sync(device: torch.device) -> None:
 
 def median_ms(fn, device: torch.device, min_time: float, max_reps: int = 100) -> float:
     """Median wall time of fn() in ms after one warm-up call, over as many repeats as fit in about
-    `min_time` seconds (at least 1, at most max_reps). On CUDA: CUDA events, L2 flushed before each."""
+    `min_time` seconds (at most max_reps; a CPU call slower than min_time is timed once). On CUDA: CUDA
+    events, L2 flushed before each repeat."""
     fn()  # warm-up (and compilation, for compiled peers)
     _sync(device)
     t1 = time.perf_counter()
     fn()
     _sync(device)
     once = max(time.perf_counter() - t1, 1e-6)
+    if once >= min_time and device.type == "cpu":
+        return 1e3 * once  # a slow peer: one timed call is the measurement
     reps = int(min(max_reps, max(1, min_time / once)))
     if device.type == "cuda":
         return _median_ms_cuda(fn, device, reps)

@@ -6,3 +6,4 @@ from markovkit.nn.mamba import Mamba  # noqa: F401
 from markovkit.nn.sliding_window_attention import SlidingWindowAttention, rotary_embedding  # noqa: F401
 
 # --- mafbm ---
+from markovkit.nn.fractional_sde import FractionalSDE  # noqa: F401

@@ -5,6 +5,10 @@ eager-PyTorch direct method (markovkit.reference). CTMC rates count expected jum
 Published CPU anchors for the Vilar oscillator (one trajectory to t = 200; Armavica/rebop `benches/vilar`,
 GillesPy2_paper `performance-testing`): rebop ~19 ms, StochKit ~41 ms, GillesPy2 C++ ~66-163 ms,
 JumpProcesses.jl ~68 ms. GillesPy2 is benchmarked here only when importable."""
+import os
+import sys
+import warnings
+
 import torch
 
 import markovkit
@@ -87,17 +91,57 @@ def reaction_cases(device: torch.device, quick: bool):
     )
 
 
+def _gillespy2_ssa(reactants, products, rates, x0, horizon: float, points: int, trajectories: int):
+    """A callable running GillesPy2's C++ SSA solver (built here, outside the timing: a few seconds of g++) for
+    `trajectories` trajectories of the same network on the same grid; None when gillespy2 is not importable
+    or its solver does not build."""
+    try:
+        import gillespy2
+    except ImportError:
+        return None
+    model = gillespy2.Model(name="network")
+    names = [f"s{i}" for i in range(len(x0))]
+    model.add_species([gillespy2.Species(name=n, initial_value=int(v)) for n, v in zip(names, x0)])
+    for r, k in enumerate(rates.tolist()):
+        model.add_parameter(gillespy2.Parameter(name=f"k{r}", expression=k))
+        model.add_reaction(gillespy2.Reaction(
+            name=f"r{r}", rate=f"k{r}",
+            reactants={n: int(a) for n, a in zip(names, reactants[r]) if a},
+            products={n: int(b) for n, b in zip(names, products[r]) if b}))
+    model.timespan(gillespy2.TimeSpan.linspace(t=horizon, num_points=points))
+    # GillesPy2 runs SCons from PATH, else as a module of the resolved base interpreter, which lacks it when
+    # this virtual environment is not activated: put the environment's bin first while it builds.
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + path
+    try:
+        solver = gillespy2.SSACSolver(model=model)
+    except gillespy2.core.gillespyError.BuildError as error:  # no C++ toolchain: no peer, and say why
+        warnings.warn(f"gillespy2 is importable but its C++ SSA solver did not build: {error}")
+        return None
+    finally:
+        os.environ["PATH"] = path
+    return lambda: model.run(solver=solver, number_of_trajectories=trajectories, seed=1)
+
+
 @cases("mjp")
 def vilar_cases(device: torch.device, quick: bool):
-    """The Vilar oscillator to t = 200 (about 5.6e5 reactions per trajectory), 201 grid points."""
+    """The Vilar oscillator to t = 200 (about 5.6e5 reactions per trajectory), 201 grid points; on the CPU
+    (full sizes) against GillesPy2's C++ SSA solver, one process, same trajectories and grid, when importable
+    (its time includes starting the solver process and reading its output back, as in published benchmarks)."""
     paths = 2 if quick else (32 if device.type == "cpu" else 4096)
     horizon = 2.0 if quick else 200.0
-    reactants, products, rates, x0 = (t.to(device) for t in systems.vilar_oscillator())
+    network = systems.vilar_oscillator()
+    reactants, products, rates, x0 = (t.to(device) for t in network)
     x0 = x0.expand(1, paths, -1).contiguous()
     grid = torch.linspace(0, horizon, 201, dtype=torch.float64, device=device)
+    peers = {}
+    if device.type == "cpu" and not quick:
+        gillespy2 = _gillespy2_ssa(*network, horizon, 201, paths)
+        if gillespy2 is not None:
+            peers["gillespy2 SSACSolver"] = gillespy2
     yield Case(
         family="mjp", name="vilar oscillator", shape=f"{paths} paths, 16 reactions, 9 species, T={horizon:g}",
         dtype=torch.float64,
         ours=lambda: markovkit.simulate_reactions(reactants, products, rates, x0, grid, seed=1),
-        bytes=paths * 201 * 9 * 8, rate=(paths, "trajectories"),
+        peers=peers, bytes=paths * 201 * 9 * 8, rate=(paths, "trajectories"),
     )

@@ -1,0 +1,238 @@
+// Glue for mafbm_step / mafbm_step_backward / mafbm_simulate: checks, params, stream; CPU and CUDA
+// registrations.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#ifdef MARKOVKIT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <optional>
+
+#include "common/torch_checks.h"
+#include "mafbm/mafbm_step.h"
+
+namespace markovkit {
+namespace {
+
+// A tensor like `ref` (dtype, device) of the given shape, made contiguous.
+at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                   const char* ref_name = "x") {
+  check_same_device(t, name, ref, ref_name);
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
+              ref_name, "), got ", t.scalar_type());
+  check_shape(t, name, shape);
+  return t.contiguous();
+}
+
+const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr() : nullptr;
+}
+
+// The step's coefficient tensors: omega, drop, phi (K,), factor (K, R), 1 ≤ R ≤ K ≤ 16. Returns (K, R).
+std::pair<int64_t, int64_t> check_coefficients(const at::Tensor& omega, const at::Tensor& drop,
+                                               const at::Tensor& phi, const at::Tensor& factor) {
+  TORCH_CHECK(omega.dim() == 1 && omega.size(0) >= 1 && omega.size(0) <= kMafbmMaxK,
+              "omega: expected shape (K,) with 1 <= K <= ", kMafbmMaxK, ", got ", omega.sizes());
+  const int64_t K = omega.size(0);
+  TORCH_CHECK(factor.dim() == 2 && factor.size(0) == K && factor.size(1) >= 1 && factor.size(1) <= K,
+              "factor: expected shape (K=", K, ", R) with 1 <= R <= K, got ", factor.sizes());
+  check_shape(drop, "drop", {K});
+  check_shape(phi, "phi", {K});
+  return {K, factor.size(1)};
+}
+
+void check_step_scalars(double dt, int64_t step) {
+  TORCH_CHECK(dt > 0, "dt: expected a positive time step, got ", dt);
+  TORCH_CHECK(step >= 0, "step: expected a non-negative step index, got ", step);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& drift_in, const at::Tensor& diffusion_in,
+    const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in, const at::Tensor& factor_in,
+    double dt, const std::optional<at::Tensor>& control_in, const std::optional<at::Tensor>& noise_in,
+    int64_t seed, int64_t step) {
+  check_dtype(x_in, "x", {at::kFloat, at::kDouble});
+  TORCH_CHECK(x_in.dim() == 2, "x: expected shape (paths, dims), got ", x_in.sizes());
+  const auto [K, R] = check_coefficients(omega_in, drop_in, phi_in, factor_in);
+  check_step_scalars(dt, step);
+  const int64_t P = x_in.size(0), D = x_in.size(1);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = checked(y_in, "y", x, {P, D, K});
+  const at::Tensor drift = checked(drift_in, "drift", x, {P, D});
+  const at::Tensor diffusion = checked(diffusion_in, "diffusion", x, {P, D});
+  const at::Tensor omega = checked(omega_in, "omega", x, {K});
+  const at::Tensor drop = checked(drop_in, "drop", x, {K});
+  const at::Tensor phi = checked(phi_in, "phi", x, {K});
+  const at::Tensor factor = checked(factor_in, "factor", x, {K, R});
+  std::optional<at::Tensor> control, noise;
+  if (control_in.has_value()) control = checked(*control_in, "control", x, {P, D});
+  if (noise_in.has_value()) noise = checked(*noise_in, "noise", x, {P, D, R});
+  at::Tensor x_next = at::empty_like(x), y_next = at::empty_like(y), kl = at::empty({P}, x.options());
+  const MafbmStepParams p{x.data_ptr(), y.data_ptr(), drift.data_ptr(), diffusion.data_ptr(),
+                          ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
+                          phi.data_ptr(), factor.data_ptr(), x_next.data_ptr(), y_next.data_ptr(), kl.data_ptr(),
+                          P, D, static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
+                          static_cast<uint64_t>(step), dtype_of(x, "x")};
+  if (x.is_cpu()) {
+    mafbm_step_cpu(p);
+  } else {
+#ifdef MARKOVKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    mafbm_step_cuda(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+  return {x_next, y_next, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
+    const at::Tensor& grad_x_in, const at::Tensor& grad_y_in, const at::Tensor& grad_kl_in, const at::Tensor& y_in,
+    const at::Tensor& diffusion_in, const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in,
+    const at::Tensor& factor_in, double dt, const std::optional<at::Tensor>& control_in,
+    const std::optional<at::Tensor>& noise_in, int64_t seed, int64_t step) {
+  check_dtype(grad_x_in, "grad_x_next", {at::kFloat, at::kDouble});
+  TORCH_CHECK(grad_x_in.dim() == 2, "grad_x_next: expected shape (paths, dims), got ", grad_x_in.sizes());
+  const auto [K, R] = check_coefficients(omega_in, drop_in, phi_in, factor_in);
+  check_step_scalars(dt, step);
+  const int64_t P = grad_x_in.size(0), D = grad_x_in.size(1);
+  const at::Tensor gx = grad_x_in.contiguous();
+  const at::Tensor gy = checked(grad_y_in, "grad_y_next", gx, {P, D, K}, "grad_x_next");
+  const at::Tensor gkl = checked(grad_kl_in, "grad_kl", gx, {P}, "grad_x_next");
+  const at::Tensor y = checked(y_in, "y", gx, {P, D, K}, "grad_x_next");
+  const at::Tensor diffusion = checked(diffusion_in, "diffusion", gx, {P, D}, "grad_x_next");
+  const at::Tensor omega = checked(omega_in, "omega", gx, {K}, "grad_x_next");
+  const at::Tensor drop = checked(drop_in, "drop", gx, {K}, "grad_x_next");
+  const at::Tensor phi = checked(phi_in, "phi", gx, {K}, "grad_x_next");
+  const at::Tensor factor = checked(factor_in, "factor", gx, {K, R}, "grad_x_next");
+  std::optional<at::Tensor> control, noise;
+  if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
+  if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
+  at::Tensor grad_y = at::empty_like(y), grad_diffusion = at::empty_like(gx), grad_control = at::empty_like(gx);
+  at::Tensor grad_omega_terms = at::empty_like(y);
+  const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
+                                  ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
+                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_diffusion.data_ptr(),
+                                  grad_control.data_ptr(), grad_omega_terms.data_ptr(), P, D, static_cast<int>(K),
+                                  static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
+                                  dtype_of(gx, "grad_x_next")};
+  if (gx.is_cpu()) {
+    mafbm_step_backward_cpu(p);
+  } else {
+#ifdef MARKOVKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(gx.device());
+    mafbm_step_backward_cuda(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+  return {grad_y, grad_diffusion, grad_control, grad_omega_terms};
+}
+
+// A small coefficient tensor as float64 host values (it is read once per launch).
+at::Tensor host_values(const at::Tensor& t) {
+  return t.detach().to(at::kCPU, at::kDouble).contiguous();
+}
+
+// Checks the simulator's inputs and fills everything of its params but the output pointers.
+MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omega_in, const at::Tensor& drop_in,
+                                    const at::Tensor& factor_in, const std::optional<at::Tensor>& factor0_in,
+                                    int64_t n_steps, double dt, double theta, double mu, double sigma,
+                                    int64_t save_every, int64_t seed) {
+  check_dtype(x0, "x0", {at::kFloat, at::kDouble});
+  TORCH_CHECK(x0.dim() == 1, "x0: expected shape (paths,), got ", x0.sizes());
+  TORCH_CHECK(omega_in.dim() == 1 && omega_in.size(0) >= 1 && omega_in.size(0) <= kMafbmMaxK,
+              "omega: expected shape (K,) with 1 <= K <= ", kMafbmMaxK, ", got ", omega_in.sizes());
+  const int64_t K = omega_in.size(0);
+  check_shape(drop_in, "drop", {K});
+  TORCH_CHECK(factor_in.dim() == 2 && factor_in.size(0) == K && factor_in.size(1) >= 1 && factor_in.size(1) <= K,
+              "factor: expected shape (K=", K, ", R) with 1 <= R <= K, got ", factor_in.sizes());
+  if (factor0_in.has_value()) {
+    TORCH_CHECK(factor0_in->dim() == 2 && factor0_in->size(0) == K && factor0_in->size(1) >= 1 &&
+                    factor0_in->size(1) <= K,
+                "factor0: expected shape (K=", K, ", R0) with 1 <= R0 <= K, got ", factor0_in->sizes());
+  }
+  TORCH_CHECK(n_steps >= 0, "n_steps: expected a non-negative number of steps, got ", n_steps);
+  TORCH_CHECK(dt > 0, "dt: expected a positive time step, got ", dt);
+  TORCH_CHECK(save_every >= 1, "save_every: expected a positive stride, got ", save_every);
+  MafbmSimulateParams p{};
+  p.x0 = x0.data_ptr();
+  p.paths = x0.size(0);
+  p.n_steps = n_steps;
+  p.save_every = save_every;
+  p.K = static_cast<int>(K);
+  p.R = static_cast<int>(factor_in.size(1));
+  p.R0 = factor0_in.has_value() ? static_cast<int>(factor0_in->size(1)) : 0;
+  const at::Tensor omega = host_values(omega_in), drop = host_values(drop_in), factor = host_values(factor_in);
+  std::copy_n(omega.data_ptr<double>(), K, p.omega);
+  std::copy_n(drop.data_ptr<double>(), K, p.drop);
+  std::copy_n(factor.data_ptr<double>(), K * p.R, p.factor);
+  if (factor0_in.has_value()) std::copy_n(host_values(*factor0_in).data_ptr<double>(), K * p.R0, p.factor0);
+  p.dt = dt;
+  p.theta = theta;
+  p.mu = mu;
+  p.sigma = sigma;
+  p.seed = static_cast<uint64_t>(seed);
+  p.dtype = dtype_of(x0, "x0");
+  return p;
+}
+
+void run_simulate(const MafbmSimulateParams& p, const at::Tensor& x0) {
+  if (x0.is_cpu()) {
+    mafbm_simulate_cpu(p);
+  } else {
+#ifdef MARKOVKIT_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x0.device());
+    mafbm_simulate_cuda(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+  }
+}
+
+at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega, const at::Tensor& drop,
+                          const at::Tensor& factor, const std::optional<at::Tensor>& factor0, int64_t n_steps,
+                          double dt, double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+  const at::Tensor x0 = x0_in.contiguous();
+  MafbmSimulateParams p =
+      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  at::Tensor out = at::empty({p.paths, n_steps / save_every + 1}, x0.options());
+  p.out = out.data_ptr();
+  run_simulate(p, x0);
+  return out;
+}
+
+// -> (4, paths): per-path dL/dx0 and the per-path terms of dL/dθ, dL/dμ, dL/dσ (summed by the caller).
+at::Tensor mafbm_simulate_backward(const at::Tensor& grad_out_in, const at::Tensor& x0_in, const at::Tensor& omega,
+                                   const at::Tensor& drop, const at::Tensor& factor,
+                                   const std::optional<at::Tensor>& factor0, int64_t n_steps, double dt,
+                                   double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+  const at::Tensor x0 = x0_in.contiguous();
+  MafbmSimulateParams p =
+      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  const at::Tensor grad_out = checked(grad_out_in, "grad_out", x0, {p.paths, n_steps / save_every + 1}, "x0");
+  at::Tensor partials = at::empty({4, p.paths}, x0.options());
+  p.grad_out = grad_out.data_ptr();
+  p.partials = partials.data_ptr();
+  run_simulate(p, x0);
+  return partials;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(markovkit, CPU, m) {
+  m.impl("mafbm_step", &mafbm_step);
+  m.impl("mafbm_step_backward", &mafbm_step_backward);
+  m.impl("mafbm_simulate", &mafbm_simulate);
+  m.impl("mafbm_simulate_backward", &mafbm_simulate_backward);
+}
+
+#ifdef MARKOVKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(markovkit, CUDA, m) {
+  m.impl("mafbm_step", &mafbm_step);
+  m.impl("mafbm_step_backward", &mafbm_step_backward);
+  m.impl("mafbm_simulate", &mafbm_simulate);
+  m.impl("mafbm_simulate_backward", &mafbm_simulate_backward);
+}
+#endif
+
+}  // namespace markovkit

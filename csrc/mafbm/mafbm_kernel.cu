@@ -1,0 +1,72 @@
+// CUDA kernels of the MA-fBM step (forward, backward) and the simulator: one thread per path, the same
+// per-path code and Philox counters as the CPU kernels.
+#include "mafbm/mafbm_step.h"
+
+namespace markovkit {
+namespace {
+
+constexpr int kThreads = 128;
+
+unsigned grid_for(int64_t paths) {
+  return static_cast<unsigned>((paths + kThreads - 1) / kThreads);
+}
+
+template <typename T>
+__global__ void step_kernel(MafbmStepParams p) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < p.paths) mafbm_step_path<T>(p, i);
+}
+
+template <typename T>
+__global__ void step_backward_kernel(MafbmStepBackwardParams p) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < p.paths) mafbm_step_backward_path<T>(p, i);
+}
+
+// The coefficients go to shared memory once per block; every thread then steps its own path.
+template <typename T, int kK, int kR, bool kGrad>
+__global__ void simulate_kernel(MafbmSimulateParams p) {
+  __shared__ MafbmSimCoeffs<T, kK, kR> c;
+  if (threadIdx.x == 0) mafbm_sim_coeffs<T, kK, kR>(p, &c);
+  __syncthreads();
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < p.paths) mafbm_simulate_path<T, kK, kR, kGrad>(p, c, i);
+}
+
+template <typename T>
+void simulate(const MafbmSimulateParams& p, cudaStream_t stream) {
+  mafbm_sim_dispatch(p.K, p.R, [&]<int kK, int kR>() {
+    if (p.grad_out != nullptr) {
+      simulate_kernel<T, kK, kR, true><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+    } else {
+      simulate_kernel<T, kK, kR, false><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+    }
+  });
+}
+
+}  // namespace
+
+void mafbm_step_cuda(const MafbmStepParams& p, cudaStream_t stream) {
+  if (p.paths == 0) return;
+  if (p.dtype == DType::kFloat64) {
+    step_kernel<double><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+  } else {
+    step_kernel<float><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+  }
+}
+
+void mafbm_step_backward_cuda(const MafbmStepBackwardParams& p, cudaStream_t stream) {
+  if (p.paths == 0) return;
+  if (p.dtype == DType::kFloat64) {
+    step_backward_kernel<double><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+  } else {
+    step_backward_kernel<float><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+  }
+}
+
+void mafbm_simulate_cuda(const MafbmSimulateParams& p, cudaStream_t stream) {
+  if (p.paths == 0) return;
+  p.dtype == DType::kFloat64 ? simulate<double>(p, stream) : simulate<float>(p, stream);
+}
+
+}  // namespace markovkit

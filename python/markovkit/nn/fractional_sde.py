@@ -1,0 +1,116 @@
+"""FractionalSDE: a latent SDE driven by Markov-approximate fBM, with a learnable Hurst index, trained by the
+ELBO of Daems et al. (ICLR 2024) on top of markovkit.mafbm_step."""
+import math
+
+import torch
+from torch import nn
+
+import markovkit
+from markovkit import fbm
+
+
+def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                         nn.Linear(hidden, n_out))
+
+
+class FractionalSDE(nn.Module):
+    """dX = b(X, t) dt + σ(X) dB̂^H per latent dimension, B̂^H the K-mode MA-fBM (type I or II).
+
+    hurst: a float in (0, 1) fixes H; None learns it as sigmoid(hurst_raw), started at H = ½.
+    Networks: drift b([x, t]) (dims), diagonal diffusion σ = softplus(net(x)) (dims), posterior control
+    u([sin t, cos t, x, vec(y), context]) (dims), its last layer zero so training starts at the prior.
+    ω(H) is recomputed (differentiably) on every call for `horizon`, the time span the weights are fit on.
+    """
+
+    def __init__(self, dims: int, *, K: int = 5, gamma_max: float = 20.0, kind: str = "I", hurst=None,
+                 horizon: float = 1.0, hidden: int = 64, context_dims: int = 0, scheme: str = "exact",
+                 drift: bool = True, sigma_init: float = 1.0):
+        super().__init__()
+        self.dims, self.kind, self.horizon, self.scheme = dims, kind, float(horizon), scheme
+        self.register_buffer("gamma", fbm.gamma_grid(K, gamma_max), persistent=False)
+        self.fixed_hurst = None if hurst is None else float(hurst)
+        self.hurst_raw = nn.Parameter(torch.zeros(())) if hurst is None else None
+        self.drift = _mlp(dims + 1, dims, hidden) if drift else None
+        self.diffusion = nn.Linear(dims, dims)
+        nn.init.zeros_(self.diffusion.weight)
+        nn.init.constant_(self.diffusion.bias, math.log(math.expm1(sigma_init)))
+        self.control = _mlp(2 + dims * (K + 1) + context_dims, dims, hidden)
+        nn.init.zeros_(self.control[-1].weight)
+        nn.init.zeros_(self.control[-1].bias)
+        self._start_factor = fbm.stationary_factor(self.gamma) if kind == "I" else None
+
+    @property
+    def K(self) -> int:
+        return self.gamma.numel()
+
+    def hurst(self) -> torch.Tensor:
+        if self.hurst_raw is None:
+            return torch.tensor(self.fixed_hurst, dtype=torch.float64)
+        return torch.sigmoid(self.hurst_raw.double())
+
+    def omega(self) -> torch.Tensor:
+        return fbm.omega(self.hurst(), self.gamma.cpu(), self.horizon, self.kind)
+
+    def _initial_y(self, paths: int, like: torch.Tensor, generator) -> torch.Tensor:
+        """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K)."""
+        if self._start_factor is None:
+            return like.new_zeros(paths, self.dims, self.K)
+        z = torch.randn(paths, self.dims, self._start_factor.shape[1], generator=generator, dtype=torch.float64)
+        return (z @ self._start_factor.T).to(like)
+
+    def _coefficients(self, x, t):
+        tcol = torch.full_like(x[:, :1], t)
+        b = self.drift(torch.cat([x, tcol], 1)) if self.drift is not None else torch.zeros_like(x)
+        return b, nn.functional.softplus(self.diffusion(x))
+
+    def _control(self, x, y, t, context):
+        feats = [torch.full_like(x[:, :1], math.sin(t)), torch.full_like(x[:, :1], math.cos(t)), x, y.flatten(1)]
+        if context is not None:
+            feats.append(context)
+        return self.control(torch.cat(feats, 1))
+
+    def _run(self, x0, n_steps, dt, seed, posterior, context_fn=None):
+        """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
+        generator = torch.Generator().manual_seed(seed)
+        omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma.cpu()
+        x, y = x0, self._initial_y(x0.shape[0], x0, generator).to(x0.device)
+        kl, xs = x0.new_zeros(x0.shape[0]), [x0]
+        for n in range(n_steps):
+            t = n * dt
+            b, sigma = self._coefficients(x, t)
+            u = self._control(x, y, t, None if context_fn is None else context_fn(n, x)) if posterior else None
+            x, y, step_kl = markovkit.mafbm_step(x, y, b, sigma, omega, gamma, dt, control=u, seed=seed, step=n,
+                                                 scheme=self.scheme)
+            kl = kl + step_kl
+            xs.append(x)
+        return torch.stack(xs, 1), kl
+
+    @torch.no_grad()
+    def sample(self, paths: int, n_steps: int, dt: float, *, x0=None, seed: int = 0, posterior: bool = False,
+               context_fn=None) -> torch.Tensor:
+        """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device."""
+        if x0 is None:
+            x0 = torch.zeros(paths, self.dims, device=self.control[0].weight.device)
+        return self._run(x0, n_steps, dt, seed, posterior, context_fn)[0]
+
+    def elbo(self, obs: torch.Tensor, times: torch.Tensor, *, dt: float, obs_std: float, samples: int = 16,
+             x0=None, seed: int = 0, context_fn=None) -> torch.Tensor:
+        """Monte Carlo ELBO per sequence: E_Q[Σ_i log N(obs_i | X(t_i), obs_std²)] − E_Q[½ ∫ |u|² dt].
+
+        obs: (batch, n_obs, dims) at `times` (n_obs,) on the dt grid; samples posterior paths per sequence
+        (paths = batch·samples, sequence-major). x0: (batch·samples, dims) or None (zeros). context_fn(n, x)
+        -> (paths, context_dims) feeds the control. Returns the mean over sequences (a scalar).
+        """
+        batch, n_obs, dims = obs.shape
+        idx = torch.round(torch.as_tensor(times, dtype=torch.float64) / dt).long()
+        if not torch.allclose(idx.double() * dt, torch.as_tensor(times, dtype=torch.float64), atol=1e-9):
+            raise ValueError(f"times: expected multiples of dt = {dt}, got {times}")
+        paths = batch * samples
+        if x0 is None:
+            x0 = obs.new_zeros(paths, dims)
+        xs, kl = self._run(x0, int(idx.max()), dt, seed, True, context_fn)
+        target = obs.repeat_interleave(samples, 0)  # (paths, n_obs, dims)
+        resid = (xs[:, idx.to(xs.device)] - target) / obs_std
+        loglik = (-0.5 * resid**2 - math.log(obs_std) - 0.5 * math.log(2 * math.pi)).sum((1, 2))
+        return (loglik - kl).mean()

@@ -1,0 +1,362 @@
+"""mafbm_step / mafbm_simulate: float64 references, the Philox layout, gradients, op contract, statistics."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import markovkit
+from conftest import HAS_CUDA, TOL
+from markovkit import fbm
+from markovkit import reference as ref
+
+F64 = torch.float64
+GAMMA = fbm.gamma_grid(5, 20)
+OMEGA_II = fbm.omega(0.3, GAMMA, 1.0, "II")
+
+
+def _inputs(paths, dims, K, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, drift, control = (torch.randn(paths, dims, generator=g, dtype=F64) for _ in range(3))
+    y = torch.randn(paths, dims, K, generator=g, dtype=F64)
+    diffusion = torch.rand(paths, dims, generator=g, dtype=F64) + 0.5
+    return [t.to(dtype=dtype, device=device) for t in (x, y, drift, diffusion, control)]
+
+
+def _philox_normals_f64(seed, step, stream, R):
+    """The R float64 normals of (stream, step): normals [step·R, step·R + R) of the stream, normal i from
+    Box-Muller on the 52-bit uniforms of philox_block(seed, lo = i // 2, hi = stream), slot i % 2 (the layout
+    documented in csrc/mafbm/mafbm_step.h)."""
+    z = []
+    for i in range(step * R, step * R + R):
+        b = i // 2
+        w = markovkit._C.philox4x32_10([b & 0xFFFFFFFF, b >> 32, stream & 0xFFFFFFFF, stream >> 32],
+                                       [seed & 0xFFFFFFFF, seed >> 32])
+        u0 = ((((w[0] << 32) | w[1]) >> 12) + 0.5) * 2.0**-52
+        u1 = ((((w[2] << 32) | w[3]) >> 12) + 0.5) * 2.0**-52
+        r = math.sqrt(-2 * math.log(u0))
+        z.append(r * (math.cos if i % 2 == 0 else math.sin)(2 * math.pi * u1))
+    return z
+
+
+# --- the step against the float64 reference ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scheme", ["euler", "exact"])
+@pytest.mark.parametrize("with_control", [False, True])
+def test_step_matches_reference(device, dtype, scheme, with_control):
+    x, y, drift, diffusion, control = _inputs(37, 3, 5, F64, "cpu")
+    control = control if with_control else None
+    drop, phi, factor = markovkit.step_coefficients(GAMMA, 0.01, scheme, dtype=F64)
+    noise = torch.randn(37, 3, factor.shape[1], dtype=F64)
+    expected = ref.mafbm_step(x, y, drift, diffusion, OMEGA_II, drop, phi, factor, 0.01, control, noise)
+    cast = lambda t: None if t is None else t.to(dtype=dtype, device=device)  # noqa: E731
+    got = markovkit.mafbm_step(cast(x), cast(y), cast(drift), cast(diffusion), cast(OMEGA_II), GAMMA, 0.01,
+                               control=cast(control), noise=cast(noise), scheme=scheme)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.device.type == device.type
+        torch.testing.assert_close(g.cpu().double(), e, **TOL[dtype])
+
+
+def test_philox_noise_layout():
+    """The in-kernel draw equals given noise built from the documented counters, bit for bit in float64."""
+    x, y, drift, diffusion, control = _inputs(4, 3, 5, F64, "cpu")
+    seed, step = 2**33 + 17, 5
+    for scheme in ["euler", "exact"]:
+        R = markovkit.step_coefficients(GAMMA, 0.01, scheme, dtype=F64)[2].shape[1]
+        noise = torch.tensor([[_philox_normals_f64(seed, step, p * 3 + d, R) for d in range(3)] for p in range(4)],
+                             dtype=F64)
+        drawn = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, control=control, seed=seed,
+                                     step=step, scheme=scheme)
+        given = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, control=control, noise=noise,
+                                     scheme=scheme)
+        for a, b in zip(drawn, given):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_steps_and_seeds_give_fresh_noise():
+    x, y, drift, diffusion, _ = _inputs(64, 2, 5, torch.float32, "cpu")
+    run = lambda seed, step: markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, seed=seed,  # noqa: E731
+                                                  step=step)[0]
+    assert torch.equal(run(1, 0), run(1, 0))
+    assert not torch.isclose(run(1, 0), run(1, 1)).any()
+    assert not torch.isclose(run(1, 0), run(2, 0)).any()
+
+
+def test_half_is_brownian_motion(device):
+    """γ = [0], ω = [1] (H = ½): x' − x = b dt + σ √dt z exactly, for both schemes."""
+    x, y, drift, diffusion, _ = _inputs(16, 2, 1, F64, device)
+    z = torch.randn(16, 2, 1, dtype=F64, device=device)
+    for scheme in ["euler", "exact"]:
+        x1, y1, _ = markovkit.mafbm_step(x, y, drift, diffusion, torch.ones(1, dtype=F64, device=device),
+                                         torch.zeros(1), 0.04, noise=z, scheme=scheme)
+        torch.testing.assert_close(x1, x + 0.04 * drift + diffusion * 0.2 * z[..., 0])
+        torch.testing.assert_close(y1, y + 0.2 * z)
+
+
+def test_constant_control_kl(device):
+    """u = c on [0, T]: Σ_n kl_n = ½ c² T per latent dimension."""
+    paths, dims, n, dt, c = 8, 3, 50, 0.02, 1.7
+    x, y, drift, diffusion, _ = _inputs(paths, dims, 5, F64, device)
+    control = torch.full((paths, dims), c, dtype=F64, device=device)
+    total = torch.zeros(paths, dtype=F64, device=device)
+    for step in range(n):
+        x, y, kl = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II.to(device), GAMMA, dt, control=control,
+                                        seed=3, step=step, scheme="exact")
+        total += kl
+    torch.testing.assert_close(total, torch.full_like(total, 0.5 * c * c * n * dt * dims))
+
+
+# --- autograd, op contract -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", ["euler", "exact"])
+@pytest.mark.parametrize("given_noise", [False, True])
+def test_step_gradcheck(device, scheme, given_noise):
+    x, y, drift, diffusion, control = (t.requires_grad_() for t in _inputs(5, 2, 5, F64, device))
+    omega = OMEGA_II.to(device).requires_grad_()
+    R = markovkit.step_coefficients(GAMMA, 0.05, scheme, dtype=F64)[2].shape[1]
+    noise = torch.randn(5, 2, R, dtype=F64, device=device) if given_noise else None
+
+    def f(x, y, drift, diffusion, omega, control):
+        return markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.05, control=control, noise=noise,
+                                    seed=11, step=4, scheme=scheme)
+
+    torch.autograd.gradcheck(f, (x, y, drift, diffusion, omega, control))
+    # outputs left unused (None gradients) and no control
+    out = markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.05, seed=1, scheme=scheme)
+    gx, gw = torch.autograd.grad(out[0].sum(), (x, omega))
+    torch.testing.assert_close(gx, torch.ones_like(gx))
+    assert torch.isfinite(gw).all()
+
+
+def _op_args(device, dtype, with_control, R):
+    x, y, drift, diffusion, control = _inputs(6, 2, 5, dtype, device)
+    drop, phi, factor = markovkit.step_coefficients(GAMMA, 0.05, "exact" if R > 1 else "euler", dtype=dtype,
+                                                    device=device)
+    noise = torch.randn(6, 2, R, dtype=dtype, device=device) if R == 1 else None
+    return (x.requires_grad_(), y.requires_grad_(), drift, diffusion, OMEGA_II.to(device, dtype).requires_grad_(),
+            drop, phi, factor, 0.05, control if with_control else None, noise, 7, 3)
+
+
+@pytest.mark.parametrize("with_control,R", [(True, 1), (False, 5)])
+def test_opcheck(device, with_control, R):
+    args = _op_args(device, F64, with_control, R)
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step, args)
+    x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step = args
+    grads = (torch.randn_like(x), torch.randn_like(y), torch.randn(6, dtype=F64, device=device))
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step_backward,
+                          (*grads, y.detach(), diffusion, omega.detach(), drop, phi, factor, dt, control, noise, seed,
+                           step))
+    x0 = torch.randn(9, dtype=F64, device=device)
+    d, _, f = fbm.ou_transition(GAMMA, 0.05, "exact", OMEGA_II)
+    sim_args = (OMEGA_II, d, f, fbm.stationary_factor(GAMMA), 7, 0.05, 1.0, 0.5, 1.0, 3, 5)
+    torch.library.opcheck(torch.ops.markovkit.mafbm_simulate, (x0, *sim_args),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.markovkit.mafbm_simulate_backward,
+                          (torch.randn(9, 3, dtype=F64, device=device), x0, *sim_args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compile_fullgraph(device):
+    x, y, drift, diffusion, control = _inputs(6, 2, 5, torch.float32, device)
+    omega = OMEGA_II.to(device, torch.float32)
+
+    def f(x, y):
+        for step in range(2):
+            x, y, kl = markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.01, control=control, seed=5,
+                                            step=step, scheme="exact")
+        return x, y, kl
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for a, b in zip(compiled(x, y), f(x, y)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    xg = x.clone().requires_grad_()
+    compiled(xg, y)[0].sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones_like(xg))
+
+
+# --- the simulator -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simulate_equals_a_loop_of_steps(device, dtype):
+    """Same seed, same counters: the fused path is the step op with dims = 1 (type II, θ ≠ 0)."""
+    paths, n, dt, theta, mu, sigma = 33, 24, 0.05, 0.8, 0.3, 1.4
+    x0 = torch.randn(paths, dtype=F64).to(device, dtype)
+    w = fbm.omega(0.3, GAMMA, 1.0, "II")
+    drop, phi, factor = fbm.ou_transition(GAMMA, dt, "exact", omega=w)
+    out = markovkit.mafbm_simulate(x0, n, dt, w, GAMMA, theta=theta, mu=mu, sigma=sigma, save_every=4, seed=9,
+                                   kind="II")
+    assert out.shape == (paths, n // 4 + 1)
+    args = [t.to(device, dtype) for t in (w, drop, phi, factor)]
+    x, y = x0[:, None], torch.zeros(paths, 1, 5, dtype=dtype, device=device)
+    saved = [x0]
+    for step in range(n):
+        b = theta * (mu - x)
+        x, y, _ = torch.ops.markovkit.mafbm_step(x, y, b, torch.full_like(x, sigma), *args, dt, None, None, 9, step)
+        if (step + 1) % 4 == 0:
+            saved.append(x[:, 0])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, torch.stack(saved, 1), **tol)
+
+
+@pytest.mark.parametrize("kind", ["I", "II"])
+def test_simulate_gradcheck(device, kind):
+    """x0, θ, μ, σ (fp64): the tangent re-run against finite differences of the same draws."""
+    w = fbm.omega(0.3, GAMMA, 1.0, kind)
+    x0 = torch.randn(6, dtype=F64, device=device, requires_grad=True)
+    params = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.7, 0.2, 1.3)]
+
+    def f(x0, theta, mu, sigma):
+        return markovkit.mafbm_simulate(x0, 13, 0.05, w, GAMMA, theta=theta, mu=mu, sigma=sigma, save_every=3,
+                                        seed=5, kind=kind)
+
+    torch.autograd.gradcheck(f, (x0, *params))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simulate_backward_closed_forms(device, dtype):
+    """L = Σ out: dL/dx0 = Σ_j ρ^{j·s}, dL/dμ = Σ_j (1 − ρ^{j·s}) (x0 = μ = 0 start), ρ = 1 − θh."""
+    n, dt, theta, se = 40, 0.05, 0.8, 4
+    x0 = torch.zeros(100, dtype=dtype, device=device, requires_grad=True)
+    mu = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    out = markovkit.mafbm_simulate(x0, n, dt, OMEGA_II, GAMMA, theta=theta, mu=mu, seed=1, save_every=se,
+                                   kind="II")
+    out.sum().backward()
+    rho = (1 - theta * dt) ** (torch.arange(0, n // se + 1, dtype=F64) * se)
+    torch.testing.assert_close(x0.grad.double().cpu(), torch.full((100,), float(rho.sum()), dtype=F64),
+                               **TOL[dtype])
+    assert math.isclose(mu.grad, 100 * float((1 - rho).sum()), rel_tol=1e-4)
+
+
+def _moments(paths):
+    """Var at the saved times, Cov(first saved, last), the last one-step increment's variance."""
+    c = paths - paths.mean(0)
+    var = (c * c).mean(0)
+    return var, (c[:, 0] * c[:, -1]).mean(), ((c[:, -1] - c[:, -2]) ** 2).mean()
+
+
+def _analytic(w, kind, times):
+    cov = fbm.mafbm_cov(times, times, w, GAMMA, kind)
+    inc = cov[-1, -1] + cov[-2, -2] - 2 * cov[-1, -2]
+    return torch.diagonal(cov), cov[0, -1], inc
+
+
+@pytest.mark.parametrize("kind,dt", [("II", 0.1), ("I", 0.1), ("II", 0.5)])
+def test_simulate_exact_matches_the_mafbm_law(kind, dt):
+    """2^18 paths; the exact-OU scheme has the analytic MA-fBM law at any dt (γ_max·dt = 2 and 10 here)."""
+    paths, n = 2**18, round(1.0 / dt)
+    w = fbm.omega(0.3, GAMMA, 1.0, kind)
+    out = markovkit.mafbm_simulate(torch.zeros(paths), n, dt, w, GAMMA, seed=21, kind=kind).double()
+    times = torch.arange(1, n + 1, dtype=F64) * dt
+    var, cov, inc = _moments(out[:, 1:])
+    var_a, cov_a, inc_a = _analytic(w, kind, times)
+    tol = 4 * math.sqrt(2 / paths)  # 4 standard errors of a variance estimate
+    assert ((var / var_a - 1).abs() < tol).all(), (var / var_a)
+    assert abs(cov - cov_a) < tol * math.sqrt(var_a[0] * var_a[-1])
+    assert abs(inc / inc_a - 1) < tol
+
+
+def test_simulate_small_lags_follow_mafbm_not_fbm():
+    """Type I has stationary increments: at lag 1e-3 ≪ 1/γ_max the simulated increment variance is the
+    MA-fBM one (locally Brownian), far from the fBM value lag^{2H}."""
+    paths, dt = 2**18, 1e-3
+    w = fbm.omega(0.3, GAMMA, 1.0, "I")
+    out = markovkit.mafbm_simulate(torch.zeros(paths), 2, dt, w, GAMMA, seed=5, kind="I").double()
+    inc = out.diff(dim=1)
+    cov = fbm.mafbm_cov([dt], [dt], w, GAMMA, "I")[0, 0]
+    tol = 4 * math.sqrt(2 / paths)
+    assert ((inc.var(0) / cov - 1).abs() < tol).all()
+    assert abs(cov / dt**0.6 - 1) > 0.5
+
+
+def test_simulate_euler_shows_its_bias():
+    """Euler at γ_max·dt = 1: final variance ×1.025 and last increment ×2 (spec §7); the exact scheme has none."""
+    paths, n, dt = 2**18, 20, 0.05
+    w = OMEGA_II
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = markovkit.mafbm_simulate(torch.zeros(paths), n, dt, w, GAMMA, seed=4, kind="II", scheme="euler")
+    var, _, inc = _moments(out.double())
+    var_a, _, inc_a = _analytic(w, "II", torch.arange(0, n + 1, dtype=F64) * dt)
+    assert abs(var[-1] / var_a[-1] - 1.025) < 0.012
+    assert abs(inc / inc_a - 2.012) < 0.05
+
+
+def test_simulate_brownian_limit_and_ou_mean():
+    """γ = [0], ω = [1]: Brownian paths (Var t, independent increments); θ > 0: E X_n = (1 − θh)^n x0."""
+    paths, n, dt = 2**16, 10, 0.1
+    out = markovkit.mafbm_simulate(torch.zeros(paths, dtype=F64), n, dt, torch.ones(1), torch.zeros(1), seed=8,
+                                   kind="II").double()
+    t = torch.arange(0, n + 1, dtype=F64) * dt
+    tol = 5 * math.sqrt(2 / paths)
+    assert ((out[:, 1:].var(0) / t[1:] - 1).abs() < tol).all()
+    inc = out.diff(dim=1)
+    assert abs(torch.corrcoef(inc[:, :2].T)[0, 1]) < 5 / math.sqrt(paths)
+    ou = markovkit.mafbm_simulate(torch.ones(paths, dtype=F64), n, dt, OMEGA_II, GAMMA, theta=2.0, seed=8, kind="II")
+    mean = (1 - 2.0 * dt) ** torch.arange(0, n + 1, dtype=F64)
+    se = ou.std(0) / math.sqrt(paths)
+    assert ((ou.mean(0) - mean).abs() < 5 * se + 1e-12).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_and_cuda_streams_agree(dtype):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    x0 = torch.randn(1000, dtype=dtype)
+    for kind, scheme in [("I", "exact"), ("II", "euler")]:
+        w = fbm.omega(0.3, GAMMA, 1.0, kind)
+        args = dict(theta=0.5, seed=2**40 + 3, kind=kind, scheme=scheme, save_every=7)
+        cpu = markovkit.mafbm_simulate(x0, 50, 0.02, w, GAMMA, **args)
+        cuda = markovkit.mafbm_simulate(x0.cuda(), 50, 0.02, w, GAMMA, **args)
+        torch.testing.assert_close(cuda.cpu(), cpu, **tol)
+    x, y, drift, diffusion, control = _inputs(300, 3, 5, dtype, "cpu")
+    for scheme in ["euler", "exact"]:
+        step = lambda dev: markovkit.mafbm_step(*(t.to(dev) for t in (x, y, drift, diffusion)), OMEGA_II.to(dev),  # noqa: E731
+                                                GAMMA, 0.01, control=control.to(dev), seed=77, step=12, scheme=scheme)
+        for a, b in zip(step("cpu"), step("cuda")):
+            torch.testing.assert_close(b.cpu(), a, **tol)
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+def test_bad_input_errors():
+    x, y, drift, diffusion, control = _inputs(4, 2, 5, torch.float32, "cpu")
+    w = OMEGA_II.float()
+    step = markovkit.mafbm_step
+    with pytest.raises(RuntimeError, match=r"y: expected shape \[4, 2, 5\], got \[4, 2, 4\]"):
+        step(x, y[..., :4], drift, diffusion, w, GAMMA, 0.01, seed=0)
+    with pytest.raises(RuntimeError, match=r"drift: expected shape \[4, 2\], got \[4, 1\]"):
+        step(x, y, drift[:, :1], diffusion, w, GAMMA, 0.01, seed=0)
+    with pytest.raises(RuntimeError, match=r"control: expected shape \[4, 2\], got \[4\]"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.01, control=control[:, 0], seed=0)
+    with pytest.raises(RuntimeError, match=r"noise: expected shape \[4, 2, 1\], got \[4, 2, 5\]"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.01, noise=torch.randn(4, 2, 5))
+    with pytest.raises(RuntimeError, match="y: expected dtype Float .the dtype of x., got Double"):
+        step(x, y.double(), drift, diffusion, w, GAMMA, 0.01, seed=0)
+    with pytest.raises(RuntimeError, match="x: expected dtype Float or Double, got Half"):
+        step(x.half(), y, drift, diffusion, w, GAMMA, 0.01, seed=0)
+    with pytest.raises(RuntimeError, match=r"omega: expected shape \(K,\) with 1 <= K <= 16"):
+        step(x, torch.zeros(4, 2, 17), drift, diffusion, torch.ones(17), torch.ones(17), 0.01, seed=0)
+    with pytest.raises(ValueError, match="dt: expected a positive time step, got 0.0"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.0, seed=0)
+    with pytest.raises(ValueError, match="gamma: expected non-negative rates"):
+        step(x, y, drift, diffusion, w, -GAMMA, 0.01, seed=0)
+    with pytest.raises(ValueError, match="seed: expected an int seed when noise is not given"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.01)
+    with pytest.raises(ValueError, match="scheme: expected 'euler' or 'exact'"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.01, seed=0, scheme="heun")
+    with pytest.raises(ValueError, match=r"Euler-Maruyama is unstable for gamma_max\*dt >= 2"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.2, seed=0)
+    with pytest.warns(UserWarning, match=r"gamma_max\*dt = 0.6 > 0.5"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.03, seed=0)
+    x0 = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="save_every: expected a positive stride, got 0"):
+        markovkit.mafbm_simulate(x0, 10, 0.01, OMEGA_II, GAMMA, save_every=0, seed=0)
+    with pytest.raises(RuntimeError, match=r"x0: expected shape \(paths,\), got \[4, 1\]"):
+        markovkit.mafbm_simulate(x0[:, None], 10, 0.01, OMEGA_II, GAMMA, seed=0)
+    with pytest.raises(ValueError, match="kind: expected 'I' or 'II'"):
+        markovkit.mafbm_simulate(x0, 10, 0.01, OMEGA_II, GAMMA, seed=0, kind="mvn")
+    with pytest.raises(ValueError, match="gamma: expected positive rates"):
+        markovkit.mafbm_simulate(x0, 10, 0.01, torch.ones(1), torch.zeros(1), seed=0, kind="I")

@@ -1,0 +1,41 @@
+"""markovkit.nn.FractionalSDE: shapes, the prior's law, the ELBO's gradients (H included)."""
+import math
+
+import pytest
+import torch
+
+from markovkit import fbm
+from markovkit.nn import FractionalSDE
+
+
+def test_prior_samples_have_the_mafbm_variance():
+    """No drift, σ = 1, type II: the prior is X = B̂ exactly (exact scheme): Var X(t) = mafbm_cov(t, t)."""
+    torch.manual_seed(0)
+    model = FractionalSDE(2, K=4, gamma_max=10.0, kind="II", hurst=0.3, drift=False)
+    paths = model.sample(2**14, 10, 0.1, seed=3)
+    assert paths.shape == (2**14, 11, 2)
+    var = paths[:, 1:].double().var(0).mean(-1)
+    t = torch.arange(1, 11, dtype=torch.float64) * 0.1
+    ref = torch.diagonal(fbm.mafbm_cov(t, t, model.omega().detach(), model.gamma, "II"))
+    assert ((var / ref - 1).abs() < 6 * math.sqrt(2 / 2**15)).all()
+
+
+@pytest.mark.parametrize("kind", ["I", "II"])
+def test_elbo_gradients_reach_every_parameter(device, kind):
+    torch.manual_seed(0)
+    model = FractionalSDE(2, K=3, gamma_max=10.0, kind=kind, hurst=None, hidden=16, context_dims=1).to(device)
+    obs = torch.randn(3, 4, 2, device=device)
+    times = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    elbo = model.elbo(obs, times, dt=0.05, obs_std=0.5, samples=2, context_fn=lambda n, x: x[:, :1] * 0)
+    assert elbo.dim() == 0 and torch.isfinite(elbo)
+    elbo.backward()
+    assert model.hurst_raw.grad is not None and model.hurst_raw.grad != 0
+    assert model.drift[0].weight.grad.abs().sum() > 0
+    assert model.control[-1].weight.grad.abs().sum() > 0  # zero-initialised layer, non-zero gradient
+    assert abs(model.hurst().item() - 0.5) < 1e-12
+
+
+def test_elbo_checks_times():
+    model = FractionalSDE(1, K=2, hurst=0.4)
+    with pytest.raises(ValueError, match="times: expected multiples of dt"):
+        model.elbo(torch.zeros(1, 1, 1), torch.tensor([0.105]), dt=0.01, obs_std=1.0)
