@@ -416,3 +416,44 @@ def test_float32_strong_decay_and_flush():
     rtol, atol_frac = TOL_LOW[torch.float32]
     assert_all_close(run(markovkit.selective_scan, x32, False, g, gl), run(selective_scan_ref, x64, False, g, gl),
                      rtol, atol_frac=atol_frac)
+
+
+_BASELINE_SCRIPT = """
+import torch, markovkit
+from markovkit.reference import selective_scan_ref
+g = torch.Generator().manual_seed(0)
+for dtype, N, tol in [(torch.float64, 5, 1e-9), (torch.float32, 13, 2e-4)]:
+    b, d, L = 2, 4, 150
+    x = dict(u=torch.randn(b, d, L, generator=g, dtype=torch.float64),
+             delta=0.5 * torch.rand(b, d, L, generator=g, dtype=torch.float64),
+             A=-0.5 * torch.rand(d, N, generator=g, dtype=torch.float64),
+             B=torch.randn(b, 2, N, L, generator=g, dtype=torch.float64),
+             C=torch.randn(d, N, generator=g, dtype=torch.float64),
+             D=torch.randn(d, generator=g, dtype=torch.float64),
+             z=torch.randn(b, d, L, generator=g, dtype=torch.float64),
+             delta_bias=0.5 * torch.rand(d, generator=g, dtype=torch.float64),
+             initial_state=torch.randn(b, d, N, generator=g, dtype=torch.float64))
+    dout = torch.randn(b, d, L, generator=g, dtype=torch.float64)
+    res = []
+    for fn, t in [(markovkit.selective_scan, dtype), (selective_scan_ref, torch.float64)]:
+        leaves = {k: v.to(t).requires_grad_() for k, v in x.items()}
+        out = fn(**leaves, delta_softplus=True)
+        res.append([out] + list(torch.autograd.grad(out, list(leaves.values()), dout.to(t))))
+    for a, e in zip(*res):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * scale)
+print("ok")
+"""
+
+
+def test_cpu_baseline_copy():
+    # the baseline (non-AVX2) copy of the CPU loops, picked once per process: ATEN_CPU_CAPABILITY=default in a
+    # fresh process, against the float64 reference (the in-process tests run the AVX2 copy where the CPU has it)
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    run = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == "ok"

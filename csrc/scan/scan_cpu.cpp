@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "scan/scan_cpu_entry.h"
 #include "scan/scan_params.h"
 
@@ -48,13 +49,9 @@ inline float cpu_exp(float x) {
 }
 inline double cpu_exp(double x) { return std::exp(x); }
 
-// The AVX2 + FMA copy of the scan loops when the CPU has it, else the baseline copy.
+// The AVX2 + FMA copy of the scan loops where cpu_isa() allows it (AVX-512 CPUs too), else the baseline copy.
 ScanCpuKernels pick(DType itype) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return scan_cpu_kernels_avx2(itype);
-#endif
-  return scan_cpu_kernels_base(itype);
+  return cpu_isa() == CpuIsa::kBaseline ? scan_cpu_kernels_base(itype) : scan_cpu_kernels_avx2(itype);
 }
 
 int64_t weight_size(DType itype) { return itype == DType::kFloat64 ? 8 : 4; }
