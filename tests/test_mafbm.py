@@ -159,6 +159,20 @@ def test_opcheck(device, with_control, R):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_opcheck_non_contiguous_inputs(device):
+    """Transposed x, y and gradients: the fake kernels give the real (contiguous) output strides."""
+    x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step = _op_args(device, F64, True, 1)
+    x_t = x.detach().t().contiguous().t()
+    y_t = y.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_t.is_contiguous() and not y_t.is_contiguous()
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step,
+                          (x_t, y_t, drift, diffusion, omega.detach(), drop, phi, factor, dt, control, noise, seed,
+                           step), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step_backward,
+                          (x_t, y_t, torch.ones(6, dtype=F64, device=device), y_t, diffusion, omega.detach(), drop,
+                           phi, factor, dt, control, noise, seed, step), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compile_fullgraph(device):
     x, y, drift, diffusion, control = _inputs(6, 2, 5, torch.float32, device)
     omega = OMEGA_II.to(device, torch.float32)
