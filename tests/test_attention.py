@@ -222,6 +222,10 @@ def test_merge_is_associative_and_commutative():
         torch.testing.assert_close(other[1], first[1], rtol=1e-6, atol=1e-6)
     expected_lse = torch.logsumexp(torch.stack(lses), 0)
     torch.testing.assert_close(first[1], expected_lse, rtol=1e-6, atol=1e-6)
+    # out = Σ_i e^(lse_i − lse) out_i
+    weights = [torch.exp(l.double() - expected_lse.double()).transpose(1, 2).unsqueeze(-1) for l in lses]
+    expected_out = sum(w * o.double() for w, o in zip(weights, outs))
+    torch.testing.assert_close(first[0].double(), expected_out, rtol=1e-5, atol=1e-6)
 
 
 def test_merge_with_empty_sources():

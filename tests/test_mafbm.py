@@ -126,7 +126,9 @@ def test_step_gradcheck(device, scheme, given_noise):
     out = markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.05, seed=1, scheme=scheme)
     gx, gw = torch.autograd.grad(out[0].sum(), (x, omega))
     torch.testing.assert_close(gx, torch.ones_like(gx))
-    assert torch.isfinite(gw).all()
+    # x' = x + b dt + σ ω·dy with dy = y' − y: d Σ x' / dω = Σ_{paths, dims} σ dy
+    dy = (out[1] - y).detach()
+    torch.testing.assert_close(gw, (diffusion.detach()[..., None] * dy).sum((0, 1)), **TOL[F64])
 
 
 def _op_args(device, dtype, with_control, R):
@@ -155,6 +157,20 @@ def test_opcheck(device, with_control, R):
     torch.library.opcheck(torch.ops.markovkit.mafbm_simulate_backward,
                           (torch.randn(9, 3, dtype=F64, device=device), x0, *sim_args),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_non_contiguous_inputs(device):
+    """Transposed x, y and gradients: the fake kernels give the real (contiguous) output strides."""
+    x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step = _op_args(device, F64, True, 1)
+    x_t = x.detach().t().contiguous().t()
+    y_t = y.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_t.is_contiguous() and not y_t.is_contiguous()
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step,
+                          (x_t, y_t, drift, diffusion, omega.detach(), drop, phi, factor, dt, control, noise, seed,
+                           step), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step_backward,
+                          (x_t, y_t, torch.ones(6, dtype=F64, device=device), y_t, diffusion, omega.detach(), drop,
+                           phi, factor, dt, control, noise, seed, step), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph(device):

@@ -293,11 +293,17 @@ def test_state_update_matches_reference(device, dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol_frac * ref.abs().max().item())
 
 
-def test_state_update_huge_dt_is_finite():
-    """dt = 100 with softplus: the thresholded softplus passes it through (no exp overflow)."""
+def test_state_update_huge_dt_matches_reference():
+    """dt = 100 with softplus: the thresholded softplus passes it through (no exp overflow), as in float64."""
     state, step = _step_inputs("cpu")
     step[1] = torch.full_like(step[1], 100.0)
-    assert torch.isfinite(markovkit.selective_state_update(state, *step)).all()
+    ref_state = state.double()
+    ref = selective_state_update_ref(ref_state, *[t.double() if isinstance(t, torch.Tensor) else t for t in step])
+    out = markovkit.selective_state_update(state, *step)
+    assert torch.isfinite(out).all()
+    rtol, atol_frac = TOL_LOW[torch.float32]
+    for a, b in ((state, ref_state), (out, ref)):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol_frac * b.abs().max().item())
 
 
 def test_decode_steps_equal_the_scan(device):
@@ -403,6 +409,29 @@ def test_mamba_block_step_equals_forward(device):
     torch.testing.assert_close(steps, full, **TOL64)
     full.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_mamba_block_float64_matches_the_reference_scan():
+    """A float64 block (A_log, D and the dt bias in float64 too) computes in float64: output and parameter
+    gradients equal the same block on the float64 reference scan."""
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(d_model=16, d_state=8, d_conv=4).double()
+    hidden = torch.randn(2, 11, 16, dtype=F64)
+
+    def reference_block(hidden):
+        x, z = block.in_proj(hidden).chunk(2, dim=-1)
+        x = torch.nn.functional.silu(block.conv1d(x.transpose(1, 2))[..., :hidden.shape[1]])
+        dt, B, C = block._dt_BC(x.transpose(1, 2))
+        y = selective_scan_ref(x, dt.transpose(1, 2), -torch.exp(block.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                               block.D, z.transpose(1, 2), delta_bias=block.dt_proj.bias, delta_softplus=True)
+        return block.out_proj(y.transpose(1, 2))
+
+    def run(fn):
+        out = fn(hidden)
+        return [out] + list(torch.autograd.grad((out * out).sum(), list(block.parameters())))
+
+    for a, b in zip(run(block), run(reference_block)):
+        torch.testing.assert_close(a, b, **TOL64)
 
 
 def test_float32_strong_decay_and_flush():

@@ -34,8 +34,7 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   check_dtypes(q);
   for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     check_same_device(*t, name, q, "q");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(),
-                " (the dtype of q), got ", t->scalar_type());
+    check_same_dtype(*t, name, q, "q");
   }
   check_shape(v, "v", k.sizes());
   const int64_t batch = q.size(0), seqlen = q.size(1), heads = q.size(2), headdim = q.size(3);

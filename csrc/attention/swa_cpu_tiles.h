@@ -109,9 +109,9 @@ struct Span {
 
 // C (M, N) += A (M, K) B (K, N), with A(m, k) = A[m * a_rs + k * a_cs] and B, C row-major (ldb, ldc),
 // over span(m) of each row block (columns rounded out to whole register blocks; the rest of C is left as
-// it is). M % kRows == 0 and N % (kCols * kLanes) == 0: the accumulators stay in registers.
+// it is; span(m).n1 <= N). M % kRows == 0 and N % (kCols * kLanes) == 0: the accumulators stay in registers.
 template <typename T, typename SpanOf>
-void gemm_acc(int64_t M, int64_t N, const T* __restrict A, int64_t a_rs, int64_t a_cs, const T* __restrict B,
+void gemm_acc(int64_t M, const T* __restrict A, int64_t a_rs, int64_t a_cs, const T* __restrict B,
               int64_t ldb, T* __restrict C, int64_t ldc, const SpanOf& span) {
   using V = VecT<T>;
   constexpr int kW = Vec<T>::kLanes;
@@ -290,7 +290,7 @@ void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_
     ld = D;
   }
   fill_zero(st.st, kBN * kBM);
-  gemm_acc<T>(kBN, kBM, kr, ld, 1, st.qt, kBM, st.st, kBM, key_rows(sh, i0, ni, j0, nj, false, D));  // S^T
+  gemm_acc<T>(kBN, kr, ld, 1, st.qt, kBM, st.st, kBM, key_rows(sh, i0, ni, j0, nj, false, D));  // S^T
   if (!full) {
     for (int64_t jj = 0; jj < kBN; ++jj) {
       T* row = st.st + jj * kBM;
@@ -300,7 +300,7 @@ void fwd_key_tile(const SwaShape& sh, const Rows<T>& k, const Rows<T>& v, int64_
     }
   }
   softmax_columns_update(st, D);
-  gemm_acc<T>(kBM, D, st.st, 1, kBM, v.at(b, j0, hk), v.stride(), st.o, D,
+  gemm_acc<T>(kBM, st.st, 1, kBM, v.at(b, j0, hk), v.stride(), st.o, D,
               query_rows(sh, i0, ni, j0, nj, true, D));  // O += P V
 }
 
@@ -391,8 +391,8 @@ void bwd_p_ds(const SwaBwdParams& pr, int64_t b, int64_t h, int64_t i0, int64_t 
   const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, sh.window, sh.sink);
   fill_zero(st.p, 2 * kBM * kBN);  // p and ds
   const auto span = query_rows(sh, i0, ni, j0, nj, false, D);
-  gemm_acc<T>(kBM, kBN, st.qs, D, 1, st.kt, kBN, st.p, kBN, span);    // S = Q K^T
-  gemm_acc<T>(kBM, kBN, st.dos, D, 1, st.vt, kBN, st.ds, kBN, span);  // dP = dO V^T
+  gemm_acc<T>(kBM, st.qs, D, 1, st.kt, kBN, st.p, kBN, span);    // S = Q K^T
+  gemm_acc<T>(kBM, st.dos, D, 1, st.vt, kBN, st.ds, kBN, span);  // dP = dO V^T
   for (int64_t r = 0; r < kBM; ++r) {
     T* p = st.p + r * kBN;
     T* ds = st.ds + r * kBN;
@@ -435,8 +435,8 @@ void bwd_dkdv_tile(const SwaBwdParams& p, int64_t b, int64_t hk, int64_t kt_inde
       copy_rows(dout, b, h, i0, ni, T(1), st.dos);
       bwd_p_ds(p, b, h, i0, ni, j0, nj, st);
       const auto span = key_rows(sh, i0, ni, j0, nj, true, D);
-      gemm_acc<T>(kBN, D, st.p, 1, kBN, st.dos, D, dv, D, span);  // dV += P^T dO
-      gemm_acc<T>(kBN, D, st.ds, 1, kBN, st.qs, D, dk, D, span);  // dK += scale dS^T Q
+      gemm_acc<T>(kBN, st.p, 1, kBN, st.dos, D, dv, D, span);  // dV += P^T dO
+      gemm_acc<T>(kBN, st.ds, 1, kBN, st.qs, D, dk, D, span);  // dK += scale dS^T Q
     }
   }
   T* dk_out = static_cast<T*>(p.dk);
@@ -530,10 +530,10 @@ void bwd_dq_tile(const SwaBwdParams& p, int64_t b, int64_t h, int64_t qt, T* wor
       }
       fill_zero(st.p, 2 * kBM * kBN);  // p and ds
       const auto span = key_rows(sh, i0, ni, j0, nj, false, D);
-      gemm_acc<T>(kBN, kBM, kr, ld, 1, qt_tile, kBM, st.p, kBM, span);    // S^T = K Q^T
-      gemm_acc<T>(kBN, kBM, vr, ld, 1, dot_tile, kBM, st.ds, kBM, span);  // dP^T = V dO^T
+      gemm_acc<T>(kBN, kr, ld, 1, qt_tile, kBM, st.p, kBM, span);    // S^T = K Q^T
+      gemm_acc<T>(kBN, vr, ld, 1, dot_tile, kBM, st.ds, kBM, span);  // dP^T = V dO^T
       bwd_pt_dst(sh, i0, ni, j0, nj, lse, delta, st.p, st.ds);
-      gemm_acc<T>(kBM, D, st.ds, 1, kBM, k.at(b, j0, hk), k.stride(), dq, D,
+      gemm_acc<T>(kBM, st.ds, 1, kBM, k.at(b, j0, hk), k.stride(), dq, D,
                   query_rows(sh, i0, ni, j0, nj, true, D));  // dQ += scale dS K
     }
   }

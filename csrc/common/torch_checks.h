@@ -3,6 +3,8 @@
 // expected and what came.
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include "common/dtype.h"
 
 namespace markovkit {
@@ -33,8 +35,21 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
               ref_name, "), got one on ", t.device());
 }
 
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
+              ref_name, "), got ", t.scalar_type());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides(), " for shape ",
+              t.sizes());
+}
+
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
 }
+
+// The data of an optional tensor argument, or null.
+inline const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 }  // namespace markovkit

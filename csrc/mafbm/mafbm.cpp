@@ -20,14 +20,9 @@ namespace {
 at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
                    const char* ref_name = "x") {
   check_same_device(t, name, ref, ref_name);
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (the dtype of ",
-              ref_name, "), got ", t.scalar_type());
+  check_same_dtype(t, name, ref, ref_name);
   check_shape(t, name, shape);
   return t.contiguous();
-}
-
-const void* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr() : nullptr;
 }
 
 // The step's coefficient tensors: omega, drop, phi (K,), factor (K, R), 1 ≤ R ≤ K ≤ 16. Returns (K, R).

@@ -79,7 +79,15 @@ Grid prepare_grid(const at::Tensor& t_grid, int64_t B, int64_t P, const at::Tens
   }
   const int64_t L = g.size(-1);
   if (L > 1) {
-    TORCH_CHECK(!any_true(g.diff(1, -1) < 0), "t_grid: expected times non-decreasing along the last dim");
+    // the first decrease, as (row of the grid flattened to (-1, L), k): t[k] > t[k + 1]
+    const at::Tensor drops = (g.diff(1, -1) < 0).flatten().nonzero();
+    if (drops.numel() > 0) {
+      const int64_t i = drops[0][0].item<int64_t>(), row = i / (L - 1), k = i % (L - 1);
+      const at::Tensor rows = g.view({-1, L});
+      TORCH_CHECK(false, "t_grid: expected times non-decreasing along the last dim, got ",
+                  rows[row][k].item<double>(), " then ", rows[row][k + 1].item<double>(), " at index ", k + 1,
+                  " of row ", row);
+    }
   }
   return {g, d == 1 ? 0 : (d == 2 ? L : P * L), d == 3 ? L : 0, L};
 }

@@ -18,13 +18,6 @@ namespace {
 
 constexpr int64_t kCpuBlk = 16;  // channels per CPU backward task
 
-const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; }
-
-void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got strides ", t.strides(),
-              " for shape ", t.sizes());
-}
-
 // Device, contiguity and dtype of an optional or required argument.
 void check_arg(const at::Tensor& t, const char* name, const at::Tensor& u, at::ScalarType dtype) {
   check_same_device(t, name, u, "u");

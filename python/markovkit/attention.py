@@ -18,7 +18,7 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     q: (batch, seqlen, heads, headdim); k, v: (batch, seqlen, kv_heads, headdim), heads % kv_heads == 0
     (query head h reads kv head h // (heads // kv_heads)). headdim in {32, 64, 96, 128, 256}.
     softmax_scale defaults to headdim ** -0.5. dtypes: float32/float64 on CPU (bfloat16/float16 are computed
-    in float32 there), float16/bfloat16/float32 on CUDA with float32 accumulation.
+    in float32 there), float16/bfloat16 on CUDA with float32 accumulation.
 
     Returns out: like q, and if `return_lse`, lse: (batch, heads, seqlen) = log Σ_j exp(scale q_i·k_j) over the
     visible keys (natural log; float32, float64 for float64 inputs). Both are differentiable; with the lse,

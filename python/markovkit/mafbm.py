@@ -146,14 +146,19 @@ class _Simulate(torch.autograd.Function):
 
 # --- fakes ----------------------------------------------------------------------------------------------
 
+def _contiguous_like(t):
+    """The kernels write fresh contiguous outputs, whatever the inputs' strides."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("markovkit::mafbm_step")
 def _(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=None, seed=0, step=0):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty(x.shape[:1])
+    return _contiguous_like(x), _contiguous_like(y), x.new_empty(x.shape[:1])
 
 
 @torch.library.register_fake("markovkit::mafbm_step_backward")
 def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step):
-    return torch.empty_like(y), torch.empty_like(grad_x_next), torch.empty_like(grad_x_next), torch.empty_like(y)
+    return _contiguous_like(y), _contiguous_like(grad_x_next), _contiguous_like(grad_x_next), _contiguous_like(y)
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate")

@@ -44,8 +44,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real, dstate <= 256; B, C: (dim, dstate) constant
     or per step (batch, dstate, seqlen) / (batch, groups, dstate, seqlen); D, delta_bias: (dim,).
-    Activations (u, delta, z, per-step B/C) are promoted to one dtype (float32, float16, bfloat16; float64
-    on CPU) and weights to float32 (float64 with float64 activations); out has the activation dtype.
+    Activations (u, delta, z, per-step B/C) are promoted to one dtype (float32, float16, bfloat16 or
+    float64) and weights to float32 (float64 with float64 activations); out has the activation dtype.
 
     initial_state: (nseq, dim, dstate), the state before the first step (0 when None); differentiable.
     cu_seqlens: int32 (nseq + 1,) offsets of sequences packed along seqlen (batch must be 1): the state

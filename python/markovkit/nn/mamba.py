@@ -43,6 +43,10 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
 
+    def _A(self):
+        """A = -exp(A_log) in float32 at least (the scan converts D and dt_proj.bias to its weight type)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
     def _dt_BC(self, x):
         """x: (..., d_inner) -> dt (..., d_inner) without bias, B and C (..., d_state)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -53,9 +57,8 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                     # (batch, seqlen, d_inner) each
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :seqlen])         # (batch, d_inner, seqlen)
         dt, B, C = self._dt_BC(x.transpose(1, 2))
-        y = selective_scan(x, dt.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
-                           C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        y = selective_scan(x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D,
+                           z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
     def allocate_inference_cache(self, batch, device=None):
@@ -77,6 +80,6 @@ class Mamba(nn.Module):
             x = x + self.conv1d.bias
         x = F.silu(x)
         dt, B, C = self._dt_BC(x)
-        y = selective_state_update(ssm_state, x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D, z, dt_bias=self.dt_proj.bias,
+                                   dt_softplus=True)
         return self.out_proj(y)[:, None]
