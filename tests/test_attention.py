@@ -293,6 +293,8 @@ def test_bad_input_errors():
         swa(q, k, v, 0)
     with pytest.raises(RuntimeError, match="sink: expected >= 0"):
         swa(q, k, v, 3, sink=-1)
+    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
+        swa(q, k, v, 2.7)
     with pytest.raises(RuntimeError, match="k: expected kv_heads dividing heads = 4, got 3"):
         swa(q, k[:, :, :1].expand(1, 10, 3, 32), v[:, :, :1].expand(1, 10, 3, 32), 3)
     with pytest.raises(RuntimeError, match="q: expected headdim 32, 64, 96, 128 or 256, got 16"):

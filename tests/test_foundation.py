@@ -43,7 +43,9 @@ def test_bench_json_has_every_impl_and_consistent_speedups(tmp_path):
     for r in rows:
         assert r["ms"] > 0
         assert abs(r["speedup_of_ours"] - r["ms"] / ours[r["case"], r["dtype"]]) < 1e-9
-        assert 0 < r["roofline_fraction"] <= 1.5
+        floor_s = max(r["bytes"] / data["roofline"]["copy_bytes_per_s"],
+                      r["flops"] / data["roofline"]["matmul_flops_per_s"])
+        assert r["bytes"] > 0 and abs(r["roofline_fraction"] - floor_s / (r["ms"] * 1e-3)) < 1e-9
     assert "markovkit" in result.stdout and "ours x" in result.stdout
 
 

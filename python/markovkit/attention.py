@@ -7,6 +7,8 @@ Window convention: ``window = W`` counts the keys a query sees including itself,
 ``(q_idx >= kv_idx) & (q_idx - kv_idx < W)`` (i.e. ``q_idx - kv_idx <= W - 1``); HF's ``sliding_window = W``.
 ``window >= seqlen`` is plain causal attention, ``window = 1`` gives ``out = v`` (per kv head).
 """
+import operator
+
 import torch
 
 _STAT_DTYPES = {torch.float64: torch.float64}
@@ -28,7 +30,7 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     dtype = q.dtype
     if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
         q, k, v = q.float(), k.float(), v.float()
-    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, int(window), int(sink), scale)
+    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, operator.index(window), operator.index(sink), scale)
     out = out.to(dtype)
     return (out, lse) if return_lse else out
 

@@ -54,7 +54,7 @@ def run(device: torch.device, quick: bool, families, compiled: bool):
                 rows.append({
                     "family": case.family, "case": case.name, "shape": case.shape,
                     "dtype": str(case.dtype).replace("torch.", ""), "impl": name, "ms": ms,
-                    "rate": _rate(case, ms), "speedup_of_ours": ms / ours,
+                    "rate": _rate(case, ms), "speedup_of_ours": ms / ours, "bytes": case.bytes, "flops": case.flops,
                     "roofline_fraction": _roof_fraction(case, ms, roof) if (case.bytes or case.flops) else None,
                 })
             bar.update(1, f"{case.family} {case.name}")
