@@ -15,6 +15,7 @@
 #include "common/cpu_isa.h"
 #include "scan/scan_cpu_entry.h"
 #include "scan/scan_params.h"
+#include "scan/scan_step.h"
 
 #define SCAN_CPU_ISA base
 #define SCAN_CPU_VEC_BYTES 16
@@ -75,31 +76,18 @@ void bwd(const ScanBwdParams& q) {
   });
 }
 
+// Conversions and exp of the decode step (scan_step.h) on the CPU.
+template <typename in_t, typename acc_t>
+struct CpuStepOps {
+  static acc_t load(in_t v) { return static_cast<acc_t>(v); }
+  static in_t store(acc_t v) { return static_cast<in_t>(v); }
+  static acc_t exp(acc_t v) { return cpu_exp(v); }
+};
+
 template <typename in_t, typename acc_t>
 void step_op(const ScanStepParams& p) {
-  const int64_t N = p.dstate, dpg = p.dim / p.groups;
   at::parallel_for(0, p.batch * p.dim, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / p.dim, d = i % p.dim, g = d / dpg;
-      acc_t x = static_cast<acc_t>(static_cast<const in_t*>(p.dt)[i]);
-      if (p.dt_bias) x += static_cast<const acc_t*>(p.dt_bias)[d];
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t xt = static_cast<acc_t>(static_cast<const in_t*>(p.x)[i]);
-      const acc_t* A = static_cast<const acc_t*>(p.A) + d * N;
-      const in_t* Bt = static_cast<const in_t*>(p.B) + (b * p.groups + g) * N;
-      const in_t* Ct = static_cast<const in_t*>(p.C) + (b * p.groups + g) * N;
-      acc_t* h = static_cast<acc_t*>(p.state) + i * N;
-      acc_t y = p.D ? static_cast<const acc_t*>(p.D)[d] * xt : acc_t(0);
-      for (int64_t n = 0; n < N; ++n) {
-        h[n] = cpu_exp(dt * A[n]) * h[n] + dt * static_cast<acc_t>(Bt[n]) * xt;
-        y += static_cast<acc_t>(Ct[n]) * h[n];
-      }
-      if (p.z) {
-        const acc_t zt = static_cast<acc_t>(static_cast<const in_t*>(p.z)[i]);
-        y *= zt * sigmoid(zt);
-      }
-      static_cast<in_t*>(p.out)[i] = static_cast<in_t>(y);
-    }
+    for (int64_t i = begin; i < end; ++i) scan_step_channel<in_t, acc_t, CpuStepOps<in_t, acc_t>>(p, i);
   });
 }
 

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "scan/scan_params.h"
+#include "scan/scan_step.h"
 
 namespace markovkit {
 namespace {
@@ -290,29 +291,19 @@ MK_UNROLL
   }
 }
 
+// Conversions and exp of the decode step (scan_step.h) on the device.
+template <typename in_t, typename acc_t>
+struct CudaStepOps {
+  __device__ __forceinline__ static acc_t load(in_t v) { return to_acc(v); }
+  __device__ __forceinline__ static in_t store(acc_t v) { return store_cast<in_t>(v); }
+  __device__ __forceinline__ static acc_t exp(acc_t v) { return mk_exp(v); }
+};
+
 template <typename in_t, typename acc_t>
 __global__ void scan_step_kernel(ScanStepParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.batch * p.dim) return;
-  const int64_t N = p.dstate, b = i / p.dim, d = i % p.dim, g = d / (p.dim / p.groups);
-  acc_t x = to_acc(static_cast<const in_t*>(p.dt)[i]);
-  if (p.dt_bias) x += static_cast<const acc_t*>(p.dt_bias)[d];
-  const acc_t dt = p.softplus ? softplus_thr(x) : x;
-  const acc_t xt = to_acc(static_cast<const in_t*>(p.x)[i]);
-  const acc_t* A = static_cast<const acc_t*>(p.A) + d * N;
-  const in_t* Bt = static_cast<const in_t*>(p.B) + (b * p.groups + g) * N;
-  const in_t* Ct = static_cast<const in_t*>(p.C) + (b * p.groups + g) * N;
-  acc_t* h = static_cast<acc_t*>(p.state) + i * N;
-  acc_t y = p.D ? static_cast<const acc_t*>(p.D)[d] * xt : acc_t(0);
-  for (int64_t n = 0; n < N; ++n) {
-    h[n] = mk_exp(dt * A[n]) * h[n] + dt * to_acc(Bt[n]) * xt;
-    y += to_acc(Ct[n]) * h[n];
-  }
-  if (p.z) {
-    const acc_t zt = to_acc(static_cast<const in_t*>(p.z)[i]);
-    y *= zt * sigmoid(zt);
-  }
-  static_cast<in_t*>(p.out)[i] = store_cast<in_t>(y);
+  scan_step_channel<in_t, acc_t, CudaStepOps<in_t, acc_t>>(p, i);
 }
 
 template <typename acc_t, typename out_t>
