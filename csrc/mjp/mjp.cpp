@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <functional>
+#include <string>
+#include <vector>
+
 #include "common/torch_checks.h"
 #include "mjp/mjp.h"
 
@@ -31,7 +35,30 @@ at::ScalarType scalar_type_of(StateType t) {
   return at::kInt;
 }
 
-bool any_true(const at::Tensor& mask) { return mask.any().item<bool>(); }
+// The value checks of one call (NaN, negative rates, states out of range, ...) with a single host sync:
+// each check adds a 0-dim bool "failed" tensor on the inputs' device and a message builder; run() copies
+// all flags to the host at once and raises the message of the first failed check, in the order added.
+// A builder runs only on the error path, so it may read values from the device (e.g. the offending minimum).
+class ValueChecks {
+ public:
+  void add(const at::Tensor& failed, std::function<std::string()> message) {
+    failed_.push_back(failed.any());
+    messages_.push_back(std::move(message));
+  }
+
+  void run() const {
+    if (failed_.empty()) return;
+    const at::Tensor flags = at::stack(failed_).cpu();  // the one sync
+    const bool* failed = flags.data_ptr<bool>();
+    for (size_t i = 0; i < messages_.size(); ++i) {
+      TORCH_CHECK(!failed[i], messages_[i]());
+    }
+  }
+
+ private:
+  std::vector<at::Tensor> failed_;
+  std::vector<std::function<std::string()>> messages_;
+};
 
 void check_integral(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
@@ -47,12 +74,10 @@ void check_sizes(int64_t processes, int64_t paths, int64_t process_offset) {
 }
 
 // Non-negative finite weights: rates or initial distributions. `what` names them in the message.
-void check_weights(const at::Tensor& w, const char* name, const char* what) {
-  TORCH_CHECK(!any_true(at::isnan(w)), name, ": expected ", what, " without NaN, got NaN");
-  TORCH_CHECK(!any_true(at::isinf(w)), name, ": expected finite ", what, ", got inf");
-  if (w.numel() > 0) {
-    TORCH_CHECK(!any_true(w < 0), name, ": expected ", what, " >= 0, got ", w.min().item<double>());
-  }
+void check_weights(ValueChecks& checks, const at::Tensor& w, const char* name, const char* what) {
+  checks.add(at::isnan(w), [=] { return c10::str(name, ": expected ", what, " without NaN, got NaN"); });
+  checks.add(at::isinf(w), [=] { return c10::str(name, ": expected finite ", what, ", got inf"); });
+  checks.add(w < 0, [=] { return c10::str(name, ": expected ", what, " >= 0, got ", w.min().item<double>()); });
 }
 
 // The observation times as fp64 with their strides in (process, path, k).
@@ -61,7 +86,8 @@ struct Grid {
   int64_t b_stride, p_stride, L;
 };
 
-Grid prepare_grid(const at::Tensor& t_grid, int64_t B, int64_t P, const at::Tensor& ref, const char* ref_name) {
+Grid prepare_grid(ValueChecks& checks, const at::Tensor& t_grid, int64_t B, int64_t P, const at::Tensor& ref,
+                  const char* ref_name) {
   check_dtype(t_grid, "t_grid", {at::kFloat, at::kDouble});
   check_same_device(t_grid, "t_grid", ref, ref_name);
   const int64_t d = t_grid.dim();
@@ -72,28 +98,26 @@ Grid prepare_grid(const at::Tensor& t_grid, int64_t B, int64_t P, const at::Tens
   TORCH_CHECK(d < 3 || t_grid.size(1) == P, "t_grid: expected ", P, " paths in dim 1, got shape ",
               t_grid.sizes());
   at::Tensor g = t_grid.to(at::kDouble).contiguous();
-  TORCH_CHECK(!any_true(at::isnan(g)) && !any_true(at::isinf(g)), "t_grid: expected finite times, got NaN or inf");
-  if (g.numel() > 0) {
-    TORCH_CHECK(!any_true(g < 0), "t_grid: expected times >= 0 (every path starts at time 0), got ",
-                g.min().item<double>());
-  }
+  checks.add(~at::isfinite(g), [] { return std::string("t_grid: expected finite times, got NaN or inf"); });
+  checks.add(g < 0, [=] {
+    return c10::str("t_grid: expected times >= 0 (every path starts at time 0), got ", g.min().item<double>());
+  });
   const int64_t L = g.size(-1);
   if (L > 1) {
-    // the first decrease, as (row of the grid flattened to (-1, L), k): t[k] > t[k + 1]
-    const at::Tensor drops = (g.diff(1, -1) < 0).flatten().nonzero();
-    if (drops.numel() > 0) {
-      const int64_t i = drops[0][0].item<int64_t>(), row = i / (L - 1), k = i % (L - 1);
+    const at::Tensor drops = g.diff(1, -1) < 0;  // (..., L - 1): t[k] > t[k + 1]
+    checks.add(drops, [=] {
+      // the first decrease, as (row of the grid flattened to (-1, L), k)
+      const int64_t i = drops.flatten().nonzero()[0][0].item<int64_t>(), row = i / (L - 1), k = i % (L - 1);
       const at::Tensor rows = g.view({-1, L});
-      TORCH_CHECK(false, "t_grid: expected times non-decreasing along the last dim, got ",
-                  rows[row][k].item<double>(), " then ", rows[row][k + 1].item<double>(), " at index ", k + 1,
-                  " of row ", row);
-    }
+      return c10::str("t_grid: expected times non-decreasing along the last dim, got ", rows[row][k].item<double>(),
+                      " then ", rows[row][k + 1].item<double>(), " at index ", k + 1, " of row ", row);
+    });
   }
   return {g, d == 1 ? 0 : (d == 2 ? L : P * L), d == 3 ? L : 0, L};
 }
 
 // Q -> fp64 off-diagonal rates (diagonal zeroed) and room for the exit rates; fills the Q fields of p.
-std::pair<at::Tensor, at::Tensor> prepare_rates(const at::Tensor& Q, int64_t B, CtmcParams& p) {
+std::pair<at::Tensor, at::Tensor> prepare_rates(ValueChecks& checks, const at::Tensor& Q, int64_t B, CtmcParams& p) {
   check_dtype(Q, "Q", {at::kFloat, at::kDouble});
   TORCH_CHECK((Q.dim() == 2 || Q.dim() == 3) && Q.size(-1) == Q.size(-2) && Q.size(-1) >= 1,
               "Q: expected shape (S, S) or (processes, S, S) with S >= 1, got ", Q.sizes());
@@ -101,7 +125,7 @@ std::pair<at::Tensor, at::Tensor> prepare_rates(const at::Tensor& Q, int64_t B, 
   const int64_t S = Q.size(-1);
   const at::Tensor diag = at::eye(S, Q.options().dtype(at::kBool));
   at::Tensor rates = Q.to(at::kDouble).masked_fill(diag, 0.0).contiguous();
-  check_weights(rates, "Q", "off-diagonal rates");
+  check_weights(checks, rates, "Q", "off-diagonal rates");
   p.n_q = Q.dim() == 2 ? 1 : B;
   at::Tensor exit = at::empty({p.n_q, S}, rates.options());
   p.rates = rates.data_ptr<double>();
@@ -112,8 +136,8 @@ std::pair<at::Tensor, at::Tensor> prepare_rates(const at::Tensor& Q, int64_t B, 
 }
 
 // x0 (processes, paths) or p0 (S,) / (processes, S): exactly one. Fills the initial-state fields of p.
-at::Tensor prepare_initial(const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0,
-                           const at::Tensor& Q, CtmcParams& p) {
+at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>& x0,
+                           const std::optional<at::Tensor>& p0, const at::Tensor& Q, CtmcParams& p) {
   TORCH_CHECK(x0.has_value() != p0.has_value(), "x0, p0: expected exactly one of them, got ",
               x0.has_value() ? "both" : "neither");
   p.x0 = nullptr;
@@ -123,11 +147,11 @@ at::Tensor prepare_initial(const std::optional<at::Tensor>& x0, const std::optio
     check_same_device(*x0, "x0", Q, "Q");
     check_shape(*x0, "x0", {p.B, p.P});
     at::Tensor x = x0->to(at::kLong).contiguous();
-    if (x.numel() > 0) {
-      const int64_t lo = x.min().item<int64_t>(), hi = x.max().item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < p.S, "x0: expected states in [0, ", p.S, "), got values in [", lo, ", ", hi,
-                  "]");
-    }
+    const int64_t S = p.S;
+    checks.add((x < 0) | (x >= S), [=] {
+      return c10::str("x0: expected states in [0, ", S, "), got values in [", x.min().item<int64_t>(), ", ",
+                      x.max().item<int64_t>(), "]");
+    });
     p.x0 = x.data_ptr<int64_t>();
     return x;
   }
@@ -136,11 +160,10 @@ at::Tensor prepare_initial(const std::optional<at::Tensor>& x0, const std::optio
   TORCH_CHECK((p0->dim() == 1 || (p0->dim() == 2 && p0->size(0) == p.B)) && p0->size(-1) == p.S,
               "p0: expected shape (", p.S, ",) or (", p.B, ", ", p.S, "), got ", p0->sizes());
   at::Tensor w = p0->to(at::kDouble).contiguous();
-  check_weights(w, "p0", "probabilities");
-  if (w.numel() > 0) {
-    TORCH_CHECK(!any_true(w.sum(-1) <= 0),
-                "p0: expected every distribution to have a positive sum, got a zero row");
-  }
+  check_weights(checks, w, "p0", "probabilities");
+  checks.add(w.sum(-1) <= 0, [] {
+    return std::string("p0: expected every distribution to have a positive sum, got a zero row");
+  });
   p.p0 = w.data_ptr<double>();
   p.p0_stride = p0->dim() == 1 ? 0 : p.S;
   return w;
@@ -171,9 +194,11 @@ at::Tensor ctmc_grid(const at::Tensor& Q, const std::optional<at::Tensor>& x0, c
   p.P = paths;
   p.seed = static_cast<uint64_t>(seed);
   p.process_offset = process_offset;
-  const auto keep_rates = prepare_rates(Q, processes, p);
-  const at::Tensor keep_initial = prepare_initial(x0, p0, Q, p);
-  const Grid grid = prepare_grid(t_grid, processes, paths, Q, "Q");
+  ValueChecks checks;
+  const auto keep_rates = prepare_rates(checks, Q, processes, p);
+  const at::Tensor keep_initial = prepare_initial(checks, x0, p0, Q, p);
+  const Grid grid = prepare_grid(checks, t_grid, processes, paths, Q, "Q");
+  checks.run();
   p.grid = grid.values.data_ptr<double>();
   p.grid_b_stride = grid.b_stride;
   p.grid_p_stride = grid.p_stride;
@@ -197,8 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_even
   p.process_offset = process_offset;
   p.t_end = t_end;
   p.max_events = max_events;
-  const auto keep_rates = prepare_rates(Q, processes, p);
-  const at::Tensor keep_initial = prepare_initial(x0, p0, Q, p);
+  ValueChecks checks;
+  const auto keep_rates = prepare_rates(checks, Q, processes, p);
+  const at::Tensor keep_initial = prepare_initial(checks, x0, p0, Q, p);
+  checks.run();
   const auto state_dtype = Q.options().dtype(scalar_type_of(p.state_type));
   at::Tensor initial = at::empty({processes, paths}, state_dtype);
   at::Tensor times = at::empty({processes, paths, max_events}, Q.options().dtype(at::kDouble));
@@ -217,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_even
 // reactants, products: (R, N) -> int32 alpha, nu = beta - alpha, and uint8 affects (R, R): firing r changes
 // the count of a reactant of r2.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(
-    const at::Tensor& reactants, const at::Tensor& products, const at::Tensor& x0) {
+    ValueChecks& checks, const at::Tensor& reactants, const at::Tensor& products, const at::Tensor& x0) {
   check_integral(reactants, "reactants");
   check_integral(products, "products");
   check_same_device(reactants, "reactants", x0, "x0");
@@ -228,11 +255,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(
   check_shape(products, "products", reactants.sizes());
   TORCH_CHECK(reactants.size(1) == x0.size(-1), "reactants: expected ", x0.size(-1),
               " species (the last dim of x0), got shape ", reactants.sizes());
-  for (const auto& [t, name] : {std::pair{reactants, "reactants"}, std::pair{products, "products"}}) {
-    if (t.numel() == 0) continue;
-    const int64_t lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < kMaxStoichiometry, name,
-                ": expected stoichiometric coefficients in [0, 2^30), got values in [", lo, ", ", hi, "]");
+  for (const auto& coefficients : {std::pair{reactants, "reactants"}, std::pair{products, "products"}}) {
+    const at::Tensor t = coefficients.first.to(at::kLong);
+    const char* name = coefficients.second;
+    checks.add((t < 0) | (t >= kMaxStoichiometry), [=] {
+      return c10::str(name, ": expected stoichiometric coefficients in [0, 2^30), got values in [",
+                      t.min().item<int64_t>(), ", ", t.max().item<int64_t>(), "]");
+    });
   }
   at::Tensor alpha = reactants.to(at::kInt).contiguous();
   at::Tensor nu = (products.to(at::kInt) - alpha).contiguous();
@@ -249,19 +278,19 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
               x0.sizes());
   const int64_t B = x0.size(0), P = x0.size(1), N = x0.size(2);
   check_sizes(B, P, process_offset);
-  const auto [alpha, nu, affects] = prepare_stoichiometry(reactants, products, x0);
+  ValueChecks checks;
+  const auto [alpha, nu, affects] = prepare_stoichiometry(checks, reactants, products, x0);
   const int64_t R = alpha.size(0);
   check_dtype(rates, "rates", {at::kFloat, at::kDouble});
   check_same_device(rates, "rates", x0, "x0");
   TORCH_CHECK((rates.dim() == 1 || (rates.dim() == 2 && rates.size(0) == B)) && rates.size(-1) == R,
               "rates: expected shape (", R, ",) or (", B, ", ", R, "), got ", rates.sizes());
   at::Tensor k = rates.to(at::kDouble).contiguous();
-  check_weights(k, "rates", "rate constants");
+  check_weights(checks, k, "rates", "rate constants");
   at::Tensor x = x0.to(at::kLong).contiguous();
-  if (x.numel() > 0) {
-    TORCH_CHECK(!any_true(x < 0), "x0: expected counts >= 0, got ", x.min().item<int64_t>());
-  }
-  const Grid grid = prepare_grid(t_grid, B, P, x0, "x0");
+  checks.add(x < 0, [=] { return c10::str("x0: expected counts >= 0, got ", x.min().item<int64_t>()); });
+  const Grid grid = prepare_grid(checks, t_grid, B, P, x0, "x0");
+  checks.run();
   at::Tensor out = at::empty({B, P, grid.L, N}, x.options());
   const ReactionParams p{alpha.data_ptr<int32_t>(), nu.data_ptr<int32_t>(), affects.data_ptr<uint8_t>(),
                          k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
