@@ -56,16 +56,16 @@ void step_f32(const MafbmStepParams& p) {
   const auto forward = avx2 ? &lanes_avx2::step_forward : &lanes_default::step_forward;
   const float half_h = 0.5f * static_cast<float>(p.dt);
   at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
-    uint64_t stream[kLanes];
+    uint64_t elem[kLanes];  // element index = Philox stream of each lane
     float z[kMafbmMaxK][kLanes], u2[kLanes];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes;
       const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
       std::fill_n(u2, kLanes, 0.0f);
       for (int64_t d = 0; d < p.dims; ++d) {
-        for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * p.dims + d);
-        normals(p.seed, p.step, p.R, stream, z);
-        forward(p, first, live, d, z, u2);
+        lanes_default::lane_elements(first, live, p.dims, d, elem);
+        normals(p.seed, p.step, p.R, elem, z);
+        forward(p, elem, z, u2);
       }
       for (int l = 0; l < live; ++l) static_cast<float*>(p.kl)[first + l] = half_h * u2[l];
     }
@@ -78,15 +78,15 @@ void step_backward_f32(const MafbmStepBackwardParams& p) {
   const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
   const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
   at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
-    uint64_t stream[kLanes];
+    uint64_t elem[kLanes];  // element index = Philox stream of each lane
     float z[kMafbmMaxK][kLanes];
     for (int64_t g = begin; g < end; ++g) {
       const int64_t first = g * kLanes;
       const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
       for (int64_t d = 0; d < p.dims; ++d) {
-        for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * p.dims + d);
-        normals(p.seed, p.step, p.R, stream, z);
-        backward(p, first, live, d, z);
+        lanes_default::lane_elements(first, live, p.dims, d, elem);
+        normals(p.seed, p.step, p.R, elem, z);
+        backward(p, elem, z);
       }
     }
   });

@@ -42,10 +42,14 @@ inline void lane_noise_term(const float* factor_k, int R, const float (*z)[kLane
   }
 }
 
-// The step's forward (mafbm_step_element) for the elements e_l = (first + l)·dims + d, lanes past `live`
-// clamped to the last path (they rewrite its values); u2[l] += u_l².
-void step_forward(const MafbmStepParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes],
-                  float* u2) {
+// The elements path·dims + d of the kLanes paths from `first`, lanes past `live` clamped to the last path
+// (they rewrite its values). An element's index is also its Philox stream (mafbm_step.h).
+inline void lane_elements(int64_t first, int live, int64_t dims, int64_t d, uint64_t* elem) {
+  for (int l = 0; l < kLanes; ++l) elem[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * dims + d);
+}
+
+// The step's forward (mafbm_step_element) for the elements of lane_elements; u2[l] += u_l².
+void step_forward(const MafbmStepParams& p, const uint64_t* elem, const float (*z)[kLanes], float* u2) {
   const int K = p.K, R = p.R;
   const float h = static_cast<float>(p.dt);
   const float* __restrict y = static_cast<const float*>(p.y);
@@ -54,7 +58,7 @@ void step_forward(const MafbmStepParams& p, int64_t first, int live, int64_t d, 
   int64_t e[kLanes];
   float u[kLanes], s[kLanes], nz[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    e[l] = (first + std::min(l, live - 1)) * p.dims + d;
+    e[l] = static_cast<int64_t>(elem[l]);
     u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
     s[l] = 0.0f;
   }
@@ -80,7 +84,7 @@ void step_forward(const MafbmStepParams& p, int64_t first, int live, int64_t d, 
 }
 
 // The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,).
-void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, int64_t d, const float (*z)[kLanes]) {
+void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const float (*z)[kLanes]) {
   const int K = p.K, R = p.R;
   const float h = static_cast<float>(p.dt);
   const float* __restrict y = static_cast<const float*>(p.y);
@@ -92,8 +96,8 @@ void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, in
   int64_t e[kLanes];
   float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    const int64_t path = first + std::min(l, live - 1);
-    e[l] = path * p.dims + d;
+    e[l] = static_cast<int64_t>(elem[l]);
+    const int64_t path = e[l] / p.dims;
     u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
     gx[l] = static_cast<const float*>(p.grad_x_next)[e[l]];
     gs[l] = gx[l] * static_cast<const float*>(p.diffusion)[e[l]];
