@@ -51,18 +51,29 @@ TORCH_LIBRARY(markovkit, m) {
         "int process_offset=0) -> Tensor");
 }
 
+#ifdef MARKOVKIT_CUDA_EMULATION
+namespace mk_emu {
+void set_enabled(bool on);
+}
+#endif
+
 namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
   info["version"] = MARKOVKIT_VERSION;
   info["torch_version"] = MARKOVKIT_TORCH_VERSION;
-#ifdef MARKOVKIT_WITH_CUDA
+#if defined(MARKOVKIT_WITH_CUDA) && !defined(MARKOVKIT_CUDA_EMULATION)
   info["cuda"] = true;
 #else
   info["cuda"] = false;
 #endif
   info["cuda_archs"] = MARKOVKIT_CUDA_ARCHS;
+#ifdef MARKOVKIT_CUDA_EMULATION
+  info["cuda_emulation"] = true;
+#else
+  info["cuda_emulation"] = false;
+#endif
   return info;
 }
 
@@ -78,4 +89,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "markovkit's compiled ops (registered under torch.ops.markovkit) and build facts";
   m.def("build_info", &build_info, "version, torch version built against, CUDA on/off, CUDA archs");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of a 128-bit counter under a 64-bit key");
+#ifdef MARKOVKIT_CUDA_EMULATION
+  m.def("set_cuda_emulation", &mk_emu::set_enabled, "send CPU tensors through the CUDA kernels (emulation build)");
+#endif
 }

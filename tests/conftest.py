@@ -1,12 +1,18 @@
-"""Shared test fixtures: the devices to run on, per-dtype tolerances, the `gpu` marker.
+"""Shared test fixtures: the devices to run on, per-dtype tolerances, the `gpu` marker, CUDA emulation.
 
 Every device-parametrized test runs on the CPU and, where a CUDA device is visible, on CUDA; without one
-the CUDA cases are collected and skipped, so the same file runs on both machines.
+the CUDA cases are collected and skipped, so the same file runs on both machines. Tests that take the
+`emulated` fixture run the CUDA kernels on the CPU inside `with emulated():` (builds with
+MARKOVKIT_CUDA=EMULATE, tests/cuda_emu), once with the threads of a block scheduled in forward and once in
+reverse order; in other builds they are skipped.
 """
 import pytest
 import torch
 
+from markovkit import cuda_emulation
+
 HAS_CUDA = torch.cuda.is_available()
+HAS_EMULATION = cuda_emulation.available()
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -31,3 +37,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(params=["forward", "reverse"])
+def emulated(request, monkeypatch):
+    """A context manager inside which markovkit ops given CPU tensors run their CUDA kernels on the host."""
+    if not HAS_EMULATION:
+        pytest.skip("needs the MARKOVKIT_CUDA=EMULATE build")
+    monkeypatch.setenv("MK_EMU_ORDER", request.param)
+    return cuda_emulation.cuda_emulation

@@ -13,13 +13,14 @@
 #include <tuple>
 
 #include "attention/swa_params.h"
+#include "common/backend.h"
 #include "common/torch_checks.h"
 
 namespace markovkit {
 namespace {
 
 void check_dtypes(const at::Tensor& q) {
-  if (q.is_cpu()) {
+  if (runs_cpu_kernel(q)) {
     check_dtype(q, "q", {at::kFloat, at::kDouble});  // the Python wrapper upcasts bfloat16 / float16
   } else {
     check_dtype(q, "q", {at::kHalf, at::kBFloat16});
@@ -47,7 +48,7 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(window >= 1, "window: expected >= 1 (keys seen including self), got ", window);
   TORCH_CHECK(sink >= 0, "sink: expected >= 0, got ", sink);
   TORCH_CHECK(scale > 0 && std::isfinite(scale), "softmax_scale: expected a finite positive number, got ", scale);
-  if (!q.is_cpu()) {
+  if (!runs_cpu_kernel(q)) {
     TORCH_CHECK(batch * heads <= 65535, "q: expected batch * heads <= 65535 on CUDA (grid limit), got ",
                 batch * heads);
   }
@@ -68,7 +69,7 @@ void check_cuda_smem(const SwaShape& s, bool backward) {
 // t contiguous, and 16-byte aligned for the CUDA kernels' vector loads.
 at::Tensor dense(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  if (!c.is_cpu() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  if (!runs_cpu_kernel(c) && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
   return c;
 }
 
@@ -83,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Ten
   at::Tensor lse = at::empty({s.batch, s.heads, s.seqlen}, q.options().dtype(stat_type(q)));
   if (q.numel() == 0) return {out, lse};
   const SwaFwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()};
-  if (q.is_cpu()) {
+  if (runs_cpu_kernel(q)) {
     swa_forward_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA
@@ -126,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
                        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
-  if (q.is_cpu()) {
+  if (runs_cpu_kernel(q)) {
     swa_backward_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA

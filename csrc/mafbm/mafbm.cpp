@@ -10,6 +10,7 @@
 
 #include <optional>
 
+#include "common/backend.h"
 #include "common/torch_checks.h"
 #include "mafbm/mafbm_step.h"
 
@@ -70,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
                           phi.data_ptr(), factor.data_ptr(), x_next.data_ptr(), y_next.data_ptr(), kl.data_ptr(),
                           P, D, static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
                           static_cast<uint64_t>(step), dtype_of(x, "x")};
-  if (x.is_cpu()) {
+  if (runs_cpu_kernel(x)) {
     mafbm_step_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
                                   grad_control.data_ptr(), grad_omega_terms.data_ptr(), P, D, static_cast<int>(K),
                                   static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                                   dtype_of(gx, "grad_x_next")};
-  if (gx.is_cpu()) {
+  if (runs_cpu_kernel(gx)) {
     mafbm_step_backward_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA
@@ -173,7 +174,7 @@ MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omeg
 }
 
 void run_simulate(const MafbmSimulateParams& p, const at::Tensor& x0) {
-  if (x0.is_cpu()) {
+  if (runs_cpu_kernel(x0)) {
     mafbm_simulate_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "common/backend.h"
 #include "common/torch_checks.h"
 #include "mjp/mjp.h"
 
@@ -170,7 +171,7 @@ at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>&
 }
 
 void run_ctmc(const CtmcParams& p, const at::Tensor& ref, bool events) {
-  if (ref.is_cpu()) {
+  if (runs_cpu_kernel(ref)) {
     ctmc_exit_rates_cpu(p);
     events ? ctmc_events_cpu(p) : ctmc_grid_cpu(p);
     return;
@@ -296,7 +297,7 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
                          k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
                          grid.values.data_ptr<double>(), grid.b_stride, grid.p_stride, grid.L,
                          out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset};
-  if (x0.is_cpu()) {
+  if (runs_cpu_kernel(x0)) {
     reactions_grid_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA

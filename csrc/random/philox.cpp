@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "common/backend.h"
 #include "common/torch_checks.h"
 #include "random/philox_fill.h"
 
@@ -21,7 +22,7 @@ at::Tensor philox_fill(const at::Tensor& like, int64_t seed, int64_t offset, boo
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   PhiloxFillParams p{out.data_ptr(), out.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                      dtype_of(out, "like"), normal};
-  if (out.is_cpu()) {
+  if (runs_cpu_kernel(out)) {
     philox_fill_cpu(p);
   } else {
 #ifdef MARKOVKIT_WITH_CUDA

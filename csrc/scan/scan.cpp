@@ -10,6 +10,7 @@
 
 #include <optional>
 
+#include "common/backend.h"
 #include "common/torch_checks.h"
 #include "scan/scan_params.h"
 
@@ -79,7 +80,7 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   const int64_t N = A.size(1);
   TORCH_CHECK(N >= 1 && N <= kScanMaxDstate, "A: expected dstate in [1, ", kScanMaxDstate, "], got ", N);
   // the CUDA backward keeps a chunk of states in shared memory: float64 fits up to 128 states
-  TORCH_CHECK(!(u.is_cuda() && itype == at::kDouble && N > 128),
+  TORCH_CHECK(!(!runs_cpu_kernel(u) && itype == at::kDouble && N > 128),
               "A: expected dstate <= 128 for float64 inputs on CUDA, got ", N);
   int64_t groups = 0;
   const bool var_B = check_BC(B, "B", u, N, &groups);
@@ -103,7 +104,7 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
     TORCH_CHECK(batch == 1, "u: expected batch 1 with cu_seqlens (sequences packed along seqlen), got batch ",
                 batch);
     nseq = cu_seqlens->size(0) - 1;
-    if (u.is_cpu()) check_cu_seqlens_values(*cu_seqlens, L);  // on CUDA, unchecked: no host sync
+    if (runs_cpu_kernel(u)) check_cu_seqlens_values(*cu_seqlens, L);  // on CUDA, unchecked: no host sync
   }
   if (initial_state) {
     check_arg(*initial_state, "initial_state", u, wtype);
@@ -163,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
 #ifdef MARKOVKIT_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(u.is_cuda() ? std::optional<c10::Device>(u.device()) : std::nullopt);
 #endif
-  MK_SCAN_LAUNCH(u.is_cpu(), scan_fwd_cpu(p), scan_fwd_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  MK_SCAN_LAUNCH(runs_cpu_kernel(u), scan_fwd_cpu(p), scan_fwd_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return {out, last_state, chunk_states};
 }
 
@@ -171,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
 void reduce_into(const at::Tensor& part, const at::Tensor& out, int64_t outer, int64_t K, int64_t inner) {
   ScanReduceParams r{part.data_ptr(), out.data_ptr(), outer, K, inner, dtype_of(part, "part"),
                      dtype_of(out, "out")};
-  MK_SCAN_LAUNCH(part.is_cpu(), scan_reduce_cpu(r), scan_reduce_cuda(r, c10::cuda::getCurrentCUDAStream()));
+  MK_SCAN_LAUNCH(runs_cpu_kernel(part), scan_reduce_cpu(r), scan_reduce_cuda(r, c10::cuda::getCurrentCUDAStream()));
 }
 
 // Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dz is empty (0,) without z.
@@ -196,7 +197,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   }
 #ifdef MARKOVKIT_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(u.is_cuda() ? std::optional<c10::Device>(u.device()) : std::nullopt);
-  const int64_t blk = u.is_cpu() ? kCpuBlk : scan_bwd_cuda_blk(f.dstate);
+  const int64_t blk = runs_cpu_kernel(u) ? kCpuBlk : scan_bwd_cuda_blk(f.dstate);
 #else
   const int64_t blk = kCpuBlk;
 #endif
@@ -211,7 +212,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   // per-step partials, every element written once: time-major on the CPU
   auto BC_part = [&](bool var) {
     if (!var) return at::empty({f.batch, f.dim, N}, wopts);
-    return u.is_cpu() ? at::empty({f.batch, f.groups, nblk, L, N}, wopts)
+    return runs_cpu_kernel(u) ? at::empty({f.batch, f.groups, nblk, L, N}, wopts)
                       : at::empty({f.batch, f.groups, nblk, N, L}, wopts);
   };
   at::Tensor dB_part = BC_part(f.var_B), dC_part = BC_part(f.var_C);
@@ -219,7 +220,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                   du.data_ptr(), ddelta.data_ptr(), z ? dz.data_ptr() : nullptr, dh0.data_ptr(),
                   dA_part.data_ptr(), dD_part.data_ptr(), dbias_part.data_ptr(), dB_part.data_ptr(),
                   dC_part.data_ptr()};
-  MK_SCAN_LAUNCH(u.is_cpu(), scan_bwd_cpu(q), scan_bwd_cuda(q, c10::cuda::getCurrentCUDAStream()));
+  MK_SCAN_LAUNCH(runs_cpu_kernel(u), scan_bwd_cpu(q), scan_bwd_cuda(q, c10::cuda::getCurrentCUDAStream()));
 
   at::Tensor dA = at::empty_like(A), dD = at::empty({f.dim}, wopts), dbias = at::empty({f.dim}, wopts);
   reduce_into(dA_part, dA, 1, f.batch, f.dim * N);
@@ -227,7 +228,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   reduce_into(dbias_part, dbias, 1, f.batch, f.dim);
   auto BC_grad = [&](const at::Tensor& part, const at::Tensor& X, bool var) {
     at::Tensor g = at::empty_like(X);
-    if (var && u.is_cpu()) {
+    if (var && runs_cpu_kernel(u)) {
       at::Tensor sum = at::empty({f.batch, f.groups, L, N}, wopts);
       reduce_into(part, sum, f.batch * f.groups, nblk, L * N);
       g.copy_(sum.transpose(2, 3));
@@ -297,7 +298,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
 #ifdef MARKOVKIT_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
 #endif
-  MK_SCAN_LAUNCH(x.is_cpu(), scan_step_cpu(p), scan_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  MK_SCAN_LAUNCH(runs_cpu_kernel(x), scan_step_cpu(p), scan_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

@@ -11,6 +11,8 @@ import operator
 
 import torch
 
+from . import cuda_emulation
+
 _STAT_DTYPES = {torch.float64: torch.float64}
 
 
@@ -28,7 +30,7 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     """
     scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if cuda_emulation.runs_cpu_kernel(q) and dtype in (torch.bfloat16, torch.float16):
         q, k, v = q.float(), k.float(), v.float()
     out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, operator.index(window), operator.index(sink), scale)
     out = out.to(dtype)

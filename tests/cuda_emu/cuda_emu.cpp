@@ -1,0 +1,212 @@
+// The fiber scheduler behind cuda_emu.h: one ucontext per CUDA thread of the running block.
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdlib>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mk_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 << 10;
+constexpr size_t kMaxDynamicSmem = 227 << 10;  // H100 opt-in limit per block
+constexpr unsigned kMaxThreads = 1024;
+
+enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state;
+  dim3 idx;
+  unsigned linear;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::exception_ptr error;
+  dim3 block_idx, block_dim, grid_dim;
+  alignas(16) unsigned char exchange[kMaxThreads / 32][32][kSlotBytes];
+  std::vector<unsigned char> smem;
+  char* stacks = nullptr;
+  size_t stack_threads = 0;
+};
+
+Block& blk() {
+  static Block b;
+  return b;
+}
+
+void ensure_stacks(Block& b, unsigned threads) {
+  if (b.stack_threads >= threads) return;
+  if (b.stacks) munmap(b.stacks, b.stack_threads * kStackBytes);
+  void* p = mmap(nullptr, threads * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
+  b.stacks = static_cast<char*>(p);
+  b.stack_threads = threads;
+}
+
+void fiber_main() {
+  Block& b = blk();
+  try {
+    (*b.body)();
+  } catch (...) {
+    if (!b.error) b.error = std::current_exception();
+  }
+  b.current->state = State::kDone;
+  swapcontext(&b.current->ctx, &b.scheduler);
+}
+
+// Back to the scheduler until the barrier this fiber waits at is released.
+void wait(State s) {
+  Block& b = blk();
+  Fiber* f = b.current;
+  f->state = s;
+  swapcontext(&f->ctx, &b.scheduler);
+}
+
+std::string describe(const Block& b) {
+  size_t at_block = 0, at_warp = 0, done = 0;
+  for (const Fiber& f : b.fibers) {
+    at_block += f.state == State::kBlockBarrier;
+    at_warp += f.state == State::kWarpBarrier;
+    done += f.state == State::kDone;
+  }
+  return "block (" + std::to_string(b.block_idx.x) + ", " + std::to_string(b.block_idx.y) + ", " +
+         std::to_string(b.block_idx.z) + "): " + std::to_string(at_block) + " threads at __syncthreads, " +
+         std::to_string(at_warp) + " at a warp operation, " + std::to_string(done) + " exited";
+}
+
+// Releases whatever barrier is complete: the block barrier when every live thread waits at it, a warp's barrier
+// when every live lane of that warp waits at it. False when nothing could be released.
+bool release(Block& b) {
+  bool all_block = true, any_block = false;
+  for (const Fiber& f : b.fibers) {
+    if (f.state == State::kDone) continue;
+    all_block = all_block && f.state == State::kBlockBarrier;
+    any_block = any_block || f.state == State::kBlockBarrier;
+  }
+  if (any_block && all_block) {
+    for (Fiber& f : b.fibers)
+      if (f.state == State::kBlockBarrier) f.state = State::kRunnable;
+    return true;
+  }
+  bool released = false;
+  for (size_t w = 0; w * 32 < b.fibers.size(); ++w) {
+    const size_t end = std::min(b.fibers.size(), w * 32 + 32);
+    bool all = true, any = false;
+    for (size_t i = w * 32; i < end; ++i) {
+      const State s = b.fibers[i].state;
+      if (s == State::kDone) continue;
+      all = all && s == State::kWarpBarrier;
+      any = any || s == State::kWarpBarrier;
+    }
+    if (any && all) {
+      for (size_t i = w * 32; i < end; ++i)
+        if (b.fibers[i].state == State::kWarpBarrier) b.fibers[i].state = State::kRunnable;
+      released = true;
+    }
+  }
+  return released;
+}
+
+bool reverse_order() {
+  const char* v = std::getenv("MK_EMU_ORDER");
+  return v && std::string(v) == "reverse";
+}
+
+void run_block(Block& b, unsigned threads, bool reverse) {
+  b.fibers.assign(threads, Fiber{});
+  std::fill(b.smem.begin(), b.smem.end(), 0xff);
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = b.fibers[i];
+    f.linear = i;
+    f.idx = dim3(i % b.block_dim.x, i / b.block_dim.x % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
+    f.state = State::kRunnable;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = b.stacks + i * kStackBytes;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  for (;;) {
+    bool ran = false;
+    for (unsigned k = 0; k < threads; ++k) {
+      Fiber& f = b.fibers[reverse ? threads - 1 - k : k];
+      if (f.state != State::kRunnable) continue;
+      b.current = &f;
+      swapcontext(&b.scheduler, &f.ctx);
+      ran = true;
+    }
+    if (b.error) std::rethrow_exception(b.error);
+    if (ran || release(b)) continue;
+    bool all_done = true;
+    for (const Fiber& f : b.fibers) all_done = all_done && f.state == State::kDone;
+    if (all_done) return;
+    throw std::runtime_error("cuda_emu: barrier deadlock in " + describe(b));
+  }
+}
+
+bool g_enabled = false;
+
+}  // namespace
+
+bool enabled() { return g_enabled; }
+void set_enabled(bool on) { g_enabled = on; }
+
+const dim3& thread_idx() { return blk().current->idx; }
+const dim3& block_idx() { return blk().block_idx; }
+const dim3& block_dim() { return blk().block_dim; }
+const dim3& grid_dim() { return blk().grid_dim; }
+unsigned lane() { return blk().current->linear % 32; }
+void* dynamic_smem() { return blk().smem.data(); }
+
+void sync_block() { wait(State::kBlockBarrier); }
+void sync_warp() { wait(State::kWarpBarrier); }
+
+const unsigned char* warp_exchange(const void* mine, size_t bytes) {
+  Block& b = blk();
+  const unsigned l = b.current->linear;
+  std::memcpy(b.exchange[l / 32][l % 32], mine, bytes);
+  sync_warp();
+  return &b.exchange[l / 32][0][0];
+}
+
+void warp_done() { sync_warp(); }
+
+void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreads || block.z > 64)
+    throw std::runtime_error("cuda_emu: invalid block (" + std::to_string(block.x) + ", " +
+                             std::to_string(block.y) + ", " + std::to_string(block.z) + ")");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("cuda_emu: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
+                             ", " + std::to_string(grid.z) + ")");
+  if (smem_bytes > kMaxDynamicSmem)
+    throw std::runtime_error("cuda_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, over " +
+                             std::to_string(kMaxDynamicSmem));
+  Block& b = blk();
+  ensure_stacks(b, threads);
+  b.body = &body;
+  b.error = nullptr;
+  b.block_dim = block;
+  b.grid_dim = grid;
+  b.smem.assign(smem_bytes, 0xff);
+  const bool reverse = reverse_order();
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.block_idx = dim3(x, y, z);
+        run_block(b, threads, reverse);
+      }
+}
+
+}  // namespace mk_emu

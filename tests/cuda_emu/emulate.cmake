@@ -1,0 +1,27 @@
+# MARKOVKIT_CUDA=EMULATE: every csrc/**/*.cu, rewritten by rewrite.py, compiled as host C++ against cuda_emu.h,
+# with stand-ins for the c10/cuda headers; the glue's CUDA paths are compiled in and run these host kernels when
+# markovkit.cuda_emulation() is on. Needs the CUDA toolkit's headers (cuda_fp16.h, cuda_runtime_api.h), not nvcc.
+find_path(MARKOVKIT_CUDA_INCLUDE cuda_fp16.h
+  HINTS ENV CUDA_HOME ENV CUDA_PATH /usr/local/cuda
+  PATH_SUFFIXES include
+  REQUIRED)
+set(emu_dir ${CMAKE_CURRENT_LIST_DIR})
+file(GLOB_RECURSE emu_cu_sources CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/csrc/*.cu)
+foreach(cu ${emu_cu_sources})
+  file(RELATIVE_PATH rel ${PROJECT_SOURCE_DIR}/csrc ${cu})
+  set(out ${CMAKE_CURRENT_BINARY_DIR}/cuda_emu/${rel}.cpp)
+  add_custom_command(
+    OUTPUT ${out}
+    COMMAND ${Python_EXECUTABLE} ${emu_dir}/rewrite.py ${cu} ${out}
+    DEPENDS ${cu} ${emu_dir}/rewrite.py
+    COMMENT "cuda_emu: ${rel}")
+  target_sources(_C PRIVATE ${out})
+endforeach()
+target_sources(_C PRIVATE ${emu_dir}/cuda_emu.cpp)
+# before csrc and torch: the stand-ins replace c10/cuda/*.h and attention/swa_mma.cuh
+target_include_directories(_C BEFORE PRIVATE ${emu_dir}/include ${emu_dir})
+target_include_directories(_C PRIVATE ${MARKOVKIT_CUDA_INCLUDE})
+target_compile_definitions(_C PRIVATE
+  MARKOVKIT_WITH_CUDA
+  MARKOVKIT_CUDA_EMULATION
+  MARKOVKIT_CUDA_ARCHS="emulated")

@@ -1,0 +1,40 @@
+#pragma once
+// Stand-ins for the c10/cuda headers the glue includes, in the emulation build (tests/cuda_emu): there is no device
+// and no stream; kernels run on the host, synchronously, when the glue calls their launchers.
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+#include <optional>
+
+namespace c10::cuda {
+
+struct CUDAStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
+inline c10::DeviceIndex current_device() { return 0; }
+
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+struct OptionalCUDAGuard {
+  explicit OptionalCUDAGuard(std::optional<c10::Device>) {}
+};
+
+}  // namespace c10::cuda
+
+namespace mk_emu {
+// The limits the emulator enforces (those of an H100).
+inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 << 10; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+  }
+}
+}  // namespace mk_emu
+#define cudaDeviceGetAttribute ::mk_emu::device_attribute  // no libcudart behind the emulation build
+
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, #expr, " failed in the CUDA emulator")
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
