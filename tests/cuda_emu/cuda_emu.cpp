@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -14,7 +15,8 @@ namespace mk_emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 << 10;
-constexpr size_t kMaxDynamicSmem = 227 << 10;  // H100 opt-in limit per block
+constexpr size_t kDefaultDynamicSmem = 48 << 10;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
+constexpr size_t kMaxDynamicSmem = 227 << 10;     // H100 opt-in limit per block
 constexpr unsigned kMaxThreads = 1024;
 
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
@@ -157,6 +159,11 @@ void run_block(Block& b, unsigned threads, bool reverse) {
 
 bool g_enabled = false;
 
+std::map<const void*, size_t>& smem_limits() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
+
 }  // namespace
 
 bool enabled() { return g_enabled; }
@@ -182,7 +189,13 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes) {
 
 void warp_done() { sync_warp(); }
 
-void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+bool set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicSmem) return false;
+  smem_limits()[kernel] = static_cast<size_t>(bytes);
+  return true;
+}
+
+void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.z > 64)
     throw std::runtime_error("cuda_emu: invalid block (" + std::to_string(block.x) + ", " +
@@ -190,9 +203,12 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("cuda_emu: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                              ", " + std::to_string(grid.z) + ")");
-  if (smem_bytes > kMaxDynamicSmem)
+  const auto raised = smem_limits().find(kernel);
+  const size_t limit = raised == smem_limits().end() ? kDefaultDynamicSmem : raised->second;
+  if (smem_bytes > limit)
     throw std::runtime_error("cuda_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, over " +
-                             std::to_string(kMaxDynamicSmem));
+                             "the kernel's limit of " + std::to_string(limit) +
+                             " (48 KB unless cudaFuncSetAttribute raised it, 227 KB at most)");
   Block& b = blk();
   ensure_stacks(b, threads);
   b.body = &body;

@@ -39,13 +39,25 @@ const dim3& grid_dim();
 unsigned lane();  // linear thread index % 32
 void* dynamic_smem();
 
-// Runs body once per CUDA thread of every block of grid; throws std::runtime_error on a bad configuration or a
-// barrier deadlock.
-void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
-inline void launch(dim3 grid, dim3 block, const std::function<void()>& body) { launch(grid, block, 0, body); }
-inline void launch(dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t, const std::function<void()>& body) {
-  launch(grid, block, smem_bytes, body);
+// Runs body once per CUDA thread of every block of grid; throws std::runtime_error where the GPU would refuse the
+// launch (block or grid size, dynamic shared memory over 48 KB without cudaFuncSetAttribute raising the kernel's
+// limit, or over the device's 227 KB) and on a barrier deadlock.
+void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
+inline void launch(const void* kernel, dim3 grid, dim3 block, const std::function<void()>& body) {
+  launch(kernel, grid, block, 0, body);
 }
+inline void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t,
+                   const std::function<void()>& body) {
+  launch(kernel, grid, block, smem_bytes, body);
+}
+
+template <typename F>
+const void* kernel_id(F* kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize of a kernel; false (the attribute unchanged) over the device limit.
+bool set_max_dynamic_smem(const void* kernel, int bytes);
 
 void sync_block();
 void sync_warp();
@@ -135,4 +147,7 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 
 template <typename T>
-cudaError_t cudaFuncSetAttribute(T*, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorNotSupported;
+  return mk_emu::set_max_dynamic_smem(mk_emu::kernel_id(kernel), value) ? cudaSuccess : cudaErrorInvalidValue;
+}

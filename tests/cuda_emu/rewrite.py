@@ -2,7 +2,8 @@
 import re
 import sys
 
-# kernel<...><<<grid, block[, smem[, stream]]>>>(args);  ->  mk_emu::launch(grid, block, ..., [&] { kernel(args); });
+# kernel<...><<<grid, block[, smem[, stream]]>>>(args);
+#   ->  mk_emu::launch(mk_emu::kernel_id(kernel<...>), grid, block, ..., [&] { kernel<...>(args); });
 LAUNCH = re.compile(r"(?P<kernel>[\w:]+(?:<[^;{}]*?>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\((?P<args>[^;]*?)\)\s*;")
 # extern __shared__ [__align__(n)] T name[];  ->  T* name = static_cast<T*>(mk_emu::dynamic_smem());
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:\s]+?)\s+(?P<name>\w+)\[\]\s*;")
@@ -10,7 +11,9 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<
 
 def rewrite(text: str) -> str:
     text = LAUNCH.sub(
-        lambda m: f"::mk_emu::launch({m['config']}, [&] {{ {m['kernel']}({m['args']}); }});", text
+        lambda m: f"::mk_emu::launch(::mk_emu::kernel_id({m['kernel']}), {m['config']}, "
+        f"[&] {{ {m['kernel']}({m['args']}); }});",
+        text,
     )
     return DYNAMIC_SHARED.sub(
         lambda m: f"{m['type']}* {m['name']} = static_cast<{m['type']}*>(::mk_emu::dynamic_smem());", text
