@@ -86,10 +86,10 @@ def test_step_forward_and_backward_equal_the_cpu_kernel(emulated, dtype, K, sche
 
 # --- mafbm_simulate: every (kK, kR) instance of mafbm_sim_dispatch, forward and backward ----------------
 
-# (K, R, R0): kK = 4, 8, 16 (the smallest compiled kK >= K) x kR = 1, 2, 3, 4 and 0 (R > 4, read at run time);
+# (K, R, R0): kK = 5, 8, 16 (the smallest compiled kK >= K) x kR = 1, 2, 3, 4 and 0 (R > 4, read at run time);
 # R0 = 0 is type II (Y(0) = 0), R0 > 0 a type-I start of rank R0.
-INSTANCES = [(1, 1, 1), (3, 2, 3), (3, 3, 0), (4, 4, 2),
-             (5, 1, 0), (5, 2, 5), (7, 3, 1), (8, 4, 8), (6, 6, 0),
+INSTANCES = [(1, 1, 1), (3, 2, 3), (3, 3, 0), (4, 4, 2), (5, 5, 5),
+             (6, 1, 0), (8, 2, 5), (7, 3, 1), (8, 4, 8), (6, 6, 0),
              (9, 1, 9), (16, 2, 0), (12, 3, 4), (16, 4, 16), (16, 16, 16), (11, 5, 0)]
 # (n_steps, save_every): n_steps not a multiple of the 4 (fp32) / 2 (fp64) steps of a Philox group, nor of
 # save_every; save_every 1; save_every > n_steps; no steps.
