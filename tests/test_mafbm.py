@@ -335,6 +335,16 @@ def test_cpu_and_cuda_streams_agree(dtype):
             torch.testing.assert_close(b.cpu(), a, **tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_simulate_refuses_device_coefficients():
+    """The simulator's coefficients are kernel arguments: a device tensor would cost a sync per call."""
+    drop, _, factor = fbm.ou_transition(GAMMA, 0.01, "euler")
+    with pytest.raises(RuntimeError, match="omega: expected a CPU tensor .* got a tensor on cuda"):
+        torch.ops.markovkit.mafbm_simulate(torch.zeros(4, device="cuda"), OMEGA_II.cuda(), drop, factor, None, 10,
+                                           0.01, 0.0, 0.0, 1.0, 1, 0)
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 def test_bad_input_errors():

@@ -57,9 +57,11 @@ MK_HOST_DEVICE double uniform_double(uint32_t a, uint32_t b) {
   return (static_cast<double>(x) + 0.5) * 2.220446049250313e-16;  // 2^-52
 }
 
-// Box-Muller: two independent standard normals from two uniforms in (0, 1).
+// Box-Muller: two independent standard normals from two uniforms in (0, 1). The float version clamps at 0:
+// under nvcc --use_fast_math logf is __logf, whose absolute error near 1 (2^-21.41) exceeds |log u0| for the
+// largest uniforms (1 − 2^-24 gives −6e-8), so its sign is not guaranteed and sqrtf would give NaN.
 MK_HOST_DEVICE void box_muller(float u0, float u1, float* z0, float* z1) {
-  const float r = sqrtf(-2.0f * logf(u0));
+  const float r = sqrtf(fmaxf(-2.0f * logf(u0), 0.0f));
   const float theta = 6.2831853071795865f * u1;
   *z0 = r * cosf(theta);
   *z1 = r * sinf(theta);

@@ -125,9 +125,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
   return {grad_y, grad_diffusion, grad_control, grad_omega_terms};
 }
 
-// A small coefficient tensor as float64 host values (it is read once per launch).
-at::Tensor host_values(const at::Tensor& t) {
-  return t.detach().to(at::kCPU, at::kDouble).contiguous();
+// A coefficient tensor of the simulator as float64 host values. The kernel gets the values as its argument,
+// so they must be on the host: a device tensor would cost a device->host copy and sync on every call.
+at::Tensor host_values(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cpu(), name, ": expected a CPU tensor (the simulator's coefficients are kernel arguments), "
+              "got a tensor on ", t.device());
+  return t.detach().to(at::kDouble).contiguous();
 }
 
 // Checks the simulator's inputs and fills everything of its params but the output pointers.
@@ -159,11 +162,12 @@ MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omeg
   p.K = static_cast<int>(K);
   p.R = static_cast<int>(factor_in.size(1));
   p.R0 = factor0_in.has_value() ? static_cast<int>(factor0_in->size(1)) : 0;
-  const at::Tensor omega = host_values(omega_in), drop = host_values(drop_in), factor = host_values(factor_in);
-  std::copy_n(omega.data_ptr<double>(), K, p.omega);
-  std::copy_n(drop.data_ptr<double>(), K, p.drop);
-  std::copy_n(factor.data_ptr<double>(), K * p.R, p.factor);
-  if (factor0_in.has_value()) std::copy_n(host_values(*factor0_in).data_ptr<double>(), K * p.R0, p.factor0);
+  std::copy_n(host_values(omega_in, "omega").data_ptr<double>(), K, p.omega);
+  std::copy_n(host_values(drop_in, "drop").data_ptr<double>(), K, p.drop);
+  std::copy_n(host_values(factor_in, "factor").data_ptr<double>(), K * p.R, p.factor);
+  if (factor0_in.has_value()) {
+    std::copy_n(host_values(*factor0_in, "factor0").data_ptr<double>(), K * p.R0, p.factor0);
+  }
   p.dt = dt;
   p.theta = theta;
   p.mu = mu;

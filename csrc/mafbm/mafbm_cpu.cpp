@@ -110,8 +110,7 @@ void simulate_f32(const MafbmSimulateParams& p) {
 
 void simulate_f64(const MafbmSimulateParams& p) {
   mafbm_sim_dispatch(p.K, p.R, [&]<int kK, int kR>() {
-    MafbmSimCoeffs<double, kK, kR> c;
-    mafbm_sim_coeffs<double, kK, kR>(p, &c);
+    const MafbmSimCoeffs<double, kK, kR> c = mafbm_sim_coeffs<double, kK, kR>(p);
     at::parallel_for(0, p.paths, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         p.grad_out != nullptr ? mafbm_simulate_path<double, kK, kR, true>(p, c, i)

@@ -23,12 +23,12 @@ __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
   if (i < p.paths) mafbm_step_backward_path<T>(p, i);
 }
 
-// The coefficients go to shared memory once per block; every thread then steps its own path.
+// The coefficients come as a kernel argument (constant bank, computed once on the host); every thread steps
+// its own path. Arguments over 4 KB need CUDA 12.1 on Volta or newer (limit 32764 bytes).
+static_assert(sizeof(MafbmSimulateParams) + sizeof(MafbmSimCoeffs<double, kMafbmMaxK, 0>) <= 32764,
+              "simulate_kernel's arguments exceed the kernel parameter limit");
 template <typename T, int kK, int kR, bool kGrad>
-__global__ void simulate_kernel(MafbmSimulateParams p) {
-  __shared__ MafbmSimCoeffs<T, kK, kR> c;
-  if (threadIdx.x == 0) mafbm_sim_coeffs<T, kK, kR>(p, &c);
-  __syncthreads();
+__global__ void simulate_kernel(const MafbmSimulateParams p, const MafbmSimCoeffs<T, kK, kR> c) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i < p.paths) mafbm_simulate_path<T, kK, kR, kGrad>(p, c, i);
 }
@@ -36,10 +36,11 @@ __global__ void simulate_kernel(MafbmSimulateParams p) {
 template <typename T>
 void simulate(const MafbmSimulateParams& p, cudaStream_t stream) {
   mafbm_sim_dispatch(p.K, p.R, [&]<int kK, int kR>() {
+    const MafbmSimCoeffs<T, kK, kR> c = mafbm_sim_coeffs<T, kK, kR>(p);
     if (p.grad_out != nullptr) {
-      simulate_kernel<T, kK, kR, true><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+      simulate_kernel<T, kK, kR, true><<<grid_for(p.paths), kThreads, 0, stream>>>(p, c);
     } else {
-      simulate_kernel<T, kK, kR, false><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+      simulate_kernel<T, kK, kR, false><<<grid_for(p.paths), kThreads, 0, stream>>>(p, c);
     }
   });
 }

@@ -241,21 +241,49 @@ struct MafbmSimShape {
   MK_HOST_DEVICE static int rank(int runtime_r) { return kR > 0 ? kR : runtime_r; }
 };
 
-// The simulator's coefficients in the kernel's precision.
+// The simulator's coefficients in the kernel's precision, padded with zeros to kK modes and kMaxR (factor) or
+// kK (factor0) columns, so that every loop over them has compile-time bounds and indices (registers and, as
+// a CUDA kernel argument, constant-bank operands; no local memory).
 template <typename T, int kK, int kR>
 struct MafbmSimCoeffs {
   T omega[kK], drop[kK], factor[kK * MafbmSimShape<kK, kR>::kMaxR];
+  double factor0[kK * kK];  // (kK, kK): Y(0) = factor0 · z0 in float64
 };
 
 template <typename T, int kK, int kR>
-MK_HOST_DEVICE void mafbm_sim_coeffs(const MafbmSimulateParams& p, MafbmSimCoeffs<T, kK, kR>* c) {
+MafbmSimCoeffs<T, kK, kR> mafbm_sim_coeffs(const MafbmSimulateParams& p) {
   constexpr int kMaxR = MafbmSimShape<kK, kR>::kMaxR;
-  for (int k = 0; k < kK; ++k) {
-    c->omega[k] = k < p.K ? static_cast<T>(p.omega[k]) : T(0);
-    c->drop[k] = k < p.K ? static_cast<T>(p.drop[k]) : T(0);
-    for (int j = 0; j < kMaxR; ++j) {
-      c->factor[k * kMaxR + j] = (k < p.K && j < p.R) ? static_cast<T>(p.factor[k * p.R + j]) : T(0);
+  MafbmSimCoeffs<T, kK, kR> c{};  // zeros
+  for (int k = 0; k < p.K; ++k) {
+    c.omega[k] = static_cast<T>(p.omega[k]);
+    c.drop[k] = static_cast<T>(p.drop[k]);
+    for (int j = 0; j < p.R; ++j) c.factor[k * kMaxR + j] = static_cast<T>(p.factor[k * p.R + j]);
+    for (int j = 0; j < p.R0; ++j) c.factor0[k * kK + j] = p.factor0[k * p.R0 + j];
+  }
+  return c;
+}
+
+// The type-I start Y(0) = factor0 · z0 (zero when R0 = 0), z0 = normals [0, R0) of the path's start stream
+// (float64 whatever T): Philox blocks b < ⌈R0/2⌉ of that stream, unrolled over ⌈kK/2⌉ blocks.
+template <typename T, int kK, int kR>
+MK_HOST_DEVICE void mafbm_sim_start(const MafbmSimulateParams& p, const MafbmSimCoeffs<T, kK, kR>& c,
+                                    uint64_t stream, T* y) {
+  constexpr int kBlocks = (kK + 1) / 2;  // two float64 normals per block
+  double z0[2 * kBlocks];
+MK_UNROLL
+  for (int b = 0; b < kBlocks; ++b) {
+    if (2 * b < p.R0) {
+      mafbm_block_normals(philox_block(p.seed, static_cast<uint64_t>(b), stream | kMafbmInitStream), z0 + 2 * b);
+    } else {
+      z0[2 * b] = z0[2 * b + 1] = 0.0;
     }
+  }
+MK_UNROLL
+  for (int k = 0; k < kK; ++k) {
+    double acc = 0.0;
+MK_UNROLL
+    for (int j = 0; j < kK; ++j) acc += c.factor0[k * kK + j] * z0[j];
+    y[k] = static_cast<T>(acc);
   }
 }
 
@@ -274,17 +302,7 @@ MK_HOST_DEVICE void mafbm_simulate_path(const MafbmSimulateParams& p, const Mafb
   const uint64_t stream = static_cast<uint64_t>(path);
   T y[kK], z[kMaxR * kPer];
   T x = static_cast<const T*>(p.x0)[path];
-MK_UNROLL
-  for (int k = 0; k < kK; ++k) y[k] = T(0);
-  if (p.R0 > 0) {  // type-I start: Y(0) = factor0 · z0, in float64 whatever T
-    double z0[kMafbmMaxK];
-    mafbm_stream_normals<double>(p.seed, stream | kMafbmInitStream, 0, p.R0, z0);
-    for (int k = 0; k < p.K; ++k) {
-      double acc = 0.0;
-      for (int j = 0; j < p.R0; ++j) acc += p.factor0[k * p.R0 + j] * z0[j];
-      y[k] = static_cast<T>(acc);
-    }
-  }
+  mafbm_sim_start<T, kK, kR>(p, c, stream, y);
   const T* grad = kGrad ? static_cast<const T*>(p.grad_out) + path * n_saved : nullptr;
   const T rho = T(1) - theta * h;
   T t_x0 = T(1), t_theta = T(0), t_mu = T(0), t_sigma = T(0);  // tangents of x
@@ -294,7 +312,7 @@ MK_UNROLL
   } else {
     out[0] = x;
   }
-  int64_t next_save = p.save_every;
+  int64_t saved = 1, to_save = p.save_every;  // counters, not a 64-bit division per save
   for (int64_t n0 = 0; n0 < p.n_steps; n0 += kPer) {
     const uint64_t first_block = static_cast<uint64_t>(n0 / kPer) * static_cast<uint64_t>(R);
 MK_UNROLL
@@ -303,8 +321,7 @@ MK_UNROLL
     }
 MK_UNROLL
     for (int g = 0; g < kPer; ++g) {
-      const int64_t n = n0 + g;
-      if (n >= p.n_steps) break;
+      if (n0 + g >= p.n_steps) break;
       T s = T(0);
 MK_UNROLL
       for (int k = 0; k < kK; ++k) {
@@ -323,17 +340,18 @@ MK_UNROLL
         t_sigma = rho * t_sigma + s;
       }
       x += theta * (mu - x) * h + sigma * s;
-      if (n + 1 == next_save) {  // a counter, not a 64-bit division per step
-        const int64_t j = next_save / p.save_every;
-        next_save += p.save_every;
+      if (--to_save == 0) {
+        to_save = p.save_every;
         if (kGrad) {
-          g_x0 += grad[j] * t_x0;
-          g_theta += grad[j] * t_theta;
-          g_mu += grad[j] * t_mu;
-          g_sigma += grad[j] * t_sigma;
+          const T gj = grad[saved];
+          g_x0 += gj * t_x0;
+          g_theta += gj * t_theta;
+          g_mu += gj * t_mu;
+          g_sigma += gj * t_sigma;
         } else {
-          out[j] = x;
+          out[saved] = x;
         }
+        ++saved;
       }
     }
   }
@@ -358,8 +376,8 @@ void mafbm_sim_dispatch(int K, int R, F&& f) {
       default: f.template operator()<kK, 0>(); break;
     }
   };
-  if (K <= 4) {
-    with_k.template operator()<4>();
+  if (K <= 5) {  // the paper's K = 5 without padding
+    with_k.template operator()<5>();
   } else if (K <= 8) {
     with_k.template operator()<8>();
   } else {
