@@ -1,7 +1,12 @@
-// CUDA kernels of the selective scan, mirroring scan_cpu.cpp. A "team" of kLanes threads (one warp or a
-// power-of-two slice of one) owns one (b, d) channel: lane l keeps the states n = l + k·kLanes, k < kS, in
+// CUDA kernels of the selective scan, mirroring scan_cpu.cpp. A "team" of kLanes threads (a power-of-two
+// slice of one warp, or one thread) owns one (b, d) channel: lane l keeps the states n = l + k·kLanes, k < kS, in
 // registers, the team walks time sequentially like the CPU kernel and sums over n with warp shuffles.
 // Parallelism is batch·dim·kLanes threads. 1-D grids (dim may exceed 65535), 64-bit offsets throughout.
+//
+// Forward: teams of N/4 lanes with 4 states each (dispatch_fwd_lanes), walking time in tiles of kLanes steps:
+// lane l prepares step t0 + l of the tile (loads Δ and u, softplus, later the gate and the store of out), the
+// team broadcasts Δ_t, u_t of each step from that lane, so the per-step scalar work runs once per step, not once
+// per lane.
 //
 // Backward: a block holds R = blk teams, R consecutive channels of one group of one batch row (the task of
 // scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes h_prev of every step into shared
@@ -131,19 +136,33 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
   in_t* out = static_cast<in_t*>(p.out) + bd * p.seqlen;
   acc_t h[kS];
   for (int64_t s = 0; s < sb.count(); ++s) {
-    const int64_t sg = sb.global(s, b);
+    const int64_t sg = sb.global(s, b), end = sb.end(s);
     ch.load(state_row<acc_t>(p.h0, sg, d, p.dim, N), h);
-    for (int64_t t = sb.begin(s); t < sb.end(s); ++t) {
-      if (active && t % kScanChunk == 0) ch.store(h, ckpt + (t / kScanChunk) * N);
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t ut = to_acc(ch.u[t]);
-      acc_t y = team_sum<kLanes>(ch.step(t, dt, ut, h)) + ch.Dd * ut;
-      if (ch.z) {
-        const acc_t zt = to_acc(ch.z[t]);
-        y *= zt * sigmoid(zt);
+    // tiles [t0, t0 + len) of the sequence; lane l owns step t0 + l (tl) of the tile
+    for (int64_t t0 = sb.begin(s); t0 < end; t0 += kLanes) {
+      const int len = end - t0 < kLanes ? static_cast<int>(end - t0) : kLanes;
+      const int64_t tl = t0 + lane;
+      acc_t dt_l = 0, u_l = 0, y_l = 0;
+      if (lane < len) {
+        const acc_t x = ch.pre_delta(tl);
+        dt_l = p.softplus ? softplus_thr(x) : x;
+        u_l = to_acc(ch.u[tl]);
       }
-      if (active && lane == 0) out[t] = store_cast<in_t>(y);
+      for (int j = 0; j < len; ++j) {
+        const int64_t t = t0 + j;
+        if (active && t % kScanChunk == 0) ch.store(h, ckpt + (t / kScanChunk) * N);
+        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes);
+        const acc_t y = team_sum<kLanes>(ch.step(t, dt, ut, h));
+        if (lane == j) y_l = y;
+      }
+      if (active && lane < len) {
+        acc_t y = y_l + ch.Dd * u_l;
+        if (ch.z) {
+          const acc_t zt = to_acc(ch.z[tl]);
+          y *= zt * sigmoid(zt);
+        }
+        out[tl] = store_cast<in_t>(y);
+      }
     }
     if (active) ch.store(h, static_cast<acc_t*>(p.last_state) + (sg * p.dim + d) * N);
   }
@@ -329,9 +348,10 @@ void dispatch_itype(DType itype, F&& f) {
   }
 }
 
-// Calls f.template operator()<kLanes, kS>() with kLanes·kS >= dstate.
+// Backward lane plan: calls f.template operator()<kLanes, kS>() with kLanes·kS = the power of two >= dstate (at
+// least 4), one state per lane up to 32 states.
 template <typename F>
-void dispatch_lanes(int64_t dstate, F&& f) {
+void dispatch_bwd_lanes(int64_t dstate, F&& f) {
   if (dstate <= 4) {
     f.template operator()<4, 1>();
   } else if (dstate <= 8) {
@@ -349,19 +369,43 @@ void dispatch_lanes(int64_t dstate, F&& f) {
   }
 }
 
+// Forward lane plan: 4 states per lane (8 above 128 states): a quarter of the lanes of the backward's plan, so
+// the per-step work shared by a channel's lanes (the team sum, the B/C broadcast) is spread over fewer lanes.
+template <typename F>
+void dispatch_fwd_lanes(int64_t dstate, F&& f) {
+  if (dstate <= 4) {
+    f.template operator()<1, 4>();
+  } else if (dstate <= 8) {
+    f.template operator()<2, 4>();
+  } else if (dstate <= 16) {
+    f.template operator()<4, 4>();
+  } else if (dstate <= 32) {
+    f.template operator()<8, 4>();
+  } else if (dstate <= 64) {
+    f.template operator()<16, 4>();
+  } else if (dstate <= 128) {
+    f.template operator()<32, 4>();
+  } else {
+    f.template operator()<32, 8>();
+  }
+}
+
 unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
 }  // namespace
 
+// 256 / (kLanes·kS of dispatch_bwd_lanes), at most 16: blocks of up to 256 threads whose shared memory,
+// blk·dstate·(kScanChunk + 2·(kSub + 1)) weights, is at most 100 KB in float32 (200 KB in float64, dstate <= 128).
 int64_t scan_bwd_cuda_blk(int64_t dstate) {
-  const int64_t r = 128 / dstate;
-  return r < 1 ? 1 : (r > 8 ? 8 : r);
+  int64_t width = 4;
+  while (width < dstate) width *= 2;
+  return width >= 16 ? 256 / width : 16;
 }
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
+    dispatch_fwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
       const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
       scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
     });
@@ -372,7 +416,7 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
+    dispatch_bwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
       const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
       const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
       auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
