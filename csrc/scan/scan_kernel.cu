@@ -168,6 +168,31 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
   }
 }
 
+// Backward: sums the per-step dB / dC contributions of the block's R channels, staged in shared memory
+// sdB / sdC (R, N, kSub + 1) for the steps [t, t + len), in channel order into the task's partials at var_off
+// (N, L). Every thread of the block calls it (it holds the barriers).
+template <typename acc_t>
+__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int64_t var_off,
+                                 int64_t t, int64_t len) {
+  const ScanParams& p = q.f;
+  const int64_t N = p.dstate, L = p.seqlen, R = q.blk;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
+    const int64_t i = idx % len, n = idx / len;
+    if (p.var_B) {
+      acc_t sum = 0;
+      for (int64_t rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
+      static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
+    }
+    if (p.var_C) {
+      acc_t sum = 0;
+      for (int64_t rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
+      static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
+    }
+  }
+  __syncthreads();
+}
+
 template <typename in_t, typename acc_t, int kLanes, int kS>
 __global__ void scan_bwd_kernel(ScanBwdParams q) {
   extern __shared__ __align__(16) unsigned char scan_smem[];
@@ -198,9 +223,9 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
 MK_UNROLL
   for (int k = 0; k < kS; ++k) dA[k] = dBc[k] = dCc[k] = carry[k] = acc_t(0);
-  acc_t dD = 0, dbias = 0;
-  int64_t s = sb.count() - 1;  // the sequence of the step the reverse walk is at
-  auto skip_empty = [&]() {    // empty sequences: d initial_state = d last_state
+  acc_t dD_l = 0, dbias_l = 0;  // this lane's steps' parts of dD, d delta_bias
+  int64_t s = sb.count() - 1;   // the sequence of the step the reverse walk is at
+  auto skip_empty = [&]() {     // empty sequences: d initial_state = d last_state
     while (s >= 0 && sb.begin(s) == sb.end(s)) {
       const int64_t sg = sb.global(s, b);
       acc_t tmp[kS];
@@ -210,96 +235,113 @@ MK_UNROLL
     }
   };
   skip_empty();
+  // Both passes over a chunk walk it in tiles of kLanes steps (chunks start at multiples of kLanes); lane l
+  // prepares step tb + l of the tile and the team broadcasts each step's scalars from that lane.
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kScanChunk, t1 = t0 + kScanChunk < L ? t0 + kScanChunk : L;
     // recompute h_prev over the chunk into shared memory (each lane its own states)
     int64_t sf = s;
     while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
     ch.load(ckpt + c * N, h);
-    for (int64_t t = t0; t < t1; ++t) {
-      while (sb.end(sf) <= t) ++sf;
-      if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
-      ch.store(h, hps + (t - t0) * N);
-      const acc_t x = ch.pre_delta(t);
-      ch.step(t, p.softplus ? softplus_thr(x) : x, to_acc(ch.u[t]), h);
+    for (int64_t tb = t0; tb < t1; tb += kLanes) {
+      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
+      acc_t dt_l = 0, u_l = 0;
+      if (lane < len) {
+        const acc_t x = ch.pre_delta(tb + lane);
+        dt_l = p.softplus ? softplus_thr(x) : x;
+        u_l = to_acc(ch.u[tb + lane]);
+      }
+      for (int j = 0; j < len; ++j) {
+        const int64_t t = tb + j;
+        while (sb.end(sf) <= t) ++sf;
+        if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
+        ch.store(h, hps + (t - t0) * N);
+        ch.step(t, __shfl_sync(0xffffffffu, dt_l, j, kLanes), __shfl_sync(0xffffffffu, u_l, j, kLanes), h);
+      }
     }
-    // reverse recurrence over the chunk
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t ut = to_acc(ch.u[t]);
-      acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
-      ch.load(hps + (t - t0) * N, hp);
-      acc_t yp = 0;
-MK_UNROLL
-      for (int k = 0; k < kS; ++k) {
-        Bt[k] = ch.Bt(k, t);
-        Ct[k] = ch.Ct(k, t);
-        a[k] = mk_exp(dt * ch.A[k]);
-        ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
-        yp += Ct[k] * ht[k];
-      }
-      acc_t dy = to_acc(dout[t]);
-      if (ch.z) {
-        const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
-        const acc_t zt = to_acc(ch.z[t]), sz = sigmoid(zt);
-        if (active && lane == 0) dz_out[t] = store_cast<in_t>(dy * y * sz * (acc_t(1) + zt * (acc_t(1) - sz)));
-        dy *= zt * sz;
-      }
-      dD += dy * ut;
-      acc_t ddt = 0, du = 0;
-MK_UNROLL
-      for (int k = 0; k < kS; ++k) {
-        const acc_t dh = Ct[k] * dy + carry[k];
-        const acc_t cC = dy * ht[k], cB = dh * dt * ut;
-        if (ch.has(k)) {
-          const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
-          if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
-          if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+    // reverse recurrence over the chunk, last tile first
+    for (int64_t tb = t0 + (t1 - 1 - t0) / kLanes * kLanes; tb >= t0; tb -= kLanes) {
+      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
+      const int64_t tl = tb + lane;
+      // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
+      acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
+      if (lane < len) {
+        x_l = ch.pre_delta(tl);
+        dt_l = p.softplus ? softplus_thr(x_l) : x_l;
+        u_l = to_acc(ch.u[tl]);
+        g_l = to_acc(dout[tl]);
+        dy_l = g_l;
+        if (ch.z) {
+          z_l = to_acc(ch.z[tl]);
+          sz_l = sigmoid(z_l);
+          dy_l *= z_l * sz_l;
         }
-        if (!p.var_B) dBc[k] += cB;
-        if (!p.var_C) dCc[k] += cC;
-        dA[k] += dh * hp[k] * a[k] * dt;
-        ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
-        du += dh * dt * Bt[k];
-        carry[k] = a[k] * dh;
       }
-      ddt = team_sum<kLanes>(ddt);
-      du = team_sum<kLanes>(du) + ch.Dd * dy;
-      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(x) : ddt;
-      dbias += dx;
-      if (active && lane == 0) {
-        du_out[t] = store_cast<in_t>(du);
-        ddelta_out[t] = store_cast<in_t>(dx);
-      }
-      if (t == sb.begin(s)) {
-        if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
-        --s;
-        skip_empty();
-      }
-      // per-step dB / dC of the sub-block [t, t + len): sum the R channels in order into the task's
-      // partial (t is block-uniform, so is the branch)
-      if ((p.var_B || p.var_C) && t % kSub == 0) {
-        const int64_t len = t1 - t < kSub ? t1 - t : kSub;
-        __syncthreads();
-        for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
-          const int64_t i = idx % len, n = idx / len;
-          if (p.var_B) {
-            acc_t sum = 0;
-            for (int rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
-            static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
-          }
-          if (p.var_C) {
-            acc_t sum = 0;
-            for (int rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
-            static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
-          }
+      acc_t y_l = 0, ddt_l = 0, du_l = 0;  // the team sums of this lane's step
+      for (int j = len - 1; j >= 0; --j) {
+        const int64_t t = tb + j;
+        if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
+        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes),
+                    dy = __shfl_sync(0xffffffffu, dy_l, j, kLanes);
+        acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
+        ch.load(hps + (t - t0) * N, hp);
+        acc_t yp = 0;
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          Bt[k] = ch.Bt(k, t);
+          Ct[k] = ch.Ct(k, t);
+          a[k] = mk_exp(dt * ch.A[k]);
+          ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
+          yp += Ct[k] * ht[k];
         }
-        __syncthreads();
+        if (ch.z) {
+          const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
+          if (lane == j) y_l = y;
+        }
+        acc_t ddt = 0, du = 0;
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          const acc_t dh = Ct[k] * dy + carry[k];
+          const acc_t cC = dy * ht[k], cB = dh * dt * ut;
+          if (ch.has(k)) {
+            const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
+            if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
+            if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+          }
+          if (!p.var_B) dBc[k] += cB;
+          if (!p.var_C) dCc[k] += cC;
+          dA[k] += dh * hp[k] * a[k] * dt;
+          ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
+          du += dh * dt * Bt[k];
+          carry[k] = a[k] * dh;
+        }
+        ddt = team_sum<kLanes>(ddt);
+        du = team_sum<kLanes>(du);
+        if (lane == j) {
+          ddt_l = ddt;
+          du_l = du;
+        }
+        if (t == sb.begin(s)) {
+          if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
+          --s;
+          skip_empty();
+        }
+        // per-step dB / dC of the sub-block [t, t + sub_len): t is block-uniform, so is the branch
+        if ((p.var_B || p.var_C) && t % kSub == 0) {
+          reduce_sub_block(q, sdB, sdC, var_off, t, t1 - t < kSub ? t1 - t : kSub);
+        }
+      }
+      if (active && lane < len) {
+        if (ch.z) dz_out[tl] = store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
+        du_out[tl] = store_cast<in_t>(du_l + ch.Dd * dy_l);
+        const acc_t dx = p.softplus ? ddt_l * softplus_thr_grad(x_l) : ddt_l;
+        ddelta_out[tl] = store_cast<in_t>(dx);
+        dbias_l += dx;
+        dD_l += dy_l * u_l;
       }
     }
   }
+  const acc_t dD = team_sum<kLanes>(dD_l), dbias = team_sum<kLanes>(dbias_l);
   if (!active) return;
   ch.store(dA, static_cast<acc_t*>(q.dA_part) + bd * N);
   if (!p.var_B) ch.store(dBc, static_cast<acc_t*>(q.dB_part) + bd * N);
