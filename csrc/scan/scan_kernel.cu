@@ -432,6 +432,10 @@ void dispatch_fwd_lanes(int64_t dstate, F&& f) {
   }
 }
 
+// float64 runs at most 128 states on CUDA (the glue refuses more): no float64 instances with 8 states per lane.
+template <typename acc_t, int kS>
+constexpr bool kFitsCuda = !(std::is_same_v<acc_t, double> && kS == 8);
+
 unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
 }  // namespace
@@ -448,8 +452,10 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_fwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
-      scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
+      if constexpr (kFitsCuda<acc_t, kS>) {
+        const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
+        scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
+      }
     });
   });
 }
@@ -459,12 +465,14 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_bwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
-      const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
-      auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
-      kernel<<<grid, static_cast<unsigned>(q.blk * kLanes), smem, stream>>>(q);
+      if constexpr (kFitsCuda<acc_t, kS>) {
+        const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
+        const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
+        auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
+        kernel<<<grid, static_cast<unsigned>(q.blk * kLanes), smem, stream>>>(q);
+      }
     });
   });
 }

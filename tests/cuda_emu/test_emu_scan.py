@@ -79,21 +79,23 @@ def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
 
 
-# (B_mode, C_mode, groups, has_z, has_D, softplus and delta_bias, initial_state, gradient of the last state)
+# (dtype, B_mode, C_mode, groups, has_z, has_D, softplus and delta_bias, initial_state, gradient of the last state)
+F32 = torch.float32
 OPTION_CASES = [
-    ("const", "const", 1, False, False, False, False, False),
-    ("const", "const", 1, True, True, True, True, True),
-    ("var3", "var3", 1, True, True, True, True, True),
-    ("var3", "var3", 1, False, False, False, False, True),
-    ("var4", "const", 3, True, False, True, False, False),
-    ("const", "var4", 3, False, True, False, True, True),
-    ("var4", "var4", 6, True, True, True, True, True),  # 3 channels per group: 13 idle channels per block
-    ("var3", "const", 1, False, True, True, True, False),
+    (F32, "const", "const", 1, False, False, False, False, False),
+    (F64, "const", "const", 1, False, False, False, False, False),
+    (F32, "const", "const", 1, True, True, True, True, True),
+    (F32, "var3", "var3", 1, True, True, True, True, True),
+    (F64, "var3", "var3", 1, False, False, False, False, True),
+    (F32, "var4", "const", 3, True, False, True, False, False),
+    (F64, "const", "var4", 3, False, True, False, True, True),
+    (F32, "var4", "var4", 6, True, True, True, True, True),  # 3 channels per group: 13 idle channels per block
+    (F64, "var4", "var4", 6, True, True, True, True, True),
+    (F32, "var3", "const", 1, False, True, True, True, False),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@pytest.mark.parametrize("B_mode,C_mode,groups,has_z,has_D,softplus,has_h0,with_last", OPTION_CASES)
+@pytest.mark.parametrize("dtype,B_mode,C_mode,groups,has_z,has_D,softplus,has_h0,with_last", OPTION_CASES)
 def test_options(emulated, dtype, B_mode, C_mode, groups, has_z, has_D, softplus, has_h0, with_last):
     x = make_inputs(batch=2, dim=18, seqlen=70, dstate=6, B_mode=B_mode, C_mode=C_mode, groups=groups,
                     has_D=has_D, has_z=has_z, has_bias=softplus, has_h0=has_h0, seed=3)
@@ -173,7 +175,7 @@ def test_decode_steps_equal_the_scan(emulated, dtype):
 @pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
 def test_backward_bitwise_equal_across_runs_and_thread_orders(monkeypatch):
     """No atomics: two runs, and threads scheduled forward or in reverse, give bitwise-equal results."""
-    x = make_inputs(batch=2, dim=17, seqlen=70, dstate=16, B_mode="var4", C_mode="var4", groups=1, seed=2)
+    x = make_inputs(batch=2, dim=17, seqlen=70, dstate=8, B_mode="var4", C_mode="var4", groups=1, seed=2)
     x = cast(x, torch.float32)
     g, gl = upstream(x)
     results = []
