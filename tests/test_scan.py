@@ -138,6 +138,29 @@ def _low_precision_case(device, dtype, B_mode, C_mode):
     assert_all_close((out, last, grads), run(selective_scan_ref, x64, True, g, gl), rtol, atol_frac=atol_frac)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_results_are_the_float32_results_rounded(dtype):
+    """The CPU kernel's 16-bit types (csrc/scan/scan_half.h): a float16 / bfloat16 call computes in float32 on
+    the exactly widened inputs, so its outputs and gradients are the float32 call's rounded by torch, bit for
+    bit: rounding to nearest even, subnormals (u down to 1e-9) and overflow to inf (u up to 3e4, float16)."""
+    x = make_inputs(batch=2, dim=8, seqlen=40, dstate=4, B_mode="var4", C_mode="var4", groups=2, has_h0=False)
+    x["u"] = x["u"] * torch.logspace(-9, 4.5, 8, dtype=F64)[:, None]
+    xd = {k: v.to(dtype if k in ("u", "delta", "z", "B", "C") else torch.float32) for k, v in x.items()
+          if v is not None}
+    g = upstream(x, with_last=False)[0].to(dtype)
+    results = []
+    for xi, gi in ((xd, g), ({k: v.float() for k, v in xd.items()}, g.float())):
+        leaves = {k: v.clone().requires_grad_() for k, v in xi.items()}
+        out = markovkit.selective_scan(**leaves, delta_softplus=True)
+        grads = torch.autograd.grad(out, [leaves[k] for k in ("u", "delta", "z", "B", "C")], gi)
+        results.append([out, *grads])
+    for name, a, b in zip(["out", "u", "delta", "z", "B", "C"], *results):
+        assert a.dtype == dtype
+        assert torch.equal(a.view(torch.int16), b.to(dtype).view(torch.int16)), name
+    if dtype == torch.float16:
+        assert results[0][0].isinf().any() and (results[0][0].abs() < 2**-14).logical_and(results[0][0] != 0).any()
+
+
 def _tiny(seqlen, **kw):
     x = make_inputs(batch=2, dim=2, seqlen=seqlen, dstate=3, groups=2, **kw)
     return {k: v for k, v in x.items() if v is not None}

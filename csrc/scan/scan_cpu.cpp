@@ -4,9 +4,6 @@
 // reverse recurrence over the chunk (see scan_params.h). The decode step and the partial-sum reduction are
 // here.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +11,7 @@
 
 #include "common/cpu_isa.h"
 #include "scan/scan_cpu_entry.h"
+#include "scan/scan_half.h"
 #include "scan/scan_params.h"
 #include "scan/scan_step.h"
 
@@ -111,8 +109,8 @@ void dispatch_itype(DType itype, F&& f) {
   switch (itype) {
     case DType::kFloat64: f.template operator()<double, double>(); break;
     case DType::kFloat32: f.template operator()<float, float>(); break;
-    case DType::kFloat16: f.template operator()<c10::Half, float>(); break;
-    case DType::kBFloat16: f.template operator()<c10::BFloat16, float>(); break;
+    case DType::kFloat16: f.template operator()<ScanHalf, float>(); break;
+    case DType::kBFloat16: f.template operator()<ScanBFloat16, float>(); break;
   }
 }
 

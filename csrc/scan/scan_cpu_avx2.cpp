@@ -1,12 +1,10 @@
 // The CPU scan loops compiled for AVX2 + FMA (x86-64 only); scan_cpu.cpp picks them when the CPU has both.
 // Headers come first, outside the target pragma, so their inline functions stay baseline code.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "scan/scan_cpu_entry.h"
+#include "scan/scan_half.h"
 #include "scan/scan_params.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

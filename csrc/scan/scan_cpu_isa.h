@@ -1,6 +1,6 @@
 // Body of one instruction-set copy of the CPU scan loops: include after defining SCAN_CPU_ISA (namespace),
-// SCAN_CPU_KERNELS (the getter's name) and SCAN_CPU_VEC_BYTES (SIMD width), with <cmath> and the c10 Half /
-// BFloat16 headers included. No include guard: each copy is its own translation unit.
+// SCAN_CPU_KERNELS (the getter's name) and SCAN_CPU_VEC_BYTES (SIMD width), with <cmath> and scan/scan_half.h
+// included. No include guard: each copy is its own translation unit.
 //
 // A channel's state h (dstate,) lives in vectors (dstate padded to Np, a multiple of 32 bytes, with
 // A = B = C = 0, so the padding lanes of h stay 0 and add nothing). Per-step B / C of the channel's
@@ -464,8 +464,8 @@ ScanCpuKernels SCAN_CPU_KERNELS(DType itype) {
   switch (itype) {
     case DType::kFloat64: return kernels<double, double>();
     case DType::kFloat32: return kernels<float, float>();
-    case DType::kFloat16: return kernels<c10::Half, float>();
-    case DType::kBFloat16: return kernels<c10::BFloat16, float>();
+    case DType::kFloat16: return kernels<ScanHalf, float>();
+    case DType::kBFloat16: return kernels<ScanBFloat16, float>();
   }
   return {nullptr, nullptr};
 }

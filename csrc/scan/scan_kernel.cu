@@ -1,7 +1,12 @@
-// CUDA kernels of the selective scan, mirroring scan_cpu.cpp. A "team" of kLanes threads (one warp or a
-// power-of-two slice of one) owns one (b, d) channel: lane l keeps the states n = l + k·kLanes, k < kS, in
+// CUDA kernels of the selective scan, mirroring scan_cpu.cpp. A "team" of kLanes threads (a power-of-two
+// slice of one warp, or one thread) owns one (b, d) channel: lane l keeps the states n = l + k·kLanes, k < kS, in
 // registers, the team walks time sequentially like the CPU kernel and sums over n with warp shuffles.
 // Parallelism is batch·dim·kLanes threads. 1-D grids (dim may exceed 65535), 64-bit offsets throughout.
+//
+// Forward: teams of N/4 lanes with 4 states each (dispatch_fwd_lanes), walking time in tiles of kLanes steps:
+// lane l prepares step t0 + l of the tile (loads Δ and u, softplus, later the gate and the store of out), the
+// team broadcasts Δ_t, u_t of each step from that lane, so the per-step scalar work runs once per step, not once
+// per lane.
 //
 // Backward: a block holds R = blk teams, R consecutive channels of one group of one batch row (the task of
 // scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes h_prev of every step into shared
@@ -131,22 +136,61 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
   in_t* out = static_cast<in_t*>(p.out) + bd * p.seqlen;
   acc_t h[kS];
   for (int64_t s = 0; s < sb.count(); ++s) {
-    const int64_t sg = sb.global(s, b);
+    const int64_t sg = sb.global(s, b), end = sb.end(s);
     ch.load(state_row<acc_t>(p.h0, sg, d, p.dim, N), h);
-    for (int64_t t = sb.begin(s); t < sb.end(s); ++t) {
-      if (active && t % kScanChunk == 0) ch.store(h, ckpt + (t / kScanChunk) * N);
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t ut = to_acc(ch.u[t]);
-      acc_t y = team_sum<kLanes>(ch.step(t, dt, ut, h)) + ch.Dd * ut;
-      if (ch.z) {
-        const acc_t zt = to_acc(ch.z[t]);
-        y *= zt * sigmoid(zt);
+    // tiles [t0, t0 + len) of the sequence; lane l owns step t0 + l (tl) of the tile
+    for (int64_t t0 = sb.begin(s); t0 < end; t0 += kLanes) {
+      const int len = end - t0 < kLanes ? static_cast<int>(end - t0) : kLanes;
+      const int64_t tl = t0 + lane;
+      acc_t dt_l = 0, u_l = 0, y_l = 0;
+      if (lane < len) {
+        const acc_t x = ch.pre_delta(tl);
+        dt_l = p.softplus ? softplus_thr(x) : x;
+        u_l = to_acc(ch.u[tl]);
       }
-      if (active && lane == 0) out[t] = store_cast<in_t>(y);
+      for (int j = 0; j < len; ++j) {
+        const int64_t t = t0 + j;
+        if (active && t % kScanChunk == 0) ch.store(h, ckpt + (t / kScanChunk) * N);
+        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes);
+        const acc_t y = team_sum<kLanes>(ch.step(t, dt, ut, h));
+        if (lane == j) y_l = y;
+      }
+      if (active && lane < len) {
+        acc_t y = y_l + ch.Dd * u_l;
+        if (ch.z) {
+          const acc_t zt = to_acc(ch.z[tl]);
+          y *= zt * sigmoid(zt);
+        }
+        out[tl] = store_cast<in_t>(y);
+      }
     }
     if (active) ch.store(h, static_cast<acc_t*>(p.last_state) + (sg * p.dim + d) * N);
   }
+}
+
+// Backward: sums the per-step dB / dC contributions of the block's R channels, staged in shared memory
+// sdB / sdC (R, N, kSub + 1) for the steps [t, t + len), in channel order into the task's partials at var_off
+// (N, L). Every thread of the block calls it (it holds the barriers).
+template <typename acc_t>
+__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int64_t var_off,
+                                 int64_t t, int64_t len) {
+  const ScanParams& p = q.f;
+  const int64_t N = p.dstate, L = p.seqlen, R = q.blk;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
+    const int64_t i = idx % len, n = idx / len;
+    if (p.var_B) {
+      acc_t sum = 0;
+      for (int64_t rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
+      static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
+    }
+    if (p.var_C) {
+      acc_t sum = 0;
+      for (int64_t rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
+      static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
+    }
+  }
+  __syncthreads();
 }
 
 template <typename in_t, typename acc_t, int kLanes, int kS>
@@ -179,9 +223,9 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
 MK_UNROLL
   for (int k = 0; k < kS; ++k) dA[k] = dBc[k] = dCc[k] = carry[k] = acc_t(0);
-  acc_t dD = 0, dbias = 0;
-  int64_t s = sb.count() - 1;  // the sequence of the step the reverse walk is at
-  auto skip_empty = [&]() {    // empty sequences: d initial_state = d last_state
+  acc_t dD_l = 0, dbias_l = 0;  // this lane's steps' parts of dD, d delta_bias
+  int64_t s = sb.count() - 1;   // the sequence of the step the reverse walk is at
+  auto skip_empty = [&]() {     // empty sequences: d initial_state = d last_state
     while (s >= 0 && sb.begin(s) == sb.end(s)) {
       const int64_t sg = sb.global(s, b);
       acc_t tmp[kS];
@@ -191,96 +235,113 @@ MK_UNROLL
     }
   };
   skip_empty();
+  // Both passes over a chunk walk it in tiles of kLanes steps (chunks start at multiples of kLanes); lane l
+  // prepares step tb + l of the tile and the team broadcasts each step's scalars from that lane.
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kScanChunk, t1 = t0 + kScanChunk < L ? t0 + kScanChunk : L;
     // recompute h_prev over the chunk into shared memory (each lane its own states)
     int64_t sf = s;
     while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
     ch.load(ckpt + c * N, h);
-    for (int64_t t = t0; t < t1; ++t) {
-      while (sb.end(sf) <= t) ++sf;
-      if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
-      ch.store(h, hps + (t - t0) * N);
-      const acc_t x = ch.pre_delta(t);
-      ch.step(t, p.softplus ? softplus_thr(x) : x, to_acc(ch.u[t]), h);
+    for (int64_t tb = t0; tb < t1; tb += kLanes) {
+      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
+      acc_t dt_l = 0, u_l = 0;
+      if (lane < len) {
+        const acc_t x = ch.pre_delta(tb + lane);
+        dt_l = p.softplus ? softplus_thr(x) : x;
+        u_l = to_acc(ch.u[tb + lane]);
+      }
+      for (int j = 0; j < len; ++j) {
+        const int64_t t = tb + j;
+        while (sb.end(sf) <= t) ++sf;
+        if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
+        ch.store(h, hps + (t - t0) * N);
+        ch.step(t, __shfl_sync(0xffffffffu, dt_l, j, kLanes), __shfl_sync(0xffffffffu, u_l, j, kLanes), h);
+      }
     }
-    // reverse recurrence over the chunk
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
-      const acc_t x = ch.pre_delta(t);
-      const acc_t dt = p.softplus ? softplus_thr(x) : x;
-      const acc_t ut = to_acc(ch.u[t]);
-      acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
-      ch.load(hps + (t - t0) * N, hp);
-      acc_t yp = 0;
-MK_UNROLL
-      for (int k = 0; k < kS; ++k) {
-        Bt[k] = ch.Bt(k, t);
-        Ct[k] = ch.Ct(k, t);
-        a[k] = mk_exp(dt * ch.A[k]);
-        ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
-        yp += Ct[k] * ht[k];
-      }
-      acc_t dy = to_acc(dout[t]);
-      if (ch.z) {
-        const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
-        const acc_t zt = to_acc(ch.z[t]), sz = sigmoid(zt);
-        if (active && lane == 0) dz_out[t] = store_cast<in_t>(dy * y * sz * (acc_t(1) + zt * (acc_t(1) - sz)));
-        dy *= zt * sz;
-      }
-      dD += dy * ut;
-      acc_t ddt = 0, du = 0;
-MK_UNROLL
-      for (int k = 0; k < kS; ++k) {
-        const acc_t dh = Ct[k] * dy + carry[k];
-        const acc_t cC = dy * ht[k], cB = dh * dt * ut;
-        if (ch.has(k)) {
-          const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
-          if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
-          if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+    // reverse recurrence over the chunk, last tile first
+    for (int64_t tb = t0 + (t1 - 1 - t0) / kLanes * kLanes; tb >= t0; tb -= kLanes) {
+      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
+      const int64_t tl = tb + lane;
+      // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
+      acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
+      if (lane < len) {
+        x_l = ch.pre_delta(tl);
+        dt_l = p.softplus ? softplus_thr(x_l) : x_l;
+        u_l = to_acc(ch.u[tl]);
+        g_l = to_acc(dout[tl]);
+        dy_l = g_l;
+        if (ch.z) {
+          z_l = to_acc(ch.z[tl]);
+          sz_l = sigmoid(z_l);
+          dy_l *= z_l * sz_l;
         }
-        if (!p.var_B) dBc[k] += cB;
-        if (!p.var_C) dCc[k] += cC;
-        dA[k] += dh * hp[k] * a[k] * dt;
-        ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
-        du += dh * dt * Bt[k];
-        carry[k] = a[k] * dh;
       }
-      ddt = team_sum<kLanes>(ddt);
-      du = team_sum<kLanes>(du) + ch.Dd * dy;
-      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(x) : ddt;
-      dbias += dx;
-      if (active && lane == 0) {
-        du_out[t] = store_cast<in_t>(du);
-        ddelta_out[t] = store_cast<in_t>(dx);
-      }
-      if (t == sb.begin(s)) {
-        if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
-        --s;
-        skip_empty();
-      }
-      // per-step dB / dC of the sub-block [t, t + len): sum the R channels in order into the task's
-      // partial (t is block-uniform, so is the branch)
-      if ((p.var_B || p.var_C) && t % kSub == 0) {
-        const int64_t len = t1 - t < kSub ? t1 - t : kSub;
-        __syncthreads();
-        for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
-          const int64_t i = idx % len, n = idx / len;
-          if (p.var_B) {
-            acc_t sum = 0;
-            for (int rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
-            static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
-          }
-          if (p.var_C) {
-            acc_t sum = 0;
-            for (int rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
-            static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
-          }
+      acc_t y_l = 0, ddt_l = 0, du_l = 0;  // the team sums of this lane's step
+      for (int j = len - 1; j >= 0; --j) {
+        const int64_t t = tb + j;
+        if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
+        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes),
+                    dy = __shfl_sync(0xffffffffu, dy_l, j, kLanes);
+        acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
+        ch.load(hps + (t - t0) * N, hp);
+        acc_t yp = 0;
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          Bt[k] = ch.Bt(k, t);
+          Ct[k] = ch.Ct(k, t);
+          a[k] = mk_exp(dt * ch.A[k]);
+          ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
+          yp += Ct[k] * ht[k];
         }
-        __syncthreads();
+        if (ch.z) {
+          const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
+          if (lane == j) y_l = y;
+        }
+        acc_t ddt = 0, du = 0;
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          const acc_t dh = Ct[k] * dy + carry[k];
+          const acc_t cC = dy * ht[k], cB = dh * dt * ut;
+          if (ch.has(k)) {
+            const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
+            if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
+            if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+          }
+          if (!p.var_B) dBc[k] += cB;
+          if (!p.var_C) dCc[k] += cC;
+          dA[k] += dh * hp[k] * a[k] * dt;
+          ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
+          du += dh * dt * Bt[k];
+          carry[k] = a[k] * dh;
+        }
+        ddt = team_sum<kLanes>(ddt);
+        du = team_sum<kLanes>(du);
+        if (lane == j) {
+          ddt_l = ddt;
+          du_l = du;
+        }
+        if (t == sb.begin(s)) {
+          if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
+          --s;
+          skip_empty();
+        }
+        // per-step dB / dC of the sub-block [t, t + sub_len): t is block-uniform, so is the branch
+        if ((p.var_B || p.var_C) && t % kSub == 0) {
+          reduce_sub_block(q, sdB, sdC, var_off, t, t1 - t < kSub ? t1 - t : kSub);
+        }
+      }
+      if (active && lane < len) {
+        if (ch.z) dz_out[tl] = store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
+        du_out[tl] = store_cast<in_t>(du_l + ch.Dd * dy_l);
+        const acc_t dx = p.softplus ? ddt_l * softplus_thr_grad(x_l) : ddt_l;
+        ddelta_out[tl] = store_cast<in_t>(dx);
+        dbias_l += dx;
+        dD_l += dy_l * u_l;
       }
     }
   }
+  const acc_t dD = team_sum<kLanes>(dD_l), dbias = team_sum<kLanes>(dbias_l);
   if (!active) return;
   ch.store(dA, static_cast<acc_t*>(q.dA_part) + bd * N);
   if (!p.var_B) ch.store(dBc, static_cast<acc_t*>(q.dB_part) + bd * N);
@@ -329,9 +390,10 @@ void dispatch_itype(DType itype, F&& f) {
   }
 }
 
-// Calls f.template operator()<kLanes, kS>() with kLanes·kS >= dstate.
+// Backward lane plan: calls f.template operator()<kLanes, kS>() with kLanes·kS = the power of two >= dstate (at
+// least 4), one state per lane up to 32 states.
 template <typename F>
-void dispatch_lanes(int64_t dstate, F&& f) {
+void dispatch_bwd_lanes(int64_t dstate, F&& f) {
   if (dstate <= 4) {
     f.template operator()<4, 1>();
   } else if (dstate <= 8) {
@@ -349,21 +411,51 @@ void dispatch_lanes(int64_t dstate, F&& f) {
   }
 }
 
+// Forward lane plan: 4 states per lane (8 above 128 states): a quarter of the lanes of the backward's plan, so
+// the per-step work shared by a channel's lanes (the team sum, the B/C broadcast) is spread over fewer lanes.
+template <typename F>
+void dispatch_fwd_lanes(int64_t dstate, F&& f) {
+  if (dstate <= 4) {
+    f.template operator()<1, 4>();
+  } else if (dstate <= 8) {
+    f.template operator()<2, 4>();
+  } else if (dstate <= 16) {
+    f.template operator()<4, 4>();
+  } else if (dstate <= 32) {
+    f.template operator()<8, 4>();
+  } else if (dstate <= 64) {
+    f.template operator()<16, 4>();
+  } else if (dstate <= 128) {
+    f.template operator()<32, 4>();
+  } else {
+    f.template operator()<32, 8>();
+  }
+}
+
+// float64 runs at most 128 states on CUDA (the glue refuses more): no float64 instances with 8 states per lane.
+template <typename acc_t, int kS>
+constexpr bool kFitsCuda = !(std::is_same_v<acc_t, double> && kS == 8);
+
 unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
 }  // namespace
 
+// 256 / (kLanes·kS of dispatch_bwd_lanes), at most 16: blocks of up to 256 threads whose shared memory,
+// blk·dstate·(kScanChunk + 2·(kSub + 1)) weights, is at most 100 KB in float32 (200 KB in float64, dstate <= 128).
 int64_t scan_bwd_cuda_blk(int64_t dstate) {
-  const int64_t r = 128 / dstate;
-  return r < 1 ? 1 : (r > 8 ? 8 : r);
+  int64_t width = 4;
+  while (width < dstate) width *= 2;
+  return width >= 16 ? 256 / width : 16;
 }
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
-      scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
+    dispatch_fwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
+      if constexpr (kFitsCuda<acc_t, kS>) {
+        const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
+        scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
+      }
     });
   });
 }
@@ -372,13 +464,15 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
-      const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
-      auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
-      kernel<<<grid, static_cast<unsigned>(q.blk * kLanes), smem, stream>>>(q);
+    dispatch_bwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
+      if constexpr (kFitsCuda<acc_t, kS>) {
+        const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
+        const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
+        auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+        const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
+        kernel<<<grid, static_cast<unsigned>(q.blk * kLanes), smem, stream>>>(q);
+      }
     });
   });
 }

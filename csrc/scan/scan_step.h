@@ -5,7 +5,7 @@
 //   y = Σ_n C_n h_n + D_d x_i;  out_i = y · silu(z_i) (or y).
 // The caller's Ops supplies what differs per device, for activations in_t and math in acc_t:
 //   static acc_t load(in_t);   static in_t store(acc_t);   static acc_t exp(acc_t) (the dstate loop's exp).
-// Torch-free: the CPU passes c10 half types with static_cast, CUDA the cuda_fp16 / cuda_bf16 intrinsics.
+// Torch-free: the CPU passes scan_half.h types with static_cast, CUDA the cuda_fp16 / cuda_bf16 intrinsics.
 #include <cstdint>
 
 #include "common/macros.h"

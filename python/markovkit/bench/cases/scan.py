@@ -3,6 +3,16 @@
 importable) mamba_ssm's CUDA kernel. Mamba-block settings: z present, per-step B/C with one group,
 delta_softplus.
 
+Floors. `bytes` is the traffic the op cannot avoid: u, delta, z in and out out (forward); u, delta, z, dout in
+and du, ddelta, dz out (backward); per-step B, C in (and dB, dC out) once; the float32 checkpoints the forward
+writes for the backward every 64 steps (batch·dim·ceil(seqlen/64)·dstate), read back by the backward; the
+small weights are left out. The harness's `roof` column is that time at the measured copy bandwidth. The
+second floor is the exp count, the `rate` column: one exp(Δ·A) per (batch, dim, step, state) and two per
+(batch, dim, step) (softplus, sigmoid) in the forward, as many again in the backward (it must recompute the
+states). On an H100 SXM the exps run on 132 SMs × 16 SFU lanes at ~1.755 GHz ≈ 3.7e12 exp/s: `rate` over
+that is the time as a fraction of the exp floor (at dstate 16 the two floors are about equal, above it the exps
+dominate). HBM on an H100 SXM: ~3.35e12 B/s.
+
 The reference loops over time: its torch.compile unrolls that loop, so at full sizes run this family with
 --no-compile."""
 import torch
@@ -10,12 +20,28 @@ import torch
 import markovkit
 from markovkit.bench.case import Case, cases
 from markovkit.reference import selective_scan_materialized_ref
+from markovkit.scan import CHUNK
 
 # (batch, dim, seqlen, dstate, dtype)
 CUDA_SHAPES = [(8, 4096, 2048, 16, torch.bfloat16), (8, 4096, 2048, 16, torch.float32),
                (2, 4096, 8192, 16, torch.bfloat16), (8, 4096, 2048, 64, torch.bfloat16)]
 CPU_SHAPES = [(2, 256, 1024, 16, torch.float32)]
 QUICK_SHAPES = [(1, 32, 128, 16, torch.float32)]
+
+
+def traffic(batch, dim, seqlen, dstate, size):
+    """(forward, forward + backward) bytes: activations, per-step B/C (and their gradients), checkpoints."""
+    act = batch * dim * seqlen * size
+    bc = 2 * batch * dstate * seqlen * size
+    ckpt = batch * dim * -(-seqlen // CHUNK) * dstate * 4
+    fwd = 4 * act + bc + ckpt
+    return fwd, fwd + 7 * act + 2 * bc + ckpt
+
+
+def exps(batch, dim, seqlen, dstate):
+    """(forward, forward + backward) exp count."""
+    fwd = batch * dim * seqlen * (dstate + 2)
+    return fwd, 2 * fwd
 
 
 def _peer():
@@ -60,18 +86,15 @@ def scan_cases(device: torch.device, quick: bool):
     for batch, dim, seqlen, dstate, dtype in shapes:
         size = torch.tensor([], dtype=dtype).element_size()
         shape = f"({batch},{dim},{seqlen},{dstate})"
-        act_bytes = batch * dim * seqlen * size
-        bc_bytes = 2 * batch * dstate * seqlen * size
-        # forward: u, delta, z in, out out, B and C once; backward: those again + dout in, du, ddelta, dz out
-        fwd_bytes, bwd_bytes = 4 * act_bytes + bc_bytes, 7 * act_bytes + 2 * bc_bytes
-        rate = (batch * dim * seqlen, "channel·steps")
+        fwd_bytes, all_bytes = traffic(batch, dim, seqlen, dstate, size)
+        fwd_exps, all_exps = exps(batch, dim, seqlen, dstate)
         x = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=False)
         yield Case(family="scan", name="forward", shape=shape, dtype=dtype, ours=_fwd(markovkit.selective_scan, x),
                    reference=_fwd(selective_scan_materialized_ref, x),
-                   peers={"mamba_ssm": _fwd(peer, x)} if peer else {}, bytes=fwd_bytes, rate=rate)
+                   peers={"mamba_ssm": _fwd(peer, x)} if peer else {}, bytes=fwd_bytes, rate=(fwd_exps, "exp"))
         xg = _inputs(batch, dim, seqlen, dstate, dtype, device, grad=True)
         dout = torch.randn(batch, dim, seqlen, device=device).to(dtype)
         yield Case(family="scan", name="forward+backward", shape=shape, dtype=dtype,
                    ours=_fwd_bwd(markovkit.selective_scan, xg, dout), reference=_fwd_bwd(selective_scan_materialized_ref, xg, dout),
                    peers={"mamba_ssm": _fwd_bwd(peer, xg, dout)} if peer else {},
-                   bytes=fwd_bytes + bwd_bytes, rate=rate)
+                   bytes=all_bytes, rate=(all_exps, "exp"))

@@ -1,0 +1,204 @@
+"""The CUDA kernels of the selective scan (csrc/scan/scan_kernel.cu) run by the emulator: forward, backward
+(with its fixed-order reduce kernel) and decode step against the float64 reference and the CPU kernel, for every
+dtype, every (kLanes, kS) instance of dispatch_lanes, every backward block size of scan_bwd_cuda_blk, every
+B/C layout and option, odd and multi-chunk lengths, packed sequences; determinism across runs and thread
+orders; the CUDA-only glue errors.
+
+Tolerances (rtol, atol as a fraction of the largest reference magnitude), outputs and gradients alike:
+float64 1e-9 / 1e-10 absolute; float32 2e-4 / 2e-5; float16 5e-3 / 3e-3; bfloat16 3e-2 / 2e-2 (activations
+rounded to the dtype, the reference in float64 on the rounded inputs; the kernels compute in float32).
+"""
+import pytest
+import torch
+
+import markovkit
+from conftest import HAS_EMULATION
+from markovkit import cuda_emulation
+from markovkit.reference import selective_scan_ref, selective_state_update_ref
+from test_scan import TOL64, TOL_LOW, assert_all_close, make_inputs, run, upstream
+
+F64 = torch.float64
+
+
+def blk_of(dstate):
+    """Channels per backward block on CUDA (scan_bwd_cuda_blk): 256 over the power of two >= dstate, at most 16."""
+    width = 4
+    while width < dstate:
+        width *= 2
+    return min(256 // width, 16)
+
+
+def cast(x, dtype):
+    """Activations (u, delta, z, per-step B/C) in dtype, weights in float32 (float64 with float64)."""
+    w = F64 if dtype == F64 else torch.float32
+    acts = {"u", "delta", "z"} | {k for k in ("B", "C") if x[k].dim() >= 3}
+    return {k: (v.to(dtype if k in acts else w) if v is not None else None) for k, v in x.items()}
+
+
+def tolerance(dtype):
+    if dtype == F64:
+        return dict(rtol=TOL64["rtol"], atol=TOL64["atol"])
+    rtol, atol_frac = TOL_LOW[dtype]
+    return dict(rtol=rtol, atol_frac=atol_frac)
+
+
+def check_scan(emulated, x, dtype, softplus=True, with_last=True, cu_seqlens=None, nseq=None, vs_cpu=False):
+    """The emulated CUDA op against the float64 reference (and the CPU kernel): out, last_state, all grads."""
+    xd = cast(x, dtype)
+    x64 = {k: (v.to(F64) if v is not None else None) for k, v in xd.items()}
+    g, gl = upstream(x64, with_last=with_last, nseq=nseq)
+    g = g.to(dtype).to(F64)
+    kw = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
+    with emulated():
+        got = run(markovkit.selective_scan, xd, softplus, g, gl, **kw)
+    out, last, grads = got
+    assert out.dtype == dtype and last.dtype == (F64 if dtype == F64 else torch.float32)
+    assert all(grads[k].dtype == xd[k].dtype for k in grads)
+    tol = tolerance(dtype)
+    assert_all_close(got, run(selective_scan_ref, x64, softplus, g, gl, **kw), **tol)
+    if vs_cpu:
+        assert_all_close(got, run(markovkit.selective_scan, xd, softplus, g, gl, **kw), **tol)
+    return got
+
+
+# (dtype, dstate): every (kLanes, kS) of dispatch_fwd_lanes -- (1,4) N<=4, (2,4) N<=8, (4,4) N<=16, (8,4) N<=32,
+# (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- and of dispatch_bwd_lanes -- (4,1), (8,1), (16,1), (32,1), (32,2),
+# (32,4), (32,8) on the same ranges -- so every backward block size 16, 8, 4, 2, 1, with states beyond N in the
+# last lane slots (N below kLanes·kS), in float32; each other dtype on two.
+DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 128, 200, 256)]
+                + [(torch.float16, 16), (torch.float16, 64), (torch.bfloat16, 16), (torch.bfloat16, 256),
+                   (F64, 5), (F64, 128)])
+
+
+@pytest.mark.parametrize("dtype,dstate", DSTATE_CASES)
+def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
+    # blk + 1 channels: two backward blocks, the second with one active channel; 77 steps: two chunks, the second
+    # with a partial sub-block of per-step dB/dC; forward tiles of kLanes steps, the last one partial
+    x = make_inputs(batch=2, dim=blk_of(dstate) + 1, seqlen=77, dstate=dstate, B_mode="var4", C_mode="var3",
+                    seed=dstate)
+    check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
+
+
+# (dtype, B_mode, C_mode, groups, has_z, has_D, softplus and delta_bias, initial_state, gradient of the last state)
+F32 = torch.float32
+OPTION_CASES = [
+    (F32, "const", "const", 1, False, False, False, False, False),
+    (F64, "const", "const", 1, False, False, False, False, False),
+    (F32, "const", "const", 1, True, True, True, True, True),
+    (F32, "var3", "var3", 1, True, True, True, True, True),
+    (F64, "var3", "var3", 1, False, False, False, False, True),
+    (F32, "var4", "const", 3, True, False, True, False, False),
+    (F64, "const", "var4", 3, False, True, False, True, True),
+    (F32, "var4", "var4", 6, True, True, True, True, True),  # 3 channels per group: 13 idle channels per block
+    (F64, "var4", "var4", 6, True, True, True, True, True),
+    (F32, "var3", "const", 1, False, True, True, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype,B_mode,C_mode,groups,has_z,has_D,softplus,has_h0,with_last", OPTION_CASES)
+def test_options(emulated, dtype, B_mode, C_mode, groups, has_z, has_D, softplus, has_h0, with_last):
+    x = make_inputs(batch=2, dim=18, seqlen=70, dstate=6, B_mode=B_mode, C_mode=C_mode, groups=groups,
+                    has_D=has_D, has_z=has_z, has_bias=softplus, has_h0=has_h0, seed=3)
+    check_scan(emulated, x, dtype, softplus=softplus, with_last=with_last)
+
+
+@pytest.mark.parametrize("seqlen", [1, 16, 63, 64, 65, 200])
+def test_lengths(emulated, seqlen):
+    # one step, one sub-block, chunk edges, four chunks with an 8-step tail
+    x = make_inputs(batch=2, dim=9, seqlen=seqlen, dstate=8, B_mode="var4", C_mode="var4", groups=1, seed=seqlen)
+    check_scan(emulated, x, torch.float32, vs_cpu=True)
+
+
+@pytest.mark.parametrize("B_mode,has_h0", [("var3", True), ("const", False)])
+def test_varlen(emulated, B_mode, has_h0):
+    # empty sequences, a one-step one, boundaries at a chunk edge and inside a sub-block
+    cu_list = [0, 5, 5, 64, 80, 81, 150, 150]
+    nseq = len(cu_list) - 1
+    x = make_inputs(batch=1, dim=5, seqlen=150, dstate=4, B_mode=B_mode, C_mode="var3", nseq=nseq, has_h0=has_h0,
+                    seed=11)
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    check_scan(emulated, x, torch.float32, cu_seqlens=cu, nseq=nseq, vs_cpu=True)
+    check_scan(emulated, x, F64, cu_seqlens=cu, nseq=nseq)
+
+
+def _step_inputs(dtype, batch=2, dim=130, dstate=16, groups=2, has_D=True, has_z=True, has_bias=True, seed=5):
+    # dim 130: the decode kernel's second block of 128 channels is partial
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    w = F64 if dtype == F64 else torch.float32
+    state = r(batch, dim, dstate).to(w)
+    x, dt = r(batch, dim).to(dtype), (0.5 * r(batch, dim)).to(dtype)
+    A = (-torch.rand(dim, dstate, generator=g, dtype=F64)).to(w)
+    B, C = r(batch, groups, dstate).to(dtype), r(batch, groups, dstate).to(dtype)
+    D = r(dim).to(w) if has_D else None
+    z = r(batch, dim).to(dtype) if has_z else None
+    bias = r(dim).to(w) if has_bias else None
+    return state, (x, dt, A, B, C, D, z, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, F64])
+@pytest.mark.parametrize("has_D,has_z,has_bias,softplus", [(True, True, True, True), (False, False, False, False),
+                                                           (True, False, True, False), (False, True, False, True)])
+def test_state_update(emulated, dtype, has_D, has_z, has_bias, softplus):
+    state, step = _step_inputs(dtype, has_D=has_D, has_z=has_z, has_bias=has_bias)
+    cpu_state, emu_state = state.clone(), state.clone()
+    cpu = markovkit.selective_state_update(cpu_state, *step, dt_softplus=softplus)
+    with emulated():
+        got = markovkit.selective_state_update(emu_state, *step, dt_softplus=softplus)
+    ref_state = state.to(F64)
+    ref = selective_state_update_ref(ref_state, *[t.to(F64) if t is not None else None for t in step],
+                                     dt_softplus=softplus)
+    assert got.dtype == dtype
+    tol = tolerance(dtype)
+    rtol = tol["rtol"]
+    for a, b, c in ((emu_state, ref_state, cpu_state), (got, ref, cpu)):
+        atol = tol.get("atol", tol.get("atol_frac", 0) * b.abs().max().item())
+        torch.testing.assert_close(a.to(F64), b, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a.to(F64), c.to(F64), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_decode_steps_equal_the_scan(emulated, dtype):
+    L = 20
+    x = cast(make_inputs(batch=2, dim=6, seqlen=L, dstate=8, B_mode="var4", C_mode="var4", groups=3, seed=7), dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL64
+    with emulated():
+        out, last = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True)
+        state = x["initial_state"].clone()
+        for t in range(L):
+            y = markovkit.selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
+                                                 x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], True)
+            torch.testing.assert_close(y, out[..., t], **tol)
+    torch.testing.assert_close(state, last, **tol)
+
+
+@pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
+def test_backward_bitwise_equal_across_runs_and_thread_orders(monkeypatch):
+    """No atomics: two runs, and threads scheduled forward or in reverse, give bitwise-equal results."""
+    x = make_inputs(batch=2, dim=17, seqlen=70, dstate=8, B_mode="var4", C_mode="var4", groups=1, seed=2)
+    x = cast(x, torch.float32)
+    g, gl = upstream(x)
+    results = []
+    for order in ("forward", "forward", "reverse"):
+        monkeypatch.setenv("MK_EMU_ORDER", order)
+        with cuda_emulation.cuda_emulation():
+            results.append(run(markovkit.selective_scan, x, True, g, gl))
+    for other in results[1:]:
+        assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
+        for k in results[0][2]:
+            assert torch.equal(results[0][2][k], other[2][k]), k
+
+
+def test_cuda_glue_errors(emulated):
+    # the CUDA backward keeps a chunk of float64 states in shared memory: at most 128 states (the CPU takes 256)
+    x = cast(make_inputs(batch=1, dim=2, seqlen=5, dstate=129, B_mode="var3", C_mode="const", seed=1), F64)
+    markovkit.selective_scan(**x)
+    with emulated(), pytest.raises(RuntimeError, match="A: expected dstate <= 128 for float64 inputs on CUDA, "
+                                                       "got 129"):
+        markovkit.selective_scan(**x)
+    # float32 at 256 states is accepted on CUDA
+    x32 = cast(make_inputs(batch=1, dim=1, seqlen=3, dstate=256, B_mode="var3", C_mode="const", seed=1),
+               torch.float32)
+    with emulated():
+        out = markovkit.selective_scan(**x32)
+    torch.testing.assert_close(out, selective_scan_ref(**x32), rtol=2e-4, atol=2e-4)
