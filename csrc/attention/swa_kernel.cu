@@ -15,7 +15,8 @@
 // products (V during Q K^T, the next K during P V).
 // Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
 // every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly),
-// one per query tile computes dQ (over its key tiles); both recompute P = exp(S - lse) and use
+// one per query tile computes dQ (over its key tiles), both loading the next tiles by cp.async behind the
+// products; both recompute P = exp(S - lse) and use
 // dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -166,6 +167,24 @@ struct KeyTiles {
     const bool in_sink = j0 < sink_end;
     j0 += kBN;
     if (in_sink && j0 >= sink_end) j0 = window_begin;
+  }
+};
+
+// The (head, query tile) pairs that meet a key tile: every head [h, h_end) of its group, queries [begin, end)
+// kBM at a time.
+struct QueryTiles {
+  int64_t h, h_end, begin, end;
+  int64_t i0;  // first query of the current tile
+  __device__ QueryTiles(int64_t h_begin, int64_t h_end, int64_t begin, int64_t end)
+      : h(h_begin), h_end(h_end), begin(begin), end(end), i0(begin) {}
+  __device__ bool done() const { return h >= h_end; }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kBM), end - i0); }
+  __device__ void next() {
+    i0 += kBM;
+    if (i0 >= end) {
+      i0 = begin;
+      ++h;
+    }
   }
 };
 
@@ -405,36 +424,49 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale = static_cast<float>(s.scale);
 
+  // Q and dO move in by cp.async while the warps compute: dO(t) during S^T = K Q(t)^T, Q(t + 1) and the
+  // statistics during dV += P^T dO(t).
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const auto load_stats_of = [&](const QueryTiles& t) {
+    const int64_t at = (b * s.heads + t.h) * L;
+    load_stats(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0, t.size(), slse,
+               sdelta);
+  };
+  QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
   load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
   load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+  load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
+  load_stats_of(tiles);
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
   }
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const float* lse = static_cast<const float*>(p.lse) + (b * s.heads + h) * L;
-    const float* delta = static_cast<const float*>(p.delta) + (b * s.heads + h) * L;
-    for (int64_t i0 = j0; i0 < q_end; i0 += kBM) {
-      const int64_t ni = min(static_cast<int64_t>(kBM), q_end - i0);
-      __syncthreads();  // every warp is done with the previous sq, sdo, slse, sdelta
-      load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-      load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
-      load_stats(lse, delta, i0, ni, slse, sdelta);
-      cp_async_wait_all();
-      __syncthreads();
-      float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
-      warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
-      warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
-      if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-        mask_block(st, warp, ln,
-                   [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
-      }
-      p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
-      warp_px<T, D>(st, sdo, ln, dv);   // dV += P^T dO
-      warp_px<T, D>(dpt, sq, ln, dk);   // dK += scale dS^T Q
+  while (!tiles.done()) {
+    const int64_t h = tiles.h, i0 = tiles.i0, ni = tiles.size();
+    cp_async_wait_all();
+    __syncthreads();  // Q(i0), the statistics (and K, V) are in; every warp is done with the previous sdo
+    load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
+    float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
+    warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
+    if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(st, warp, ln,
+                 [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
     }
+    cp_async_wait_all();
+    __syncthreads();  // dO(i0) is in
+    warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
+    p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+    warp_px<T, D>(dpt, sq, ln, dk);  // dK += scale dS^T Q
+    __syncthreads();                 // every warp is done with sq, slse, sdelta
+    tiles.next();
+    if (!tiles.done()) {
+      load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
+      load_stats_of(tiles);
+    }
+    warp_px<T, D>(st, sdo, ln, dv);  // dV += P^T dO
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, warp, nj, L, s.kv_heads, hk, ln);
@@ -461,26 +493,34 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale = static_cast<float>(s.scale);
 
+  // K and V move in by cp.async while the warps compute: K(j) during dP = dO V(j)^T, V(j + 1) during
+  // S = Q K(j)^T and dQ += dS K(j).
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  KeyTiles tiles(i0, i0 + ni, s);
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
              sdelta);
+  load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
   float dq[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
   }
-  for (KeyTiles tiles(i0, i0 + ni, s); !tiles.done(); tiles.next()) {
+  while (!tiles.done()) {
     const int64_t j0 = tiles.j0, nj = tiles.size();
-    __syncthreads();  // every warp is done with the previous sk, sv
-    load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
-    load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
     cp_async_wait_all();
-    __syncthreads();  // K, V (and Q, dO, the statistics) are in
+    __syncthreads();  // V(j0) (and Q, dO, the statistics) are in; every warp is done with the previous sk
+    load_rows<T, D>(k, b, j0, nj, L, s.kv_heads, hk, sk);
     float sc[kBN / 8][4], dp[kBN / 8][4];
-    warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);   // S = Q K^T
     warp_abt<T, D>(sdo, sv, 16 * warp, ln, dp);  // dP = dO V^T
+    cp_async_wait_all();
+    __syncthreads();  // K(j0) is in; every warp is done with sv
+    tiles.next();
+    if (!tiles.done()) load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
+    warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);  // S = Q K^T
     if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
       mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
