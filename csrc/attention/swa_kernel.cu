@@ -14,10 +14,10 @@
 // online softmax in base 2 with scale * log2(e) folded in; K and V tiles arrive by cp.async behind the
 // products (V during Q K^T, the next K during P V).
 // Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
-// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly),
-// one per query tile computes dQ (over its key tiles), both loading the next tiles by cp.async behind the
-// products; both recompute P = exp(S - lse) and use
-// dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
+// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly;
+// headdim 256 splits the dK, dV columns over two CTAs), one per query tile computes dQ (over its key
+// tiles), both loading the next tiles by cp.async behind the products; both recompute P = exp(S - lse) and
+// use dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -116,19 +116,20 @@ __device__ __forceinline__ void warp_abt(const T* a_tile, const T* x_tile, int r
   }
 }
 
-// acc (16 rows x D, as D / 8 C fragments) += P (16 x 64, as C fragments) times the 64 rows of X (64 x D).
-template <typename T, int D>
-__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, Lane ln,
-                                        float (&acc)[D / 8][4]) {
+// acc (16 rows x kCols, as kCols / 8 C fragments) += P (16 x 64, as C fragments) times columns
+// [c0, c0 + kCols) of the 64 rows of X (64 x D).
+template <typename T, int D, int kCols = D>
+__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, int c0, Lane ln,
+                                        float (&acc)[kCols / 8][4]) {
   constexpr int kLd = D + kPad;
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
     uint32_t a[4];
     c_to_a<T>(p[2 * kk], p[2 * kk + 1], a);
 #pragma unroll
-    for (int n = 0; n < D / 8; n += 2) {
+    for (int n = 0; n < kCols / 8; n += 2) {
       uint32_t b[4];
-      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b);
+      load_b_cols(x_tile, kLd, 16 * kk, c0 + 8 * n, ln, b);
       mma<T>(acc[n], a, b[0], b[1]);
       mma<T>(acc[n + 1], a, b[2], b[3]);
     }
@@ -202,17 +203,18 @@ __device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int warp, Lan
 }
 
 // Writes the warp's 16 rows (C fragments acc, times row_scale[half] for rows g and g + 8) as T to rows
-// [r0 + 16 w, ...) of head h, only rows < n.
-template <typename T, int D>
-__device__ void store_rows(const float (&acc)[D / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
-                           int64_t r0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h, Lane ln) {
+// [r0 + 16 w, ...), columns [c0, c0 + kCols) of head h, only rows < n.
+template <typename T, int D, int kCols = D>
+__device__ void store_rows(const float (&acc)[kCols / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
+                           int64_t r0, int c0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h,
+                           Lane ln) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = 16 * warp + ln.g + 8 * half;
     if (r >= n) continue;
-    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D);
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D + c0);
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
+    for (int c = 0; c < kCols / 8; ++c) {
       row[(8 * c + 2 * ln.t) / 2] =
           pack<T>(acc[c][2 * half] * row_scale[half], acc[c][2 * half + 1] * row_scale[half]);
     }
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
     __syncthreads();  // V(j0) is in; every warp is done with sk
     tiles.next();
     if (!tiles.done()) load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
-    warp_px<T, D>(sc, sv, ln, o);
+    warp_px<T, D>(sc, sv, 0, ln, o);
   }
   float inv[2];
 #pragma unroll
@@ -322,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
     l[half] = quad_sum(l[half]);
     inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
   }
-  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, warp, ni, L, s.heads, h, ln);
+  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, 0, warp, ni, L, s.heads, h, ln);
   if (ln.t == 0) {
     float* lse = static_cast<float*>(p.lse) + bh * L;
 #pragma unroll
@@ -403,9 +405,19 @@ constexpr int64_t bwd_smem_bytes() {
   return 4 * tile_bytes<T, D>() + 2 * 64 * sizeof(float);
 }
 
-// dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y; warp w owns keys [16 w, 16 w + 16).
+// Columns of dK, dV per CTA of the dK, dV kernel: above headdim 128 the two float32 accumulators (D values
+// per lane) do not fit in the 255 registers (they spill), so two CTAs share a key tile, each recomputing S
+// and dP and accumulating half the columns.
+template <int D>
+constexpr int dkdv_cols() {
+  return D > 128 ? D / 2 : D;
+}
+
+// dK, dV columns [c0, c0 + kCols), c0 = kCols blockIdx.z, of key tile blockIdx.x for (batch, kv head)
+// blockIdx.y; warp w owns keys [16 w, 16 w + 16).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdParams p) {
+  constexpr int kCols = dkdv_cols<D>();
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk = reinterpret_cast<T*>(smem);
   T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
@@ -420,6 +432,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   const int64_t b = bk / s.kv_heads, hk = bk % s.kv_heads;
   const int64_t nj = min(static_cast<int64_t>(kBN), L - j0);
   const int64_t q_end = swa_query_end(j0 + nj, L, s.window, s.sink, j0);
+  const int c0 = static_cast<int>(blockIdx.z) * kCols;
   const int warp = threadIdx.x / 32;
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale = static_cast<float>(s.scale);
@@ -438,9 +451,9 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
   load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
   load_stats_of(tiles);
-  float dk[D / 8][4], dv[D / 8][4];
+  float dk[kCols / 8][4], dv[kCols / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+  for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
   }
@@ -459,18 +472,18 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     __syncthreads();  // dO(i0) is in
     warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
     p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
-    warp_px<T, D>(dpt, sq, ln, dk);  // dK += scale dS^T Q
+    warp_px<T, D, kCols>(dpt, sq, c0, ln, dk);  // dK += scale dS^T Q
     __syncthreads();                 // every warp is done with sq, slse, sdelta
     tiles.next();
     if (!tiles.done()) {
       load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
       load_stats_of(tiles);
     }
-    warp_px<T, D>(st, sdo, ln, dv);  // dV += P^T dO
+    warp_px<T, D, kCols>(st, sdo, c0, ln, dv);  // dV += P^T dO
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, warp, nj, L, s.kv_heads, hk, ln);
-  store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dk, one, static_cast<T*>(p.dk), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dv, one, static_cast<T*>(p.dv), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
 }
 
 // dQ of query tile blockIdx.x for (batch, head) blockIdx.y; warp w owns queries [16 w, 16 w + 16).
@@ -525,10 +538,10 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
       mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
-    warp_px<T, D>(dp, sk, ln, dq);  // dQ += scale dS K
+    warp_px<T, D>(dp, sk, 0, ln, dq);  // dQ += scale dS K
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, warp, ni, L, s.heads, h, ln);
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, warp, ni, L, s.heads, h, ln);
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in; the glue has checked smem_bytes against the
@@ -550,7 +563,7 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.s.batch * p.s.seqlen * p.s.heads;
   const dim3 grid_rows((rows + kRowsPerBlock - 1) / kRowsPerBlock);
   swa_bwd_delta_kernel<T, D><<<grid_rows, kThreads, 0, stream>>>(p);
-  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
+  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads, D / dkdv_cols<D>());
   launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem_bytes<T, D>(), p, stream);
   const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
   launch(swa_bwd_dq_kernel<T, D>, grid_q, bwd_smem_bytes<T, D>(), p, stream);
