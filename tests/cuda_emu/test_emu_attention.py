@@ -78,6 +78,22 @@ def test_forward_and_backward_match_float64_reference(emulated, case):
         _assert_within(g, w, GRAD_TOL[dtype], name)
 
 
+def test_backward_without_lse_gradient(emulated):
+    """Only out reaches the loss: the backward gets no dlse (delta = rowsum(dout * out) alone)."""
+    q, k, v, dout, _ = _inputs(1, 100, 2, 1, 64, torch.float16, seed=4)
+
+    def grads(fn, q, k, v):
+        q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad((fn(q, k, v).double() * dout.double()).sum(), (q, k, v))
+
+    with emulated():
+        got = grads(lambda q, k, v: markovkit.sliding_window_attention(q, k, v, 30, sink=2), q, k, v)
+    want = grads(lambda q, k, v: reference.sliding_window_attention(q, k, v, 30, 2)[0], q.double(), k.double(),
+                 v.double())
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        _assert_within(g, w, GRAD_TOL[torch.float16], name)
+
+
 def test_window_one_gives_v_exactly(emulated):
     q, k, v, _, _ = _inputs(1, 70, 4, 2, 64, torch.bfloat16, seed=1)
     with emulated():
