@@ -113,20 +113,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   check_same_device(lse_in, "lse", q_in, "q");
   check_shape(lse_in, "lse", {s.batch, s.heads, s.seqlen});
   check_dtype(lse_in, "lse", {st});
-  // delta = rowsum(dout * out) - dlse: (batch, heads, seqlen)
-  at::Tensor delta = (dout_in.to(st) * out.to(st)).sum(-1).transpose(1, 2);
+  at::Tensor dlse_dense;
   if (dlse.has_value()) {
     check_same_device(*dlse, "dlse", q_in, "q");
     check_shape(*dlse, "dlse", {s.batch, s.heads, s.seqlen});
-    delta = delta - dlse->to(st);
+    dlse_dense = dlse->to(st).contiguous();
   }
-  delta = delta.contiguous();
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
-  const at::Tensor dout = dense(dout_in), lse = lse_in.contiguous();
+  const at::Tensor o = dense(out), dout = dense(dout_in), lse = lse_in.contiguous();
+  at::Tensor delta = at::empty({s.batch, s.heads, s.seqlen}, lse.options());  // the kernels' workspace
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
-  const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
-                       delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
+  const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                       dlse_dense.defined() ? dlse_dense.data_ptr() : nullptr, delta.data_ptr(), dq.data_ptr(),
+                       dk.data_ptr(), dv.data_ptr()};
   if (runs_cpu_kernel(q)) {
     swa_backward_cpu(p);
   } else {

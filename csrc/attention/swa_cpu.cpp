@@ -1,7 +1,7 @@
-// CPU sliding-window attention: threads over (batch, head, query tile) forward, and backward over
-// (batch, kv head, key tile) for dK, dV then (batch, head, query tile) for dQ. The copy of the tile loops
-// is the widest the CPU runs (AVX-512F, AVX2 + FMA, or the baseline), lowered as ATen's own kernels are by
-// ATEN_CPU_CAPABILITY=default|avx2.
+// CPU sliding-window attention: threads over (batch, head, query tile) forward, and backward over the rows
+// for delta = rowsum(dout * out) - dlse, then (batch, kv head, key tile) for dK, dV, then (batch, head, query
+// tile) for dQ. The copy of the tile loops is the widest the CPU runs (AVX-512F, AVX2 + FMA, or the baseline),
+// lowered as ATen's own kernels are by ATEN_CPU_CAPABILITY=default|avx2.
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -29,6 +29,24 @@ SwaCpuKernels pick(DType dtype) {
 
 int64_t element_size(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
+// delta = rowsum(dout * out) - dlse of every row (b, i, h).
+template <typename T>
+void fill_delta(const SwaBwdParams& p) {
+  const SwaShape& s = p.s;
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* dlse = static_cast<const T*>(p.dlse);
+  T* delta = static_cast<T*>(p.delta);
+  at::parallel_for(0, s.batch * s.seqlen * s.heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T acc = 0;
+      for (int64_t d = 0; d < s.headdim; ++d) acc += out[row * s.headdim + d] * dout[row * s.headdim + d];
+      const int64_t at = swa_stat_index(row, s.seqlen, s.heads);
+      delta[at] = dlse == nullptr ? acc : acc - dlse[at];
+    }
+  });
+}
+
 }  // namespace
 
 void swa_forward_cpu(const SwaFwdParams& p) {
@@ -54,6 +72,11 @@ void swa_backward_cpu(const SwaBwdParams& p) {
       pass(p, begin, end, work.data());
     });
   };
+  if (s.dtype == DType::kFloat64) {
+    fill_delta<double>(p);
+  } else {
+    fill_delta<float>(p);
+  }
   run(kernels.bwd_dkdv, s.batch * s.kv_heads * n_key_tiles);
   run(kernels.bwd_dq, s.batch * s.heads * n_query_tiles);
 }

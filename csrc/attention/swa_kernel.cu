@@ -11,11 +11,13 @@
 //
 // Forward: CTA per (query tile of kBM rows, batch * head); key tiles of kBN keys over [0, sink_end) and
 // [window_begin, i1) (swa_params.h); the mask is evaluated only on tiles that are not fully visible;
-// online softmax in base 2 with scale * log2(e) folded in.
+// online softmax in base 2 with scale * log2(e) folded in; K and V tiles arrive by cp.async behind the
+// products (V during Q K^T, the next K during P V).
 // Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
-// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly),
-// one per query tile computes dQ (over its key tiles); both recompute P = exp(S - lse) and use
-// dS = P (dP - delta), delta = rowsum(dO O) - dlse from the glue.
+// every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly;
+// headdim 256 splits the dK, dV columns over two CTAs), one per query tile computes dQ (over its key
+// tiles), both loading the next tiles by cp.async behind the products; both recompute P = exp(S - lse) and
+// use dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -114,26 +116,28 @@ __device__ __forceinline__ void warp_abt(const T* a_tile, const T* x_tile, int r
   }
 }
 
-// acc (16 rows x D, as D / 8 C fragments) += P (16 x 64, as C fragments) times the 64 rows of X (64 x D).
-template <typename T, int D>
-__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, Lane ln,
-                                        float (&acc)[D / 8][4]) {
+// acc (16 rows x kCols, as kCols / 8 C fragments) += P (16 x 64, as C fragments) times columns
+// [c0, c0 + kCols) of the 64 rows of X (64 x D).
+template <typename T, int D, int kCols = D>
+__device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x_tile, int c0, Lane ln,
+                                        float (&acc)[kCols / 8][4]) {
   constexpr int kLd = D + kPad;
 #pragma unroll
   for (int kk = 0; kk < kBN / 16; ++kk) {
     uint32_t a[4];
     c_to_a<T>(p[2 * kk], p[2 * kk + 1], a);
 #pragma unroll
-    for (int n = 0; n < D / 8; n += 2) {
+    for (int n = 0; n < kCols / 8; n += 2) {
       uint32_t b[4];
-      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b);
+      load_b_cols(x_tile, kLd, 16 * kk, c0 + 8 * n, ln, b);
       mma<T>(acc[n], a, b[0], b[1]);
       mma<T>(acc[n + 1], a, b[2], b[3]);
     }
   }
 }
 
-// tile (64, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor, zero beyond n.
+// Starts loading tile (64, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor,
+// zero beyond n; the tile is complete after cp_async_wait_all and __syncthreads.
 template <typename T, int D>
 __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
                           int64_t nheads, int64_t h, T* tile) {
@@ -141,24 +145,76 @@ __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int6
   constexpr int kPerRow = D / kVec;
   for (int x = threadIdx.x; x < 64 * kPerRow; x += kThreads) {
     const int r = x / kPerRow, c = (x % kPerRow) * kVec;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < n) val = *reinterpret_cast<const uint4*>(src + ((b * seqlen + r0 + r) * nheads + h) * D + c);
-    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = val;
+    T* dst = tile + r * (D + kPad) + c;
+    if (r < n) {
+      cp_async_16(dst, src + ((b * seqlen + r0 + r) * nheads + h) * D + c);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// The key tiles of query rows [i0, i1): [0, sink_end) then [window_begin, i1) (swa_params.h), kBN keys at a
+// time; the second range is never empty (it holds the rows' own keys).
+struct KeyTiles {
+  int64_t sink_end, window_begin, end;
+  int64_t j0;  // first key of the current tile
+  __device__ KeyTiles(int64_t i0, int64_t i1, const SwaShape& s)
+      : sink_end(swa_sink_end(i0, s.window, s.sink)), window_begin(swa_window_begin(i0, s.window)), end(i1),
+        j0(sink_end > 0 ? 0 : window_begin) {}
+  __device__ bool done() const { return j0 >= end; }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kBN), (j0 < sink_end ? sink_end : end) - j0); }
+  __device__ void next() {
+    const bool in_sink = j0 < sink_end;
+    j0 += kBN;
+    if (in_sink && j0 >= sink_end) j0 = window_begin;
+  }
+};
+
+// The (head, query tile) pairs that meet a key tile: every head [h, h_end) of its group, queries [begin, end)
+// kBM at a time.
+struct QueryTiles {
+  int64_t h, h_end, begin, end;
+  int64_t i0;  // first query of the current tile
+  __device__ QueryTiles(int64_t h_begin, int64_t h_end, int64_t begin, int64_t end)
+      : h(h_begin), h_end(h_end), begin(begin), end(end), i0(begin) {}
+  __device__ bool done() const { return h >= h_end; }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kBM), end - i0); }
+  __device__ void next() {
+    i0 += kBM;
+    if (i0 >= end) {
+      i0 = begin;
+      ++h;
+    }
+  }
+};
+
+// Sets the elements of a 16 x 64 block of C fragments that visible(row, col) rejects to -inf; element (n, e)
+// is (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2).
+template <typename Visible>
+__device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int warp, Lane ln, Visible visible) {
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (!visible(16 * warp + ln.g + 8 * (e / 2), 8 * n + 2 * ln.t + (e % 2))) x[n][e] = -INFINITY;
+    }
   }
 }
 
 // Writes the warp's 16 rows (C fragments acc, times row_scale[half] for rows g and g + 8) as T to rows
-// [r0 + 16 w, ...) of head h, only rows < n.
-template <typename T, int D>
-__device__ void store_rows(const float (&acc)[D / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
-                           int64_t r0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h, Lane ln) {
+// [r0 + 16 w, ...), columns [c0, c0 + kCols) of head h, only rows < n.
+template <typename T, int D, int kCols = D>
+__device__ void store_rows(const float (&acc)[kCols / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
+                           int64_t r0, int c0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h,
+                           Lane ln) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = 16 * warp + ln.g + 8 * half;
     if (r >= n) continue;
-    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D);
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D + c0);
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
+    for (int c = 0; c < kCols / 8; ++c) {
       row[(8 * c + 2 * ln.t) / 2] =
           pack<T>(acc[c][2 * half] * row_scale[half], acc[c][2 * half + 1] * row_scale[half]);
     }
@@ -197,7 +253,13 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
+  // K and V move in by cp.async while the warps compute (FlashAttention-2's order): V(j) during S = Q K(j)^T
+  // and the softmax, K(j + 1) during O += P V(j).
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  KeyTiles tiles(i0, i0 + ni, s);
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
   float o[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
@@ -207,54 +269,54 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 units) of rows g, g + 8
   float l[2] = {0.0f, 0.0f};            // this lane's part of the running row sums
 
-  const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
-  for (int range = 0; range < 2; ++range) {
-    for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
-      const int64_t nj = min(static_cast<int64_t>(kBN), ranges[range][1] - j0);
-      __syncthreads();  // every warp is done with the previous sk, sv
-      load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
-      load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
-      __syncthreads();
-      const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      float sc[kBN / 8][4];
-      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t i = i0 + 16 * warp + ln.g + 8 * (e / 2);
-          const int jj = 8 * n + 2 * ln.t + (e % 2);
-          const bool ok = full || (jj < nj && swa_allowed(i, j0 + jj, s.window, s.sink));
-          sc[n][e] = ok ? sc[n][e] * scale_log2 : -INFINITY;
-          mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
-        }
-      }
-      float alpha[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float m_new = fmaxf(m[half], quad_max(mx[half]));
-        alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
-        m[half] = m_new;
-      }
-      float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sc[n][e] = sc[n][e] == -INFINITY ? 0.0f : exp2f(sc[n][e] - m[e / 2]);
-          sum[e / 2] += sc[n][e];
-        }
-      }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
-      }
-      warp_px<T, D>(sc, sv, ln, o);
+  while (!tiles.done()) {
+    const int64_t j0 = tiles.j0, nj = tiles.size();
+    cp_async_wait_all();
+    __syncthreads();  // K(j0) (and Q) are in; every warp is done with the previous sv
+    load_rows<T, D>(v, b, j0, nj, L, s.kv_heads, hk, sv);
+    float sc[kBN / 8][4];
+    warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);
+    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[n][e] *= scale_log2;
+        mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
+      }
+    }
+    float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float m_new = fmaxf(m[half], quad_max(mx[half]));
+      alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
+      m[half] = m_new;
+      m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[n][e] = exp2f(sc[n][e] - m_sub[e / 2]);
+        sum[e / 2] += sc[n][e];
+      }
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+    }
+    cp_async_wait_all();
+    __syncthreads();  // V(j0) is in; every warp is done with sk
+    tiles.next();
+    if (!tiles.done()) load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
+    warp_px<T, D>(sc, sv, 0, ln, o);
   }
   float inv[2];
 #pragma unroll
@@ -262,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
     l[half] = quad_sum(l[half]);
     inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
   }
-  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, warp, ni, L, s.heads, h, ln);
+  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, 0, warp, ni, L, s.heads, h, ln);
   if (ln.t == 0) {
     float* lse = static_cast<float*>(p.lse) + bh * L;
 #pragma unroll
@@ -274,11 +336,11 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
 }
 
 // P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
-// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); visible(row, col), lse2(row, col) (lse * log2 e)
-// and delta(row, col) give the mask and statistics of that element.
-template <typename Visible, typename Lse, typename Delta>
+// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta(row, col)
+// give its statistics. The scores must be -inf where masked (mask_block).
+template <typename Lse, typename Delta>
 __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
-                                         float scale, Visible visible, Lse lse2, Delta delta) {
+                                         float scale, Lse lse2, Delta delta) {
   const float scale_log2 = scale * kLog2e;
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
@@ -286,7 +348,7 @@ __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kB
     for (int e = 0; e < 4; ++e) {
       const int row = 16 * warp + ln.g + 8 * (e / 2);
       const int col = 8 * n + 2 * ln.t + (e % 2);
-      const float pv = visible(row, col) ? exp2f(sc[n][e] * scale_log2 - lse2(row, col)) : 0.0f;
+      const float pv = exp2f(sc[n][e] * scale_log2 - lse2(row, col));
       sc[n][e] = pv;
       dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
     }
@@ -303,14 +365,59 @@ __device__ void load_stats(const float* lse, const float* delta, int64_t i0, int
   }
 }
 
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// delta = rowsum(dout * out) - dlse of kRowsPerBlock rows (b, i, h) of q's layout, 4 lanes per row (each
+// lane reads every fourth 16-byte vector of the row; a warp reads 8 rows).
+constexpr int kRowsPerBlock = kThreads / 4;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_bwd_delta_kernel(const SwaBwdParams p) {
+  constexpr int kVec = 16 / sizeof(T);
+  const SwaShape& s = p.s;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 4;
+  const bool live = row < s.batch * s.seqlen * s.heads;
+  float acc = 0.0f;
+  if (live) {
+    const T* out = static_cast<const T*>(p.out) + row * D;
+    const T* dout = static_cast<const T*>(p.dout) + row * D;
+#pragma unroll
+    for (int c = kVec * (threadIdx.x % 4); c < D; c += 4 * kVec) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(out + c), dv = *reinterpret_cast<const uint4*>(dout + c);
+      T o[kVec], d[kVec];  // copied, not cast: reading a uint4 through a T* breaks strict aliasing
+      memcpy(o, &ov, sizeof(ov));
+      memcpy(d, &dv, sizeof(dv));
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc += to_float(o[e]) * to_float(d[e]);
+    }
+  }
+  acc = quad_sum(acc);
+  if (live && threadIdx.x % 4 == 0) {
+    const int64_t at = swa_stat_index(row, s.seqlen, s.heads);
+    const float* dlse = static_cast<const float*>(p.dlse);
+    static_cast<float*>(p.delta)[at] = dlse == nullptr ? acc : acc - dlse[at];
+  }
+}
+
 template <typename T, int D>
 constexpr int64_t bwd_smem_bytes() {
   return 4 * tile_bytes<T, D>() + 2 * 64 * sizeof(float);
 }
 
-// dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y; warp w owns keys [16 w, 16 w + 16).
+// Columns of dK, dV per CTA of the dK, dV kernel: above headdim 128 the two float32 accumulators (D values
+// per lane) do not fit in the 255 registers (they spill), so two CTAs share a key tile, each recomputing S
+// and dP and accumulating half the columns.
+template <int D>
+constexpr int dkdv_cols() {
+  return D > 128 ? D / 2 : D;
+}
+
+// dK, dV columns [c0, c0 + kCols), c0 = kCols blockIdx.z, of key tile blockIdx.x for (batch, kv head)
+// blockIdx.y; warp w owns keys [16 w, 16 w + 16).
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdParams p) {
+  constexpr int kCols = dkdv_cols<D>();
   extern __shared__ __align__(16) unsigned char smem[];
   T* sk = reinterpret_cast<T*>(smem);
   T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
@@ -325,43 +432,58 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   const int64_t b = bk / s.kv_heads, hk = bk % s.kv_heads;
   const int64_t nj = min(static_cast<int64_t>(kBN), L - j0);
   const int64_t q_end = swa_query_end(j0 + nj, L, s.window, s.sink, j0);
+  const int c0 = static_cast<int>(blockIdx.z) * kCols;
   const int warp = threadIdx.x / 32;
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale = static_cast<float>(s.scale);
 
+  // Q and dO move in by cp.async while the warps compute: dO(t) during S^T = K Q(t)^T, Q(t + 1) and the
+  // statistics during dV += P^T dO(t).
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const auto load_stats_of = [&](const QueryTiles& t) {
+    const int64_t at = (b * s.heads + t.h) * L;
+    load_stats(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0, t.size(), slse,
+               sdelta);
+  };
+  QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
   load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
   load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
-  float dk[D / 8][4], dv[D / 8][4];
+  load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
+  load_stats_of(tiles);
+  float dk[kCols / 8][4], dv[kCols / 8][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+  for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
   }
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    const float* lse = static_cast<const float*>(p.lse) + (b * s.heads + h) * L;
-    const float* delta = static_cast<const float*>(p.delta) + (b * s.heads + h) * L;
-    for (int64_t i0 = j0; i0 < q_end; i0 += kBM) {
-      const int64_t ni = min(static_cast<int64_t>(kBM), q_end - i0);
-      __syncthreads();  // every warp is done with the previous sq, sdo, slse, sdelta
-      load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-      load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
-      load_stats(lse, delta, i0, ni, slse, sdelta);
-      __syncthreads();
-      const bool full = nj == kBN && ni == kBM && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
-      warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
-      warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
-      p_and_ds(
-          st, dpt, warp, ln, scale,
-          [&](int r, int c) { return full || (r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink)); },
-          [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
-      warp_px<T, D>(st, sdo, ln, dv);   // dV += P^T dO
-      warp_px<T, D>(dpt, sq, ln, dk);   // dK += scale dS^T Q
+  while (!tiles.done()) {
+    const int64_t h = tiles.h, i0 = tiles.i0, ni = tiles.size();
+    cp_async_wait_all();
+    __syncthreads();  // Q(i0), the statistics (and K, V) are in; every warp is done with the previous sdo
+    load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
+    float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
+    warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
+    if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(st, warp, ln,
+                 [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
     }
+    cp_async_wait_all();
+    __syncthreads();  // dO(i0) is in
+    warp_abt<T, D>(sv, sdo, 16 * warp, ln, dpt);
+    p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+    warp_px<T, D, kCols>(dpt, sq, c0, ln, dk);  // dK += scale dS^T Q
+    __syncthreads();                 // every warp is done with sq, slse, sdelta
+    tiles.next();
+    if (!tiles.done()) {
+      load_rows<T, D>(q, b, tiles.i0, tiles.size(), L, s.heads, tiles.h, sq);
+      load_stats_of(tiles);
+    }
+    warp_px<T, D, kCols>(st, sdo, c0, ln, dv);  // dV += P^T dO
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, warp, nj, L, s.kv_heads, hk, ln);
-  store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dk, one, static_cast<T*>(p.dk), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dv, one, static_cast<T*>(p.dv), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
 }
 
 // dQ of query tile blockIdx.x for (batch, head) blockIdx.y; warp w owns queries [16 w, 16 w + 16).
@@ -384,37 +506,42 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale = static_cast<float>(s.scale);
 
+  // K and V move in by cp.async while the warps compute: K(j) during dP = dO V(j)^T, V(j + 1) during
+  // S = Q K(j)^T and dQ += dS K(j).
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  KeyTiles tiles(i0, i0 + ni, s);
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
              sdelta);
+  load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
   float dq[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
   }
-  const int64_t ranges[2][2] = {{0, swa_sink_end(i0, s.window, s.sink)}, {swa_window_begin(i0, s.window), i0 + ni}};
-  for (int range = 0; range < 2; ++range) {
-    for (int64_t j0 = ranges[range][0]; j0 < ranges[range][1]; j0 += kBN) {
-      const int64_t nj = min(static_cast<int64_t>(kBN), ranges[range][1] - j0);
-      __syncthreads();  // every warp is done with the previous sk, sv (and the stats are loaded)
-      load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
-      load_rows<T, D>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
-      __syncthreads();
-      const bool full = nj == kBN && swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink);
-      float sc[kBN / 8][4], dp[kBN / 8][4];
-      warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);   // S = Q K^T
-      warp_abt<T, D>(sdo, sv, 16 * warp, ln, dp);  // dP = dO V^T
-      p_and_ds(
-          sc, dp, warp, ln, scale,
-          [&](int r, int c) { return full || (c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink)); },
-          [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
-      warp_px<T, D>(dp, sk, ln, dq);  // dQ += scale dS K
+  while (!tiles.done()) {
+    const int64_t j0 = tiles.j0, nj = tiles.size();
+    cp_async_wait_all();
+    __syncthreads();  // V(j0) (and Q, dO, the statistics) are in; every warp is done with the previous sk
+    load_rows<T, D>(k, b, j0, nj, L, s.kv_heads, hk, sk);
+    float sc[kBN / 8][4], dp[kBN / 8][4];
+    warp_abt<T, D>(sdo, sv, 16 * warp, ln, dp);  // dP = dO V^T
+    cp_async_wait_all();
+    __syncthreads();  // K(j0) is in; every warp is done with sv
+    tiles.next();
+    if (!tiles.done()) load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
+    warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);  // S = Q K^T
+    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
+    p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
+    warp_px<T, D>(dp, sk, 0, ln, dq);  // dQ += scale dS K
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, warp, ni, L, s.heads, h, ln);
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, warp, ni, L, s.heads, h, ln);
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in; the glue has checked smem_bytes against the
@@ -433,7 +560,10 @@ void forward(const SwaFwdParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
-  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
+  const int64_t rows = p.s.batch * p.s.seqlen * p.s.heads;
+  const dim3 grid_rows((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  swa_bwd_delta_kernel<T, D><<<grid_rows, kThreads, 0, stream>>>(p);
+  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads, D / dkdv_cols<D>());
   launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem_bytes<T, D>(), p, stream);
   const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
   launch(swa_bwd_dq_kernel<T, D>, grid_q, bwd_smem_bytes<T, D>(), p, stream);

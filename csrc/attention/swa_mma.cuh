@@ -48,4 +48,13 @@ __device__ __forceinline__ void ldmatrix_x4(const uint16_t* row, uint32_t (&r)[4
   }
 }
 
+// Asynchronous 16-byte copy global -> shared (both 16-byte aligned), bypassing L1; complete (and visible to
+// this thread) after cp_async_wait_all, to the block after a following __syncthreads.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
 }  // namespace markovkit

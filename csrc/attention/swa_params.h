@@ -4,7 +4,7 @@
 //
 // Layouts (all contiguous, 64-bit offsets):
 //   q, out, dout, dq: (batch, seqlen, heads, headdim)     k, v, dk, dv: (batch, seqlen, kv_heads, headdim)
-//   lse, delta:       (batch, heads, seqlen), float32 (float64 for float64 inputs)
+//   lse, dlse, delta: (batch, heads, seqlen), float32 (float64 for float64 inputs)
 // Query head h reads kv head h / (heads / kv_heads) (consecutive query heads share a kv head).
 //
 // Mask: query i sees key j iff j <= i and (i - j < window or j < sink): the last `window` keys including
@@ -42,13 +42,21 @@ struct SwaBwdParams {
   const void* q;
   const void* k;
   const void* v;
+  const void* out;
   const void* dout;
   const void* lse;
-  const void* delta;  // rowsum(dout * out) - dlse, same type as lse
+  const void* dlse;  // nullptr: zero
+  void* delta;       // workspace: the backward's first pass writes rowsum(dout * out) - dlse here
   void* dq;
   void* dk;
   void* dv;
 };
+
+// Position in lse, dlse, delta (batch, heads, seqlen) of row `row` = (b * seqlen + i) * heads + h of q, out.
+MK_HOST_DEVICE int64_t swa_stat_index(int64_t row, int64_t seqlen, int64_t heads) {
+  const int64_t h = row % heads, bi = row / heads;
+  return (bi / seqlen * heads + h) * seqlen + bi % seqlen;
+}
 
 MK_HOST_DEVICE bool swa_allowed(int64_t i, int64_t j, int64_t window, int64_t sink) {
   return j <= i && (i - j < window || j < sink);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace markovkit {
 
@@ -60,6 +61,33 @@ void ldmatrix_x4(const uint16_t* row, uint32_t (&r)[4]) {
     const uint16_t hi = kTrans ? rows[8 * m + j + 1][i] : rows[8 * m + i][j + 1];
     r[m] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
   }
+}
+
+// cp.async: each thread's copies are queued and done at its cp_async_wait_all, so a kernel that reads a tile
+// before the wait and the barrier after it reads stale or poisoned shared memory here too.
+namespace emu_detail {
+
+struct PendingCopy {
+  void* smem;
+  const void* gmem;
+};
+
+inline std::vector<PendingCopy>& pending_copies() {
+  static std::vector<std::vector<PendingCopy>> per_thread;
+  const dim3 &t = mk_emu::thread_idx(), &b = mk_emu::block_dim();
+  const size_t id = t.x + b.x * (t.y + static_cast<size_t>(b.y) * t.z);
+  if (per_thread.size() <= id) per_thread.resize(id + 1);
+  return per_thread[id];
+}
+
+}  // namespace emu_detail
+
+inline void cp_async_16(void* smem, const void* gmem) { emu_detail::pending_copies().push_back({smem, gmem}); }
+
+inline void cp_async_wait_all() {
+  std::vector<emu_detail::PendingCopy>& mine = emu_detail::pending_copies();
+  for (const emu_detail::PendingCopy& c : mine) std::memcpy(c.smem, c.gmem, 16);
+  mine.clear();
 }
 
 }  // namespace markovkit
