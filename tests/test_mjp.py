@@ -466,7 +466,8 @@ def test_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
-def test_bad_input_errors():
+def bad_input_cases():
+    """(call, message pattern) of every input error of the ops; also run through the CUDA glue under emulation."""
     Q = systems.flashing_ratchet(1.0)
     x0 = torch.zeros(1, 4, dtype=torch.long)
     grid = torch.linspace(0, 1, 5)
@@ -474,8 +475,10 @@ def test_bad_input_errors():
     bad_q[0, 1] = -0.5
     nan_q = Q.clone()
     nan_q[2, 0] = math.nan
+    inf_q = Q.clone()
+    inf_q[1, 0] = math.inf
     ones = torch.ones(1, 2, 1, dtype=torch.long)  # x0 of the reaction cases
-    cases = [
+    return [
         (lambda: simulate_ctmc(bad_q, x0, grid, seed=0), r"Q: expected off-diagonal rates >= 0, got -0.5"),
         (lambda: simulate_ctmc(nan_q, x0, grid, seed=0), r"Q: expected off-diagonal rates without NaN"),
         (lambda: simulate_ctmc(Q[:, :5], x0, grid, seed=0), r"Q: expected shape \(S, S\) or \(processes, S, S\)"),
@@ -487,6 +490,12 @@ def test_bad_input_errors():
         (lambda: simulate_ctmc(Q, x0, grid - 1, seed=0), r"t_grid: expected times >= 0"),
         (lambda: simulate_ctmc(Q, x0, grid * math.nan, seed=0), r"t_grid: expected finite times"),
         (lambda: simulate_ctmc(Q, x0, grid.expand(3, 5), seed=0), r"t_grid: expected 1 processes in dim 0"),
+        (lambda: simulate_ctmc(Q, x0, grid.expand(1, 3, 5), seed=0), r"t_grid: expected 4 paths in dim 1"),
+        (lambda: simulate_ctmc(inf_q, x0, grid, seed=0), r"Q: expected finite off-diagonal rates, got inf"),
+        (lambda: simulate_ctmc(Q, None, grid, p0=torch.zeros(6), paths=3, seed=0),
+         r"p0: expected every distribution to have a positive sum"),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=-1), r"process_offset: expected"),
+        (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events", max_events=-1), r"max_events: expected >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=-torch.ones(6), paths=3, seed=0), r"p0: expected probabilities >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.ones(5), paths=3, seed=0), r"p0: expected shape \(6,\)"),
         (lambda: simulate_ctmc(Q, None, grid, seed=0), r"give the initial states x0 or the initial distributions"),
@@ -513,7 +522,10 @@ def test_bad_input_errors():
                                     torch.ones(129), torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0),
          r"reactants: expected shape \(reactions, species\) with at most 128 reactions"),
     ]
-    for fn, message in cases:
+
+
+def test_bad_input_errors():
+    for fn, message in bad_input_cases():
         with pytest.raises((RuntimeError, ValueError), match=message):
             fn()
 
