@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/macros.h"
 #include "common/philox.h"
@@ -212,6 +213,45 @@ MK_HOST_DEVICE int64_t ctmc_initial_state(const CtmcParams& p, int64_t b, int64_
   return mjp_pick(w, p.S, -1, uniform_double(r.v[0], r.v[1]) * mjp_row_sum(w, p.S, -1));
 }
 
+// Writes a row of states, Out: (L,), in index order through aligned 8-byte words: the values of a word collect in
+// a register and are stored together. On a GPU the threads of a warp write different rows, so every store is a
+// memory transaction of its own: one per word instead of one per value. The values before the row's first word
+// boundary and after its last one are stored one by one (those words are shared with the neighbouring rows).
+template <typename Out>
+class MjpRowWriter {
+ public:
+  MK_HOST_DEVICE MjpRowWriter(Out* row, int64_t L) : row_(row), L_(L) {
+    const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(Out)) % kPerWord;
+    head_ = misaligned == 0 ? 0 : kPerWord - misaligned;
+  }
+
+  // Row value k = value; called for k = 0, 1, ..., L - 1 in turn.
+  MK_HOST_DEVICE void put(int64_t k, Out value) {
+    if (k < head_) {
+      row_[k] = value;
+      return;
+    }
+    const int slot = static_cast<int>((k - head_) & (kPerWord - 1));
+    const uint64_t bits = static_cast<uint64_t>(static_cast<Unsigned>(value)) << (kBits * slot);
+    word_ = slot == 0 ? bits : (word_ | bits);
+    if (slot == kPerWord - 1) {
+      *reinterpret_cast<uint64_t*>(row_ + (k - slot)) = word_;
+    } else if (k == L_ - 1) {  // the row ends inside a word
+      for (int j = 0; j <= slot; ++j) {
+        row_[k - slot + j] = static_cast<Out>(static_cast<Unsigned>(word_ >> (kBits * j)));
+      }
+    }
+  }
+
+ private:
+  using Unsigned = std::make_unsigned_t<Out>;
+  static constexpr int kBits = 8 * sizeof(Out);
+  static constexpr int64_t kPerWord = 8 / sizeof(Out);
+  Out* row_;
+  int64_t L_, head_;
+  uint64_t word_ = 0;
+};
+
 // rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA). Fields live in locals: the stores
 // through `out` (a char type for uint8) would otherwise force reloading them after every write.
 template <typename Out>
@@ -221,7 +261,7 @@ MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, con
   const uint64_t seed = p.seed;
   const int64_t S = p.S, L = p.L;
   const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
-  Out* out = mjp_states<Out>(p.states, (b * p.P + path) * L);
+  MjpRowWriter<Out> out(mjp_states<Out>(p.states, (b * p.P + path) * L), L);
   int64_t x = ctmc_initial_state(p, b, path, hi);
   double t = 0.0;
   int64_t k = 0;
@@ -231,7 +271,7 @@ MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, con
     const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
     int64_t end = k;  // grid points before the jump: found first, then filled (no stores in the search)
     while (end < L && grid[end] < t_next) ++end;
-    for (const Out value = static_cast<Out>(x); k < end; ++k) out[k] = value;
+    for (const Out value = static_cast<Out>(x); k < end; ++k) out.put(k, value);
     if (k == L) return;
     x = mjp_pick(rates + x * S, S, x, u_dest * q);
     t = t_next;
