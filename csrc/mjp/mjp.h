@@ -99,7 +99,9 @@ MK_HOST_DEVICE int64_t mjp_pick(const double* w, int64_t n, int64_t skip, double
 }
 
 // fp64 products and sums rounded one by one: nvcc would otherwise fuse a * b + c into an fma, which the host
-// compiler (x86-64 without -mfma) does not, and the two devices would round differently.
+// compiler (x86-64 without -mfma) does not, and the two devices would round differently. These emit PTX mul.rn /
+// add.rn, which ptxas never fuses; a plain product (PTX mul.f64, fusable with an add it feeds) appears only where
+// its result reaches comparisons and further products, never a sum.
 MK_HOST_DEVICE double mjp_mul(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
@@ -317,7 +319,7 @@ MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64
   for (int64_t s = 0; s < n_species; ++s) {
     for (int32_t m = 0; m < alpha[s]; ++m) {
       if (x[s] <= m) return 0.0;
-      a *= static_cast<double>(x[s] - m) / static_cast<double>(m + 1);
+      a = mjp_mul(a, static_cast<double>(x[s] - m) / static_cast<double>(m + 1));
     }
   }
   return a;
