@@ -254,31 +254,51 @@ class MjpRowWriter {
   uint64_t word_ = 0;
 };
 
-// rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA). Fields live in locals: the stores
-// through `out` (a char type for uint8) would otherwise force reloading them after every write.
+// One path of the grid record as a resumable loop (the CUDA kernel runs several paths per thread, each starting
+// where the last one ended): the constructor takes path `path` of process b to its initial state; step() makes
+// one jump after storing the state at the grid points before it, and returns false (doing nothing more) once the
+// row is full. rates: (S, S) and exit: (S,) of process b. The fields of p live in members (registers): the
+// stores through the row (a char type for uint8) would otherwise force reloading them after every write.
 template <typename Out>
-MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
-                                   int64_t path) {
-  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
-  const uint64_t seed = p.seed;
-  const int64_t S = p.S, L = p.L;
-  const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
-  MjpRowWriter<Out> out(mjp_states<Out>(p.states, (b * p.P + path) * L), L);
-  int64_t x = ctmc_initial_state(p, b, path, hi);
-  double t = 0.0;
-  int64_t k = 0;
-  for (uint64_t draw = 1;; ++draw) {
+class CtmcGridPath {
+ public:
+  MK_HOST_DEVICE CtmcGridPath(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                              int64_t path)
+      : rates_(rates),
+        exit_(exit),
+        grid_(p.grid + b * p.grid_b_stride + path * p.grid_p_stride),
+        out_(mjp_states<Out>(p.states, (b * p.P + path) * p.L), p.L),
+        seed_(p.seed),
+        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        S_(p.S),
+        L_(p.L),
+        x_(ctmc_initial_state(p, b, path, hi_)) {}
+
+  MK_HOST_DEVICE bool step() {
     double u_dest = 0.0;
-    const double q = exit[x];
-    const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
-    int64_t end = k;  // grid points before the jump: found first, then filled (no stores in the search)
-    while (end < L && grid[end] < t_next) ++end;
-    for (const Out value = static_cast<Out>(x); k < end; ++k) out.put(k, value);
-    if (k == L) return;
-    x = mjp_pick(rates + x * S, S, x, u_dest * q);
-    t = t_next;
+    const double q = exit_[x_];
+    const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
+    int64_t end = k_;  // grid points before the jump: found first, then filled (no stores in the search)
+    while (end < L_ && grid_[end] < t_next) ++end;
+    for (const Out value = static_cast<Out>(x_); k_ < end; ++k_) out_.put(k_, value);
+    if (k_ == L_) return false;
+    x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
+    t_ = t_next;
+    ++draw_;
+    return true;
   }
-}
+
+ private:
+  const double* rates_;
+  const double* exit_;
+  const double* grid_;
+  MjpRowWriter<Out> out_;
+  uint64_t seed_, hi_;
+  int64_t S_, L_, x_;
+  uint64_t draw_ = 1;  // Philox draw of the next jump
+  double t_ = 0.0;     // time of the last jump
+  int64_t k_ = 0;      // next grid index to write
+};
 
 template <typename Out>
 MK_HOST_DEVICE void ctmc_events_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,

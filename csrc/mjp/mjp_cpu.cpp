@@ -27,7 +27,7 @@ void ctmc_jump_tables(const CtmcParams& p, double* cum, int64_t* last) {
 
 // The CPU kernels run the jumps of kLanes paths interleaved (one jump of every lane per round), so that the
 // latency chains of different paths overlap and the draws of a round vectorise; a lane whose path is done
-// takes the next path of the range. Per path, the same operations as ctmc_grid_path and ctmc_events_path (mjp.h),
+// takes the next path of the range. Per path, the same operations as CtmcGridPath and ctmc_events_path (mjp.h),
 // destinations through the jump tables (the same picks as mjp_pick): the output is bitwise that of the CUDA
 // kernels.
 constexpr int kLanes = 8;
@@ -69,7 +69,7 @@ void lane_jump(Lane& lane, int64_t S, double t_next, double u_dest, double q) {
   ++lane.draw;
 }
 
-// Grid mode (ctmc_grid_path): records the state up to the next jump; false when the grid is full.
+// Grid mode (CtmcGridPath): records the state up to the next jump; false when the grid is full.
 template <typename Out>
 struct GridRecord {
   static void start(const CtmcParams&, Lane&) {}

@@ -1,10 +1,11 @@
 """The CUDA Gillespie kernels (csrc/mjp/mjp_kernel.cu) run by the emulator: the same paths as the CPU kernels,
 bit for bit (the design promise of mjp.h: same Philox counters, same fp64 operations in the same order).
 
-Launch plans of the CTMC kernels (ctmc_launch): fewer than 32 paths per process -> the flat kernel (threads over
-(process, path)); else blocks over (process, chunk of paths) with the rates staged in shared memory when
-(S^2 + S) doubles fit in 48 KiB (S <= 77), read from global memory otherwise (S >= 78); more than 256 paths ->
-several chunks per process. The reaction kernels likewise, staged when R (8 + 8 N + R) bytes fit in 48 KiB.
+Launch plans: the CTMC grid kernel runs one path per thread up to 2^18 paths, several beyond. The CTMC events
+kernels (ctmc_events_launch): fewer than 32 paths per process -> the flat kernel (threads over (process, path));
+else blocks over (process, chunk of paths) with the rates staged in shared memory when (S^2 + S) doubles fit in
+48 KiB (S <= 77), read from global memory otherwise (S >= 78); more than 256 paths -> several chunks per process.
+The reaction kernels like the events kernels, staged when R (8 + 8 N + R) bytes fit in 48 KiB.
 """
 import math
 
@@ -14,7 +15,8 @@ import torch
 from markovkit.mjp import simulate_ctmc, simulate_reactions, state_dtype
 from test_mjp import bad_input_cases
 
-# (processes, paths, S): one per launch plan and output dtype the CTMC launcher can choose
+# (processes, paths, S): one per launch plan and output dtype of the CTMC events launcher; sizes, state counts and
+# dtypes for the grid kernel
 CTMC_PLANS = {
     "flat": (40, 3, 5),                  # 120 threads of one block; exit kernel over 200 rows
     "flat, blocks": (100, 7, 2),         # 700 paths over 3 blocks of 256; 200 exit rows
@@ -53,7 +55,7 @@ def assert_events_equal(a, b):
 @pytest.mark.parametrize("plan", CTMC_PLANS)
 def test_ctmc_grid_equals_the_cpu_kernel(emulated, plan):
     """Grid record, bit for bit against the CPU kernel (which picks destinations through jump tables, the CUDA
-    kernel by a linear scan; the CUDA kernel stores the rows through 8-byte words): x0 with per-process Q and a
+    kernel by a linear scan and stores the rows through 8-byte words): x0 with per-process Q and a
     (processes, paths, L) grid; p0 with a shared Q and an (L,) grid; x0 with a (processes, L) grid; rows of
     every alignment, shorter than a word and of whole words."""
     B, P, S = CTMC_PLANS[plan]
@@ -77,6 +79,20 @@ def test_ctmc_grid_equals_the_cpu_kernel(emulated, plan):
         assert torch.equal(cuda, cpu)
         assert bool((cuda[0, 0] == 1 % S).all()) or kwargs["x0"] is None
         assert len(cuda.unique()) > 1
+
+
+def test_ctmc_grid_with_several_paths_per_thread(emulated):
+    """266,240 paths: threads 0..4095 of the grid kernel's 2^18 run a second path, of another process (its own
+    rates, grid row and initial draw from p0), after their first."""
+    B, P, S = 512, 520, 3
+    Q = rates_with_absorbing(B, S, seed=11)
+    p0 = torch.rand(B, S, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    grid = sorted_grid(B, 6, horizon=3.0, seed=5)
+    cpu = simulate_ctmc(Q, None, grid, p0=p0, paths=P, seed=3)
+    with emulated():
+        cuda = simulate_ctmc(Q, None, grid, p0=p0, paths=P, seed=3)
+    assert torch.equal(cuda, cpu)
+    assert bool((cpu[..., 0] != cpu[..., -1]).any())
 
 
 @pytest.mark.parametrize("plan", CTMC_PLANS)
