@@ -215,10 +215,11 @@ MK_HOST_DEVICE int64_t ctmc_initial_state(const CtmcParams& p, int64_t b, int64_
   return mjp_pick(w, p.S, -1, uniform_double(r.v[0], r.v[1]) * mjp_row_sum(w, p.S, -1));
 }
 
-// Writes a row of states, Out: (L,), in index order through aligned 8-byte words: the values of a word collect in
-// a register and are stored together. On a GPU the threads of a warp write different rows, so every store is a
-// memory transaction of its own: one per word instead of one per value. The values before the row's first word
-// boundary and after its last one are stored one by one (those words are shared with the neighbouring rows).
+// Writes a row of states, Out: (L,), in runs of equal values in index order, through aligned 8-byte words: a word
+// collects in a register (a run fills its slots at once) and is stored when complete. On a GPU the threads of a
+// warp write different rows, so every store is a memory transaction of its own: one per word instead of one per
+// value. The values before the row's first word boundary and after its last one are stored one by one (those
+// words are shared with the neighbouring rows).
 template <typename Out>
 class MjpRowWriter {
  public:
@@ -227,20 +228,23 @@ class MjpRowWriter {
     head_ = misaligned == 0 ? 0 : kPerWord - misaligned;
   }
 
-  // Row value k = value; called for k = 0, 1, ..., L - 1 in turn.
-  MK_HOST_DEVICE void put(int64_t k, Out value) {
-    if (k < head_) {
-      row_[k] = value;
-      return;
-    }
-    const int slot = static_cast<int>((k - head_) & (kPerWord - 1));
-    const uint64_t bits = static_cast<uint64_t>(static_cast<Unsigned>(value)) << (kBits * slot);
-    word_ = slot == 0 ? bits : (word_ | bits);
-    if (slot == kPerWord - 1) {
-      *reinterpret_cast<uint64_t*>(row_ + (k - slot)) = word_;
-    } else if (k == L_ - 1) {  // the row ends inside a word
-      for (int j = 0; j <= slot; ++j) {
-        row_[k - slot + j] = static_cast<Out>(static_cast<Unsigned>(word_ >> (kBits * j)));
+  // Row values k .. end - 1 = value, where k is the first index not yet written (runs cover 0 .. L - 1 in turn).
+  MK_HOST_DEVICE void fill(int64_t k, int64_t end, Out value) {
+    for (; k < end && k < head_; ++k) row_[k] = value;
+    const uint64_t repeated = kRepeat * static_cast<Unsigned>(value);  // value in every slot
+    while (k < end) {
+      const int64_t slot = (k - head_) & (kPerWord - 1);
+      const int64_t count = end - k < kPerWord - slot ? end - k : kPerWord - slot;  // slots this run fills here
+      const uint64_t kept = (uint64_t{1} << (kBits * slot)) - 1;                    // the slots before it
+      word_ = (word_ & kept) | (repeated << (kBits * slot));
+      k += count;
+      const int64_t first = k - slot - count;  // row index of the word's slot 0
+      if (slot + count == kPerWord) {
+        *reinterpret_cast<uint64_t*>(row_ + first) = word_;
+      } else if (k == L_) {  // the row ends inside the word
+        for (int64_t j = first; j < k; ++j) {
+          row_[j] = static_cast<Out>(static_cast<Unsigned>(word_ >> (kBits * (j - first))));
+        }
       }
     }
   }
@@ -249,6 +253,7 @@ class MjpRowWriter {
   using Unsigned = std::make_unsigned_t<Out>;
   static constexpr int kBits = 8 * sizeof(Out);
   static constexpr int64_t kPerWord = 8 / sizeof(Out);
+  static constexpr uint64_t kRepeat = ~uint64_t{0} / ((uint64_t{1} << kBits) - 1);  // 1 in every slot
   Out* row_;
   int64_t L_, head_;
   uint64_t word_ = 0;
@@ -280,7 +285,8 @@ class CtmcGridPath {
     const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
     int64_t end = k_;  // grid points before the jump: found first, then filled (no stores in the search)
     while (end < L_ && grid_[end] < t_next) ++end;
-    for (const Out value = static_cast<Out>(x_); k_ < end; ++k_) out_.put(k_, value);
+    out_.fill(k_, end, static_cast<Out>(x_));
+    k_ = end;
     if (k_ == L_) return false;
     x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
     t_ = t_next;

@@ -69,8 +69,8 @@ __global__ void ctmc_grid_kernel(CtmcParams p) {
   }
 }
 
-// Threads of the grid kernel for n paths: kPathsPerThread paths each, but at least kFullThreads (about the
-// threads an H100 holds at once: 132 SMs x 2048) while there are as many paths.
+// Threads of the grid kernel for n paths: kPathsPerThread paths each, but at least kFullThreads while there are as
+// many paths (an H100 holds 132 SMs x 1024 threads of this kernel at once at its 56 registers a thread).
 unsigned grid_kernel_blocks(int64_t n) {
   const int64_t threads = std::max(std::min(n, kFullThreads), (n + kPathsPerThread - 1) / kPathsPerThread);
   return static_cast<unsigned>(std::min((threads + kMaxThreads - 1) / kMaxThreads, kMaxGrid));
