@@ -1,4 +1,10 @@
 // CPU kernels of the Gillespie simulators: paths are independent, so threads split (process, path) freely.
+#if defined(__GNUC__) && !defined(__clang__)
+// No a * b + c fused into an fma even when the build targets a CPU with FMA (-march=native): the CUDA kernels round
+// every product and sum on its own (mjp.h), and the two devices must produce the same paths. (GCC contracts across
+// inlined calls by default; clang only within one expression, which mjp.h never writes.)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/Parallel.h>
 
 #include <vector>
