@@ -411,6 +411,11 @@ def test_cpu_and_cuda_paths_are_identical():
         cuda = simulate_ctmc(Q.cuda(), None, t.cuda() if torch.is_tensor(t) else t, **{**kw, "p0": p0.cuda()})
         for a, b in zip(*(([cpu], [cuda]) if record == "grid" else (cpu, cuda))):
             assert torch.equal(a, b.cpu()), record
+    # 2.56M paths: the CUDA grid kernel runs 8 paths per thread.
+    Q_many, x0_many = random_rates(64, S, seed=7), torch.randint(0, S, (64, 40000))
+    grid_many = torch.linspace(0, 5, 11, dtype=torch.float64)
+    cpu = simulate_ctmc(Q_many, x0_many, grid_many, seed=4)
+    assert torch.equal(simulate_ctmc(Q_many.cuda(), x0_many.cuda(), grid_many.cuda(), seed=4).cpu(), cpu)
     reactants, products, rates = one_hot_network(Q)
     reactants = torch.cat([reactants, torch.tensor([[2, 0, 0, 0, 0, 0]])])  # a dimerisation-like channel
     products = torch.cat([products, torch.tensor([[0, 1, 0, 0, 0, 0]])])
