@@ -306,38 +306,65 @@ class CtmcGridPath {
   int64_t k_ = 0;      // next grid index to write
 };
 
+// One path of the events record as a resumable loop, like CtmcGridPath: step() records the next jump if its time
+// is <= t_end and fewer than max_events are recorded; else (absorbed, past the horizon, or max_events recorded)
+// it writes the count, the overflow flag and the padding, and returns false.
 template <typename Out>
-MK_HOST_DEVICE void ctmc_events_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
-                                     int64_t path) {
-  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
-  const int64_t i = b * p.P + path;
-  Out* states = mjp_states<Out>(p.states, i * p.max_events);
-  double* times = p.times + i * p.max_events;
-  int64_t x = ctmc_initial_state(p, b, path, hi);
-  mjp_states<Out>(p.initial, i)[0] = static_cast<Out>(x);
-  double t = 0.0;
-  int64_t n = 0;
-  bool overflow = false;
-  for (uint64_t draw = 1;; ++draw) {
+class CtmcEventsPath {
+ public:
+  MK_HOST_DEVICE CtmcEventsPath(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                                int64_t path)
+      : rates_(rates),
+        exit_(exit),
+        times_(p.times + (b * p.P + path) * p.max_events),
+        states_(mjp_states<Out>(p.states, (b * p.P + path) * p.max_events)),
+        count_(p.counts + b * p.P + path),
+        overflow_(p.overflow + b * p.P + path),
+        seed_(p.seed),
+        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        t_end_(p.t_end),
+        S_(p.S),
+        M_(p.max_events),
+        x_(ctmc_initial_state(p, b, path, hi_)) {
+    mjp_states<Out>(p.initial, b * p.P + path)[0] = static_cast<Out>(x_);
+  }
+
+  MK_HOST_DEVICE bool step() {
     double u_dest = 0.0;
-    const double t_next = mjp_next_time(p.seed, draw, hi, t, exit[x], &u_dest);
-    if (!(exit[x] > 0.0) || !(t_next <= p.t_end)) break;  // absorbed, or past the horizon
-    if (n == p.max_events) {
-      overflow = true;
-      break;
+    const double q = exit_[x_];
+    const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
+    const bool jumps = q > 0.0 && t_next <= t_end_;
+    if (jumps && n_ < M_) {
+      x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
+      t_ = t_next;
+      ++draw_;
+      times_[n_] = t_;
+      states_[n_++] = static_cast<Out>(x_);
+      return true;
     }
-    x = mjp_pick(rates + x * p.S, p.S, x, u_dest * exit[x]);
-    t = t_next;
-    times[n] = t;
-    states[n++] = static_cast<Out>(x);
+    *count_ = n_;
+    *overflow_ = jumps;
+    for (int64_t m = n_; m < M_; ++m) {
+      times_[m] = std::numeric_limits<double>::infinity();
+      states_[m] = static_cast<Out>(x_);
+    }
+    return false;
   }
-  p.counts[i] = n;
-  p.overflow[i] = overflow;
-  for (int64_t m = n; m < p.max_events; ++m) {
-    times[m] = std::numeric_limits<double>::infinity();
-    states[m] = static_cast<Out>(x);
-  }
-}
+
+ private:
+  const double* rates_;
+  const double* exit_;
+  double* times_;
+  Out* states_;
+  int64_t* count_;
+  bool* overflow_;
+  uint64_t seed_, hi_;
+  double t_end_;
+  int64_t S_, M_, x_;
+  uint64_t draw_ = 1;  // Philox draw of the next jump
+  double t_ = 0.0;     // time of the last jump
+  int64_t n_ = 0;      // jumps recorded
+};
 
 // Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (m + 1).
 MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64_t* x, int64_t n_species) {

@@ -33,7 +33,7 @@ void ctmc_jump_tables(const CtmcParams& p, double* cum, int64_t* last) {
 
 // The CPU kernels run the jumps of kLanes paths interleaved (one jump of every lane per round), so that the
 // latency chains of different paths overlap and the draws of a round vectorise; a lane whose path is done
-// takes the next path of the range. Per path, the same operations as CtmcGridPath and ctmc_events_path (mjp.h),
+// takes the next path of the range. Per path, the same operations as CtmcGridPath and CtmcEventsPath (mjp.h),
 // destinations through the jump tables (the same picks as mjp_pick): the output is bitwise that of the CUDA
 // kernels.
 constexpr int kLanes = 8;
@@ -91,7 +91,7 @@ struct GridRecord {
   }
 };
 
-// Events mode (ctmc_events_path): records the next jump at time <= t_end; at the end of the path (absorbed,
+// Events mode (CtmcEventsPath): records the next jump at time <= t_end; at the end of the path (absorbed,
 // past the horizon, or max_events recorded) the count, the overflow flag and the padding; false then.
 template <typename Out>
 struct EventsRecord {

@@ -1,11 +1,11 @@
 """The CUDA Gillespie kernels (csrc/mjp/mjp_kernel.cu) run by the emulator: the same paths as the CPU kernels,
 bit for bit (the design promise of mjp.h: same Philox counters, same fp64 operations in the same order).
 
-Launch plans: the CTMC grid kernel runs one path per thread up to 2^18 paths, several beyond. The CTMC events
-kernels (ctmc_events_launch): fewer than 32 paths per process -> the flat kernel (threads over (process, path));
-else blocks over (process, chunk of paths) with the rates staged in shared memory when (S^2 + S) doubles fit in
-48 KiB (S <= 77), read from global memory otherwise (S >= 78); more than 256 paths -> several chunks per process.
-The reaction kernels like the events kernels, staged when R (8 + 8 N + R) bytes fit in 48 KiB.
+Launch plans: the CTMC kernel (grid and events records) runs one path per thread up to 2^18 paths, several beyond.
+The reaction kernels: fewer than 32 paths per process -> the flat kernel (threads over (process, path)); else
+blocks over (process, chunk of paths) with the network and rate constants staged in shared memory when
+R (8 + 8 N + R) bytes fit in 48 KiB, read from global memory otherwise; more than 256 paths -> several chunks per
+process.
 """
 import math
 
@@ -15,17 +15,16 @@ import torch
 from markovkit.mjp import simulate_ctmc, simulate_reactions, state_dtype
 from test_mjp import bad_input_cases
 
-# (processes, paths, S): one per launch plan and output dtype of the CTMC events launcher; sizes, state counts and
-# dtypes for the grid kernel
-CTMC_PLANS = {
-    "flat": (40, 3, 5),                  # 120 threads of one block; exit kernel over 200 rows
-    "flat, blocks": (100, 7, 2),         # 700 paths over 3 blocks of 256; 200 exit rows
-    "flat, int16": (2, 5, 257),
-    "staged": (3, 37, 6),                # blocks of 64 threads, 27 idle
-    "staged, chunks": (2, 300, 6),       # 2 chunks of 160 threads per process
-    "staged, largest S": (2, 33, 77),    # 77 * 78 doubles = 48,048 bytes
-    "global": (2, 33, 78),               # 78 * 79 doubles = 49,296 bytes: not staged
-    "global, int16, chunks": (1, 260, 257),
+# (processes, paths, S) for the CTMC kernel: few and many paths per process, S from 2 to 257 (int16 states)
+CTMC_SIZES = {
+    "few paths": (40, 3, 5),             # exit kernel over 200 rows
+    "several blocks, S=2": (100, 7, 2),  # 700 paths over 3 blocks of 256
+    "few paths, int16": (2, 5, 257),
+    "S=6": (3, 37, 6),
+    "more paths than a block": (2, 300, 6),
+    "S=77": (2, 33, 77),
+    "S=78": (2, 33, 78),
+    "int16": (1, 260, 257),
 }
 
 
@@ -52,13 +51,13 @@ def assert_events_equal(a, b):
         assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("plan", CTMC_PLANS)
-def test_ctmc_grid_equals_the_cpu_kernel(emulated, plan):
+@pytest.mark.parametrize("size", CTMC_SIZES)
+def test_ctmc_grid_equals_the_cpu_kernel(emulated, size):
     """Grid record, bit for bit against the CPU kernel (which picks destinations through jump tables, the CUDA
     kernel by a linear scan and stores the rows through 8-byte words): x0 with per-process Q and a
     (processes, paths, L) grid; p0 with a shared Q and an (L,) grid; x0 with a (processes, L) grid; rows of
     every alignment, shorter than a word and of whole words."""
-    B, P, S = CTMC_PLANS[plan]
+    B, P, S = CTMC_SIZES[size]
     Q = rates_with_absorbing(B, S, seed=S)
     g = torch.Generator().manual_seed(1)
     x0 = torch.randint(0, S, (B, P), generator=g)
@@ -81,25 +80,30 @@ def test_ctmc_grid_equals_the_cpu_kernel(emulated, plan):
         assert len(cuda.unique()) > 1
 
 
-def test_ctmc_grid_with_several_paths_per_thread(emulated):
-    """266,240 paths: threads 0..4095 of the grid kernel's 2^18 run a second path, of another process (its own
+@pytest.mark.parametrize("record", ["grid", "events"])
+def test_ctmc_with_several_paths_per_thread(emulated, record):
+    """266,240 paths: threads 0..4095 of the CTMC kernel's 2^18 run a second path, of another process (its own
     rates, grid row and initial draw from p0), after their first."""
     B, P, S = 512, 520, 3
     Q = rates_with_absorbing(B, S, seed=11)
     p0 = torch.rand(B, S, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    grid = sorted_grid(B, 6, horizon=3.0, seed=5)
-    cpu = simulate_ctmc(Q, None, grid, p0=p0, paths=P, seed=3)
+    t = sorted_grid(B, 6, horizon=3.0, seed=5) if record == "grid" else 3.0
+    kwargs = dict(p0=p0, paths=P, seed=3, record=record, max_events=4)
+    cpu = simulate_ctmc(Q, None, t, **kwargs)
     with emulated():
-        cuda = simulate_ctmc(Q, None, grid, p0=p0, paths=P, seed=3)
-    assert torch.equal(cuda, cpu)
-    assert bool((cpu[..., 0] != cpu[..., -1]).any())
+        cuda = simulate_ctmc(Q, None, t, **kwargs)
+    if record == "grid":
+        assert torch.equal(cuda, cpu) and bool((cpu[..., 0] != cpu[..., -1]).any())
+    else:
+        assert_events_equal(cuda, cpu)
+        assert bool(cpu.overflow.any()) and bool((cpu.counts < 4).any())
 
 
-@pytest.mark.parametrize("plan", CTMC_PLANS)
-def test_ctmc_events_equal_the_cpu_kernel(emulated, plan):
+@pytest.mark.parametrize("size", CTMC_SIZES)
+def test_ctmc_events_equal_the_cpu_kernel(emulated, size):
     """Events record (padded to max_events, counts, overflow flag), bit for bit: a horizon with max_events too
     small for some paths, and no horizon (exactly max_events jumps, or absorption)."""
-    B, P, S = CTMC_PLANS[plan]
+    B, P, S = CTMC_SIZES[size]
     Q = rates_with_absorbing(B, S, seed=S + 1)
     x0 = torch.randint(0, S, (B, P), generator=torch.Generator().manual_seed(2))
     x0[0, 0] = 1 % S
