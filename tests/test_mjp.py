@@ -400,7 +400,7 @@ def test_reactions_batch_split_invariance(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cpu_and_cuda_paths_are_identical():
-    B, P, S = 7, 700, 6  # 700 paths: three blocks per process on CUDA
+    B, P, S = 7, 700, 6  # 700 paths: three blocks per process in the CUDA reaction kernel
     Q = random_rates(B, S, seed=5)
     Q[2, 3] = 0  # an absorbing state in process 2
     p0 = torch.rand(B, S, dtype=torch.float64)
@@ -424,7 +424,7 @@ def test_cpu_and_cuda_paths_are_identical():
     cpu = simulate_reactions(reactants, products, rates, x0, grid, seed=6)
     cuda = simulate_reactions(reactants.cuda(), products.cuda(), rates.cuda(), x0.cuda(), grid.cuda(), seed=6)
     assert torch.equal(cpu, cuda.cpu())
-    # Few paths per process: the flat kernels.
+    # Few paths per process: the flat CUDA reaction kernel.
     Q, x0 = random_rates(300, S, seed=6), torch.randint(0, S, (300, 3))
     for record, t in [("grid", grid[0, 0]), ("events", 8.0)]:
         cpu = simulate_ctmc(Q, x0, t, seed=9, record=record, max_events=60)
