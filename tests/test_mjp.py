@@ -400,7 +400,7 @@ def test_reactions_batch_split_invariance(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cpu_and_cuda_paths_are_identical():
-    B, P, S = 7, 700, 6  # 700 paths: three blocks per process on CUDA
+    B, P, S = 7, 700, 6  # 700 paths: three blocks per process in the CUDA reaction kernel
     Q = random_rates(B, S, seed=5)
     Q[2, 3] = 0  # an absorbing state in process 2
     p0 = torch.rand(B, S, dtype=torch.float64)
@@ -411,6 +411,11 @@ def test_cpu_and_cuda_paths_are_identical():
         cuda = simulate_ctmc(Q.cuda(), None, t.cuda() if torch.is_tensor(t) else t, **{**kw, "p0": p0.cuda()})
         for a, b in zip(*(([cpu], [cuda]) if record == "grid" else (cpu, cuda))):
             assert torch.equal(a, b.cpu()), record
+    # 2.56M paths: the CUDA grid kernel runs 8 paths per thread.
+    Q_many, x0_many = random_rates(64, S, seed=7), torch.randint(0, S, (64, 40000))
+    grid_many = torch.linspace(0, 5, 11, dtype=torch.float64)
+    cpu = simulate_ctmc(Q_many, x0_many, grid_many, seed=4)
+    assert torch.equal(simulate_ctmc(Q_many.cuda(), x0_many.cuda(), grid_many.cuda(), seed=4).cpu(), cpu)
     reactants, products, rates = one_hot_network(Q)
     reactants = torch.cat([reactants, torch.tensor([[2, 0, 0, 0, 0, 0]])])  # a dimerisation-like channel
     products = torch.cat([products, torch.tensor([[0, 1, 0, 0, 0, 0]])])
@@ -419,7 +424,7 @@ def test_cpu_and_cuda_paths_are_identical():
     cpu = simulate_reactions(reactants, products, rates, x0, grid, seed=6)
     cuda = simulate_reactions(reactants.cuda(), products.cuda(), rates.cuda(), x0.cuda(), grid.cuda(), seed=6)
     assert torch.equal(cpu, cuda.cpu())
-    # Few paths per process: the flat kernels.
+    # Few paths per process: the flat CUDA reaction kernel.
     Q, x0 = random_rates(300, S, seed=6), torch.randint(0, S, (300, 3))
     for record, t in [("grid", grid[0, 0]), ("events", 8.0)]:
         cpu = simulate_ctmc(Q, x0, t, seed=9, record=record, max_events=60)
@@ -466,7 +471,8 @@ def test_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
-def test_bad_input_errors():
+def bad_input_cases():
+    """(call, message pattern) of every input error of the ops; also run through the CUDA glue under emulation."""
     Q = systems.flashing_ratchet(1.0)
     x0 = torch.zeros(1, 4, dtype=torch.long)
     grid = torch.linspace(0, 1, 5)
@@ -474,8 +480,10 @@ def test_bad_input_errors():
     bad_q[0, 1] = -0.5
     nan_q = Q.clone()
     nan_q[2, 0] = math.nan
+    inf_q = Q.clone()
+    inf_q[1, 0] = math.inf
     ones = torch.ones(1, 2, 1, dtype=torch.long)  # x0 of the reaction cases
-    cases = [
+    return [
         (lambda: simulate_ctmc(bad_q, x0, grid, seed=0), r"Q: expected off-diagonal rates >= 0, got -0.5"),
         (lambda: simulate_ctmc(nan_q, x0, grid, seed=0), r"Q: expected off-diagonal rates without NaN"),
         (lambda: simulate_ctmc(Q[:, :5], x0, grid, seed=0), r"Q: expected shape \(S, S\) or \(processes, S, S\)"),
@@ -487,6 +495,12 @@ def test_bad_input_errors():
         (lambda: simulate_ctmc(Q, x0, grid - 1, seed=0), r"t_grid: expected times >= 0"),
         (lambda: simulate_ctmc(Q, x0, grid * math.nan, seed=0), r"t_grid: expected finite times"),
         (lambda: simulate_ctmc(Q, x0, grid.expand(3, 5), seed=0), r"t_grid: expected 1 processes in dim 0"),
+        (lambda: simulate_ctmc(Q, x0, grid.expand(1, 3, 5), seed=0), r"t_grid: expected 4 paths in dim 1"),
+        (lambda: simulate_ctmc(inf_q, x0, grid, seed=0), r"Q: expected finite off-diagonal rates, got inf"),
+        (lambda: simulate_ctmc(Q, None, grid, p0=torch.zeros(6), paths=3, seed=0),
+         r"p0: expected every distribution to have a positive sum"),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=-1), r"process_offset: expected"),
+        (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events", max_events=-1), r"max_events: expected >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=-torch.ones(6), paths=3, seed=0), r"p0: expected probabilities >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.ones(5), paths=3, seed=0), r"p0: expected shape \(6,\)"),
         (lambda: simulate_ctmc(Q, None, grid, seed=0), r"give the initial states x0 or the initial distributions"),
@@ -513,7 +527,10 @@ def test_bad_input_errors():
                                     torch.ones(129), torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0),
          r"reactants: expected shape \(reactions, species\) with at most 128 reactions"),
     ]
-    for fn, message in cases:
+
+
+def test_bad_input_errors():
+    for fn, message in bad_input_cases():
         with pytest.raises((RuntimeError, ValueError), match=message):
             fn()
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/macros.h"
 #include "common/philox.h"
@@ -98,7 +99,9 @@ MK_HOST_DEVICE int64_t mjp_pick(const double* w, int64_t n, int64_t skip, double
 }
 
 // fp64 products and sums rounded one by one: nvcc would otherwise fuse a * b + c into an fma, which the host
-// compiler (x86-64 without -mfma) does not, and the two devices would round differently.
+// compiler (x86-64 without -mfma) does not, and the two devices would round differently. These emit PTX mul.rn /
+// add.rn, which ptxas never fuses; a plain product (PTX mul.f64, fusable with an add it feeds) appears only where
+// its result reaches comparisons and further products, never a sum.
 MK_HOST_DEVICE double mjp_mul(double a, double b) {
 #if defined(__CUDA_ARCH__)
   return __dmul_rn(a, b);
@@ -212,64 +215,156 @@ MK_HOST_DEVICE int64_t ctmc_initial_state(const CtmcParams& p, int64_t b, int64_
   return mjp_pick(w, p.S, -1, uniform_double(r.v[0], r.v[1]) * mjp_row_sum(w, p.S, -1));
 }
 
-// rates: (S, S) and exit: (S,) of process b (in shared memory on CUDA). Fields live in locals: the stores
-// through `out` (a char type for uint8) would otherwise force reloading them after every write.
+// Writes a row of states, Out: (L,), in runs of equal values in index order, through aligned 8-byte words: a word
+// collects in a register (a run fills its slots at once) and is stored when complete. On a GPU the threads of a
+// warp write different rows, so every store is a memory transaction of its own: one per word instead of one per
+// value. The values before the row's first word boundary and after its last one are stored one by one (those
+// words are shared with the neighbouring rows).
 template <typename Out>
-MK_HOST_DEVICE void ctmc_grid_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
-                                   int64_t path) {
-  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
-  const uint64_t seed = p.seed;
-  const int64_t S = p.S, L = p.L;
-  const double* grid = p.grid + b * p.grid_b_stride + path * p.grid_p_stride;
-  Out* out = mjp_states<Out>(p.states, (b * p.P + path) * L);
-  int64_t x = ctmc_initial_state(p, b, path, hi);
-  double t = 0.0;
-  int64_t k = 0;
-  for (uint64_t draw = 1;; ++draw) {
-    double u_dest = 0.0;
-    const double q = exit[x];
-    const double t_next = mjp_next_time(seed, draw, hi, t, q, &u_dest);
-    int64_t end = k;  // grid points before the jump: found first, then filled (no stores in the search)
-    while (end < L && grid[end] < t_next) ++end;
-    for (const Out value = static_cast<Out>(x); k < end; ++k) out[k] = value;
-    if (k == L) return;
-    x = mjp_pick(rates + x * S, S, x, u_dest * q);
-    t = t_next;
+class MjpRowWriter {
+ public:
+  MK_HOST_DEVICE MjpRowWriter(Out* row, int64_t L) : row_(row), L_(L) {
+    const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) / sizeof(Out)) % kPerWord;
+    head_ = misaligned == 0 ? 0 : kPerWord - misaligned;
   }
-}
 
-template <typename Out>
-MK_HOST_DEVICE void ctmc_events_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
-                                     int64_t path) {
-  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
-  const int64_t i = b * p.P + path;
-  Out* states = mjp_states<Out>(p.states, i * p.max_events);
-  double* times = p.times + i * p.max_events;
-  int64_t x = ctmc_initial_state(p, b, path, hi);
-  mjp_states<Out>(p.initial, i)[0] = static_cast<Out>(x);
-  double t = 0.0;
-  int64_t n = 0;
-  bool overflow = false;
-  for (uint64_t draw = 1;; ++draw) {
-    double u_dest = 0.0;
-    const double t_next = mjp_next_time(p.seed, draw, hi, t, exit[x], &u_dest);
-    if (!(exit[x] > 0.0) || !(t_next <= p.t_end)) break;  // absorbed, or past the horizon
-    if (n == p.max_events) {
-      overflow = true;
-      break;
+  // Row values k .. end - 1 = value, where k is the first index not yet written (runs cover 0 .. L - 1 in turn).
+  MK_HOST_DEVICE void fill(int64_t k, int64_t end, Out value) {
+    for (; k < end && k < head_; ++k) row_[k] = value;
+    const uint64_t repeated = kRepeat * static_cast<Unsigned>(value);  // value in every slot
+    while (k < end) {
+      const int64_t slot = (k - head_) & (kPerWord - 1);
+      const int64_t count = end - k < kPerWord - slot ? end - k : kPerWord - slot;  // slots this run fills here
+      const uint64_t kept = (uint64_t{1} << (kBits * slot)) - 1;                    // the slots before it
+      word_ = (word_ & kept) | (repeated << (kBits * slot));
+      k += count;
+      const int64_t first = k - slot - count;  // row index of the word's slot 0
+      if (slot + count == kPerWord) {
+        *reinterpret_cast<uint64_t*>(row_ + first) = word_;
+      } else if (k == L_) {  // the row ends inside the word
+        for (int64_t j = first; j < k; ++j) {
+          row_[j] = static_cast<Out>(static_cast<Unsigned>(word_ >> (kBits * (j - first))));
+        }
+      }
     }
-    x = mjp_pick(rates + x * p.S, p.S, x, u_dest * exit[x]);
-    t = t_next;
-    times[n] = t;
-    states[n++] = static_cast<Out>(x);
   }
-  p.counts[i] = n;
-  p.overflow[i] = overflow;
-  for (int64_t m = n; m < p.max_events; ++m) {
-    times[m] = std::numeric_limits<double>::infinity();
-    states[m] = static_cast<Out>(x);
+
+ private:
+  using Unsigned = std::make_unsigned_t<Out>;
+  static constexpr int kBits = 8 * sizeof(Out);
+  static constexpr int64_t kPerWord = 8 / sizeof(Out);
+  static constexpr uint64_t kRepeat = ~uint64_t{0} / ((uint64_t{1} << kBits) - 1);  // 1 in every slot
+  Out* row_;
+  int64_t L_, head_;
+  uint64_t word_ = 0;
+};
+
+// One path of the grid record as a resumable loop (the CUDA kernel runs several paths per thread, each starting
+// where the last one ended): the constructor takes path `path` of process b to its initial state; step() makes
+// one jump after storing the state at the grid points before it, and returns false (doing nothing more) once the
+// row is full. rates: (S, S) and exit: (S,) of process b. The fields of p live in members (registers): the
+// stores through the row (a char type for uint8) would otherwise force reloading them after every write.
+template <typename Out>
+class CtmcGridPath {
+ public:
+  MK_HOST_DEVICE CtmcGridPath(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                              int64_t path)
+      : rates_(rates),
+        exit_(exit),
+        grid_(p.grid + b * p.grid_b_stride + path * p.grid_p_stride),
+        out_(mjp_states<Out>(p.states, (b * p.P + path) * p.L), p.L),
+        seed_(p.seed),
+        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        S_(p.S),
+        L_(p.L),
+        x_(ctmc_initial_state(p, b, path, hi_)) {}
+
+  MK_HOST_DEVICE bool step() {
+    double u_dest = 0.0;
+    const double q = exit_[x_];
+    const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
+    int64_t end = k_;  // grid points before the jump: found first, then filled (no stores in the search)
+    while (end < L_ && grid_[end] < t_next) ++end;
+    out_.fill(k_, end, static_cast<Out>(x_));
+    k_ = end;
+    if (k_ == L_) return false;
+    x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
+    t_ = t_next;
+    ++draw_;
+    return true;
   }
-}
+
+ private:
+  const double* rates_;
+  const double* exit_;
+  const double* grid_;
+  MjpRowWriter<Out> out_;
+  uint64_t seed_, hi_;
+  int64_t S_, L_, x_;
+  uint64_t draw_ = 1;  // Philox draw of the next jump
+  double t_ = 0.0;     // time of the last jump
+  int64_t k_ = 0;      // next grid index to write
+};
+
+// One path of the events record as a resumable loop, like CtmcGridPath: step() records the next jump if its time
+// is <= t_end and fewer than max_events are recorded; else (absorbed, past the horizon, or max_events recorded)
+// it writes the count, the overflow flag and the padding, and returns false.
+template <typename Out>
+class CtmcEventsPath {
+ public:
+  MK_HOST_DEVICE CtmcEventsPath(const CtmcParams& p, const double* rates, const double* exit, int64_t b,
+                                int64_t path)
+      : rates_(rates),
+        exit_(exit),
+        times_(p.times + (b * p.P + path) * p.max_events),
+        states_(mjp_states<Out>(p.states, (b * p.P + path) * p.max_events)),
+        count_(p.counts + b * p.P + path),
+        overflow_(p.overflow + b * p.P + path),
+        seed_(p.seed),
+        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        t_end_(p.t_end),
+        S_(p.S),
+        M_(p.max_events),
+        x_(ctmc_initial_state(p, b, path, hi_)) {
+    mjp_states<Out>(p.initial, b * p.P + path)[0] = static_cast<Out>(x_);
+  }
+
+  MK_HOST_DEVICE bool step() {
+    double u_dest = 0.0;
+    const double q = exit_[x_];
+    const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
+    const bool jumps = q > 0.0 && t_next <= t_end_;
+    if (jumps && n_ < M_) {
+      x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
+      t_ = t_next;
+      ++draw_;
+      times_[n_] = t_;
+      states_[n_++] = static_cast<Out>(x_);
+      return true;
+    }
+    *count_ = n_;
+    *overflow_ = jumps;
+    for (int64_t m = n_; m < M_; ++m) {
+      times_[m] = std::numeric_limits<double>::infinity();
+      states_[m] = static_cast<Out>(x_);
+    }
+    return false;
+  }
+
+ private:
+  const double* rates_;
+  const double* exit_;
+  double* times_;
+  Out* states_;
+  int64_t* count_;
+  bool* overflow_;
+  uint64_t seed_, hi_;
+  double t_end_;
+  int64_t S_, M_, x_;
+  uint64_t draw_ = 1;  // Philox draw of the next jump
+  double t_ = 0.0;     // time of the last jump
+  int64_t n_ = 0;      // jumps recorded
+};
 
 // Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (m + 1).
 MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64_t* x, int64_t n_species) {
@@ -277,7 +372,7 @@ MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64
   for (int64_t s = 0; s < n_species; ++s) {
     for (int32_t m = 0; m < alpha[s]; ++m) {
       if (x[s] <= m) return 0.0;
-      a *= static_cast<double>(x[s] - m) / static_cast<double>(m + 1);
+      a = mjp_mul(a, static_cast<double>(x[s] - m) / static_cast<double>(m + 1));
     }
   }
   return a;

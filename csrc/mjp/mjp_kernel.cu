@@ -1,8 +1,12 @@
-// CUDA kernels of the Gillespie simulators: one thread per path. With >= 32 paths per process a block covers a
-// chunk of the paths of one process and stages that process's parameters in shared memory (when they fit in
-// 48 KiB; else it reads them from global memory); blocks stride over (process, chunk) pairs. With fewer
-// paths, threads run over the flat (process, path) index and read the parameters from global memory (L1),
-// so that warps stay full. The per-path code is the CPU kernels' (mjp.h): both devices produce the same paths.
+// CUDA kernels of the Gillespie simulators. The per-path code is the CPU kernels' (mjp.h): both devices produce the
+// same paths.
+//
+// CTMCs (grid and events records): each thread runs several paths back to back in one loop whose body is one jump
+// (ctmc_kernel). Reaction networks: one thread per path. With >= 32 paths per process a block covers a chunk of
+// the paths of one process and stages the network and that process's rate constants in shared memory (when they
+// fit in 48 KiB; else it reads them from global memory); blocks stride over (process, chunk) pairs. With fewer
+// paths, threads run over the flat (process, path) index and read the parameters from global memory (L1), so
+// that warps stay full.
 #include <algorithm>
 
 #include "mjp/mjp.h"
@@ -13,7 +17,9 @@ namespace {
 constexpr int64_t kMaxStagedBytes = 48 * 1024;
 constexpr int64_t kMaxThreads = 256;
 constexpr int64_t kMaxGrid = int64_t{1} << 20;
-constexpr int64_t kMinBlockPaths = 32;  // fewer paths per process: the flat kernels
+constexpr int64_t kMinBlockPaths = 32;  // fewer paths per process: the flat reaction kernel
+constexpr int64_t kPathsPerThread = 8;  // CTMC kernel
+constexpr int64_t kFullThreads = int64_t{1} << 18;
 
 // Paths of a process split into `chunks` blocks of `threads` (a multiple of 32) with little idle tail.
 struct Plan {
@@ -38,66 +44,51 @@ unsigned flat_grid(int64_t n) {
   return static_cast<unsigned>(std::min((n + kMaxThreads - 1) / kMaxThreads, kMaxGrid));
 }
 
-template <typename Out, bool kEvents>
-__device__ void ctmc_path(const CtmcParams& p, const double* rates, const double* exit, int64_t b, int64_t path) {
-  if constexpr (kEvents) {
-    ctmc_events_path<Out>(p, rates, exit, b, path);
-  } else {
-    ctmc_grid_path<Out>(p, rates, exit, b, path);
+// Thread j runs the paths j, j + T, j + 2T, ... (flat index b * P + path; T threads in all), a thread whose path
+// is done starting its next one inside the same loop body: the threads of a warp keep jumping in step, each on its
+// own path, instead of idling until the warp's longest path (jump counts vary from path to path) ends, as with
+// one path per thread. Rates and exit rates come from global memory (L1: the threads of a warp mostly share a
+// process). Path: CtmcGridPath<Out> or CtmcEventsPath<Out>.
+template <typename Path>
+__device__ Path ctmc_path(const CtmcParams& p, int64_t i) {
+  const int64_t b = i / p.P;
+  const int64_t qb = p.n_q == 1 ? 0 : b;
+  return Path(p, p.rates + qb * p.S * p.S, p.exit + qb * p.S, b, i % p.P);
+}
+
+template <typename Path>
+__global__ void ctmc_kernel(CtmcParams p) {
+  const int64_t n = p.B * p.P, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  Path path = ctmc_path<Path>(p, i);
+  for (;;) {
+    if (path.step()) continue;
+    i += stride;
+    if (i >= n) return;
+    path = ctmc_path<Path>(p, i);
   }
 }
 
-template <typename Out, bool kEvents>
-__global__ void ctmc_flat_kernel(CtmcParams p) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.B * p.P; i += stride) {
-    const int64_t b = i / p.P;
-    const int64_t qb = p.n_q == 1 ? 0 : b;
-    ctmc_path<Out, kEvents>(p, p.rates + qb * p.S * p.S, p.exit + qb * p.S, b, i % p.P);
-  }
+// Blocks of ctmc_kernel for n paths: kPathsPerThread paths a thread, but at least kFullThreads threads while there
+// are as many paths (an H100 holds 132 SMs x 1024 threads of this kernel at once at its 56 registers a thread).
+unsigned ctmc_blocks(int64_t n) {
+  const int64_t threads = std::max(std::min(n, kFullThreads), (n + kPathsPerThread - 1) / kPathsPerThread);
+  return static_cast<unsigned>(std::min((threads + kMaxThreads - 1) / kMaxThreads, kMaxGrid));
 }
 
-template <typename Out, bool kEvents>
-__global__ void ctmc_kernel(CtmcParams p, int64_t chunks, bool staged) {
-  extern __shared__ double smem[];  // staged: rates (S, S), then exit (S,)
-  const int64_t SS = p.S * p.S;
-  for (int64_t blk = blockIdx.x; blk < p.B * chunks; blk += gridDim.x) {
-    const int64_t b = blk / chunks;
-    const int64_t qb = p.n_q == 1 ? 0 : b;
-    const double* rates = p.rates + qb * SS;
-    const double* exit = p.exit + qb * p.S;
-    if (staged) {
-      __syncthreads();  // the previous iteration's paths no longer read smem
-      for (int64_t j = threadIdx.x; j < SS; j += blockDim.x) smem[j] = rates[j];
-      for (int64_t j = threadIdx.x; j < p.S; j += blockDim.x) smem[SS + j] = exit[j];
-      __syncthreads();
-      rates = smem;
-      exit = smem + SS;
-    }
-    const int64_t path = (blk % chunks) * blockDim.x + threadIdx.x;
-    if (path < p.P) ctmc_path<Out, kEvents>(p, rates, exit, b, path);
-  }
-}
-
-template <typename Out, bool kEvents>
+template <typename Path>
 void ctmc_launch(const CtmcParams& p, cudaStream_t stream) {
-  if (p.P < kMinBlockPaths) {
-    ctmc_flat_kernel<Out, kEvents><<<flat_grid(p.B * p.P), kMaxThreads, 0, stream>>>(p);
-    return;
-  }
-  const Plan plan = plan_for(p.B, p.P);
-  const int64_t bytes = (p.S * p.S + p.S) * static_cast<int64_t>(sizeof(double));
-  const bool staged = bytes <= kMaxStagedBytes;
-  ctmc_kernel<Out, kEvents><<<plan.grid, plan.threads, staged ? bytes : 0, stream>>>(p, plan.chunks, staged);
+  ctmc_kernel<Path><<<ctmc_blocks(p.B * p.P), kMaxThreads, 0, stream>>>(p);
 }
 
-template <bool kEvents>
-void ctmc_dispatch(const CtmcParams& p, cudaStream_t stream) {
-  if (p.B * p.P == 0) return;
-  switch (p.state_type) {
-    case StateType::kUInt8: return ctmc_launch<uint8_t, kEvents>(p, stream);
-    case StateType::kInt16: return ctmc_launch<int16_t, kEvents>(p, stream);
-    case StateType::kInt32: return ctmc_launch<int32_t, kEvents>(p, stream);
+// Calls fn(Out{}) for the integer type Out of the state outputs.
+template <typename Fn>
+void with_state_type(StateType t, const Fn& fn) {
+  switch (t) {
+    case StateType::kUInt8: return fn(uint8_t{});
+    case StateType::kInt16: return fn(int16_t{});
+    case StateType::kInt32: return fn(int32_t{});
   }
 }
 
@@ -151,9 +142,15 @@ void ctmc_exit_rates_cuda(const CtmcParams& p, cudaStream_t stream) {
   ctmc_exit_kernel<<<static_cast<unsigned>((rows + 255) / 256), 256, 0, stream>>>(p);
 }
 
-void ctmc_grid_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<false>(p, stream); }
+void ctmc_grid_cuda(const CtmcParams& p, cudaStream_t stream) {
+  if (p.B * p.P == 0) return;
+  with_state_type(p.state_type, [&](auto out) { ctmc_launch<CtmcGridPath<decltype(out)>>(p, stream); });
+}
 
-void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream) { ctmc_dispatch<true>(p, stream); }
+void ctmc_events_cuda(const CtmcParams& p, cudaStream_t stream) {
+  if (p.B * p.P == 0) return;
+  with_state_type(p.state_type, [&](auto out) { ctmc_launch<CtmcEventsPath<decltype(out)>>(p, stream); });
+}
 
 void reactions_grid_cuda(const ReactionParams& p, cudaStream_t stream) {
   if (p.B * p.P == 0) return;
