@@ -1,18 +1,19 @@
 // CUDA sliding-window attention for float16 / bfloat16 with float32 accumulation, FlashAttention-2 style
 // on tensor cores: mma.sync.m16n8k16 through inline PTX, scores and probabilities kept in registers.
 //
-// Every CTA has 4 warps and a tile of 64 rows in shared memory; warp w owns rows [16 w, 16 w + 16). The
-// fragment layouts are those of the PTX ISA for m16n8k16 (lane = 4 g + t, g = lane / 4, t = lane % 4):
+// Every CTA has 4 warps. The backward kernels hold tiles of 64 rows, warp w owning rows [16 w, 16 w + 16); the
+// forward's query tile has 64 kMB rows, warp w owning the kMB blocks of 16 rows from 16 kMB w (fwd_row_blocks).
+// The fragment layouts are those of the PTX ISA for m16n8k16 (lane = 4 g + t, g = lane / 4, t = lane % 4):
 //   A (16 x 16, row-major) four 32-bit registers: (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)
 //   B (16 x 8, k x n)       two registers:         (k = 2t..2t+1, n = g), (k = 2t + 8.., n = g)
 //   C (16 x 8, float)       four floats:           (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)
 // so the C fragments of two adjacent 8-column score tiles are, packed to 16 bits, the A fragment of the
 // next product (P V and the backward's P^T dO, dS^T Q, dS K) without a trip through shared memory.
 //
-// Forward: CTA per (query tile of kBM rows, batch * head); key tiles of kBN keys over [0, sink_end) and
-// [window_begin, i1) (swa_params.h); the mask is evaluated only on tiles that are not fully visible;
-// online softmax in base 2 with scale * log2(e) folded in; K and V tiles arrive by cp.async behind the
-// products (V during Q K^T, the next K during P V).
+// Forward: CTA per (query tile of 64 kMB rows, batch * head); key tiles of kBN keys over [0, sink_end) and
+// [window_begin, i1) (swa_params.h); a warp skips the key tiles none of its rows sees and evaluates the mask
+// only on tiles that its rows do not fully see; online softmax in base 2 with scale * log2(e) folded in; K
+// and V tiles arrive by cp.async behind the products (V during Q K^T, the next K during P V).
 // Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
 // every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly;
 // headdim 256 splits the dK, dV columns over two CTAs), one per query tile computes dQ (over its key
@@ -30,7 +31,7 @@
 namespace markovkit {
 namespace {
 
-constexpr int kBM = 64;  // query rows per tile
+constexpr int kBM = 64;  // query rows per tile of the backward
 constexpr int kBN = 64;  // keys per tile
 constexpr int kThreads = 128;
 constexpr int kPad = 8;  // row padding of shared-memory tiles (elements): conflict-free fragment loads
@@ -136,14 +137,14 @@ __device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x
   }
 }
 
-// Starts loading tile (64, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor,
+// Starts loading tile (kRows, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor,
 // zero beyond n; the tile is complete after cp_async_wait_all and __syncthreads.
-template <typename T, int D>
+template <typename T, int D, int kRows = 64>
 __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
                           int64_t nheads, int64_t h, T* tile) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
-  for (int x = threadIdx.x; x < 64 * kPerRow; x += kThreads) {
+  for (int x = threadIdx.x; x < kRows * kPerRow; x += kThreads) {
     const int r = x / kPerRow, c = (x % kPerRow) * kVec;
     T* dst = tile + r * (D + kPad) + c;
     if (r < n) {
@@ -189,28 +190,42 @@ struct QueryTiles {
   }
 };
 
-// Sets the elements of a 16 x 64 block of C fragments that visible(row, col) rejects to -inf; element (n, e)
-// is (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2).
+// swa_allowed(i0 + r, j0 + c) for the rows r in [0, 128) and keys c in [0, nj) of a tile in 32-bit arithmetic:
+// with r - c in (-64, 128), the tile's 64-bit bounds clamped to [-256, 256] decide exactly.
+struct TileMask {
+  int nj, causal, window, sink;  // keys c < nj with r - c >= causal, and r - c < window or c < sink
+  __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
+      : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
+        sink(clamped_diff(s.sink, j0)) {}
+  __device__ bool operator()(int r, int c) const { return c < nj && r - c >= causal && (r - c < window || c < sink); }
+  // min(max(a - b, -256), 256) for a >= 0, without overflow for any a, b
+  __device__ static int clamped_diff(int64_t a, int64_t b) {
+    return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
+  }
+};
+
+// Sets the elements of the 16 x 64 block of C fragments of rows [rb, rb + 16) that visible(row, col) rejects
+// to -inf; element (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2).
 template <typename Visible>
-__device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int warp, Lane ln, Visible visible) {
+__device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int rb, Lane ln, Visible visible) {
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      if (!visible(16 * warp + ln.g + 8 * (e / 2), 8 * n + 2 * ln.t + (e % 2))) x[n][e] = -INFINITY;
+      if (!visible(rb + ln.g + 8 * (e / 2), 8 * n + 2 * ln.t + (e % 2))) x[n][e] = -INFINITY;
     }
   }
 }
 
-// Writes the warp's 16 rows (C fragments acc, times row_scale[half] for rows g and g + 8) as T to rows
-// [r0 + 16 w, ...), columns [c0, c0 + kCols) of head h, only rows < n.
+// Writes the 16 rows [rb, rb + 16) of a tile (C fragments acc, times row_scale[half] for rows g and g + 8) as T
+// to rows [r0 + rb, ...), columns [c0, c0 + kCols) of head h, only rows r < n.
 template <typename T, int D, int kCols = D>
 __device__ void store_rows(const float (&acc)[kCols / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
-                           int64_t r0, int c0, int warp, int64_t n, int64_t seqlen, int64_t nheads, int64_t h,
+                           int64_t r0, int c0, int rb, int64_t n, int64_t seqlen, int64_t nheads, int64_t h,
                            Lane ln) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int r = 16 * warp + ln.g + 8 * half;
+    const int r = rb + ln.g + 8 * half;
     if (r >= n) continue;
     uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D + c0);
 #pragma unroll
@@ -232,24 +247,173 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kRows = 64>
 constexpr int64_t tile_bytes() {
-  return int64_t{64} * (D + kPad) * sizeof(T);
+  return int64_t{kRows} * (D + kPad) * sizeof(T);
+}
+
+// Blocks of 16 query rows per warp in the forward. With two, every K and V fragment read from shared memory
+// feeds two mma (half the shared-memory traffic per product); at headdim 256 the two float32 output
+// accumulators (256 registers per lane) do not fit, and at 96 ptxas spills, so these keep one.
+template <int D>
+constexpr int fwd_row_blocks() {
+  return D == 96 || D > 128 ? 1 : 2;
+}
+
+// Whether the forward keeps the warp's Q fragments in registers across key tiles (they fit beside the
+// accumulators without spills up to this headdim) instead of reading them from shared memory for every tile.
+template <int D>
+constexpr bool fwd_q_in_regs() {
+  return D <= 32;
+}
+
+template <typename T, int D>
+constexpr int64_t fwd_smem_bytes() {
+  return tile_bytes<T, D, 64 * fwd_row_blocks<D>()>() + 2 * tile_bytes<T, D>();
+}
+
+// The A fragments (row blocks [rb + 16 mb, + 16) x cols [16 kk, + 16)) of the warp's kMB blocks of a row-major
+// (rows, D + kPad) tile in shared memory, read at each use.
+template <typename T, int D, int kMB, bool kInRegs>
+struct RowFrags {
+  const T* tile;
+  int rb;
+  Lane ln;
+  __device__ RowFrags(const T* tile, int rb, Lane ln) : tile(tile), rb(rb), ln(ln) {}
+  __device__ __forceinline__ void get(int mb, int kk, uint32_t (&a)[4]) const {
+    load_a(tile, D + kPad, rb + 16 * mb, 16 * kk, ln, a);
+  }
+};
+
+// The same, copied into registers once (the tile must be complete).
+template <typename T, int D, int kMB>
+struct RowFrags<T, D, kMB, true> {
+  uint32_t frag[kMB][D / 16][4];
+  __device__ RowFrags(const T* tile, int rb, Lane ln) {
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) load_a(tile, D + kPad, rb + 16 * mb, 16 * kk, ln, frag[mb][kk]);
+    }
+  }
+  __device__ __forceinline__ void get(int mb, int kk, uint32_t (&a)[4]) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[e] = frag[mb][kk][e];
+  }
+};
+
+// acc[mb] (16 rows x kBN cols, as C fragments) = row block mb of A times X^T over D, where the B operand comes
+// from the kBN rows of X (B(k, n) = X[n][k]); every B fragment loaded serves the kMB row blocks.
+template <typename T, int D, int kMB, bool kInRegs>
+__device__ __forceinline__ void warp_abt_blocks(const RowFrags<T, D, kMB, kInRegs>& a_frags, const T* x_tile, Lane ln,
+                                                float (&acc)[kMB][kBN / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int mb = 0; mb < kMB; ++mb) {
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mb][n][e] = 0.0f;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) a_frags.get(mb, kk, a[mb]);
+#pragma unroll
+    for (int n = 0; n < kBN / 8; n += 2) {
+      uint32_t b[4];
+      load_b_rows(x_tile, kLd, 8 * n, 16 * kk, ln, b);
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma<T>(acc[mb][n], a[mb], b[0], b[1]);
+        mma<T>(acc[mb][n + 1], a[mb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mb] (16 rows x D, as C fragments) += P[mb] (16 x kBN, as C fragments) times the kBN rows of X (kBN x D);
+// every B fragment loaded serves the kMB row blocks.
+template <typename T, int D, int kMB>
+__device__ __forceinline__ void warp_px_blocks(const float (&p)[kMB][kBN / 8][4], const T* x_tile, Lane ln,
+                                               float (&acc)[kMB][D / 8][4]) {
+  constexpr int kLd = D + kPad;
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t a[kMB][4];
+#pragma unroll
+    for (int mb = 0; mb < kMB; ++mb) c_to_a<T>(p[mb][2 * kk], p[mb][2 * kk + 1], a[mb]);
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      uint32_t b[4];
+      load_b_cols(x_tile, kLd, 16 * kk, 8 * n, ln, b);
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) {
+        mma<T>(acc[mb][n], a[mb], b[0], b[1]);
+        mma<T>(acc[mb][n + 1], a[mb], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
+// m), the running row maxima m (log2 units) of rows g, g + 8 rising to cover them; the lane's parts l of the
+// row sums and the output o are rescaled to the new maxima and l gains the sums of P.
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&o)[D / 8][4], float scale_log2) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[n][e] *= scale_log2;
+      mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
+    }
+  }
+  float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float m_new = fmaxf(m[half], quad_max(mx[half]));
+    alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
+    m[half] = m_new;
+    m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
+  }
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[n][e] = exp2f(sc[n][e] - m_sub[e / 2]);
+      sum[e / 2] += sc[n][e];
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+  }
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p) {
+  constexpr int kMB = fwd_row_blocks<D>(), kRows = 64 * kMB;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sq = reinterpret_cast<T*>(smem);
-  T* sk = reinterpret_cast<T*>(smem + tile_bytes<T, D>());
-  T* sv = reinterpret_cast<T*>(smem + 2 * tile_bytes<T, D>());
+  T* sk = reinterpret_cast<T*>(smem + tile_bytes<T, D, kRows>());
+  T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D, kRows>() + tile_bytes<T, D>());
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, bh = blockIdx.y;
   const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
-  const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
-  const int warp = threadIdx.x / 32;
+  const int64_t ni = min(static_cast<int64_t>(kRows), L - i0);
+  const int warp = threadIdx.x / 32, rb = 16 * kMB * warp;  // the warp's rows: [rb, rb + 16 kMB) of the tile
+  const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16 * kMB), ni);  // as queries (may be empty)
   const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
@@ -258,79 +422,65 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   KeyTiles tiles(i0, i0 + ni, s);
-  load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_rows<T, D, kRows>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
-  float o[D / 8][4];
+  float o[kMB][D / 8][4];
+  float m[kMB][2], l[kMB][2];  // running row max (log2 units) of rows g, g + 8; this lane's part of the row sums
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
-  }
-  float m[2] = {-INFINITY, -INFINITY};  // running row max (log2 units) of rows g, g + 8
-  float l[2] = {0.0f, 0.0f};            // this lane's part of the running row sums
-
-  while (!tiles.done()) {
-    const int64_t j0 = tiles.j0, nj = tiles.size();
-    cp_async_wait_all();
-    __syncthreads();  // K(j0) (and Q) are in; every warp is done with the previous sv
-    load_rows<T, D>(v, b, j0, nj, L, s.kv_heads, hk, sv);
-    float sc[kBN / 8][4];
-    warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);
-    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[n][e] *= scale_log2;
-        mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
-      }
-    }
-    float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float m_new = fmaxf(m[half], quad_max(mx[half]));
-      alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
-      m[half] = m_new;
-      m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
-    }
-    float sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[n][e] = exp2f(sc[n][e] - m_sub[e / 2]);
-        sum[e / 2] += sc[n][e];
-      }
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+  for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+      for (int e = 0; e < 4; ++e) o[mb][n][e] = 0.0f;
+    }
+    m[mb][0] = m[mb][1] = -INFINITY;
+    l[mb][0] = l[mb][1] = 0.0f;
+  }
+  cp_async_wait_all();
+  __syncthreads();  // Q and K(first) are in
+  const RowFrags<T, D, kMB, fwd_q_in_regs<D>()> qf(sq, rb, ln);
+
+  while (!tiles.done()) {
+    const int64_t j0 = tiles.j0, nj = tiles.size();
+    load_rows<T, D>(v, b, j0, nj, L, s.kv_heads, hk, sv);
+    // warp-uniform: a tile none of the warp's rows sees costs the warp only the loads and barriers
+    const bool live = wi0 < wi1 && !swa_tile_empty(wi0, wi1, j0, j0 + nj, s.window, s.sink);
+    float sc[kMB][kBN / 8][4];
+    if (live) {
+      warp_abt_blocks(qf, sk, ln, sc);
+      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+#pragma unroll
+        for (int mb = 0; mb < kMB; ++mb) {
+          mask_block(sc[mb], rb + 16 * mb, ln, TileMask(i0, j0, nj, s));
+        }
+      }
+#pragma unroll
+      for (int mb = 0; mb < kMB; ++mb) softmax_step<D>(sc[mb], m[mb], l[mb], o[mb], scale_log2);
     }
     cp_async_wait_all();
     __syncthreads();  // V(j0) is in; every warp is done with sk
     tiles.next();
     if (!tiles.done()) load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
-    warp_px<T, D>(sc, sv, 0, ln, o);
+    if (live) warp_px_blocks<T, D, kMB>(sc, sv, ln, o);
+    cp_async_wait_all();
+    __syncthreads();  // K(j0 + 1) is in; every warp is done with sv
   }
-  float inv[2];
+  float* lse = static_cast<float*>(p.lse) + bh * L;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    l[half] = quad_sum(l[half]);
-    inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
-  }
-  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, 0, warp, ni, L, s.heads, h, ln);
-  if (ln.t == 0) {
-    float* lse = static_cast<float*>(p.lse) + bh * L;
+  for (int mb = 0; mb < kMB; ++mb) {
+    float inv[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = 16 * warp + ln.g + 8 * half;
-      if (r < ni) lse[i0 + r] = (m[half] + log2f(l[half])) / kLog2e;
+      l[mb][half] = quad_sum(l[mb][half]);
+      inv[half] = l[mb][half] > 0.0f ? 1.0f / l[mb][half] : 0.0f;
+    }
+    store_rows<T, D>(o[mb], inv, static_cast<T*>(p.out), b, i0, 0, rb + 16 * mb, ni, L, s.heads, h, ln);
+    if (ln.t == 0) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = rb + 16 * mb + ln.g + 8 * half;
+        if (r < ni) lse[i0 + r] = (m[mb][half] + log2f(l[mb][half])) / kLog2e;
+      }
     }
   }
 }
@@ -465,7 +615,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
     if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(st, warp, ln,
+      mask_block(st, 16 * warp, ln,
                  [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
     }
     cp_async_wait_all();
@@ -482,8 +632,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     warp_px<T, D, kCols>(st, sdo, c0, ln, dv);  // dV += P^T dO
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D, kCols>(dk, one, static_cast<T*>(p.dk), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
-  store_rows<T, D, kCols>(dv, one, static_cast<T*>(p.dv), b, j0, c0, warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dk, one, static_cast<T*>(p.dk), b, j0, c0, 16 * warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D, kCols>(dv, one, static_cast<T*>(p.dv), b, j0, c0, 16 * warp, nj, L, s.kv_heads, hk, ln);
 }
 
 // dQ of query tile blockIdx.x for (batch, head) blockIdx.y; warp w owns queries [16 w, 16 w + 16).
@@ -535,13 +685,14 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
     if (!tiles.done()) load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
     warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);  // S = Q K^T
     if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, warp, ln, [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
+      mask_block(sc, 16 * warp, ln,
+                 [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     warp_px<T, D>(dp, sk, 0, ln, dq);  // dQ += scale dS K
   }
   const float one[2] = {1.0f, 1.0f};
-  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, warp, ni, L, s.heads, h, ln);
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, 16 * warp, ni, L, s.heads, h, ln);
 }
 
 // Above 48 KB of dynamic shared memory a kernel must opt in; the glue has checked smem_bytes against the
@@ -554,8 +705,9 @@ void launch(Kernel kernel, dim3 grid, int64_t smem_bytes, const Params& p, cudaS
 
 template <typename T, int D>
 void forward(const SwaFwdParams& p, cudaStream_t stream) {
-  const dim3 grid((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
-  launch(swa_fwd_kernel<T, D>, grid, 3 * tile_bytes<T, D>(), p, stream);
+  constexpr int kRows = 64 * fwd_row_blocks<D>();
+  const dim3 grid((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.heads);
+  launch(swa_fwd_kernel<T, D>, grid, fwd_smem_bytes<T, D>(), p, stream);
 }
 
 template <typename T, int D>
@@ -595,7 +747,7 @@ int64_t swa_cuda_smem_bytes(int64_t headdim, bool backward) {
   // float16 and bfloat16 tiles have the same size: __half stands for both
   int64_t bytes = 0;
   dispatch(DType::kFloat16, headdim, [&]<typename T, int D>() {
-    bytes = backward ? bwd_smem_bytes<T, D>() : 3 * tile_bytes<T, D>();
+    bytes = backward ? bwd_smem_bytes<T, D>() : fwd_smem_bytes<T, D>();
   });
   return bytes;
 }

@@ -85,6 +85,12 @@ MK_HOST_DEVICE bool swa_tile_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1
   return j1 - 1 <= i0 && (i1 - 1 - j0 < window || j1 <= sink);
 }
 
+// True when no (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: every key lies after every row, or the
+// nearest pair (i0, j1 - 1) is outside the window and no key is a sink.
+MK_HOST_DEVICE bool swa_tile_empty(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t window, int64_t sink) {
+  return j0 > i1 - 1 || (i0 - (j1 - 1) >= window && j0 >= sink);
+}
+
 void swa_forward_cpu(const SwaFwdParams& p);
 void swa_backward_cpu(const SwaBwdParams& p);
 #ifdef MARKOVKIT_WITH_CUDA

@@ -33,6 +33,10 @@ CASES = [
     # window smaller than the sink, both cut inside a tile; full interior tiles (window 150 > 2 tiles)
     (torch.float16, 2, 259, 2, 1, 64, 150, 5),
     (torch.bfloat16, 1, 130, 2, 2, 64, 3, 9),
+    # headdim 128 over 3 forward query tiles of 128 rows (the last holds 44: two warps without rows, one half
+    # full); window 100: warps skip left-edge and diagonal tiles the CTA needs, full tiles per warp; sink tile
+    # of 2 keys
+    (torch.float16, 1, 300, 2, 1, 128, 100, 2),
 ]
 
 
