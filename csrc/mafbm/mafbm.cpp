@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
   return {x_next, y_next, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
     const at::Tensor& grad_x_in, const at::Tensor& grad_y_in, const at::Tensor& grad_kl_in, const at::Tensor& y_in,
     const at::Tensor& diffusion_in, const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in,
     const at::Tensor& factor_in, double dt, const std::optional<at::Tensor>& control_in,
@@ -105,12 +105,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
   std::optional<at::Tensor> control, noise;
   if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
   if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
-  at::Tensor grad_y = at::empty_like(y), grad_diffusion = at::empty_like(gx), grad_control = at::empty_like(gx);
-  at::Tensor grad_omega_terms = at::empty_like(y);
+  at::Tensor grad_y = at::empty_like(y), grad_drift = at::empty_like(gx), grad_diffusion = at::empty_like(gx);
+  at::Tensor grad_control = at::empty_like(gx), grad_omega = at::zeros({K}, gx.options());
   const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
                                   ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
-                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_diffusion.data_ptr(),
-                                  grad_control.data_ptr(), grad_omega_terms.data_ptr(), P, D, static_cast<int>(K),
+                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_drift.data_ptr(),
+                                  grad_diffusion.data_ptr(), grad_control.data_ptr(), grad_omega.data_ptr(), P, D,
+                                  static_cast<int>(K),
                                   static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                                   dtype_of(gx, "grad_x_next")};
   if (runs_cpu_kernel(gx)) {
@@ -122,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   }
-  return {grad_y, grad_diffusion, grad_control, grad_omega_terms};
+  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
 }
 
 // A coefficient tensor of the simulator as float64 host values. The kernel gets the values as its argument,
