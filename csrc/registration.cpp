@@ -36,7 +36,7 @@ TORCH_LIBRARY(markovkit, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("mafbm_step_backward(Tensor grad_x_next, Tensor grad_y_next, Tensor grad_kl, Tensor y, Tensor diffusion, "
         "Tensor omega, Tensor drop, Tensor phi, Tensor factor, float dt, Tensor? control, Tensor? noise, int seed, "
-        "int step) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mafbm_simulate(Tensor x0, Tensor omega, Tensor drop, Tensor factor, Tensor? factor0, int n_steps, "
         "float dt, float theta, float mu, float sigma, int save_every, int seed) -> Tensor");
   m.def("mafbm_simulate_backward(Tensor grad_out, Tensor x0, Tensor omega, Tensor drop, Tensor factor, "

@@ -55,6 +55,40 @@ def test_initial_states_follow_p0():
     assert scipy.stats.chi2.sf(stat, int(keep.sum()) - 1) > 1e-4
 
 
+@pytest.mark.parametrize("a,b", [(0.4, 1.0), (1.2, 2.2)])
+def test_beta_draws_follow_the_beta_law(a, b):
+    """The Philox Beta sampler (Marsaglia-Tsang Gammas with the U^(1/a) boost) at the prior's corners: KS."""
+    n = 20000
+    x = fim._beta(fim._Draws(7, "cpu"), 100, torch.full((n,), a, dtype=torch.float64),
+                  torch.full((n,), b, dtype=torch.float64))
+    assert scipy.stats.kstest(x.numpy(), scipy.stats.beta(a, b).cdf).pvalue > 1e-4
+
+
+def test_parameter_choices_follow_their_weights():
+    """num_states ~ state_weights, stride and keep_prob uniform, p0 Dirichlet(1) mean; a process's draws do not
+    depend on how many processes are drawn."""
+    N, config = 20000, fim.FimConfig()
+    params = fim.sample_parameters(N, config, seed=4)
+    for key, values, weights in [("num_states", config.states, config.state_weights),
+                                 ("stride", config.strides, (1,) * 4), ("keep_prob", config.keep_probs, (1, 1))]:
+        counts = [int((params[key] == v).sum()) for v in values]
+        assert sum(counts) == N
+        expected = [N * w / sum(weights) for w in weights]
+        assert scipy.stats.chisquare(counts, expected).pvalue > 1e-4, key
+    p0 = params["p0"][(params["num_states"] == 6) & ~_is_stationary_start(params)]
+    z = (p0[:, 0].mean() - 1 / 6) / (p0[:, 0].std() / len(p0) ** 0.5)
+    assert abs(float(z)) < 4.5
+    head = fim.sample_parameters(10, config, seed=4)
+    for key in head:
+        assert torch.equal(head[key], params[key][:10]), key
+
+
+def _is_stationary_start(params):
+    """p0 equals the limit distribution of Q (the stationary-start branch)."""
+    limit = fim._limit_distribution(params["rates"], params["num_states"])
+    return (params["p0"] - limit).abs().amax(-1) < 1e-12
+
+
 def test_stationary_start_is_the_stationary_distribution():
     Q = torch.stack([systems.flashing_ratchet(1.0), systems.generator(torch.ones(6, 6)) * 0.1])
     Q[1, 4:] = Q[1, :, 4:] = 0  # a 4-state process padded to 6
@@ -84,5 +118,8 @@ def test_cpu_and_cuda_datasets_are_identical():
     config = fim.FimConfig(paths=64)
     cpu = fim.generate(40, config, seed=2, device="cpu", chunk=15)
     cuda = fim.generate(40, config, seed=2, device="cuda", chunk=40)
-    for name in ("states", "observations", "mask"):
-        assert torch.equal(cpu[name], cuda[name]), name
+    assert all(v.is_cuda for v in cuda.values() if isinstance(v, torch.Tensor))  # generated on the device
+    for name in ("rates", "initial_distribution"):  # the same Philox draws, libm / matrix_exp to the last bits
+        torch.testing.assert_close(cuda[name].cpu(), cpu[name], rtol=1e-6, atol=1e-7)
+    for name in ("num_states", "states", "observations", "mask"):
+        assert torch.equal(cpu[name], cuda[name].cpu()), name

@@ -1,6 +1,8 @@
 // Glue for mafbm_step / mafbm_step_backward / mafbm_simulate: checks, params, stream; CPU and CUDA
 // registrations.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 #ifdef MARKOVKIT_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -83,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
   return {x_next, y_next, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
     const at::Tensor& grad_x_in, const at::Tensor& grad_y_in, const at::Tensor& grad_kl_in, const at::Tensor& y_in,
     const at::Tensor& diffusion_in, const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in,
     const at::Tensor& factor_in, double dt, const std::optional<at::Tensor>& control_in,
@@ -105,12 +107,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
   std::optional<at::Tensor> control, noise;
   if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
   if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
-  at::Tensor grad_y = at::empty_like(y), grad_diffusion = at::empty_like(gx), grad_control = at::empty_like(gx);
-  at::Tensor grad_omega_terms = at::empty_like(y);
+  at::Tensor grad_y = at::empty_like(y), grad_drift = at::empty_like(gx), grad_diffusion = at::empty_like(gx);
+  at::Tensor grad_control = at::empty_like(gx), grad_omega = at::zeros({K}, gx.options());
   const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
                                   ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
-                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_diffusion.data_ptr(),
-                                  grad_control.data_ptr(), grad_omega_terms.data_ptr(), P, D, static_cast<int>(K),
+                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_drift.data_ptr(),
+                                  grad_diffusion.data_ptr(), grad_control.data_ptr(), grad_omega.data_ptr(), P, D,
+                                  static_cast<int>(K),
                                   static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                                   dtype_of(gx, "grad_x_next")};
   if (runs_cpu_kernel(gx)) {
@@ -122,7 +125,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_step_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   }
-  return {grad_y, grad_diffusion, grad_control, grad_omega_terms};
+  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
+}
+
+// Autograd of mafbm_step in C++ (not torch.library.register_autograd): the Python autograd path costs more host
+// time per step than the step's kernels. Gradients for x, y, drift, diffusion, omega and control.
+class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift,
+      const at::Tensor& diffusion, const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi,
+      const at::Tensor& factor, double dt, const std::optional<at::Tensor>& control,
+      const std::optional<at::Tensor>& noise, int64_t seed, int64_t step) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("markovkit::mafbm_step", "")
+                               .typed<decltype(mafbm_step)>();
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [x_next, y_next, kl] = op.call(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed,
+                                        step);
+    ctx->save_for_backward({y, diffusion, omega, drop, phi, factor, control.value_or(at::Tensor()),
+                            noise.value_or(at::Tensor())});
+    ctx->saved_data["dt"] = dt;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["step"] = step;
+    return {x_next, y_next, kl};
+  }
+
+  // grads: (x_next, y_next, kl), materialised (zeros for unused outputs). One backward kernel: it also writes
+  // grad_drift and sums grad_omega.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("markovkit::mafbm_step_backward", "")
+                               .typed<decltype(mafbm_step_backward)>();
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    const std::optional<at::Tensor> control = optional(saved[6]);
+    auto [grad_y, grad_drift, grad_diffusion, grad_control, grad_omega] =
+        op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toInt(),
+                ctx->saved_data["step"].toInt());
+    const at::Tensor none;
+    return {grads[0], grad_y, grad_drift, grad_diffusion, grad_omega, none, none, none, none,
+            control.has_value() ? grad_control : none, none, none, none};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step_autograd(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift, const at::Tensor& diffusion,
+    const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi, const at::Tensor& factor, double dt,
+    const std::optional<at::Tensor>& control, const std::optional<at::Tensor>& noise, int64_t seed, int64_t step) {
+  const auto out = MafbmStepFunction::apply(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise,
+                                            seed, step);
+  return {out[0], out[1], out[2]};
 }
 
 // A coefficient tensor of the simulator as float64 host values. The kernel gets the values as its argument,
@@ -218,6 +273,10 @@ at::Tensor mafbm_simulate_backward(const at::Tensor& grad_out_in, const at::Tens
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(markovkit, Autograd, m) {
+  m.impl("mafbm_step", &mafbm_step_autograd);
+}
 
 TORCH_LIBRARY_IMPL(markovkit, CPU, m) {
   m.impl("mafbm_step", &mafbm_step);

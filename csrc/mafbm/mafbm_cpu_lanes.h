@@ -83,8 +83,10 @@ void step_forward(const MafbmStepParams& p, const uint64_t* elem, const float (*
   }
 }
 
-// The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,).
-void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const float (*z)[kLanes]) {
+// The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,). The gω terms of the
+// first `live` lanes (the others repeat the last real element) are added to g_omega (K,).
+void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const float (*z)[kLanes], int live,
+                   double* g_omega) {
   const int K = p.K, R = p.R;
   const float h = static_cast<float>(p.dt);
   const float* __restrict y = static_cast<const float*>(p.y);
@@ -92,9 +94,8 @@ void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const
   const float* __restrict gy = static_cast<const float*>(p.grad_y_next);
   const float* __restrict gkl = static_cast<const float*>(p.grad_kl);
   float* __restrict grad_y = static_cast<float*>(p.grad_y);
-  float* __restrict grad_omega_terms = static_cast<float*>(p.grad_omega_terms);
   int64_t e[kLanes];
-  float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes];
+  float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes], terms[kLanes];
   for (int l = 0; l < kLanes; ++l) {
     e[l] = static_cast<int64_t>(elem[l]);
     const int64_t path = e[l] / p.dims;
@@ -114,11 +115,15 @@ void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const
       const float g_dy = gy[i] + gs[l] * omega;
       s[l] += omega * dy;
       grad_y[i] = gy[i] - drop * g_dy;
-      grad_omega_terms[i] = gs[l] * dy;
+      terms[l] = gs[l] * dy;
       gu[l] += phi * g_dy;
     }
+    float sum = 0.0f;
+    for (int l = 0; l < live; ++l) sum += terms[l];
+    g_omega[k] += sum;
   }
   for (int l = 0; l < kLanes; ++l) {
+    static_cast<float*>(p.grad_drift)[e[l]] = gx[l] * h;
     static_cast<float*>(p.grad_diffusion)[e[l]] = gx[l] * s[l];
     static_cast<float*>(p.grad_control)[e[l]] = gu[l];
   }

@@ -17,10 +17,28 @@ __global__ void step_kernel(MafbmStepParams p) {
   if (i < p.paths) mafbm_step_path<T>(p, i);
 }
 
+// Each thread adds its path's terms of gω; the block sums them (warps by shuffles, then warp 0 over the warps'
+// sums) and adds one value per mode to p.grad_omega (zero-filled by the host) with an atomicAdd.
 template <typename T>
 __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
+  constexpr int kWarps = kThreads / 32;
+  __shared__ T warp_sums[kWarps][kMafbmMaxK];
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < p.paths) mafbm_step_backward_path<T>(p, i);
+  T g_omega[kMafbmMaxK];
+  for (int k = 0; k < p.K; ++k) g_omega[k] = T(0);
+  if (i < p.paths) mafbm_step_backward_path<T>(p, i, g_omega);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int k = 0; k < p.K; ++k) {
+    T v = g_omega[k];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][k] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < p.K) {
+    T v = T(0);
+    for (int w = 0; w < kWarps; ++w) v += warp_sums[w][threadIdx.x];
+    atomicAdd(static_cast<T*>(p.grad_omega) + threadIdx.x, v);
+  }
 }
 
 // The coefficients come as a kernel argument (constant bank, computed once on the host); every thread steps

@@ -61,9 +61,10 @@ struct MafbmStepBackwardParams {
   const void* phi;          // (K,)
   const void* factor;       // (K, R)
   void* grad_y;             // (paths, dims, K)
+  void* grad_drift;         // (paths, dims)
   void* grad_diffusion;     // (paths, dims)
   void* grad_control;       // (paths, dims): the gradient for u (u = 0 when control is absent)
-  void* grad_omega_terms;   // (paths, dims, K): summed over paths and dims by the host
+  void* grad_omega;         // (K,), zero-filled by the host: the kernels add their sums over paths and dims
   int64_t paths, dims;
   int K, R;
   double dt;
@@ -194,9 +195,11 @@ MK_HOST_DEVICE void mafbm_step_path(const MafbmStepParams& p, int64_t path) {
 }
 
 // Backward of element e with its normals z and its path's grad_kl. With G_k = ∂L/∂dy_k = gy'_k + gs ω_k,
-// gs = gx' σ: gy_k = gy'_k − drop_k G_k, gσ = gx' s, gu = Σ_k phi_k G_k + gkl u h, gω_k (term) = gs dy_k.
+// gs = gx' σ: gy_k = gy'_k − drop_k G_k, gb = gx' h, gσ = gx' s, gu = Σ_k phi_k G_k + gkl u h; the element's
+// terms gs dy_k of gω_k are added to g_omega (K,).
 template <typename T>
-MK_HOST_DEVICE void mafbm_step_backward_element(const MafbmStepBackwardParams& p, int64_t e, const T* z, T gkl) {
+MK_HOST_DEVICE void mafbm_step_backward_element(const MafbmStepBackwardParams& p, int64_t e, const T* z, T gkl,
+                                                T* g_omega) {
   const int K = p.K, R = p.R;  // locals: the output stores cannot alias them
   const T* gy = static_cast<const T*>(p.grad_y_next) + e * K;
   const T* omega = static_cast<const T*>(p.omega);
@@ -210,26 +213,27 @@ MK_HOST_DEVICE void mafbm_step_backward_element(const MafbmStepBackwardParams& p
   const T gx = static_cast<const T*>(p.grad_x_next)[e];
   const T gs = gx * static_cast<const T*>(p.diffusion)[e];
   T* grad_y = static_cast<T*>(p.grad_y) + e * K;
-  T* grad_omega_terms = static_cast<T*>(p.grad_omega_terms) + e * K;
   T gu = gkl * u * static_cast<T>(p.dt);
   for (int k = 0; k < K; ++k) {
     const T g_dy = gy[k] + gs * omega[k];
     grad_y[k] = gy[k] - drop[k] * g_dy;
-    grad_omega_terms[k] = gs * dy[k];
+    g_omega[k] += gs * dy[k];
     gu += phi[k] * g_dy;
   }
+  static_cast<T*>(p.grad_drift)[e] = gx * static_cast<T>(p.dt);
   static_cast<T*>(p.grad_diffusion)[e] = gx * s;
   static_cast<T*>(p.grad_control)[e] = gu;
 }
 
+// Backward of path p: every latent dimension; adds the path's terms of gω to g_omega (K,).
 template <typename T>
-MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, int64_t path) {
+MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, int64_t path, T* g_omega) {
   const T gkl = static_cast<const T*>(p.grad_kl)[path];
   T z[kMafbmMaxK];
   for (int64_t d = 0; d < p.dims; ++d) {
     const int64_t e = path * p.dims + d;
     mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
-    mafbm_step_backward_element<T>(p, e, z, gkl);
+    mafbm_step_backward_element<T>(p, e, z, gkl, g_omega);
   }
 }
 

@@ -158,7 +158,8 @@ def _(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=
 
 @torch.library.register_fake("markovkit::mafbm_step_backward")
 def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step):
-    return _contiguous_like(y), _contiguous_like(grad_x_next), _contiguous_like(grad_x_next), _contiguous_like(y)
+    g = _contiguous_like(grad_x_next)
+    return _contiguous_like(y), g, torch.empty_like(g), torch.empty_like(g), g.new_empty(omega.shape)
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate")
@@ -171,26 +172,5 @@ def _(grad_out, x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma,
     return x0.new_empty((4, x0.shape[0]))
 
 
-# --- autograd of the step -------------------------------------------------------------------------------
-
-def _setup_context(ctx, inputs, output):
-    x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step = inputs
-    ctx.save_for_backward(y, diffusion, omega, drop, phi, factor, control, noise)
-    ctx.dt, ctx.seed, ctx.step = dt, seed, step
-
-
-def _backward(ctx, grad_x_next, grad_y_next, grad_kl):
-    y, diffusion, omega, drop, phi, factor, control, noise = ctx.saved_tensors
-    paths, dims = diffusion.shape
-    gx = torch.zeros_like(diffusion) if grad_x_next is None else grad_x_next
-    gy = torch.zeros_like(y) if grad_y_next is None else grad_y_next
-    gkl = diffusion.new_zeros(paths) if grad_kl is None else grad_kl
-    grad_y, grad_diffusion, grad_control, omega_terms = torch.ops.markovkit.mafbm_step_backward(
-        gx, gy, gkl, y, diffusion, omega, drop, phi, factor, ctx.dt, control, noise, ctx.seed, ctx.step)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, grad_y if need[1] else None, gx * ctx.dt if need[2] else None,
-            grad_diffusion if need[3] else None, omega_terms.sum((0, 1)) if need[4] else None, None, None, None,
-            None, grad_control if control is not None and need[9] else None, None, None, None)
-
-
-torch.library.register_autograd("markovkit::mafbm_step", _backward, setup_context=_setup_context)
+# The autograd of mafbm_step is registered in C++ (csrc/mafbm/mafbm.cpp): the Python path of
+# torch.library.register_autograd costs more host time per step than the kernels.

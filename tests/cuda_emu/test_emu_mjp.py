@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from markovkit.mjp import simulate_ctmc, simulate_reactions, state_dtype
+from markovkit.mjp import fim, simulate_ctmc, simulate_reactions, state_dtype
 from test_mjp import bad_input_cases
 
 # (processes, paths, S) for the CTMC kernel: few and many paths per process, S from 2 to 257 (int16 states)
@@ -218,3 +218,14 @@ def test_bad_input_errors_through_the_cuda_glue(emulated):
                     fn()
             messages.append(str(error.value))
         assert messages[0] == messages[1]
+
+
+def test_fim_generation_through_the_cuda_kernels(emulated):
+    """markovkit.mjp.fim with every op on its CUDA kernel (Philox parameters, paths, masks, noise): the CPU dataset,
+    bit for bit (the torch code around the ops is the same on both devices)."""
+    config = fim.FimConfig(paths=9)
+    cpu = fim.generate(7, config, seed=3, chunk=4)
+    with emulated():
+        cuda = fim.generate(7, config, seed=3, chunk=7)
+    for name in ("rates", "initial_distribution", "states", "observations", "mask"):
+        assert torch.equal(cpu[name], cuda[name]), name

@@ -7,15 +7,17 @@ noise model (flip to a uniformly chosen *other* state) are guesses fitted to the
 configurable. `python -m markovkit.mjp.fim --processes N --out FILE` writes a dataset (torch.save of the dict
 that `generate` returns) with a progress bar.
 
-Reproducibility: parameters come from a numpy Generator seeded with `seed`; paths from simulate_ctmc under
-`seed` with the process's global index as its stream id; masks and noise from markovkit's Philox stream at
-positions fixed by the global process index. A dataset is the same on CPU and CUDA and for any chunking.
+Reproducibility: everything comes from markovkit's Philox streams (bitwise equal on CPU and CUDA), at positions
+fixed by the global process index: the parameters from the stream of `seed ^ _PARAM_KEY` (one region per kind of
+draw), the paths from simulate_ctmc under `seed` with the process's global index as its stream id, masks and
+noise from the stream of `seed ^ _NOISE_KEY`. Generation stays on `device` from the parameters to the returned
+tensors. A dataset is the same for any chunking, and on CPU and CUDA up to the last bits of the float64 math
+(libm, matrix_exp) behind the parameters.
 """
 import argparse
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import markovkit
@@ -23,6 +25,9 @@ from markovkit._progress import Progress
 from markovkit.mjp.ops import simulate_ctmc
 
 _NOISE_KEY = 0x5DEECE66D  # xor'ed into the seed for the mask / noise stream (kept apart from the paths' stream)
+_PARAM_KEY = 0x2545F4914F6CDD1D  # likewise for the parameters' stream
+_REGION = 1 << 44  # stream positions per kind of parameter draw (region r starts at r * _REGION)
+_GAMMA_ROUNDS = 30  # rejection rounds a Gamma draw has regions for (P(an entry needs more) < 0.05^30)
 
 
 @dataclass
@@ -48,39 +53,92 @@ def _limit_distribution(Q: torch.Tensor, num_states: torch.Tensor) -> torch.Tens
     """The distribution reached from the uniform one after a long time: the stationary distribution for
     irreducible Q, a valid limit for the others. Q: (N, S, S) generators, padded states excluded."""
     S = Q.shape[-1]
-    uniform = (torch.arange(S).unsqueeze(0) < num_states.unsqueeze(1)).double()
+    uniform = (torch.arange(S, device=Q.device).unsqueeze(0) < num_states.unsqueeze(1)).double()
     uniform /= uniform.sum(-1, keepdim=True)
     pi = (uniform.unsqueeze(1) @ torch.linalg.matrix_exp(Q * 1e3)).squeeze(1).clamp_min(0)
     return pi / pi.sum(-1, keepdim=True)
 
 
-def sample_parameters(processes: int, config: FimConfig, seed: int) -> dict:
-    """Per-process draws from the priors: rates (N, S, S) generators, num_states (N,), p0 (N, S), is_rand (N,),
-    stride (N,), keep_prob (N,); S = config.max_states, padded states have no rates and p0 = 0."""
-    rng = np.random.default_rng(seed)
-    S = config.max_states
-    weights = np.asarray(config.state_weights, dtype=np.float64)
-    n = rng.choice(np.asarray(config.states), size=processes, p=weights / weights.sum())
-    inside = np.arange(S)[None, :] < n[:, None]  # (N, S)
-    links = inside[:, :, None] & inside[:, None, :] & ~np.eye(S, dtype=bool)
-    full = rng.random(processes) < config.fully_connected
-    links &= full[:, None, None] | (rng.random((processes, S, S)) < config.p_survival)
-    a = rng.uniform(*config.beta_a, size=(processes, 1, 1))
-    b = rng.uniform(*config.beta_b, size=(processes, 1, 1))
-    rates = np.where(links, rng.beta(a, b, size=(processes, S, S)), 0.0)
-    Q = torch.from_numpy(rates)
+class _Draws:
+    """The parameters' Philox uniforms / normals (float64) on `device`: `uniform(region, shape)` gives process i
+    (of the leading dimension) the values at positions region * _REGION + i * width + (0 .. width - 1),
+    width = prod(shape[1:]), whatever the number of processes."""
+
+    def __init__(self, seed: int, device):
+        self.seed, self.device = (seed ^ _PARAM_KEY) & ((1 << 63) - 1), device
+
+    def uniform(self, region: int, shape) -> torch.Tensor:
+        return markovkit.philox_uniform(shape, self.seed, region * _REGION, dtype=torch.float64, device=self.device)
+
+    def normal(self, region: int, shape) -> torch.Tensor:
+        return markovkit.philox_normal(shape, self.seed, region * _REGION, dtype=torch.float64, device=self.device)
+
+
+def _choice(u: torch.Tensor, values, weights=None) -> torch.Tensor:
+    """values[j] with probability weights[j] / sum (uniform without weights) for each uniform in u."""
+    values = torch.tensor(values, device=u.device)
+    values = values.double() if values.is_floating_point() else values
+    w = torch.ones(len(values), dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+    cdf = (w.cumsum(0) / w.sum()).to(u.device)
+    return values[torch.searchsorted(cdf, u, right=True).clamp_max(len(values) - 1)]
+
+
+def _gamma(draws: _Draws, region: int, shape: torch.Tensor) -> torch.Tensor:
+    """Gamma(shape, 1) variates for positive shapes (any tensor shape (N, ...)): Marsaglia-Tsang for shape + 1
+    (acceptance > 95%), then G(shape) = G(shape + 1) U^(1/shape). Round r of the rejection draws every entry's
+    candidate from regions region + 1 + 2r (normals) and region + 2 + 2r (uniforms); region holds the boost
+    uniforms. Exact: the rounds repeat until every entry is accepted (error past _GAMMA_ROUNDS)."""
+    d = shape + 2.0 / 3.0  # (shape + 1) - 1/3
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.full_like(shape, float("nan"))
+    pending = torch.ones_like(shape, dtype=torch.bool)
+    r = 0
+    while bool(pending.any()):
+        if r == _GAMMA_ROUNDS:
+            raise RuntimeError("fim: a Gamma draw was rejected in every round")
+        z = draws.normal(region + 1 + 2 * r, shape.shape)
+        u = draws.uniform(region + 2 + 2 * r, shape.shape)
+        v = (1 + c * z) ** 3
+        ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        take = pending & ok
+        out = torch.where(take, d * v, out)
+        pending &= ~take
+        r += 1
+    return out * draws.uniform(region, shape.shape) ** (1.0 / shape)
+
+
+def _beta(draws: _Draws, region: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Beta(a, b) = X / (X + Y), X ~ Gamma(a), Y ~ Gamma(b) (regions region .. region + 4 _GAMMA_ROUNDS + 1)."""
+    x = _gamma(draws, region, a)
+    return x / (x + _gamma(draws, region + 2 * _GAMMA_ROUNDS + 1, b))
+
+
+def sample_parameters(processes: int, config: FimConfig, seed: int, device="cpu") -> dict:
+    """Per-process draws from the priors, on `device`: rates (N, S, S) generators, num_states (N,), p0 (N, S),
+    is_rand (N,), stride (N,), keep_prob (N,); S = config.max_states, padded states have no rates and p0 = 0."""
+    draws = _Draws(seed, device)
+    N, S = processes, config.max_states
+    n = _choice(draws.uniform(0, (N,)), config.states, config.state_weights)
+    inside = torch.arange(S, device=device) < n.unsqueeze(1)  # (N, S)
+    links = inside.unsqueeze(2) & inside.unsqueeze(1) & ~torch.eye(S, dtype=torch.bool, device=device)
+    full = draws.uniform(1, (N,)) < config.fully_connected
+    links &= full.view(N, 1, 1) | (draws.uniform(2, (N, S, S)) < config.p_survival)
+    a = config.beta_a[0] + (config.beta_a[1] - config.beta_a[0]) * draws.uniform(3, (N, 1, 1))
+    b = config.beta_b[0] + (config.beta_b[1] - config.beta_b[0]) * draws.uniform(4, (N, 1, 1))
+    rates = _beta(draws, 100, a.expand(N, S, S).contiguous(), b.expand(N, S, S).contiguous())
+    Q = torch.where(links, rates, 0.0)
     Q = Q - torch.diag_embed(Q.sum(-1))
-    num_states = torch.from_numpy(n)
-    dirichlet = rng.gamma(1.0, size=(processes, S)) * inside
-    p0 = torch.from_numpy(dirichlet / dirichlet.sum(-1, keepdims=True))
-    stationary = torch.from_numpy(rng.random(processes) < config.stationary_start)
-    p0 = torch.where(stationary.unsqueeze(1), _limit_distribution(Q, num_states), p0)
-    kind = {"reg": np.zeros(processes, bool), "rand": np.ones(processes, bool)}.get(config.grid)
-    is_rand = rng.random(processes) < 0.5 if kind is None else kind
+    dirichlet = -torch.log(draws.uniform(5, (N, S))) * inside  # Gamma(1) variates
+    p0 = dirichlet / dirichlet.sum(-1, keepdim=True)
+    stationary = draws.uniform(6, (N,)) < config.stationary_start
+    p0 = torch.where(stationary.unsqueeze(1), _limit_distribution(Q, n), p0)
+    is_rand = {"reg": torch.zeros(N, dtype=torch.bool, device=device),
+               "rand": torch.ones(N, dtype=torch.bool, device=device)}.get(config.grid)
     return {
-        "rates": Q, "num_states": num_states, "p0": p0, "is_rand": torch.from_numpy(is_rand),
-        "stride": torch.from_numpy(rng.choice(np.asarray(config.strides), size=processes)),
-        "keep_prob": torch.from_numpy(rng.choice(np.asarray(config.keep_probs), size=processes)),
+        "rates": Q, "num_states": n, "p0": p0,
+        "is_rand": draws.uniform(7, (N,)) < 0.5 if is_rand is None else is_rand,
+        "stride": _choice(draws.uniform(8, (N,)), config.strides),
+        "keep_prob": _choice(draws.uniform(9, (N,)), config.keep_probs),
     }
 
 
@@ -89,11 +147,11 @@ def _observe(states, params, first: int, config: FimConfig, seed: int):
     n, paths, L = states.shape
     device = states.device
     u = markovkit.philox_uniform((n, paths, L, 3), seed ^ _NOISE_KEY, first * paths * L * 3, device=device)
-    stride = params["stride"].to(device).view(n, 1, 1)
-    keep = params["keep_prob"].to(device).view(n, 1, 1).float()
+    stride = params["stride"].view(n, 1, 1)
+    keep = params["keep_prob"].view(n, 1, 1).float()
     regular = (torch.arange(L, device=device) % stride == 0).expand(n, paths, L)
-    mask = torch.where(params["is_rand"].to(device).view(n, 1, 1), u[..., 0] < keep, regular)
-    k = params["num_states"].to(device).view(n, 1, 1)
+    mask = torch.where(params["is_rand"].view(n, 1, 1), u[..., 0] < keep, regular)
+    k = params["num_states"].view(n, 1, 1)
     shift = 1 + (u[..., 2] * (k - 1)).long()  # a uniformly chosen other state
     flipped = (states.long() + shift) % k
     observations = torch.where(u[..., 1] < config.noise, flipped, states.long()).to(torch.int16)
@@ -102,25 +160,25 @@ def _observe(states, params, first: int, config: FimConfig, seed: int):
 
 def generate(processes: int, config: FimConfig = FimConfig(), seed: int = 0, device="cpu", chunk: int = 1000,
              progress: bool = False) -> dict:
-    """A FIM-MJP dataset of `processes` processes.
+    """A FIM-MJP dataset of `processes` processes, generated and returned on `device`.
 
     Returns rates (N, S, S) float32 generators, num_states (N,), initial_distribution (N, S) float32,
     times (L,) float32 normalised to [0, 1] (multiply by time_scale), time_scale, states (N, paths, L) uint8
     (clean), observations (N, paths, L) int16 (noisy), mask (N, paths, L) bool (observed grid points).
     """
-    params = sample_parameters(processes, config, seed)
-    t = torch.linspace(0, config.t_max, config.grid_points, dtype=torch.float64)
+    params = sample_parameters(processes, config, seed, device)
+    t = torch.linspace(0, config.t_max, config.grid_points, dtype=torch.float64, device=device)
     states, observations, masks = [], [], []
     with Progress(processes, "fim-mjp") if progress else contextlib.nullcontext() as bar:
         for first in range(0, processes, chunk):
             last = min(first + chunk, processes)
             part = {k: v[first:last] for k, v in params.items()}
-            x = simulate_ctmc(part["rates"].to(device), None, t.to(device), p0=part["p0"].to(device),
-                              paths=config.paths, seed=seed, process_offset=first)
+            x = simulate_ctmc(part["rates"], None, t, p0=part["p0"], paths=config.paths, seed=seed,
+                              process_offset=first)
             obs, mask = _observe(x, part, first, config, seed)
-            states.append(x.cpu())
-            observations.append(obs.cpu())
-            masks.append(mask.cpu())
+            states.append(x)
+            observations.append(obs)
+            masks.append(mask)
             if bar is not None:
                 bar.update(last - first, f"{last}/{processes} processes")
     return {
@@ -144,7 +202,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = FimConfig(paths=args.paths, grid=args.grid, noise=args.noise)
     data = generate(args.processes, config, args.seed, args.device, args.chunk, progress=True)
-    torch.save(data, args.out)
+    torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in data.items()}, args.out)
     print(f"wrote {args.out}: {args.processes} processes x {args.paths} paths x {config.grid_points} points")
 
 

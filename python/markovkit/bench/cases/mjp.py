@@ -69,6 +69,12 @@ def fim_cases(device: torch.device, quick: bool):
         ours=lambda: markovkit.simulate_ctmc(Qd, None, grid, p0=p0d, paths=300, seed=1),
         bytes=processes * 300 * L, rate=(_expected_jumps(Q, p0, 300), "jumps"),
     )
+    # the whole dataset on the device: parameters, paths, masks, noise (4 output bytes per grid point)
+    yield Case(
+        family="mjp", name="fim dataset (fim.generate)", shape=f"{processes}x300 paths, S<=6, L={L}",
+        dtype=torch.float64, ours=lambda: fim.generate(processes, device=device, chunk=5000),
+        bytes=processes * 300 * L * 4,
+    )
 
 
 @cases("mjp")
