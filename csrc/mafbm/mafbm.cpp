@@ -108,11 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
   if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
   if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
   at::Tensor grad_y = at::empty_like(y), grad_drift = at::empty_like(gx), grad_diffusion = at::empty_like(gx);
-  at::Tensor grad_control = at::empty_like(gx), grad_omega = at::zeros({K}, gx.options());
+  at::Tensor grad_control = at::empty_like(gx);
+  at::Tensor grad_omega_rows = at::empty({(P + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths, K}, gx.options());
   const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
                                   ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
                                   phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_drift.data_ptr(),
-                                  grad_diffusion.data_ptr(), grad_control.data_ptr(), grad_omega.data_ptr(), P, D,
+                                  grad_diffusion.data_ptr(), grad_control.data_ptr(), grad_omega_rows.data_ptr(), P, D,
                                   static_cast<int>(K),
                                   static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                                   dtype_of(gx, "grad_x_next")};
@@ -125,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
   }
-  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
+  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega_rows.sum(0)};
 }
 
 // Autograd of mafbm_step in C++ (not torch.library.register_autograd): the Python autograd path costs more host
@@ -152,7 +153,7 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
   }
 
   // grads: (x_next, y_next, kl), materialised (zeros for unused outputs). One backward kernel: it also writes
-  // grad_drift and sums grad_omega.
+  // grad_drift and grad_omega's partial sums (added in a fixed order: deterministic).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static const auto op = c10::Dispatcher::singleton()

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
 
 #include "common/cpu_isa.h"
 #include "mafbm/mafbm_step.h"
@@ -41,31 +40,20 @@ void step(const MafbmStepParams& p) {
   });
 }
 
-// The backward's sums for gω: every group of paths adds its terms to its own row of `partials` (groups, K);
-// the rows are added up in group order, so the result does not depend on the thread count.
-template <typename T, typename A>
-void add_group_sums(const MafbmStepBackwardParams& p, const std::vector<A>& partials) {
-  T* grad_omega = static_cast<T*>(p.grad_omega);
-  for (int k = 0; k < p.K; ++k) {
-    double sum = 0.0;
-    for (size_t row = 0; row < partials.size() / p.K; ++row) sum += partials[row * p.K + k];
-    grad_omega[k] += static_cast<T>(sum);
-  }
-}
-
-constexpr int64_t kBackwardGroup = 256;  // paths per row of the gω partial sums
-
+// Every row of kMafbmOmegaRowPaths paths sums its terms of gω into its own row of p.grad_omega_rows (as a CUDA
+// block does), so the result does not depend on the thread count.
 template <typename T>
 void step_backward(const MafbmStepBackwardParams& p) {
-  const int64_t groups = (p.paths + kBackwardGroup - 1) / kBackwardGroup;
-  std::vector<T> partials(groups * p.K, T(0));
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t last = std::min(p.paths, (g + 1) * kBackwardGroup);
-      for (int64_t i = g * kBackwardGroup; i < last; ++i) mafbm_step_backward_path<T>(p, i, &partials[g * p.K]);
+  const int64_t rows = (p.paths + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths;
+  T* grad_omega_rows = static_cast<T*>(p.grad_omega_rows);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = grad_omega_rows + r * p.K;
+      std::fill_n(row, p.K, T(0));
+      const int64_t last = std::min(p.paths, (r + 1) * kMafbmOmegaRowPaths);
+      for (int64_t i = r * kMafbmOmegaRowPaths; i < last; ++i) mafbm_step_backward_path<T>(p, i, row);
     }
   });
-  add_group_sums<T>(p, partials);
 }
 
 // float32 with Philox noise, kLanes paths at a time: their normals by the vectorised generator, then the
@@ -98,22 +86,25 @@ void step_backward_f32(const MafbmStepBackwardParams& p) {
   const bool avx2 = cpu_isa() != CpuIsa::kBaseline;
   const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
   const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
-  const int64_t groups = (p.paths + kLanes - 1) / kLanes;
-  std::vector<double> partials(groups * p.K, 0.0);
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  static_assert(kMafbmOmegaRowPaths % kLanes == 0, "a gω row holds whole lane groups");
+  const int64_t rows = (p.paths + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     uint64_t elem[kLanes];  // element index = Philox stream of each lane
     float z[kMafbmMaxK][kLanes];
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kLanes;
-      const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
-      for (int64_t d = 0; d < p.dims; ++d) {
-        lanes_default::lane_elements(first, live, p.dims, d, elem);
-        normals(p.seed, p.step, p.R, elem, z);
-        backward(p, elem, z, live, &partials[g * p.K]);
+    for (int64_t r = begin; r < end; ++r) {
+      double row[kMafbmMaxK] = {};
+      const int64_t last = std::min(p.paths, (r + 1) * kMafbmOmegaRowPaths);
+      for (int64_t first = r * kMafbmOmegaRowPaths; first < last; first += kLanes) {
+        const int live = static_cast<int>(std::min<int64_t>(kLanes, last - first));
+        for (int64_t d = 0; d < p.dims; ++d) {
+          lanes_default::lane_elements(first, live, p.dims, d, elem);
+          normals(p.seed, p.step, p.R, elem, z);
+          backward(p, elem, z, live, row);
+        }
       }
+      for (int k = 0; k < p.K; ++k) static_cast<float*>(p.grad_omega_rows)[r * p.K + k] = static_cast<float>(row[k]);
     }
   });
-  add_group_sums<float>(p, partials);
 }
 
 void simulate_f32(const MafbmSimulateParams& p) {

@@ -5,7 +5,7 @@
 namespace markovkit {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = static_cast<int>(kMafbmOmegaRowPaths);  // a block's paths fill one gω row
 
 unsigned grid_for(int64_t paths) {
   return static_cast<unsigned>((paths + kThreads - 1) / kThreads);
@@ -17,8 +17,8 @@ __global__ void step_kernel(MafbmStepParams p) {
   if (i < p.paths) mafbm_step_path<T>(p, i);
 }
 
-// Each thread adds its path's terms of gω; the block sums them (warps by shuffles, then warp 0 over the warps'
-// sums) and adds one value per mode to p.grad_omega (zero-filled by the host) with an atomicAdd.
+// Each thread adds its path's terms of gω; the block sums them (warps by shuffles, then the warps' sums in warp
+// order) into its row of p.grad_omega_rows.
 template <typename T>
 __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
   constexpr int kWarps = kThreads / 32;
@@ -37,7 +37,7 @@ __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
   if (threadIdx.x < p.K) {
     T v = T(0);
     for (int w = 0; w < kWarps; ++w) v += warp_sums[w][threadIdx.x];
-    atomicAdd(static_cast<T*>(p.grad_omega) + threadIdx.x, v);
+    static_cast<T*>(p.grad_omega_rows)[blockIdx.x * static_cast<int64_t>(p.K) + threadIdx.x] = v;
   }
 }
 

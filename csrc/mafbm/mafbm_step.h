@@ -48,6 +48,10 @@ struct MafbmStepParams {
   DType dtype;  // kFloat32 or kFloat64, every tensor
 };
 
+// Paths per row of the backward's gω partial sums: a CUDA block, and a CPU task's unit. Fixed rows, summed in
+// order by the glue, make gω independent of the device's scheduling (no atomics).
+constexpr int64_t kMafbmOmegaRowPaths = 128;
+
 struct MafbmStepBackwardParams {
   const void* grad_x_next;  // (paths, dims)
   const void* grad_y_next;  // (paths, dims, K)
@@ -64,7 +68,8 @@ struct MafbmStepBackwardParams {
   void* grad_drift;         // (paths, dims)
   void* grad_diffusion;     // (paths, dims)
   void* grad_control;       // (paths, dims): the gradient for u (u = 0 when control is absent)
-  void* grad_omega;         // (K,), zero-filled by the host: the kernels add their sums over paths and dims
+  void* grad_omega_rows;    // (ceil(paths / kMafbmOmegaRowPaths), K): row r = the sum over paths and dims of the
+                            // paths [r kMafbmOmegaRowPaths, (r + 1) kMafbmOmegaRowPaths); the glue adds the rows
   int64_t paths, dims;
   int K, R;
   double dt;
