@@ -193,6 +193,25 @@ __device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const
   __syncthreads();
 }
 
+// One lane's per-step inputs of the chunk [t0, t0 + kScanChunk), indexed by the step i within it (int
+// offsets from per-chunk bases: no 64-bit index arithmetic per step).
+template <typename in_t, typename acc_t, int kLanes, int kS>
+struct ChunkIn {
+  const Team<in_t, acc_t, kLanes, kS>& ch;
+  const in_t *u, *delta, *Bv, *Cv;  // u, delta at t0; this lane's per-step B / C rows (state lane) at t0
+  int64_t kstride;                  // between the rows of states n and n + kLanes
+  __device__ ChunkIn(const Team<in_t, acc_t, kLanes, kS>& ch_, int64_t t0)
+      : ch(ch_), u(ch_.u + t0), delta(ch_.delta + t0), Bv(ch_.Bv + (ch_.var_B ? ch_.lane * ch_.L + t0 : 0)),
+        Cv(ch_.Cv + (ch_.var_C ? ch_.lane * ch_.L + t0 : 0)), kstride(kLanes * ch_.L) {}
+  __device__ acc_t Bt(int k, int i) const {
+    return ch.var_B ? (ch.has(k) ? to_acc(Bv[k * kstride + i]) : acc_t(0)) : ch.Bc[k];
+  }
+  __device__ acc_t Ct(int k, int i) const {
+    return ch.var_C ? (ch.has(k) ? to_acc(Cv[k * kstride + i]) : acc_t(0)) : ch.Cc[k];
+  }
+  __device__ acc_t pre_delta(int i) const { return to_acc(delta[i]) + ch.bias; }
+};
+
 template <typename in_t, typename acc_t, int kLanes, int kS>
 __global__ void scan_bwd_kernel(ScanBwdParams q) {
   extern __shared__ __align__(16) unsigned char scan_smem[];
@@ -205,6 +224,7 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   const bool active = kch < dpg;  // channels past the group's end run along and contribute zeros
   const int64_t d = g * dpg + (active ? kch : dpg - 1);
   const int64_t N = p.dstate, L = p.seqlen, dim = p.dim, bd = b * dim + d;
+  const int Ni = static_cast<int>(N);
   const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
   const SeqBounds sb = seq_bounds(p);
   const in_t* dout = static_cast<const in_t*>(q.dout) + bd * L;
@@ -214,18 +234,20 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
   // shared memory: h_prev of the chunk per team (R, kScanChunk, N); per-step dB, dC contributions of the
-  // current sub-block (R, N, kSub + 1) each when per step
-  acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(r) * kScanChunk * N;
-  acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(R) * kScanChunk * N;
-  acc_t* sdC = sdB + (p.var_B ? R * N * (kSub + 1) : 0);
+  // current sub-block (R, N, kSub + 1) each when per step. hps and sd point at this lane's first state.
+  acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + r * kScanChunk * Ni + lane;
+  acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + R * kScanChunk * Ni;
+  acc_t* sdC = sdB + (p.var_B ? R * Ni * (kSub + 1) : 0);
+  const int sd = (r * Ni + lane) * (kSub + 1);
   const int64_t var_off = ((b * p.groups + g) * q.nblk + blk) * N * L;
 
   acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
 MK_UNROLL
   for (int k = 0; k < kS; ++k) dA[k] = dBc[k] = dCc[k] = carry[k] = acc_t(0);
   acc_t dD_l = 0, dbias_l = 0;  // this lane's steps' parts of dD, d delta_bias
-  int64_t s = sb.count() - 1;   // the sequence of the step the reverse walk is at
-  auto skip_empty = [&]() {     // empty sequences: d initial_state = d last_state
+  // the sequence s of the step the reverse walk is at, its first and last steps (-1 past the first sequence)
+  int64_t s = sb.count() - 1, s_first = -1, s_last = -1;
+  auto enter_seq = [&]() {  // skips empty sequences (d initial_state = d last_state), then caches the bounds
     while (s >= 0 && sb.begin(s) == sb.end(s)) {
       const int64_t sg = sb.global(s, b);
       acc_t tmp[kS];
@@ -233,42 +255,55 @@ MK_UNROLL
       if (active) ch.store(tmp, dh0 + (sg * dim + d) * N);
       --s;
     }
+    s_first = s >= 0 ? sb.begin(s) : -1;
+    s_last = s >= 0 ? sb.end(s) - 1 : -1;
   };
-  skip_empty();
+  enter_seq();
   // Both passes over a chunk walk it in tiles of kLanes steps (chunks start at multiples of kLanes); lane l
-  // prepares step tb + l of the tile and the team broadcasts each step's scalars from that lane.
+  // prepares step ib + l of the tile and the team broadcasts each step's scalars from that lane.
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * kScanChunk, t1 = t0 + kScanChunk < L ? t0 + kScanChunk : L;
-    // recompute h_prev over the chunk into shared memory (each lane its own states)
+    const int64_t t0 = c * kScanChunk;
+    const int clen = static_cast<int>(L - t0 < kScanChunk ? L - t0 : kScanChunk);
+    const ChunkIn<in_t, acc_t, kLanes, kS> in(ch, t0);
+    // recompute h_prev over the chunk into shared memory (each lane its own states); sequence sf holds the
+    // step, `next` is the next step that starts a sequence (then h_prev = its initial state)
     int64_t sf = s;
     while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
+    int64_t next = sb.begin(sf) == t0 ? t0 : sb.end(sf);
     ch.load(ckpt + c * N, h);
-    for (int64_t tb = t0; tb < t1; tb += kLanes) {
-      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
+    for (int ib = 0; ib < clen; ib += kLanes) {
+      const int len = clen - ib < kLanes ? clen - ib : kLanes;
       acc_t dt_l = 0, u_l = 0;
       if (lane < len) {
-        const acc_t x = ch.pre_delta(tb + lane);
+        const acc_t x = in.pre_delta(ib + lane);
         dt_l = p.softplus ? softplus_thr(x) : x;
-        u_l = to_acc(ch.u[tb + lane]);
+        u_l = to_acc(in.u[ib + lane]);
       }
       for (int j = 0; j < len; ++j) {
-        const int64_t t = tb + j;
-        while (sb.end(sf) <= t) ++sf;
-        if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
-        ch.store(h, hps + (t - t0) * N);
-        ch.step(t, __shfl_sync(0xffffffffu, dt_l, j, kLanes), __shfl_sync(0xffffffffu, u_l, j, kLanes), h);
+        const int i = ib + j;
+        if (t0 + i == next) {
+          while (sb.end(sf) <= t0 + i) ++sf;
+          ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
+          next = sb.end(sf);
+        }
+        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes);
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          if (ch.has(k)) hps[i * Ni + k * kLanes] = h[k];
+          h[k] = mk_exp(dt * ch.A[k]) * h[k] + dt * ut * in.Bt(k, i);
+        }
       }
     }
     // reverse recurrence over the chunk, last tile first
-    for (int64_t tb = t0 + (t1 - 1 - t0) / kLanes * kLanes; tb >= t0; tb -= kLanes) {
-      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
-      const int64_t tl = tb + lane;
+    for (int ib = (clen - 1) / kLanes * kLanes; ib >= 0; ib -= kLanes) {
+      const int len = clen - ib < kLanes ? clen - ib : kLanes;
+      const int64_t tl = t0 + ib + lane;
       // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
       acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
       if (lane < len) {
-        x_l = ch.pre_delta(tl);
+        x_l = in.pre_delta(ib + lane);
         dt_l = p.softplus ? softplus_thr(x_l) : x_l;
-        u_l = to_acc(ch.u[tl]);
+        u_l = to_acc(in.u[ib + lane]);
         g_l = to_acc(dout[tl]);
         dy_l = g_l;
         if (ch.z) {
@@ -279,17 +314,18 @@ MK_UNROLL
       }
       acc_t y_l = 0, ddt_l = 0, du_l = 0;  // the team sums of this lane's step
       for (int j = len - 1; j >= 0; --j) {
-        const int64_t t = tb + j;
-        if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
+        const int i = ib + j;
+        const int64_t t = t0 + i;
+        if (t == s_last) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
         const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes),
                     dy = __shfl_sync(0xffffffffu, dy_l, j, kLanes);
         acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
-        ch.load(hps + (t - t0) * N, hp);
         acc_t yp = 0;
 MK_UNROLL
         for (int k = 0; k < kS; ++k) {
-          Bt[k] = ch.Bt(k, t);
-          Ct[k] = ch.Ct(k, t);
+          hp[k] = ch.has(k) ? hps[i * Ni + k * kLanes] : acc_t(0);
+          Bt[k] = in.Bt(k, i);
+          Ct[k] = in.Ct(k, i);
           a[k] = mk_exp(dt * ch.A[k]);
           ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
           yp += Ct[k] * ht[k];
@@ -304,7 +340,7 @@ MK_UNROLL
           const acc_t dh = Ct[k] * dy + carry[k];
           const acc_t cC = dy * ht[k], cB = dh * dt * ut;
           if (ch.has(k)) {
-            const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
+            const int slot = sd + k * kLanes * (kSub + 1) + i % kSub;
             if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
             if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
           }
@@ -321,14 +357,14 @@ MK_UNROLL
           ddt_l = ddt;
           du_l = du;
         }
-        if (t == sb.begin(s)) {
+        if (t == s_first) {
           if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
           --s;
-          skip_empty();
+          enter_seq();
         }
         // per-step dB / dC of the sub-block [t, t + sub_len): t is block-uniform, so is the branch
-        if ((p.var_B || p.var_C) && t % kSub == 0) {
-          reduce_sub_block(q, sdB, sdC, var_off, t, t1 - t < kSub ? t1 - t : kSub);
+        if ((p.var_B || p.var_C) && i % kSub == 0) {
+          reduce_sub_block(q, sdB, sdC, var_off, t, clen - i < kSub ? clen - i : kSub);
         }
       }
       if (active && lane < len) {
