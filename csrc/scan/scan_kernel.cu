@@ -510,13 +510,14 @@ unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n
 
 }  // namespace
 
-// 256 / (kLanes·kS of dispatch_lanes): blocks of 64 threads (32 above 128 states) whose shared memory,
-// about blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 53 KB in float32
-// (78 KB in float64, dstate <= 128).
-int64_t scan_bwd_cuda_blk(int64_t dstate) {
+// 1024 / (kLanes·kS of dispatch_lanes) up to 64 states, 512 / (kLanes·kS) above, halved in float64: blocks of
+// 256 threads (128 at 128 states, 64 at 256; half in float64) whose shared memory, about
+// blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 184 KB. Many channels per
+// block keep the per-step dB/dC partials (batch, groups, dim / groups / blk, dstate, seqlen) small.
+int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
   int64_t width = 4;
   while (width < dstate) width *= 2;
-  return 256 / width;
+  return (width <= 64 ? 1024 : 512) / width / (float64 ? 2 : 1);
 }
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
