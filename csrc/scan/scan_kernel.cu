@@ -187,25 +187,22 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
 
 // Backward: sums the per-step dB / dC contributions of the block's R channels, staged in shared memory
 // sdB / sdC (R, N, kSub + 1) (`team` weights apart) for the steps [t, t + len), in channel order into the task's
-// partials at var_off (N, L). Every thread of the block calls it (it holds the barriers).
+// partials at var_off (N, L). A thread sums one (n, step) element of dB or dC (the dB ones first). Every thread
+// of the block calls it (it holds the barriers).
 template <typename acc_t>
-__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int64_t team,
-                                 int64_t var_off, int64_t t, int64_t len) {
+__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int team,
+                                 int64_t var_off, int64_t t, int len) {
   const ScanParams& p = q.f;
-  const int64_t N = p.dstate, L = p.seqlen, R = q.blk;
+  const int N = static_cast<int>(p.dstate), R = static_cast<int>(q.blk), per = len * N;
+  const int total = per * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0));
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
-    const int64_t i = idx % len, n = idx / len;
-    if (p.var_B) {
-      acc_t sum = 0;
-      for (int64_t rr = 0; rr < R; ++rr) sum += sdB[rr * team + n * (kSub + 1) + i];
-      static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
-    }
-    if (p.var_C) {
-      acc_t sum = 0;
-      for (int64_t rr = 0; rr < R; ++rr) sum += sdC[rr * team + n * (kSub + 1) + i];
-      static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
-    }
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const bool c = !p.var_B || idx >= per;  // a dC element
+    const int e = idx >= per ? idx - per : idx, i = e % len, n = e / len;
+    const acc_t* src = (c ? sdC : sdB) + n * (kSub + 1) + i;
+    acc_t sum = 0;
+    for (int rr = 0; rr < R; ++rr) sum += src[rr * team];
+    static_cast<acc_t*>(c ? q.dC_part : q.dB_part)[var_off + n * p.seqlen + t + i] = sum;
   }
   __syncthreads();
 }
