@@ -197,7 +197,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   }
 #ifdef MARKOVKIT_WITH_CUDA
   const c10::cuda::OptionalCUDAGuard guard(u.is_cuda() ? std::optional<c10::Device>(u.device()) : std::nullopt);
-  const int64_t blk = runs_cpu_kernel(u) ? kCpuBlk : scan_bwd_cuda_blk(f.dstate);
+  const int64_t blk = runs_cpu_kernel(u) ? kCpuBlk : scan_bwd_cuda_blk(f.dstate, f.itype == DType::kFloat64);
 #else
   const int64_t blk = kCpuBlk;
 #endif

@@ -3,15 +3,16 @@
 // registers, the team walks time sequentially like the CPU kernel and sums over n with warp shuffles.
 // Parallelism is batch·dim·kLanes threads. 1-D grids (dim may exceed 65535), 64-bit offsets throughout.
 //
-// Forward: teams of N/4 lanes with 4 states each (dispatch_fwd_lanes), walking time in tiles of kLanes steps:
+// Forward: teams of N/4 lanes with 4 states each (dispatch_lanes), walking time in tiles of kLanes steps:
 // lane l prepares step t0 + l of the tile (loads Δ and u, softplus, later the gate and the store of out), the
 // team broadcasts Δ_t, u_t of each step from that lane, so the per-step scalar work runs once per step, not once
 // per lane.
 //
-// Backward: a block holds R = blk teams, R consecutive channels of one group of one batch row (the task of
-// scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes h_prev of every step into shared
-// memory from the chunk's checkpoint, then runs the reverse recurrence over the chunk, as the CPU kernel.
-// Per-step dB/dC contributions of the R channels meet in shared memory, kSub steps at a time, and are
+// Backward: the same lane plan; a block holds R = blk teams, R consecutive channels of one group of one batch
+// row (the task of scan_params.h). Per chunk of kScanChunk steps (last first) it recomputes the state at the
+// start of each segment of kSeg steps from the chunk's checkpoint (shared memory), then per segment (last
+// first) recomputes h_prev of its steps into shared memory and runs the reverse recurrence over it, as the CPU
+// kernel. Per-step dB/dC contributions of the R channels meet in shared memory, kSub steps at a time, and are
 // summed in channel order into the task's partial; per-channel sums stay in registers. No atomics:
 // deterministic.
 #include <cuda_bf16.h>
@@ -29,8 +30,24 @@ constexpr int kFwdThreads = 128;
 // Backward: steps of per-step dB/dC contributions staged in shared memory between two block reductions
 // (a divisor of kScanChunk); their rows are padded to kSub + 1 so that both the lanes' writes (stride
 // kSub + 1) and the reduction's reads (consecutive steps) are free of bank conflicts.
-constexpr int kSub = 16;
+constexpr int kSub = 8;
 static_assert(kScanChunk % kSub == 0, "sub-blocks tile a chunk");
+// Backward: steps per segment of a chunk whose h_prev is held in shared memory at a time (a multiple of the
+// tile of kLanes steps and of kSub, a divisor of kScanChunk).
+template <int kLanes>
+constexpr int kSeg = kLanes > 16 ? kLanes : 16;
+
+// Backward shared memory, in weights: per team (channel) of kLanes lanes, h_prev of a segment (kSeg, N), the
+// states at the segment starts of a chunk (kScanChunk / kSeg, N) and per-step dB or dC of a sub-block
+// (N, kSub + 1). Each team's part is padded so that the teams of a warp start kLanes banks apart (lane l of
+// team r then hits bank r·kLanes + l, times kSub + 1 for dB / dC): conflict-free.
+template <int kLanes>
+struct BwdSmem {
+  static constexpr int64_t pad(int64_t words, int64_t bank) { return words + ((bank - words) % 32 + 32) % 32; }
+  static constexpr int64_t hp(int64_t N) { return pad(kSeg<kLanes> * N, kLanes); }
+  static constexpr int64_t segs(int64_t N) { return pad(kScanChunk / kSeg<kLanes> * N, kLanes); }
+  static constexpr int64_t sd(int64_t N) { return pad(N * (kSub + 1), kLanes * (kSub + 1)); }
+};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -169,29 +186,51 @@ __global__ void __launch_bounds__(kFwdThreads) scan_fwd_kernel(ScanParams p) {
 }
 
 // Backward: sums the per-step dB / dC contributions of the block's R channels, staged in shared memory
-// sdB / sdC (R, N, kSub + 1) for the steps [t, t + len), in channel order into the task's partials at var_off
-// (N, L). Every thread of the block calls it (it holds the barriers).
+// sdB / sdC (R, N, kSub + 1) (`team` weights apart) for the steps [t, t + len), in channel order into the task's
+// partials at var_off (N, L). A thread sums one (n, step) element of dB or dC (the dB ones first). Every thread
+// of the block calls it (it holds the barriers).
 template <typename acc_t>
-__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int64_t var_off,
-                                 int64_t t, int64_t len) {
+__device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const acc_t* sdC, int team,
+                                 int64_t var_off, int64_t t, int len) {
   const ScanParams& p = q.f;
-  const int64_t N = p.dstate, L = p.seqlen, R = q.blk;
+  const int N = static_cast<int>(p.dstate), R = static_cast<int>(q.blk), per = len * N;
+  const int total = per * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0));
   __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < len * N; idx += blockDim.x) {
-    const int64_t i = idx % len, n = idx / len;
-    if (p.var_B) {
-      acc_t sum = 0;
-      for (int64_t rr = 0; rr < R; ++rr) sum += sdB[(rr * N + n) * (kSub + 1) + i];
-      static_cast<acc_t*>(q.dB_part)[var_off + n * L + t + i] = sum;
-    }
-    if (p.var_C) {
-      acc_t sum = 0;
-      for (int64_t rr = 0; rr < R; ++rr) sum += sdC[(rr * N + n) * (kSub + 1) + i];
-      static_cast<acc_t*>(q.dC_part)[var_off + n * L + t + i] = sum;
-    }
+  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+    const bool c = !p.var_B || idx >= per;  // a dC element
+    const int e = idx >= per ? idx - per : idx, i = e % len, n = e / len;
+    const acc_t* src = (c ? sdC : sdB) + n * (kSub + 1) + i;
+    acc_t sum = 0;
+    for (int rr = 0; rr < R; ++rr) sum += src[rr * team];
+    static_cast<acc_t*>(c ? q.dC_part : q.dB_part)[var_off + n * p.seqlen + t + i] = sum;
   }
   __syncthreads();
 }
+
+// One lane's per-step inputs of the chunk [t0, t0 + kScanChunk), indexed by the step i within it (int
+// offsets from per-chunk bases: no 64-bit index arithmetic per step).
+template <typename in_t, typename acc_t, int kLanes, int kS>
+struct ChunkIn {
+  const Team<in_t, acc_t, kLanes, kS>& ch;
+  const in_t *u, *delta;
+  const in_t *Bv[kS], *Cv[kS];  // this lane's per-step B / C rows at t0 (states lane + k·kLanes < N)
+  __device__ ChunkIn(const Team<in_t, acc_t, kLanes, kS>& ch_, int64_t t0)
+      : ch(ch_), u(ch_.u + t0), delta(ch_.delta + t0) {
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      const int64_t row = (ch.lane + k * kLanes) * ch.L + t0;
+      Bv[k] = ch.var_B ? ch.Bv + row : nullptr;
+      Cv[k] = ch.var_C ? ch.Cv + row : nullptr;
+    }
+  }
+  __device__ acc_t Bt(int k, int i) const {
+    return ch.var_B ? (ch.has(k) ? to_acc(Bv[k][i]) : acc_t(0)) : ch.Bc[k];
+  }
+  __device__ acc_t Ct(int k, int i) const {
+    return ch.var_C ? (ch.has(k) ? to_acc(Cv[k][i]) : acc_t(0)) : ch.Cc[k];
+  }
+  __device__ acc_t pre_delta(int i) const { return to_acc(delta[i]) + ch.bias; }
+};
 
 template <typename in_t, typename acc_t, int kLanes, int kS>
 __global__ void scan_bwd_kernel(ScanBwdParams q) {
@@ -205,6 +244,7 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   const bool active = kch < dpg;  // channels past the group's end run along and contribute zeros
   const int64_t d = g * dpg + (active ? kch : dpg - 1);
   const int64_t N = p.dstate, L = p.seqlen, dim = p.dim, bd = b * dim + d;
+  const int Ni = static_cast<int>(N);
   const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
   const SeqBounds sb = seq_bounds(p);
   const in_t* dout = static_cast<const in_t*>(q.dout) + bd * L;
@@ -213,19 +253,27 @@ __global__ void scan_bwd_kernel(ScanBwdParams q) {
   in_t* dz_out = q.dz ? static_cast<in_t*>(q.dz) + bd * L : nullptr;
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
-  // shared memory: h_prev of the chunk per team (R, kScanChunk, N); per-step dB, dC contributions of the
-  // current sub-block (R, N, kSub + 1) each when per step
-  acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(r) * kScanChunk * N;
-  acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + static_cast<int64_t>(R) * kScanChunk * N;
-  acc_t* sdC = sdB + (p.var_B ? R * N * (kSub + 1) : 0);
+  // shared memory: h_prev of the current segment per team (R, kSeg, N); the states at the segment starts of the
+  // chunk per team (R, kScanChunk / kSeg, N); per-step dB, dC contributions of the current sub-block
+  // (R, N, kSub + 1) each when per step; each team's part padded (BwdSmem). hps, segs and sd point at this
+  // lane's first state.
+  using Smem = BwdSmem<kLanes>;
+  const int hp_team = static_cast<int>(Smem::hp(N)), segs_team = static_cast<int>(Smem::segs(N));
+  const int sd_team = static_cast<int>(Smem::sd(N));
+  acc_t* hps = reinterpret_cast<acc_t*>(scan_smem) + r * hp_team + lane;
+  acc_t* segs = reinterpret_cast<acc_t*>(scan_smem) + R * hp_team + r * segs_team + lane;
+  acc_t* sdB = reinterpret_cast<acc_t*>(scan_smem) + R * (hp_team + segs_team);
+  acc_t* sdC = sdB + (p.var_B ? R * sd_team : 0);
+  const int sd = r * sd_team + lane * (kSub + 1);
   const int64_t var_off = ((b * p.groups + g) * q.nblk + blk) * N * L;
 
   acc_t carry[kS], dA[kS], dBc[kS], dCc[kS], h[kS];
 MK_UNROLL
   for (int k = 0; k < kS; ++k) dA[k] = dBc[k] = dCc[k] = carry[k] = acc_t(0);
   acc_t dD_l = 0, dbias_l = 0;  // this lane's steps' parts of dD, d delta_bias
-  int64_t s = sb.count() - 1;   // the sequence of the step the reverse walk is at
-  auto skip_empty = [&]() {     // empty sequences: d initial_state = d last_state
+  // the sequence s of the step the reverse walk is at, its first and last steps (-1 past the first sequence)
+  int64_t s = sb.count() - 1, s_first = -1, s_last = -1;
+  auto enter_seq = [&]() {  // skips empty sequences (d initial_state = d last_state), then caches the bounds
     while (s >= 0 && sb.begin(s) == sb.end(s)) {
       const int64_t sg = sb.global(s, b);
       acc_t tmp[kS];
@@ -233,111 +281,150 @@ MK_UNROLL
       if (active) ch.store(tmp, dh0 + (sg * dim + d) * N);
       --s;
     }
+    s_first = s >= 0 ? sb.begin(s) : -1;
+    s_last = s >= 0 ? sb.end(s) - 1 : -1;
   };
-  skip_empty();
-  // Both passes over a chunk walk it in tiles of kLanes steps (chunks start at multiples of kLanes); lane l
-  // prepares step tb + l of the tile and the team broadcasts each step's scalars from that lane.
+  enter_seq();
+  // Every pass over a chunk walks it in tiles of kLanes steps (segments start at multiples of kLanes); lane l
+  // prepares step ib + l of the tile and the team broadcasts each step's scalars from that lane.
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
-    const int64_t t0 = c * kScanChunk, t1 = t0 + kScanChunk < L ? t0 + kScanChunk : L;
-    // recompute h_prev over the chunk into shared memory (each lane its own states)
-    int64_t sf = s;
-    while (sb.begin(sf) > t0 || sb.end(sf) <= t0) --sf;
-    ch.load(ckpt + c * N, h);
-    for (int64_t tb = t0; tb < t1; tb += kLanes) {
-      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
-      acc_t dt_l = 0, u_l = 0;
-      if (lane < len) {
-        const acc_t x = ch.pre_delta(tb + lane);
-        dt_l = p.softplus ? softplus_thr(x) : x;
-        u_l = to_acc(ch.u[tb + lane]);
-      }
-      for (int j = 0; j < len; ++j) {
-        const int64_t t = tb + j;
-        while (sb.end(sf) <= t) ++sf;
-        if (t == sb.begin(sf)) ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
-        ch.store(h, hps + (t - t0) * N);
-        ch.step(t, __shfl_sync(0xffffffffu, dt_l, j, kLanes), __shfl_sync(0xffffffffu, u_l, j, kLanes), h);
-      }
-    }
-    // reverse recurrence over the chunk, last tile first
-    for (int64_t tb = t0 + (t1 - 1 - t0) / kLanes * kLanes; tb >= t0; tb -= kLanes) {
-      const int len = t1 - tb < kLanes ? static_cast<int>(t1 - tb) : kLanes;
-      const int64_t tl = tb + lane;
-      // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
-      acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
-      if (lane < len) {
-        x_l = ch.pre_delta(tl);
-        dt_l = p.softplus ? softplus_thr(x_l) : x_l;
-        u_l = to_acc(ch.u[tl]);
-        g_l = to_acc(dout[tl]);
-        dy_l = g_l;
-        if (ch.z) {
-          z_l = to_acc(ch.z[tl]);
-          sz_l = sigmoid(z_l);
-          dy_l *= z_l * sz_l;
+    const int64_t t0 = c * kScanChunk;
+    const int clen = static_cast<int>(L - t0 < kScanChunk ? L - t0 : kScanChunk);
+    const ChunkIn<in_t, acc_t, kLanes, kS> in(ch, t0);
+    // Recomputes the steps [i0, i1) of the chunk from h (the state before step i0), calling at_step(i) with h
+    // = h_prev of each step i. Sequence sf holds the step, `next` is the next step that starts a sequence (then
+    // h_prev is its initial state); s holds step i1 - 1 or a later one.
+    auto walk = [&](int i0, int i1, auto&& at_step) {
+      int64_t sf = s;
+      while (sb.begin(sf) > t0 + i0 || sb.end(sf) <= t0 + i0) --sf;
+      int64_t next = sb.begin(sf) == t0 + i0 ? t0 + i0 : sb.end(sf);
+      for (int ib = i0; ib < i1; ib += kLanes) {
+        const int len = i1 - ib < kLanes ? i1 - ib : kLanes;
+        acc_t dt_l = 0, u_l = 0;
+        if (lane < len) {
+          const acc_t x = in.pre_delta(ib + lane);
+          dt_l = p.softplus ? softplus_thr(x) : x;
+          u_l = to_acc(in.u[ib + lane]);
         }
-      }
-      acc_t y_l = 0, ddt_l = 0, du_l = 0;  // the team sums of this lane's step
-      for (int j = len - 1; j >= 0; --j) {
-        const int64_t t = tb + j;
-        if (t == sb.end(s) - 1) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
-        const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes),
-                    dy = __shfl_sync(0xffffffffu, dy_l, j, kLanes);
-        acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
-        ch.load(hps + (t - t0) * N, hp);
-        acc_t yp = 0;
-MK_UNROLL
-        for (int k = 0; k < kS; ++k) {
-          Bt[k] = ch.Bt(k, t);
-          Ct[k] = ch.Ct(k, t);
-          a[k] = mk_exp(dt * ch.A[k]);
-          ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
-          yp += Ct[k] * ht[k];
-        }
-        if (ch.z) {
-          const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
-          if (lane == j) y_l = y;
-        }
-        acc_t ddt = 0, du = 0;
-MK_UNROLL
-        for (int k = 0; k < kS; ++k) {
-          const acc_t dh = Ct[k] * dy + carry[k];
-          const acc_t cC = dy * ht[k], cB = dh * dt * ut;
-          if (ch.has(k)) {
-            const int64_t slot = (static_cast<int64_t>(r) * N + lane + k * kLanes) * (kSub + 1) + t % kSub;
-            if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
-            if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+        for (int j = 0; j < len; ++j) {
+          const int i = ib + j;
+          if (t0 + i == next) {
+            while (sb.end(sf) <= t0 + i) ++sf;
+            ch.load(state_row<acc_t>(p.h0, sb.global(sf, b), d, dim, N), h);
+            next = sb.end(sf);
           }
-          if (!p.var_B) dBc[k] += cB;
-          if (!p.var_C) dCc[k] += cC;
-          dA[k] += dh * hp[k] * a[k] * dt;
-          ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
-          du += dh * dt * Bt[k];
-          carry[k] = a[k] * dh;
-        }
-        ddt = team_sum<kLanes>(ddt);
-        du = team_sum<kLanes>(du);
-        if (lane == j) {
-          ddt_l = ddt;
-          du_l = du;
-        }
-        if (t == sb.begin(s)) {
-          if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
-          --s;
-          skip_empty();
-        }
-        // per-step dB / dC of the sub-block [t, t + sub_len): t is block-uniform, so is the branch
-        if ((p.var_B || p.var_C) && t % kSub == 0) {
-          reduce_sub_block(q, sdB, sdC, var_off, t, t1 - t < kSub ? t1 - t : kSub);
+          at_step(i);
+          const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes);
+MK_UNROLL
+          for (int k = 0; k < kS; ++k) h[k] = mk_exp(dt * ch.A[k]) * h[k] + dt * ut * in.Bt(k, i);
         }
       }
-      if (active && lane < len) {
-        if (ch.z) dz_out[tl] = store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
-        du_out[tl] = store_cast<in_t>(du_l + ch.Dd * dy_l);
-        const acc_t dx = p.softplus ? ddt_l * softplus_thr_grad(x_l) : ddt_l;
-        ddelta_out[tl] = store_cast<in_t>(dx);
-        dbias_l += dx;
-        dD_l += dy_l * u_l;
+    };
+    // the states at the segment starts (each lane its own states)
+    const int nseg = (clen + kSeg<kLanes> - 1) / kSeg<kLanes>;
+    ch.load(ckpt + c * N, h);
+    walk(0, (nseg - 1) * kSeg<kLanes>, [&](int i) {
+      if (i % kSeg<kLanes> == 0) {
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          if (ch.has(k)) segs[i / kSeg<kLanes> * Ni + k * kLanes] = h[k];
+        }
+      }
+    });
+    for (int e = nseg - 1; e >= 0; --e) {
+      const int i0 = e * kSeg<kLanes>, i1 = clen - i0 < kSeg<kLanes> ? clen : i0 + kSeg<kLanes>;
+      // h_prev over the segment into shared memory
+      if (e < nseg - 1) {
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) h[k] = ch.has(k) ? segs[e * Ni + k * kLanes] : acc_t(0);
+      }
+      walk(i0, i1, [&](int i) {
+MK_UNROLL
+        for (int k = 0; k < kS; ++k) {
+          if (ch.has(k)) hps[(i - i0) * Ni + k * kLanes] = h[k];
+        }
+      });
+      // reverse recurrence over the segment, last tile first
+      for (int ib = i0 + (i1 - 1 - i0) / kLanes * kLanes; ib >= i0; ib -= kLanes) {
+        const int len = i1 - ib < kLanes ? i1 - ib : kLanes;
+        const int64_t tl = t0 + ib + lane;
+        // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
+        acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
+        if (lane < len) {
+          x_l = in.pre_delta(ib + lane);
+          dt_l = p.softplus ? softplus_thr(x_l) : x_l;
+          u_l = to_acc(in.u[ib + lane]);
+          g_l = to_acc(dout[tl]);
+          dy_l = g_l;
+          if (ch.z) {
+            z_l = to_acc(ch.z[tl]);
+            sz_l = sigmoid(z_l);
+            dy_l *= z_l * sz_l;
+          }
+        }
+        acc_t y_l = 0, ddt_l = 0, du_l = 0;  // the team sums of this lane's step
+        for (int j = len - 1; j >= 0; --j) {
+          const int i = ib + j;
+          const int64_t t = t0 + i;
+          if (t == s_last) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
+          const acc_t dt = __shfl_sync(0xffffffffu, dt_l, j, kLanes), ut = __shfl_sync(0xffffffffu, u_l, j, kLanes),
+                      dy = __shfl_sync(0xffffffffu, dy_l, j, kLanes);
+          acc_t a[kS], hp[kS], ht[kS], Bt[kS], Ct[kS];
+          acc_t yp = 0;
+MK_UNROLL
+          for (int k = 0; k < kS; ++k) {
+            hp[k] = ch.has(k) ? hps[(i - i0) * Ni + k * kLanes] : acc_t(0);
+            Bt[k] = in.Bt(k, i);
+            Ct[k] = in.Ct(k, i);
+            a[k] = mk_exp(dt * ch.A[k]);
+            ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
+            yp += Ct[k] * ht[k];
+          }
+          if (ch.z) {
+            const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
+            if (lane == j) y_l = y;
+          }
+          acc_t ddt = 0, du = 0;
+MK_UNROLL
+          for (int k = 0; k < kS; ++k) {
+            const acc_t dh = Ct[k] * dy + carry[k];
+            const acc_t cC = dy * ht[k], cB = dh * dt * ut;
+            if (ch.has(k)) {
+              const int slot = sd + k * kLanes * (kSub + 1) + i % kSub;
+              if (p.var_B) sdB[slot] = active ? cB : acc_t(0);
+              if (p.var_C) sdC[slot] = active ? cC : acc_t(0);
+            }
+            if (!p.var_B) dBc[k] += cB;
+            if (!p.var_C) dCc[k] += cC;
+            dA[k] += dh * hp[k] * a[k] * dt;
+            ddt += dh * (hp[k] * a[k] * ch.A[k] + Bt[k] * ut);
+            du += dh * dt * Bt[k];
+            carry[k] = a[k] * dh;
+          }
+          ddt = team_sum<kLanes>(ddt);
+          du = team_sum<kLanes>(du);
+          if (lane == j) {
+            ddt_l = ddt;
+            du_l = du;
+          }
+          if (t == s_first) {
+            if (active) ch.store(carry, dh0 + (sb.global(s, b) * dim + d) * N);
+            --s;
+            enter_seq();
+          }
+          // per-step dB / dC of the sub-block [t, t + sub_len): t is block-uniform, so is the branch
+          if ((p.var_B || p.var_C) && i % kSub == 0) {
+            reduce_sub_block(q, sdB, sdC, sd_team, var_off, t, clen - i < kSub ? clen - i : kSub);
+          }
+        }
+        if (active && lane < len) {
+          if (ch.z) dz_out[tl] = store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
+          du_out[tl] = store_cast<in_t>(du_l + ch.Dd * dy_l);
+          const acc_t dx = p.softplus ? ddt_l * softplus_thr_grad(x_l) : ddt_l;
+          ddelta_out[tl] = store_cast<in_t>(dx);
+          dbias_l += dx;
+          dD_l += dy_l * u_l;
+        }
       }
     }
   }
@@ -390,31 +477,11 @@ void dispatch_itype(DType itype, F&& f) {
   }
 }
 
-// Backward lane plan: calls f.template operator()<kLanes, kS>() with kLanes·kS = the power of two >= dstate (at
-// least 4), one state per lane up to 32 states.
+// Lane plan of both passes: calls f.template operator()<kLanes, kS>() with 4 states per lane (8 above 128 states),
+// kLanes·kS = the power of two >= dstate (at least 4), so the per-step work shared by a channel's lanes (the
+// team sum, the broadcasts, the loop) is spread over few lanes.
 template <typename F>
-void dispatch_bwd_lanes(int64_t dstate, F&& f) {
-  if (dstate <= 4) {
-    f.template operator()<4, 1>();
-  } else if (dstate <= 8) {
-    f.template operator()<8, 1>();
-  } else if (dstate <= 16) {
-    f.template operator()<16, 1>();
-  } else if (dstate <= 32) {
-    f.template operator()<32, 1>();
-  } else if (dstate <= 64) {
-    f.template operator()<32, 2>();
-  } else if (dstate <= 128) {
-    f.template operator()<32, 4>();
-  } else {
-    f.template operator()<32, 8>();
-  }
-}
-
-// Forward lane plan: 4 states per lane (8 above 128 states): a quarter of the lanes of the backward's plan, so
-// the per-step work shared by a channel's lanes (the team sum, the B/C broadcast) is spread over fewer lanes.
-template <typename F>
-void dispatch_fwd_lanes(int64_t dstate, F&& f) {
+void dispatch_lanes(int64_t dstate, F&& f) {
   if (dstate <= 4) {
     f.template operator()<1, 4>();
   } else if (dstate <= 8) {
@@ -440,18 +507,20 @@ unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n
 
 }  // namespace
 
-// 256 / (kLanes·kS of dispatch_bwd_lanes), at most 16: blocks of up to 256 threads whose shared memory,
-// blk·dstate·(kScanChunk + 2·(kSub + 1)) weights, is at most 100 KB in float32 (200 KB in float64, dstate <= 128).
-int64_t scan_bwd_cuda_blk(int64_t dstate) {
+// 1024 / (kLanes·kS of dispatch_lanes) up to 64 states, 512 / (kLanes·kS) above, halved in float64: blocks of
+// 256 threads (128 at 128 states, 64 at 256; half in float64) whose shared memory, about
+// blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 184 KB. Many channels per
+// block keep the per-step dB/dC partials (batch, groups, dim / groups / blk, dstate, seqlen) small.
+int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
   int64_t width = 4;
   while (width < dstate) width *= 2;
-  return width >= 16 ? 256 / width : 16;
+  return (width <= 64 ? 1024 : 512) / width / (float64 ? 2 : 1);
 }
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_fwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
+    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
         const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
         scan_fwd_kernel<in_t, acc_t, kLanes, kS><<<grid, kFwdThreads, 0, stream>>>(p);
@@ -464,10 +533,12 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
   if (p.batch * p.dim == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_bwd_lanes(p.dstate, [&]<int kLanes, int kS>() {
+    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
-        const int64_t row = q.blk * p.dstate * static_cast<int64_t>(sizeof(acc_t));
-        const int smem = static_cast<int>(row * (kScanChunk + (kSub + 1) * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0))));
+        using Smem = BwdSmem<kLanes>;
+        const int64_t N = p.dstate, nsd = (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0);
+        const int64_t team = Smem::hp(N) + Smem::segs(N) + nsd * Smem::sd(N);
+        const int smem = static_cast<int>(q.blk * team * static_cast<int64_t>(sizeof(acc_t)));
         auto kernel = scan_bwd_kernel<in_t, acc_t, kLanes, kS>;
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
         const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);

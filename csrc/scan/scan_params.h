@@ -144,7 +144,7 @@ void scan_bwd_cuda(const ScanBwdParams& p, cudaStream_t stream);
 void scan_step_cuda(const ScanStepParams& p, cudaStream_t stream);
 void scan_reduce_cuda(const ScanReduceParams& p, cudaStream_t stream);
 // channels per backward task on CUDA (the glue sizes the partial buffers with it)
-int64_t scan_bwd_cuda_blk(int64_t dstate);
+int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64);
 #endif
 
 }  // namespace markovkit
