@@ -1,19 +1,8 @@
 // Philox4x32-10, float32 uniforms and Box-Muller normals over L lanes of counters at once, CPU only: plain
 // loops over lanes (arrays w[word][lane]) that the compiler vectorises, with branch-free log, sqrt and sincos.
 //
-// How to include: no include guard and no includes on purpose. Include it inside a namespace of its own once
-// per instruction set, after <cstdint> and <cstring>, e.g.
-//   namespace lanes_default {
-//   #include "common/philox_lanes.h"
-//   }
-//   #pragma GCC push_options
-//   #pragma GCC target("avx2")
-//   namespace lanes_avx2 {
-//   #include "common/philox_lanes.h"
-//   }
-//   #pragma GCC pop_options
-// and pick one at run time (common/cpu_isa.h: cpu_isa() != CpuIsa::kBaseline). The namespaces keep the copies apart: inline
-// functions of the same name built for two targets would be merged by the linker, which keeps either one.
+// How to include: no include guard and no includes on purpose; a lane kernel gets its baseline and AVX2 copies
+// of this file through common/lane_copies.h (after <cstdint> and <cstring>).
 // Only code that is itself inside the ISA's namespace (also included there) gets that ISA's loops.
 //
 // What is exact: lane_philox4x32_10 equals philox4x32_10 (common/philox.h) word for word, lane_uniform equals

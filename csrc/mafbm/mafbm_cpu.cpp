@@ -16,22 +16,8 @@ namespace {
 
 constexpr int kLanes = 64;
 
-namespace lanes_default {
-#include "common/philox_lanes.h"
-#include "mafbm/mafbm_cpu_lanes.h"
-}  // namespace lanes_default
-
-#if defined(__x86_64__)
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace lanes_avx2 {
-#include "common/philox_lanes.h"
-#include "mafbm/mafbm_cpu_lanes.h"
-}  // namespace lanes_avx2
-#pragma GCC pop_options
-#else
-namespace lanes_avx2 = lanes_default;  // cpu_isa() is kBaseline off x86-64
-#endif
+#define MK_LANES_HEADER "mafbm/mafbm_cpu_lanes.h"
+#include "common/lane_copies.h"
 
 template <typename T>
 void step(const MafbmStepParams& p) {

@@ -1,6 +1,5 @@
-// The float32 step and simulator over lanes of paths, CPU only. Included twice by mafbm_cpu.cpp, each time
-// right after common/philox_lanes.h inside namespace lanes_default, and inside lanes_avx2 under
-// #pragma GCC target("avx2"): no include guard, no includes.
+// The float32 step and simulator over lanes of paths, CPU only. Compiled twice by mafbm_cpu.cpp through
+// common/lane_copies.h (baseline and AVX2, after common/philox_lanes.h): no include guard, no includes.
 //
 // The same Philox blocks and Box-Muller pairs as mafbm_simulate_path, computed for kLanes paths at once with
 // the lane generator of common/philox_lanes.h, so the draws match the scalar path to float rounding (its

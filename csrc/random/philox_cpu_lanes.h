@@ -1,6 +1,6 @@
-// The float32 Philox fill over lanes of kFillLanes consecutive stream blocks, CPU only. Included twice by
-// philox_cpu.cpp, each time right after common/philox_lanes.h, inside namespace lanes_default and inside
-// lanes_avx2 under #pragma GCC target("avx2"): no include guard, no includes.
+// The float32 Philox fill over lanes of kFillLanes consecutive stream blocks, CPU only. Compiled twice by
+// philox_cpu.cpp through common/lane_copies.h (baseline and AVX2, after common/philox_lanes.h): no include
+// guard, no includes.
 
 // Stream blocks [block, block + kFillLanes) (lane l: philox_block(seed, block + l, 0)), 4 float32 values each:
 // uniforms bit for bit as uniform_float, or normals by the lane Box-Muller (common/philox_lanes.h). Value j of
