@@ -2,10 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>  // check_cuda_smem; the launch's headers come with common/backend.h
 #endif
 
 #include <cmath>
@@ -84,16 +81,7 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Ten
   at::Tensor lse = at::empty({s.batch, s.heads, s.seqlen}, q.options().dtype(stat_type(q)));
   if (q.numel() == 0) return {out, lse};
   const SwaFwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()};
-  if (runs_cpu_kernel(q)) {
-    swa_forward_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_smem(s, false);
-    swa_forward_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(q, swa_forward_cpu(p), (check_cuda_smem(s, false), swa_forward_cuda(p, stream)));
   return {out, lse};
 }
 
@@ -127,16 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), dout.data_ptr(), lse.data_ptr(),
                        dlse_dense.defined() ? dlse_dense.data_ptr() : nullptr, delta.data_ptr(), dq.data_ptr(),
                        dk.data_ptr(), dv.data_ptr()};
-  if (runs_cpu_kernel(q)) {
-    swa_backward_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(q.device());
-    check_cuda_smem(s, true);
-    swa_backward_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(q, swa_backward_cpu(p), (check_cuda_smem(s, true), swa_backward_cuda(p, stream)));
   return {dq, dk, dv};
 }
 

@@ -3,6 +3,11 @@
 // CUDA-emulation test build (MARKOVKIT_CUDA=EMULATE, tests/cuda_emu) a switch sends CPU tensors through the CUDA
 // kernels, run on the host.
 #include <ATen/ATen.h>
+#ifdef MARKOVKIT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #ifdef MARKOVKIT_CUDA_EMULATION
 namespace mk_emu {
@@ -21,3 +26,22 @@ inline bool runs_cpu_kernel(const at::Tensor& t) {
 }
 
 }  // namespace markovkit
+
+// MK_LAUNCH(t, cpu_call, cuda_call): cpu_call where t takes the CPU kernel, else cuda_call on t's device with
+// `stream` the current CUDA stream, then the launch check. Without CUDA only cpu_call is compiled (the CUDA
+// launchers are declared in CUDA builds only).
+#ifdef MARKOVKIT_WITH_CUDA
+#define MK_LAUNCH(t, cpu_call, cuda_call)                                          \
+  do {                                                                             \
+    if (::markovkit::runs_cpu_kernel(t)) {                                         \
+      cpu_call;                                                                    \
+    } else {                                                                       \
+      const c10::cuda::CUDAGuard mk_launch_guard((t).device());                    \
+      [[maybe_unused]] const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(); \
+      cuda_call;                                                                   \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                              \
+    }                                                                              \
+  } while (0)
+#else
+#define MK_LAUNCH(t, cpu_call, cuda_call) cpu_call
+#endif

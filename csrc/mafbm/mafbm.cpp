@@ -4,11 +4,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include <optional>
 
@@ -73,15 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
                           phi.data_ptr(), factor.data_ptr(), x_next.data_ptr(), y_next.data_ptr(), kl.data_ptr(),
                           P, D, static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
                           static_cast<uint64_t>(step), dtype_of(x, "x")};
-  if (runs_cpu_kernel(x)) {
-    mafbm_step_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    mafbm_step_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(x, mafbm_step_cpu(p), mafbm_step_cuda(p, stream));
   return {x_next, y_next, kl};
 }
 
@@ -117,15 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
                                   static_cast<int>(K),
                                   static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
                                   dtype_of(gx, "grad_x_next")};
-  if (runs_cpu_kernel(gx)) {
-    mafbm_step_backward_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(gx.device());
-    mafbm_step_backward_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(gx, mafbm_step_backward_cpu(p), mafbm_step_backward_cuda(p, stream));
   return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega_rows.sum(0)};
 }
 
@@ -234,15 +213,7 @@ MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omeg
 }
 
 void run_simulate(const MafbmSimulateParams& p, const at::Tensor& x0) {
-  if (runs_cpu_kernel(x0)) {
-    mafbm_simulate_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x0.device());
-    mafbm_simulate_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(x0, mafbm_simulate_cpu(p), mafbm_simulate_cuda(p, stream));
 }
 
 at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega, const at::Tensor& drop,

@@ -1,11 +1,6 @@
 // Glue for the Gillespie simulators: input checks, params, stream; CPU and CUDA registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include <functional>
 #include <string>
@@ -171,19 +166,8 @@ at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>&
 }
 
 void run_ctmc(const CtmcParams& p, const at::Tensor& ref, bool events) {
-  if (runs_cpu_kernel(ref)) {
-    ctmc_exit_rates_cpu(p);
-    events ? ctmc_events_cpu(p) : ctmc_grid_cpu(p);
-    return;
-  }
-#ifdef MARKOVKIT_WITH_CUDA
-  const c10::cuda::CUDAGuard guard(ref.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  ctmc_exit_rates_cuda(p, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  events ? ctmc_events_cuda(p, stream) : ctmc_grid_cuda(p, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
+  MK_LAUNCH(ref, (ctmc_exit_rates_cpu(p), events ? ctmc_events_cpu(p) : ctmc_grid_cpu(p)),
+            (ctmc_exit_rates_cuda(p, stream), events ? ctmc_events_cuda(p, stream) : ctmc_grid_cuda(p, stream)));
 }
 
 at::Tensor ctmc_grid(const at::Tensor& Q, const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0,
@@ -297,15 +281,7 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
                          k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
                          grid.values.data_ptr<double>(), grid.b_stride, grid.p_stride, grid.L,
                          out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset};
-  if (runs_cpu_kernel(x0)) {
-    reactions_grid_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x0.device());
-    reactions_grid_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(x0, reactions_grid_cpu(p), reactions_grid_cuda(p, stream));
   return out;
 }
 

@@ -1,11 +1,6 @@
 // Glue for philox_uniform / philox_normal: checks, params, stream; CPU and CUDA registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include "common/backend.h"
 #include "common/torch_checks.h"
@@ -22,15 +17,7 @@ at::Tensor philox_fill(const at::Tensor& like, int64_t seed, int64_t offset, boo
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   PhiloxFillParams p{out.data_ptr(), out.numel(), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                      dtype_of(out, "like"), normal};
-  if (runs_cpu_kernel(out)) {
-    philox_fill_cpu(p);
-  } else {
-#ifdef MARKOVKIT_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(out.device());
-    philox_fill_cuda(p, c10::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-#endif
-  }
+  MK_LAUNCH(out, philox_fill_cpu(p), philox_fill_cuda(p, stream));
   return out;
 }
 

@@ -2,11 +2,6 @@
 // buffers and their fixed-order reductions, stream; CPU and CUDA registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 #include <optional>
 
@@ -135,17 +130,6 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
-#ifdef MARKOVKIT_WITH_CUDA
-#define MK_SCAN_LAUNCH(device_is_cpu, cpu_call, cuda_call) \
-  if (device_is_cpu) {                                      \
-    cpu_call;                                               \
-  } else {                                                  \
-    cuda_call;                                              \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                         \
-  }
-#else
-#define MK_SCAN_LAUNCH(device_is_cpu, cpu_call, cuda_call) cpu_call;
-#endif
 
 // Returns (out, last_state, chunk_states).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
@@ -161,10 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr();
   p.chunk_states = chunk_states.data_ptr();
-#ifdef MARKOVKIT_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(u.is_cuda() ? std::optional<c10::Device>(u.device()) : std::nullopt);
-#endif
-  MK_SCAN_LAUNCH(runs_cpu_kernel(u), scan_fwd_cpu(p), scan_fwd_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  MK_LAUNCH(u, scan_fwd_cpu(p), scan_fwd_cuda(p, stream));
   return {out, last_state, chunk_states};
 }
 
@@ -172,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
 void reduce_into(const at::Tensor& part, const at::Tensor& out, int64_t outer, int64_t K, int64_t inner) {
   ScanReduceParams r{part.data_ptr(), out.data_ptr(), outer, K, inner, dtype_of(part, "part"),
                      dtype_of(out, "out")};
-  MK_SCAN_LAUNCH(runs_cpu_kernel(part), scan_reduce_cpu(r), scan_reduce_cuda(r, c10::cuda::getCurrentCUDAStream()));
+  MK_LAUNCH(part, scan_reduce_cpu(r), scan_reduce_cuda(r, stream));
 }
 
 // Returns (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); dz is empty (0,) without z.
@@ -196,7 +177,6 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
     check_shape(*dlast_state, "dlast_state", {f.nseq, f.dim, f.dstate});
   }
 #ifdef MARKOVKIT_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(u.is_cuda() ? std::optional<c10::Device>(u.device()) : std::nullopt);
   const int64_t blk = runs_cpu_kernel(u) ? kCpuBlk : scan_bwd_cuda_blk(f.dstate, f.itype == DType::kFloat64);
 #else
   const int64_t blk = kCpuBlk;
@@ -220,7 +200,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                   du.data_ptr(), ddelta.data_ptr(), z ? dz.data_ptr() : nullptr, dh0.data_ptr(),
                   dA_part.data_ptr(), dD_part.data_ptr(), dbias_part.data_ptr(), dB_part.data_ptr(),
                   dC_part.data_ptr()};
-  MK_SCAN_LAUNCH(runs_cpu_kernel(u), scan_bwd_cpu(q), scan_bwd_cuda(q, c10::cuda::getCurrentCUDAStream()));
+  MK_LAUNCH(u, scan_bwd_cpu(q), scan_bwd_cuda(q, stream));
 
   at::Tensor dA = at::empty_like(A), dD = at::empty({f.dim}, wopts), dbias = at::empty({f.dim}, wopts);
   reduce_into(dA_part, dA, 1, f.batch, f.dim * N);
@@ -295,10 +275,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   ScanStepParams p{batch, dim, N, groups, dtype_of(x, "x"), dt_softplus, state.data_ptr(), x.data_ptr(),
                    dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), ptr_or_null(D), ptr_or_null(z),
                    ptr_or_null(dt_bias), out.data_ptr()};
-#ifdef MARKOVKIT_WITH_CUDA
-  const c10::cuda::OptionalCUDAGuard guard(x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
-#endif
-  MK_SCAN_LAUNCH(runs_cpu_kernel(x), scan_step_cpu(p), scan_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  MK_LAUNCH(x, scan_step_cpu(p), scan_step_cuda(p, stream));
   return out;
 }
 
