@@ -2,6 +2,7 @@
 import argparse
 import json
 import platform
+import sys
 
 import torch
 
@@ -34,31 +35,45 @@ def _roof_fraction(case, ms: float, roof: dict) -> float:
     return floor_s / (ms * 1e-3)
 
 
-def run(device: torch.device, quick: bool, families, compiled: bool):
+def _measure(fn, device, min_time: float):
+    """(ms, error): an impl that raises (out of memory, a peer's unsupported shape) is reported, not fatal."""
+    try:
+        return median_ms(fn, device, min_time), ""
+    except Exception as e:  # noqa: BLE001 - any failure of one impl must not lose the rest of the table
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+        return float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+
+
+def select_cases(device: torch.device, quick: bool, families) -> list:
     providers = registry()
-    chosen = [f for f in providers if not families or f in families]
     unknown = set(families or []) - set(providers)
     if unknown:
         raise SystemExit(f"unknown family {sorted(unknown)}; registered: {sorted(providers)}")
-    all_cases = [c for f in chosen for provide in providers[f] for c in provide(device, quick)]
-    roof = roofline(device, quick)
+    chosen = [f for f in providers if not families or f in families]
+    return [c for f in chosen for provide in providers[f] for c in provide(device, quick)]
+
+
+def run(all_cases: list, device: torch.device, roof: dict, quick: bool, compiled: bool, emit) -> list:
+    """Time every case; `emit(rows)` gets each case's rows as soon as they are measured."""
     min_time = 0.1 if quick else 0.5
     rows = []
     with Progress(len(all_cases), "bench") as bar:
         for case in all_cases:
-            times = {}
-            for name, fn in _impls(case, compiled).items():
-                times[name] = median_ms(fn, device, min_time)
-            ours = times["markovkit"]
-            for name, ms in times.items():
-                rows.append({
-                    "family": case.family, "case": case.name, "shape": case.shape,
-                    "dtype": str(case.dtype).replace("torch.", ""), "impl": name, "ms": ms,
-                    "rate": _rate(case, ms), "speedup_of_ours": ms / ours, "bytes": case.bytes, "flops": case.flops,
-                    "roofline_fraction": _roof_fraction(case, ms, roof) if (case.bytes or case.flops) else None,
-                })
+            measured = {name: _measure(fn, device, min_time) for name, fn in _impls(case, compiled).items()}
+            ours = measured["markovkit"][0]
+            case_rows = [{
+                "family": case.family, "case": case.name, "shape": case.shape,
+                "dtype": str(case.dtype).replace("torch.", ""), "impl": name, "ms": ms, "error": error,
+                "rate": _rate(case, ms) if not error else "", "speedup_of_ours": ms / ours,
+                "bytes": case.bytes, "flops": case.flops,
+                "roofline_fraction": _roof_fraction(case, ms, roof) if (case.bytes or case.flops) else None,
+            } for name, (ms, error) in measured.items()]
+            rows += case_rows
+            emit(case_rows)
             bar.update(1, f"{case.family} {case.name}")
-    return rows, roof
+    return rows
 
 
 def _device_name(device: torch.device) -> str:
@@ -67,23 +82,33 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def print_table(rows, roof, device_name: str) -> None:
+COLUMNS = [("family", 9), ("case", 26), ("shape", 34), ("dtype", 8), ("impl", 26), ("ms", 9), ("rate", 20),
+           ("ours x", 8), ("roof", 6)]
+
+
+def _line(cells) -> str:
+    return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, COLUMNS)).rstrip()
+
+
+def print_header(roof, device_name: str) -> None:
     print(f"device: {device_name}; copy bandwidth {roof['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"matmul {roof['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s ({roof['matmul_dtype']})")
-    head = ["family", "case", "shape", "dtype", "impl", "ms", "rate", "ours x", "roof"]
-    table = [head]
-    for r in rows:
-        roof_txt = "" if r["roofline_fraction"] is None else f"{100 * r['roofline_fraction']:.1f}%"
-        ours_x = "" if r["impl"] == "markovkit" else f"{r['speedup_of_ours']:.2f}x"
-        table.append([r["family"], r["case"], r["shape"], r["dtype"], r["impl"], f"{r['ms']:.3f}",
-                      r["rate"], ours_x, roof_txt])
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for i, row in enumerate(table):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
     print("'ours x': how many times faster markovkit is than that impl; 'roof': the floor time "
           "(bytes at copy bandwidth or FLOPs at matmul rate) over the measured time.")
+    print(_line(name for name, _ in COLUMNS))
+    print(_line("-" * w for _, w in COLUMNS), flush=True)
+
+
+def print_rows(rows) -> None:
+    for r in rows:
+        if r["error"]:
+            print(_line([r["family"], r["case"], r["shape"], r["dtype"], r["impl"], "failed", r["error"]]))
+            continue
+        roof_txt = "" if r["roofline_fraction"] is None else f"{100 * r['roofline_fraction']:.1f}%"
+        ours_x = "" if r["impl"] == "markovkit" else f"{r['speedup_of_ours']:.2f}x"
+        print(_line([r["family"], r["case"], r["shape"], r["dtype"], r["impl"], f"{r['ms']:.3f}", r["rate"],
+                     ours_x, roof_txt]))
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -95,9 +120,11 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows, roof = run(device, args.quick, args.family, compiled=not (args.quick or args.no_compile))
+    all_cases = select_cases(device, args.quick, args.family)
+    roof = roofline(device, args.quick)
     name = _device_name(device)
-    print_table(rows, roof, name)
+    print_header(roof, name)
+    rows = run(all_cases, device, roof, args.quick, compiled=not (args.quick or args.no_compile), emit=print_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "quick": args.quick, "roofline": roof,
