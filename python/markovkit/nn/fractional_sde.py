@@ -50,7 +50,8 @@ class FractionalSDE(nn.Module):
         return torch.sigmoid(self.hurst_raw.double())
 
     def omega(self) -> torch.Tensor:
-        return fbm.omega(self.hurst(), self.gamma.cpu(), self.horizon, self.kind)
+        # the (K,) weights are solved on the CPU in float64 whatever the module's device
+        return fbm.omega(self.hurst().cpu(), self.gamma.cpu(), self.horizon, self.kind)
 
     def _initial_y(self, paths: int, like: torch.Tensor, generator) -> torch.Tensor:
         """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K)."""
