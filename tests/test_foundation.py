@@ -53,3 +53,19 @@ def test_bench_rejects_an_unknown_family():
     result = _run("-m", "markovkit.bench", "--quick", "--family", "nope")
     assert result.returncode != 0
     assert "unknown family ['nope']" in result.stderr
+
+
+def test_bench_cases_of_each_shape_run_that_shape(monkeypatch):
+    """Every case's callables compute the case's own shape (the cases are all built before any is timed, so a
+    callable that closed over a loop variable would run the last shape)."""
+    from markovkit.bench.cases import attention
+
+    shapes = [(1, 40, 2, 32, 8, torch.float32), (1, 24, 4, 64, 5, torch.float32)]
+    monkeypatch.setattr(attention, "_shapes", lambda device, quick: shapes)
+    cases = list(attention.attention_cases(torch.device("cpu"), True))
+    forwards = [c for c in cases if c.name.startswith("forward") and "backward" not in c.name]
+    assert len(forwards) == len(shapes)
+    for case, (batch, seqlen, heads, headdim, window, _) in zip(forwards, shapes):
+        assert case.shape == f"b={batch} L={seqlen} h={heads} d={headdim} w={window}"
+        for fn in [case.ours, case.reference]:
+            assert fn().shape == (batch, seqlen, heads, headdim)

@@ -70,65 +70,70 @@ def _flex_peers(q, k, v, window, device):
 
 @cases("attention")
 def attention_cases(device: torch.device, quick: bool):
-    for batch, seqlen, heads, headdim, window, dtype in _shapes(device, quick):
-        g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = [torch.randn(batch, seqlen, heads, headdim, generator=g, device=device, dtype=dtype)
-                   .requires_grad_() for _ in range(3)]
-        dout = torch.randn_like(q)
-        # (B, H, L, D) copies for the peers
-        qt, kt, vt = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
-        doutt = dout.transpose(1, 2).contiguous()
-        shape = f"b={batch} L={seqlen} h={heads} d={headdim} w={window}"
-        fwd_flops = 4 * headdim * _pairs(seqlen, window) * batch * heads
-        io_bytes = 4 * q.numel() * q.element_size()
+    for shape in _shapes(device, quick):
+        yield from _shape_cases(device, *shape)
 
-        def ours(q, k, v):
-            return markovkit.sliding_window_attention(q, k, v, window)
 
-        def ref(q, k, v):
-            return reference.sliding_window_attention(q, k, v, window)[0]
+def _shape_cases(device, batch, seqlen, heads, headdim, window, dtype):
+    """The cases of one shape (a function per shape: the callables close over this shape's tensors)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = [torch.randn(batch, seqlen, heads, headdim, generator=g, device=device, dtype=dtype)
+               .requires_grad_() for _ in range(3)]
+    dout = torch.randn_like(q)
+    # (B, H, L, D) copies for the peers
+    qt, kt, vt = [t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    doutt = dout.transpose(1, 2).contiguous()
+    shape = f"b={batch} L={seqlen} h={heads} d={headdim} w={window}"
+    fwd_flops = 4 * headdim * _pairs(seqlen, window) * batch * heads
+    io_bytes = 4 * q.numel() * q.element_size()
 
-        mask = reference.sliding_window_mask(seqlen, window, device=device)
-        peers_fwd, peers_bwd = {}, {}
-        flex, build_ms = _flex_peers(qt, kt, vt, window, device)
-        if flex is not None:
-            peers_fwd["flex_attention"] = lambda: flex(qt, kt, vt)
-            peers_bwd["flex_attention"] = _backward_of(flex, (qt, kt, vt), (doutt,))
-        if device.type == "cuda":
-            def causal(q, k, v):
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def ours(q, k, v):
+        return markovkit.sliding_window_attention(q, k, v, window)
 
-            def masked(q, k, v):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def ref(q, k, v):
+        return reference.sliding_window_attention(q, k, v, window)[0]
 
-            peers_fwd["sdpa_causal_flash"] = lambda: causal(qt, kt, vt)
-            peers_fwd["sdpa_window_mask"] = lambda: masked(qt, kt, vt)
-            peers_bwd["sdpa_causal_flash"] = _backward_of(causal, (qt, kt, vt), (doutt,))
-            peers_bwd["sdpa_window_mask"] = _backward_of(masked, (qt, kt, vt), (doutt,))
-        dense_ok = seqlen <= 4096  # the reference materializes (batch, heads, seqlen, seqlen) scores
-        fwd_name = "forward" if build_ms is None else f"forward (flex block mask build {build_ms:.1f} ms)"
+    mask = reference.sliding_window_mask(seqlen, window, device=device)
+    peers_fwd, peers_bwd = {}, {}
+    flex, build_ms = _flex_peers(qt, kt, vt, window, device)
+    if flex is not None:
+        peers_fwd["flex_attention"] = lambda: flex(qt, kt, vt)
+        peers_bwd["flex_attention"] = _backward_of(flex, (qt, kt, vt), (doutt,))
+    if device.type == "cuda":
+        def causal(q, k, v):
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def masked(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        peers_fwd["sdpa_causal_flash"] = lambda: causal(qt, kt, vt)
+        peers_fwd["sdpa_window_mask"] = lambda: masked(qt, kt, vt)
+        peers_bwd["sdpa_causal_flash"] = _backward_of(causal, (qt, kt, vt), (doutt,))
+        peers_bwd["sdpa_window_mask"] = _backward_of(masked, (qt, kt, vt), (doutt,))
+    dense_ok = seqlen <= 4096  # the reference materializes (batch, heads, seqlen, seqlen) scores
+    fwd_name = "forward" if build_ms is None else f"forward (flex block mask build {build_ms:.1f} ms)"
+    yield Case(
+        family="attention", name=fwd_name, shape=shape, dtype=dtype,
+        ours=lambda: ours(q.detach(), k.detach(), v.detach()),
+        reference=(lambda: ref(q.detach(), k.detach(), v.detach())) if dense_ok else None,
+        peers=peers_fwd, bytes=io_bytes, flops=fwd_flops, rate=(fwd_flops, "FLOP"),
+    )
+    yield Case(
+        family="attention", name="backward", shape=shape, dtype=dtype,
+        ours=_backward_of(ours, (q, k, v), (dout,)),
+        reference=_backward_of(ref, (q, k, v), (dout,)) if dense_ok else None,
+        peers=peers_bwd, bytes=2 * io_bytes, flops=2.5 * fwd_flops, rate=(2.5 * fwd_flops, "FLOP"),
+    )
+    if device.type == "cpu":
+        def ours_fwd_bwd():
+            torch.autograd.grad(ours(q, k, v), (q, k, v), dout)
+
+        def ref_fwd_bwd():
+            torch.autograd.grad(ref(q, k, v), (q, k, v), dout)
+
         yield Case(
-            family="attention", name=fwd_name, shape=shape, dtype=dtype,
-            ours=lambda: ours(q.detach(), k.detach(), v.detach()),
-            reference=(lambda: ref(q.detach(), k.detach(), v.detach())) if dense_ok else None,
-            peers=peers_fwd, bytes=io_bytes, flops=fwd_flops, rate=(fwd_flops, "FLOP"),
+            family="attention", name="forward+backward", shape=shape, dtype=dtype, ours=ours_fwd_bwd,
+            reference=ref_fwd_bwd, bytes=3 * io_bytes, flops=3.5 * fwd_flops,
+            rate=(3.5 * fwd_flops, "FLOP"),
         )
-        yield Case(
-            family="attention", name="backward", shape=shape, dtype=dtype,
-            ours=_backward_of(ours, (q, k, v), (dout,)),
-            reference=_backward_of(ref, (q, k, v), (dout,)) if dense_ok else None,
-            peers=peers_bwd, bytes=2 * io_bytes, flops=2.5 * fwd_flops, rate=(2.5 * fwd_flops, "FLOP"),
-        )
-        if device.type == "cpu":
-            def ours_fwd_bwd():
-                torch.autograd.grad(ours(q, k, v), (q, k, v), dout)
-
-            def ref_fwd_bwd():
-                torch.autograd.grad(ref(q, k, v), (q, k, v), dout)
-
-            yield Case(
-                family="attention", name="forward+backward", shape=shape, dtype=dtype, ours=ours_fwd_bwd,
-                reference=ref_fwd_bwd, bytes=3 * io_bytes, flops=3.5 * fwd_flops,
-                rate=(3.5 * fwd_flops, "FLOP"),
-            )
