@@ -56,7 +56,9 @@ def _cached_coefficients(gamma: tuple, dt: float, scheme: str, dtype: torch.dtyp
         raise ValueError(f"dt: expected a positive time step, got {dt}")
     if scheme == "euler":
         _check_euler(max(gamma), dt)
-    return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(g, dt, scheme))
+    # contiguous: "exact"'s factor inherits the column-major strides of eigh, which the op would copy every call
+    return tuple(c.to(dtype=dtype, device=device, memory_format=torch.contiguous_format)
+                 for c in _step_coefficients(g, dt, scheme))
 
 
 def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.float32, device=None):
@@ -88,8 +90,10 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
     if noise is None and seed is None:
         raise ValueError("seed: expected an int seed when noise is not given, got None")
     drop, phi, factor = step_coefficients(gamma, dt, scheme, dtype=x.dtype, device=x.device)
-    return torch.ops.markovkit.mafbm_step(x, y, drift, diffusion, omega.to(x.dtype), drop, phi, factor, float(dt),
-                                          control, noise, 0 if seed is None else seed, step)
+    if omega.dtype != x.dtype:
+        omega = omega.to(x.dtype)
+    return torch.ops.markovkit.mafbm_step(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control, noise,
+                                          0 if seed is None else seed, step)
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
