@@ -148,6 +148,10 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const std::optional<at::Tensor> control = optional(saved[6]);
+    // Without create_graph no graph of the backward is recorded: skip the Autograd and ADInplaceOrView keys,
+    // whose boxed fallbacks (the backward op has no autograd kernel) cost more host time than the kernel's glue.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [grad_y, grad_drift, grad_diffusion, grad_control, grad_omega] =
         op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                 ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toInt(),

@@ -68,13 +68,16 @@ def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.fl
     (paths, dims, R). Eager calls are memoised on (gamma, dt, scheme, dtype, device).
     """
     _check_scheme(scheme)
-    device = torch.device("cpu") if device is None else torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
         return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(gamma, dt, scheme))
-    gamma = torch.as_tensor(gamma, dtype=torch.float64)
-    if gamma.dim() != 1 or gamma.numel() < 1:
+    if not isinstance(gamma, torch.Tensor):  # a tensor's values are read as they are (as_tensor costs a µs a step)
+        gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    rates = tuple(gamma.tolist()) if gamma.dim() == 1 else ()
+    if not rates:
         raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(gamma.shape)}")
-    return _cached_coefficients(tuple(gamma.tolist()), float(dt), scheme, dtype, device)
+    return _cached_coefficients(rates, float(dt), scheme, dtype, device)
 
 
 def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None, noise=None, seed=None,
@@ -92,8 +95,9 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
     drop, phi, factor = step_coefficients(gamma, dt, scheme, dtype=x.dtype, device=x.device)
     if omega.dtype != x.dtype:
         omega = omega.to(x.dtype)
-    return torch.ops.markovkit.mafbm_step(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control, noise,
-                                          0 if seed is None else seed, step)
+    # the overload itself: the packet's overload resolution costs host time on every step
+    return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
+                                                  noise, 0 if seed is None else seed, step)
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
