@@ -14,12 +14,18 @@
 namespace markovkit {
 namespace {
 
-// A tensor like `ref` (dtype, device) of the given shape, made contiguous.
-at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
-                   const char* ref_name = "x") {
+// Checks that `t` is like `ref` (dtype, device) and has the given shape.
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                const char* ref_name) {
   check_same_device(t, name, ref, ref_name);
   check_same_dtype(t, name, ref, ref_name);
   check_shape(t, name, shape);
+}
+
+// A tensor like `ref` (dtype, device) of the given shape, made contiguous.
+at::Tensor checked(const at::Tensor& t, const char* name, const at::Tensor& ref, at::IntArrayRef shape,
+                   const char* ref_name = "x") {
+  check_like(t, name, ref, shape, ref_name);
   return t.contiguous();
 }
 
@@ -62,7 +68,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
   std::optional<at::Tensor> control, noise;
   if (control_in.has_value()) control = checked(*control_in, "control", x, {P, D});
   if (noise_in.has_value()) noise = checked(*noise_in, "noise", x, {P, D, R});
-  at::Tensor x_next = at::empty_like(x), y_next = at::empty_like(y), kl = at::empty({P}, x.options());
+  // at::empty, not empty_like: one dispatcher call instead of two (the inputs are contiguous here)
+  at::Tensor x_next = at::empty({P, D}, x.options()), y_next = at::empty({P, D, K}, x.options());
+  at::Tensor kl = at::empty({P}, x.options());
   const MafbmStepParams p{x.data_ptr(), y.data_ptr(), drift.data_ptr(), diffusion.data_ptr(),
                           ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
                           phi.data_ptr(), factor.data_ptr(), x_next.data_ptr(), y_next.data_ptr(), kl.data_ptr(),
@@ -84,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
   const int64_t P = grad_x_in.size(0), D = grad_x_in.size(1);
   const at::Tensor gx = grad_x_in.contiguous();
   const at::Tensor gy = checked(grad_y_in, "grad_y_next", gx, {P, D, K}, "grad_x_next");
-  const at::Tensor gkl = checked(grad_kl_in, "grad_kl", gx, {P}, "grad_x_next");
+  check_like(grad_kl_in, "grad_kl", gx, {P}, "grad_x_next");  // any stride: an expanded one is not copied
   const at::Tensor y = checked(y_in, "y", gx, {P, D, K}, "grad_x_next");
   const at::Tensor diffusion = checked(diffusion_in, "diffusion", gx, {P, D}, "grad_x_next");
   const at::Tensor omega = checked(omega_in, "omega", gx, {K}, "grad_x_next");
@@ -94,18 +102,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
   std::optional<at::Tensor> control, noise;
   if (control_in.has_value()) control = checked(*control_in, "control", gx, {P, D}, "grad_x_next");
   if (noise_in.has_value()) noise = checked(*noise_in, "noise", gx, {P, D, R}, "grad_x_next");
-  at::Tensor grad_y = at::empty_like(y), grad_drift = at::empty_like(gx), grad_diffusion = at::empty_like(gx);
-  at::Tensor grad_control = at::empty_like(gx);
-  at::Tensor grad_omega_rows = at::empty({(P + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths, K}, gx.options());
-  const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), gkl.data_ptr(), y.data_ptr(), diffusion.data_ptr(),
-                                  ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
-                                  phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(), grad_drift.data_ptr(),
-                                  grad_diffusion.data_ptr(), grad_control.data_ptr(), grad_omega_rows.data_ptr(), P, D,
-                                  static_cast<int>(K),
-                                  static_cast<int>(R), dt, static_cast<uint64_t>(seed), static_cast<uint64_t>(step),
-                                  dtype_of(gx, "grad_x_next")};
+  at::Tensor grad_y = at::empty({P, D, K}, gx.options()), grad_drift = at::empty({P, D}, gx.options());
+  at::Tensor grad_diffusion = at::empty({P, D}, gx.options()), grad_control = at::empty({P, D}, gx.options());
+  at::Tensor grad_omega_rows = at::empty({mafbm_omega_rows(P), K}, gx.options());
+  at::Tensor grad_omega = at::empty({K}, gx.options());
+  const MafbmStepBackwardParams p{gx.data_ptr(), gy.data_ptr(), grad_kl_in.data_ptr(), y.data_ptr(),
+                                  diffusion.data_ptr(), ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(),
+                                  drop.data_ptr(), phi.data_ptr(), factor.data_ptr(), grad_y.data_ptr(),
+                                  grad_drift.data_ptr(), grad_diffusion.data_ptr(), grad_control.data_ptr(),
+                                  grad_omega_rows.data_ptr(), grad_omega.data_ptr(), P, D, grad_kl_in.stride(0),
+                                  static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(step), dtype_of(gx, "grad_x_next")};
   MK_LAUNCH(gx, mafbm_step_backward_cpu(p), mafbm_step_backward_cuda(p, stream));
-  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega_rows.sum(0)};
+  return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
 }
 
 // Autograd of mafbm_step in C++ (not torch.library.register_autograd): the Python autograd path costs more host
@@ -141,6 +150,10 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
     const auto saved = ctx->get_saved_variables();
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const std::optional<at::Tensor> control = optional(saved[6]);
+    // Without create_graph no graph of the backward is recorded: skip the Autograd and ADInplaceOrView keys,
+    // whose boxed fallbacks (the backward op has no autograd kernel) cost more host time than the kernel's glue.
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [grad_y, grad_drift, grad_diffusion, grad_control, grad_omega] =
         op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                 ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toInt(),

@@ -30,7 +30,7 @@ void step(const MafbmStepParams& p) {
 // block does), so the result does not depend on the thread count.
 template <typename T>
 void step_backward(const MafbmStepBackwardParams& p) {
-  const int64_t rows = (p.paths + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths;
+  const int64_t rows = mafbm_omega_rows(p.paths);
   T* grad_omega_rows = static_cast<T*>(p.grad_omega_rows);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -73,7 +73,7 @@ void step_backward_f32(const MafbmStepBackwardParams& p) {
   const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
   const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
   static_assert(kMafbmOmegaRowPaths % kLanes == 0, "a gω row holds whole lane groups");
-  const int64_t rows = (p.paths + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths;
+  const int64_t rows = mafbm_omega_rows(p.paths);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     uint64_t elem[kLanes];  // element index = Philox stream of each lane
     float z[kMafbmMaxK][kLanes];
@@ -91,6 +91,17 @@ void step_backward_f32(const MafbmStepBackwardParams& p) {
       for (int k = 0; k < p.K; ++k) static_cast<float*>(p.grad_omega_rows)[r * p.K + k] = static_cast<float>(row[k]);
     }
   });
+}
+
+// gω = the sum of the rows, added in row order.
+template <typename T>
+void sum_omega_rows(const MafbmStepBackwardParams& p) {
+  const T* rows = static_cast<const T*>(p.grad_omega_rows);
+  T* grad_omega = static_cast<T*>(p.grad_omega);
+  std::fill_n(grad_omega, p.K, T(0));
+  for (int64_t r = 0; r < mafbm_omega_rows(p.paths); ++r) {
+    for (int k = 0; k < p.K; ++k) grad_omega[k] += rows[r * p.K + k];
+  }
 }
 
 void simulate_f32(const MafbmSimulateParams& p) {
@@ -128,7 +139,13 @@ void mafbm_step_cpu(const MafbmStepParams& p) {
 }
 
 void mafbm_step_backward_cpu(const MafbmStepBackwardParams& p) {
-  p.dtype == DType::kFloat64 ? step_backward<double>(p) : step_backward_f32(p);
+  if (p.dtype == DType::kFloat64) {
+    step_backward<double>(p);
+    sum_omega_rows<double>(p);
+  } else {
+    step_backward_f32(p);
+    sum_omega_rows<float>(p);
+  }
 }
 
 void mafbm_simulate_cpu(const MafbmSimulateParams& p) {

@@ -82,7 +82,7 @@ void step_forward(const MafbmStepParams& p, const uint64_t* elem, const float (*
   }
 }
 
-// The step's backward (mafbm_step_backward_element) for the same elements; gkl: (paths,). The gω terms of the
+// The step's backward (mafbm_step_backward_element) for the same elements. The gω terms of the
 // first `live` lanes (the others repeat the last real element) are added to g_omega (K,).
 void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const float (*z)[kLanes], int live,
                    double* g_omega) {
@@ -101,7 +101,7 @@ void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const
     u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
     gx[l] = static_cast<const float*>(p.grad_x_next)[e[l]];
     gs[l] = gx[l] * static_cast<const float*>(p.diffusion)[e[l]];
-    gu[l] = gkl[path] * u[l] * h;
+    gu[l] = gkl[path * p.grad_kl_stride] * u[l] * h;
     s[l] = 0.0f;
   }
   for (int k = 0; k < K; ++k) {

@@ -41,6 +41,18 @@ __global__ void step_backward_kernel(MafbmStepBackwardParams p) {
   }
 }
 
+// gω = the sum of the rows of p.grad_omega_rows: warp k adds column k (lane l the rows l, l + 32, ..., then the
+// lanes by shuffles), a fixed order. Launched with 32 K threads.
+template <typename T>
+__global__ void omega_rows_sum_kernel(MafbmStepBackwardParams p) {
+  const int k = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* column = static_cast<const T*>(p.grad_omega_rows) + k;
+  T v = T(0);
+  for (int64_t r = lane; r < mafbm_omega_rows(p.paths); r += 32) v += column[r * p.K];
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  if (lane == 0) static_cast<T*>(p.grad_omega)[k] = v;
+}
+
 // The coefficients come as a kernel argument (constant bank, computed once on the host); every thread steps
 // its own path. Arguments over 4 KB need CUDA 12.1 on Volta or newer (limit 32764 bytes).
 static_assert(sizeof(MafbmSimulateParams) + sizeof(MafbmSimCoeffs<double, kMafbmMaxK, 0>) <= 32764,
@@ -74,13 +86,15 @@ void mafbm_step_cuda(const MafbmStepParams& p, cudaStream_t stream) {
   }
 }
 
+// The backward kernel (its gω rows), then their sum (zeros without paths).
+template <typename T>
+void step_backward(const MafbmStepBackwardParams& p, cudaStream_t stream) {
+  if (p.paths > 0) step_backward_kernel<T><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
+  omega_rows_sum_kernel<T><<<1, 32 * p.K, 0, stream>>>(p);
+}
+
 void mafbm_step_backward_cuda(const MafbmStepBackwardParams& p, cudaStream_t stream) {
-  if (p.paths == 0) return;
-  if (p.dtype == DType::kFloat64) {
-    step_backward_kernel<double><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
-  } else {
-    step_backward_kernel<float><<<grid_for(p.paths), kThreads, 0, stream>>>(p);
-  }
+  p.dtype == DType::kFloat64 ? step_backward<double>(p, stream) : step_backward<float>(p, stream);
 }
 
 void mafbm_simulate_cuda(const MafbmSimulateParams& p, cudaStream_t stream) {

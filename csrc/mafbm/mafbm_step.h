@@ -49,13 +49,17 @@ struct MafbmStepParams {
 };
 
 // Paths per row of the backward's gω partial sums: a CUDA block, and a CPU task's unit. Fixed rows, summed in
-// order by the glue, make gω independent of the device's scheduling (no atomics).
+// a fixed order by the backward launcher, make gω independent of the device's scheduling (no atomics).
 constexpr int64_t kMafbmOmegaRowPaths = 128;
+
+MK_HOST_DEVICE int64_t mafbm_omega_rows(int64_t paths) {
+  return (paths + kMafbmOmegaRowPaths - 1) / kMafbmOmegaRowPaths;
+}
 
 struct MafbmStepBackwardParams {
   const void* grad_x_next;  // (paths, dims)
   const void* grad_y_next;  // (paths, dims, K)
-  const void* grad_kl;      // (paths,)
+  const void* grad_kl;      // (paths,): path p's value at grad_kl[p * grad_kl_stride] (stride 0: an expanded one)
   const void* y;            // (paths, dims, K)
   const void* diffusion;    // (paths, dims)
   const void* control;      // (paths, dims) or nullptr
@@ -68,9 +72,10 @@ struct MafbmStepBackwardParams {
   void* grad_drift;         // (paths, dims)
   void* grad_diffusion;     // (paths, dims)
   void* grad_control;       // (paths, dims): the gradient for u (u = 0 when control is absent)
-  void* grad_omega_rows;    // (ceil(paths / kMafbmOmegaRowPaths), K): row r = the sum over paths and dims of the
-                            // paths [r kMafbmOmegaRowPaths, (r + 1) kMafbmOmegaRowPaths); the glue adds the rows
-  int64_t paths, dims;
+  void* grad_omega_rows;    // scratch (mafbm_omega_rows(paths), K): row r = the sum over paths and dims of the
+                            // paths [r kMafbmOmegaRowPaths, (r + 1) kMafbmOmegaRowPaths)
+  void* grad_omega;         // (K,): the sum of the rows, in a fixed order
+  int64_t paths, dims, grad_kl_stride;
   int K, R;
   double dt;
   uint64_t seed, step;
@@ -233,7 +238,7 @@ MK_HOST_DEVICE void mafbm_step_backward_element(const MafbmStepBackwardParams& p
 // Backward of path p: every latent dimension; adds the path's terms of gω to g_omega (K,).
 template <typename T>
 MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, int64_t path, T* g_omega) {
-  const T gkl = static_cast<const T*>(p.grad_kl)[path];
+  const T gkl = static_cast<const T*>(p.grad_kl)[path * p.grad_kl_stride];
   T z[kMafbmMaxK];
   for (int64_t d = 0; d < p.dims; ++d) {
     const int64_t e = path * p.dims + d;

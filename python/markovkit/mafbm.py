@@ -56,7 +56,9 @@ def _cached_coefficients(gamma: tuple, dt: float, scheme: str, dtype: torch.dtyp
         raise ValueError(f"dt: expected a positive time step, got {dt}")
     if scheme == "euler":
         _check_euler(max(gamma), dt)
-    return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(g, dt, scheme))
+    # contiguous: "exact"'s factor inherits the column-major strides of eigh, which the op would copy every call
+    return tuple(c.to(dtype=dtype, device=device, memory_format=torch.contiguous_format)
+                 for c in _step_coefficients(g, dt, scheme))
 
 
 def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.float32, device=None):
@@ -66,13 +68,16 @@ def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.fl
     (paths, dims, R). Eager calls are memoised on (gamma, dt, scheme, dtype, device).
     """
     _check_scheme(scheme)
-    device = torch.device("cpu") if device is None else torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
         return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(gamma, dt, scheme))
-    gamma = torch.as_tensor(gamma, dtype=torch.float64)
-    if gamma.dim() != 1 or gamma.numel() < 1:
+    if not isinstance(gamma, torch.Tensor):  # a tensor's values are read as they are (as_tensor costs a µs a step)
+        gamma = torch.as_tensor(gamma, dtype=torch.float64)
+    rates = tuple(gamma.tolist()) if gamma.dim() == 1 else ()
+    if not rates:
         raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(gamma.shape)}")
-    return _cached_coefficients(tuple(gamma.tolist()), float(dt), scheme, dtype, device)
+    return _cached_coefficients(rates, float(dt), scheme, dtype, device)
 
 
 def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None, noise=None, seed=None,
@@ -88,8 +93,11 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
     if noise is None and seed is None:
         raise ValueError("seed: expected an int seed when noise is not given, got None")
     drop, phi, factor = step_coefficients(gamma, dt, scheme, dtype=x.dtype, device=x.device)
-    return torch.ops.markovkit.mafbm_step(x, y, drift, diffusion, omega.to(x.dtype), drop, phi, factor, float(dt),
-                                          control, noise, 0 if seed is None else seed, step)
+    if omega.dtype != x.dtype:
+        omega = omega.to(x.dtype)
+    # the overload itself: the packet's overload resolution costs host time on every step
+    return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
+                                                  noise, 0 if seed is None else seed, step)
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,

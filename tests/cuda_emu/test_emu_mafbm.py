@@ -86,6 +86,36 @@ def test_step_forward_and_backward_equal_the_cpu_kernel(emulated, dtype, K, sche
             torch.testing.assert_close(c.double(), e, **TOL[dtype])
 
 
+def _backward_grads(dtype, grad_kl):
+    """mafbm_step_backward of 33 gω rows of 128 paths and a partial one (1 dim, exact, K = 5) for the given
+    grad_kl (paths,) -> grad_y, grad_drift, grad_diffusion, grad_control, grad_omega."""
+    paths = grad_kl.shape[0]
+    gen = torch.Generator().manual_seed(5)
+    gx, diffusion, control = (_rand(paths, 1, gen=gen, dtype=dtype) for _ in range(3))
+    gy, y = (_rand(paths, 1, 5, gen=gen, dtype=dtype) for _ in range(2))
+    drop, phi, factor = markovkit.step_coefficients(_gamma(5), DT, "exact", dtype=dtype)
+    return OPS.mafbm_step_backward(gx, gy, grad_kl.to(dtype), y, diffusion, _rand(5, gen=gen, dtype=dtype), drop,
+                                   phi, factor, DT, control, None, 9, 2)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_step_backward_reads_strided_grad_kl_and_sums_every_row(emulated, dtype):
+    """grad_kl expanded from a scalar (stride 0) or a strided slice is read in place, as its contiguous copy;
+    gω sums all 34 rows (CUDA: lanes over rows r, r + 32, then shuffles; CPU: in row order)."""
+    paths = 33 * 128 + 5
+    strided = _rand(2 * paths, gen=torch.Generator().manual_seed(1), dtype=F64)[::2]
+    expanded = torch.tensor(0.7, dtype=F64).expand(paths)
+    for grad_kl in (strided, expanded):
+        cpu = _backward_grads(dtype, grad_kl)
+        with emulated():
+            cuda = _backward_grads(dtype, grad_kl)
+            cuda_copy = _backward_grads(dtype, grad_kl.contiguous())
+        for c, g, g_copy in zip(cpu, cuda, cuda_copy):
+            torch.testing.assert_close(g, g_copy, rtol=0, atol=0)
+            torch.testing.assert_close(g, c, **(_tol(dtype) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)))
+        assert torch.equal(cpu[3], _backward_grads(dtype, grad_kl.contiguous())[3])
+
+
 # --- mafbm_simulate: every (kK, kR) instance of mafbm_sim_dispatch, forward and backward ----------------
 
 # (K, R, R0): kK = 5, 8, 16 (the smallest compiled kK >= K) x kR = 1, 2, 3, 4 and 0 (R > 4, read at run time);
@@ -163,9 +193,12 @@ def test_simulate_wrapper_and_its_gradients_equal_the_cpu_kernel(emulated, dtype
 def test_no_paths(emulated):
     with emulated():
         x, y = torch.zeros(0, 2), torch.zeros(0, 2, 5)
-        out = markovkit.mafbm_step(x, y, x, x, torch.ones(5), _gamma(5), DT, seed=0)
+        omega = torch.ones(5, requires_grad=True)
+        out = markovkit.mafbm_step(x, y, x, x, omega, _gamma(5), DT, seed=0)
+        (grad_omega,) = torch.autograd.grad(out[0].sum() + out[2].sum(), omega)
         sim = markovkit.mafbm_simulate(torch.zeros(0), 9, DT, torch.ones(5), _gamma(5), seed=0, save_every=2)
     assert [t.shape for t in out] == [(0, 2), (0, 2, 5), (0,)] and sim.shape == (0, 5)
+    assert torch.equal(grad_omega, torch.zeros(5))
 
 
 def test_bad_input_errors_on_the_cuda_branch(emulated):
