@@ -1,8 +1,8 @@
 """The CUDA kernels of the selective scan (csrc/scan/scan_kernel.cu) run by the emulator: forward, backward
 (with its fixed-order reduce kernel) and decode step against the float64 reference and the CPU kernel, for every
-dtype, every (kLanes, kS) instance of dispatch_lanes, every backward block size of scan_bwd_cuda_blk, every
-B/C layout and option, odd and multi-chunk lengths, packed sequences; determinism across runs and thread
-orders; the CUDA-only glue errors.
+dtype, every (kLanes, kS) instance of dispatch_lanes (the forward's loading per-step B/C one step or several at a
+time), every backward block size of scan_bwd_cuda_blk, every B/C layout and option, odd and multi-chunk lengths,
+packed sequences; determinism across runs and thread orders; the CUDA-only glue errors.
 
 Tolerances (rtol, atol as a fraction of the largest reference magnitude), outputs and gradients alike:
 float64 1e-9 / 1e-10 absolute; float32 2e-4 / 2e-5; float16 5e-3 / 3e-3; bfloat16 3e-2 / 2e-2 (activations
@@ -79,6 +79,79 @@ def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
     x = make_inputs(batch=1, dim=blk_of(dstate, dtype) + 1, seqlen=77, dstate=dstate, B_mode="var4", C_mode="var3",
                     seed=dstate)
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
+
+
+# The forward loads 16 bytes of each per-step B/C row at a time (8 steps in float16/bfloat16, 4 in float32, 2 in
+# float64) where every such row is 16-byte aligned (seqlen and base pointers), else one step at a time (the cases
+# above: 77 steps). Every (kLanes, kS) in float32, the other dtypes with fewer lanes than steps per load (each
+# lane sums several steps of the team's group) and more (the group's sums spread over the lanes).
+ALIGNED_CASES = ([(torch.float32, n) for n in (3, 8, 16, 32, 64, 100, 256)]
+                 + [(torch.bfloat16, n) for n in (4, 8, 16, 64, 200)] + [(torch.float16, n) for n in (8, 32)]
+                 + [(F64, n) for n in (2, 16, 128)])
+
+
+@pytest.mark.parametrize("dtype,dstate", ALIGNED_CASES)
+def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
+    # 136 steps (a multiple of 8): two whole chunks and 8 steps, the last tile of 32 steps partial; per-step B and C
+    # in 2 groups; idle teams in the forward's block
+    x = make_inputs(batch=2, dim=4, seqlen=136, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=dstate)
+    check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
+                                          (torch.bfloat16, 64), (F64, 16)])
+def test_varlen_aligned_rows(emulated, dtype, dstate):
+    # 152 steps (a multiple of 8) with sequence bounds inside groups of loaded steps (partial groups at both ends,
+    # tiles shared by two sequences), a sequence inside one group (81..83), a chunk start at a sequence start (64)
+    # and inside a sequence (128), empty sequences
+    cu_list = [0, 5, 5, 64, 81, 83, 150, 152, 152]
+    nseq = len(cu_list) - 1
+    x = make_inputs(batch=1, dim=3, seqlen=152, dstate=dstate, B_mode="var3", C_mode="var3", nseq=nseq, seed=12)
+    check_scan(emulated, x, dtype, cu_seqlens=torch.tensor(cu_list, dtype=torch.int32), nseq=nseq,
+               vs_cpu=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.bfloat16, 16), (F64, 8)])
+def test_varlen_aligned_rows_keep_sequences_apart(emulated, dtype, dstate):
+    # an infinite B at the last step of sequence [0, 5) and inside [83, 150): the groups of loaded steps they share
+    # with [5, 64) and [81, 83) must leave those sequences' states alone (steps before a sequence's start and past
+    # its end are skipped, not run with zeros: 0·inf is NaN)
+    cu_list = [0, 5, 64, 81, 83, 150, 152]
+    nseq = len(cu_list) - 1
+    x = cast(make_inputs(batch=1, dim=3, seqlen=152, dstate=dstate, B_mode="var3", C_mode="var3", nseq=nseq,
+                         seed=13), dtype)
+    x["B"][0, :, 4] = float("inf")
+    x["B"][0, :, 84] = float("inf")
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    with emulated():
+        out, last = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True, cu_seqlens=cu)
+    ref_out, ref_last = selective_scan_ref(**{k: (v.to(F64) if v is not None else None) for k, v in x.items()},
+                                           delta_softplus=True, return_last_state=True, cu_seqlens=cu)
+    clean = [1, 2, 3, 5]  # the sequences without an infinite B
+    steps = torch.cat([torch.arange(cu_list[s], cu_list[s + 1]) for s in clean])
+    assert ref_out[..., steps].isfinite().all() and not ref_out[..., 4].isfinite().any()
+    tol = tolerance(dtype)
+    rtol, atol = tol["rtol"], tol.get("atol", tol.get("atol_frac", 0) * ref_out[..., steps].abs().max().item())
+    torch.testing.assert_close(out[..., steps].to(F64), ref_out[..., steps], rtol=rtol, atol=atol)
+    torch.testing.assert_close(last[clean].to(F64), ref_last[clean], rtol=rtol, atol=atol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shifted", ["B", "C"])
+def test_misaligned_rows_forward(emulated, dtype, shifted):
+    # seqlen a multiple of 8, but one per-step B/C starts one element past a 16-byte boundary: the forward loads one
+    # step at a time
+    x = cast(make_inputs(batch=2, dim=5, seqlen=136, dstate=16, B_mode="var3", C_mode="var3", seed=4), dtype)
+    t = x[shifted]
+    x[shifted] = torch.empty(t.numel() + 1, dtype=dtype)[1:].view(t.shape).copy_(t)
+    assert x[shifted].is_contiguous() and x[shifted].data_ptr() % 16 != 0
+    with emulated():
+        got = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True)
+    want = selective_scan_ref(**{k: (v.to(F64) if v is not None else None) for k, v in x.items()},
+                              delta_softplus=True, return_last_state=True)
+    rtol, atol_frac = TOL_LOW[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.to(F64), b, rtol=rtol, atol=atol_frac * b.abs().max().item())
 
 
 # (dtype, B_mode, C_mode, groups, has_z, has_D, softplus and delta_bias, initial_state, gradient of the last state)
