@@ -5,8 +5,8 @@
 # measured); Nsight Compute on the scan's and attention's main kernels if time is left; a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
-# PEER_DIR: if set to a folder with build_mamba.py (mamba_ssm's selective scan, kept outside the repo), the peer
-# is built there (niced, in the background) and the scan bench compares against it.
+# MAMBA_SRC: if set to a mamba source checkout (kept outside the repo), its selective scan is built for sm_90
+# (bench/build_mamba_peer.py, niced, beside the tests) and the scan bench compares against it.
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +40,8 @@ build_s=$(secs $start)
 (cd /tmp && "$PY" -m markovkit info) | tee "$out/info.txt"
 
 peer_pid=""
-if [ -n "${PEER_DIR:-}" ] && [ -f "$PEER_DIR/build_mamba.py" ]; then
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=10 nice -n 19 timeout 300 "$PY" "$PEER_DIR/build_mamba.py" /tmp/mamba_peer \
+if [ -n "${MAMBA_SRC:-}" ]; then
+  MAX_JOBS=10 nice -n 19 timeout 300 "$PY" bench/build_mamba_peer.py "$MAMBA_SRC" /tmp/mamba_peer \
     >"$out/peer_build.log" 2>&1 &
   peer_pid=$!
 fi
@@ -70,7 +70,7 @@ fi
 start=$(date +%s)
 bench_rc=""
 for family in scan attention mafbm mjp philox; do
-  PYTHONPATH="/tmp/mamba_peer:${PEER_DIR:-.}/mamba${PYTHONPATH:+:$PYTHONPATH}" \
+  PYTHONPATH="/tmp/mamba_peer${PYTHONPATH:+:$PYTHONPATH}" \
     bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile --json "$out/bench_$family.json" \
     >"$out/bench_$family.txt" 2>"$out/bench_$family.err"
   bench_rc="$bench_rc $family=$?"
