@@ -34,12 +34,12 @@ constexpr int kFwdThreads = 128;
 // Backward: steps of per-step dB/dC contributions staged in shared memory between two block reductions
 // (a divisor of kScanChunk); their rows are padded to kSub + 1 so that both the lanes' writes (stride
 // kSub + 1) and the reduction's reads (consecutive steps) are free of bank conflicts.
-constexpr int kSub = 8;
+constexpr int kSub = 4;
 static_assert(kScanChunk % kSub == 0, "sub-blocks tile a chunk");
 // Backward: steps per segment of a chunk whose h_prev is held in shared memory at a time (a multiple of the
 // tile of kLanes steps and of kSub, a divisor of kScanChunk).
 template <int kLanes>
-constexpr int kSeg = kLanes > 16 ? kLanes : 16;
+constexpr int kSeg = kLanes > 8 ? kLanes : 8;
 
 // Backward shared memory, in weights: per team (channel) of kLanes lanes, h_prev of a segment (kSeg, N), the
 // states at the segment starts of a chunk (kScanChunk / kSeg, N) and per-step dB or dC of a sub-block
@@ -322,8 +322,15 @@ MK_UNROLL
   __device__ acc_t pre_delta(int i) const { return to_acc(delta[i]) + ch.bias; }
 };
 
+// Backward: threads per block at most (blk·kLanes, scan_bwd_cuda_blk: 128 up to 64 states in float32, else fewer),
+// and the blocks per SM that the registers must allow: 3 (168 registers; ptxas places these without spills, not 128)
+// in float32 with 4 states per lane up to 64 states (blocks of 128 threads), else no bound (1).
+constexpr int kBwdThreads = 128;
+template <typename acc_t, int kLanes, int kS>
+constexpr int kBwdBlocks = std::is_same_v<acc_t, float> && kS == 4 && kLanes <= 16 ? 3 : 1;
+
 template <typename in_t, typename acc_t, int kLanes, int kS>
-__global__ void scan_bwd_kernel(ScanBwdParams q) {
+__global__ void __launch_bounds__(kBwdThreads, kBwdBlocks<acc_t, kLanes, kS>) scan_bwd_kernel(ScanBwdParams q) {
   extern __shared__ __align__(16) unsigned char scan_smem[];
   const ScanParams& p = q.f;
   const int R = static_cast<int>(q.blk);
@@ -604,14 +611,19 @@ bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
 
 }  // namespace
 
-// 1024 / (kLanes·kS of dispatch_lanes) up to 64 states, 512 / (kLanes·kS) above, halved in float64: blocks of
-// 256 threads (128 at 128 states, 64 at 256; half in float64) whose shared memory, about
-// blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 184 KB. Many channels per
-// block keep the per-step dB/dC partials (batch, groups, dim / groups / blk, dstate, seqlen) small.
+// Channels per backward block for width = kLanes·kS of dispatch_lanes: 512 / width up to 64 states, 256 / width
+// above, halved in float64: blocks of 128 threads (64 at 128 states, 32 at 256; half in float64) whose shared
+// memory, about blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 70 KB, so that
+// 3 blocks share an SM (with kBwdBlocks) and one block's barriers leave the others running. The per-step dB/dC
+// partials (batch, groups, dim / groups / blk, dstate, seqlen) grow as blk shrinks.
+constexpr int64_t scan_bwd_blk(int64_t width, bool float64) {
+  return (width <= 64 ? 512 : 256) / width / (float64 ? 2 : 1);
+}
+
 int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
   int64_t width = 4;
   while (width < dstate) width *= 2;
-  return (width <= 64 ? 1024 : 512) / width / (float64 ? 2 : 1);
+  return scan_bwd_blk(width, float64);
 }
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
@@ -636,6 +648,8 @@ void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
+        static_assert(scan_bwd_blk(kLanes * kS, std::is_same_v<acc_t, double>) * kLanes <= kBwdThreads,
+                      "blocks of blk teams stay within the backward's launch bounds");
         using Smem = BwdSmem<kLanes>;
         const int64_t N = p.dstate, nsd = (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0);
         const int64_t team = Smem::hp(N) + Smem::segs(N) + nsd * Smem::sd(N);

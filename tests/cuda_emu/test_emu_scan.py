@@ -21,12 +21,12 @@ F64 = torch.float64
 
 
 def blk_of(dstate, dtype):
-    """Channels per backward block on CUDA (scan_bwd_cuda_blk): 1024 (512 above 64 states) over the power of two
+    """Channels per backward block on CUDA (scan_bwd_cuda_blk): 512 (256 above 64 states) over the power of two
     >= dstate (>= 4), halved in float64."""
     width = 4
     while width < dstate:
         width *= 2
-    return (1024 if width <= 64 else 512) // width // (2 if dtype == F64 else 1)
+    return (512 if width <= 64 else 256) // width // (2 if dtype == F64 else 1)
 
 
 def cast(x, dtype):
@@ -63,9 +63,9 @@ def check_scan(emulated, x, dtype, softplus=True, with_last=True, cu_seqlens=Non
 
 
 # (dtype, dstate): every (kLanes, kS) of dispatch_lanes (both passes) -- (1,4) N<=4, (2,4) N<=8, (4,4) N<=16,
-# (8,4) N<=32, (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- so every backward block size 256, 128, 64, 32, 16,
-# 4, 2 (float32) and segment length (16, 32 steps), with states beyond N in the last lane slots (N below kLanes·kS), in float32;
-# each other dtype on two.
+# (8,4) N<=32, (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- so every backward block size 128, 64, 32, 16, 8,
+# 2, 1 (float32) and segment length (8, 16, 32 steps), with states beyond N in the last lane slots (N below
+# kLanes·kS), in float32; each other dtype on two.
 DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 128, 200, 256)]
                 + [(torch.float16, 16), (torch.float16, 64), (torch.bfloat16, 16), (torch.bfloat16, 256),
                    (F64, 5), (F64, 128)])
@@ -74,7 +74,8 @@ DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 
 @pytest.mark.parametrize("dtype,dstate", DSTATE_CASES)
 def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
     # blk + 1 channels: two backward blocks, the second with one active channel; 77 steps: two chunks, the first
-    # with several backward segments, the second one partial segment with a partial sub-block of per-step dB/dC;
+    # with several backward segments, the second 13 steps (a partial segment, or with 8-step segments a whole and a
+    # partial one) ending in a partial sub-block of per-step dB/dC;
     # tiles of kLanes steps, the last one partial; one batch row (the other tests cover several)
     x = make_inputs(batch=1, dim=blk_of(dstate, dtype) + 1, seqlen=77, dstate=dstate, B_mode="var4", C_mode="var3",
                     seed=dstate)
@@ -164,7 +165,7 @@ OPTION_CASES = [
     (F64, "var3", "var3", 1, False, False, False, False, True),
     (F32, "var4", "const", 3, True, False, True, False, False),
     (F64, "const", "var4", 3, False, True, False, True, True),
-    (F32, "var4", "var4", 6, True, True, True, True, True),  # 3 channels per group: 125 idle channels per block
+    (F32, "var4", "var4", 6, True, True, True, True, True),  # 3 channels per group: 61 idle channels per block
     (F64, "var4", "var4", 6, True, True, True, True, True),
     (F32, "var3", "const", 1, False, True, True, True, False),
 ]
@@ -177,9 +178,10 @@ def test_options(emulated, dtype, B_mode, C_mode, groups, has_z, has_D, softplus
     check_scan(emulated, x, dtype, softplus=softplus, with_last=with_last)
 
 
-@pytest.mark.parametrize("seqlen", [1, 16, 63, 64, 65, 200])
+@pytest.mark.parametrize("seqlen", [1, 7, 16, 63, 64, 65, 200])
 def test_lengths(emulated, seqlen):
-    # one step, one backward segment, chunk edges, four chunks with an 8-step tail (one sub-block)
+    # one step, seven (one partial backward segment of 8 steps: a whole and a partial sub-block of 4 steps),
+    # two segments, chunk edges, four chunks with an 8-step tail (two sub-blocks)
     x = make_inputs(batch=2, dim=9, seqlen=seqlen, dstate=8, B_mode="var4", C_mode="var4", groups=1, seed=seqlen)
     check_scan(emulated, x, torch.float32, vs_cpu=True)
 
