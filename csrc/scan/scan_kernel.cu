@@ -297,37 +297,38 @@ __device__ void reduce_sub_block(const ScanBwdParams& q, const acc_t* sdB, const
   __syncthreads();
 }
 
-// One lane's per-step inputs of the chunk [t0, t0 + kScanChunk), indexed by the step i within it (int
-// offsets from per-chunk bases: no 64-bit index arithmetic per step).
+// One lane's per-step inputs of the chunk [t0, t0 + kScanChunk), indexed by the step i within it: int steps
+// from two 64-bit offsets into the kernel parameters' tensors (few registers, no row pointers held).
 template <typename in_t, typename acc_t, int kLanes, int kS>
 struct ChunkIn {
   const Team<in_t, acc_t, kLanes, kS>& ch;
-  const in_t *u, *delta;
-  const in_t *Bv[kS], *Cv[kS];  // this lane's per-step B / C rows at t0 (states lane + k·kLanes < N)
-  __device__ ChunkIn(const Team<in_t, acc_t, kLanes, kS>& ch_, int64_t t0)
-      : ch(ch_), u(ch_.u + t0), delta(ch_.delta + t0) {
-MK_UNROLL
-    for (int k = 0; k < kS; ++k) {
-      const int64_t row = (ch.lane + k * kLanes) * ch.L + t0;
-      Bv[k] = ch.var_B ? ch.Bv + row : nullptr;
-      Cv[k] = ch.var_C ? ch.Cv + row : nullptr;
-    }
-  }
+  const ScanParams& p;
+  int64_t at;        // step t0 of the channel's (batch, dim, seqlen) activation rows: u, delta, z, dout, ...
+  int64_t bc;        // step t0 of this lane's per-step B / C row (state lane), where per step
+  int64_t k_stride;  // from the row of state lane + k·kLanes to the next (kLanes rows)
+  __device__ ChunkIn(const Team<in_t, acc_t, kLanes, kS>& ch_, const ScanParams& p_, int64_t bd, int64_t g,
+                     int64_t t0)
+      : ch(ch_), p(p_), at(bd * p_.seqlen + t0),
+        bc(((bd / p_.dim * p_.groups + g) * p_.dstate + ch_.lane) * p_.seqlen + t0), k_stride(kLanes * p_.seqlen) {}
+  __device__ acc_t act(const void* base, int i) const { return to_acc(static_cast<const in_t*>(base)[at + i]); }
   __device__ acc_t Bt(int k, int i) const {
-    return ch.var_B ? (ch.has(k) ? to_acc(Bv[k][i]) : acc_t(0)) : ch.Bc[k];
+    return p.var_B ? (ch.has(k) ? to_acc(static_cast<const in_t*>(p.B)[bc + k * k_stride + i]) : acc_t(0))
+                   : ch.Bc[k];
   }
   __device__ acc_t Ct(int k, int i) const {
-    return ch.var_C ? (ch.has(k) ? to_acc(Cv[k][i]) : acc_t(0)) : ch.Cc[k];
+    return p.var_C ? (ch.has(k) ? to_acc(static_cast<const in_t*>(p.C)[bc + k * k_stride + i]) : acc_t(0))
+                   : ch.Cc[k];
   }
-  __device__ acc_t pre_delta(int i) const { return to_acc(delta[i]) + ch.bias; }
+  __device__ acc_t pre_delta(int i) const { return act(p.delta, i) + ch.bias; }
 };
 
 // Backward: threads per block at most (blk·kLanes, scan_bwd_cuda_blk: 128 up to 64 states in float32, else fewer),
-// and the blocks per SM that the registers must allow: 3 (168 registers; ptxas places these without spills, not 128)
-// in float32 with 4 states per lane up to 64 states (blocks of 128 threads), else no bound (1).
+// and the blocks per SM that the registers must allow (ptxas places these without spills) in float32 with 4 states
+// per lane: 4 (128 registers) up to 32 states (the shared memory allows 4 from 5 states on, 3 at 4 and below), 3
+// (168) at 64; else no bound (1).
 constexpr int kBwdThreads = 128;
 template <typename acc_t, int kLanes, int kS>
-constexpr int kBwdBlocks = std::is_same_v<acc_t, float> && kS == 4 && kLanes <= 16 ? 3 : 1;
+constexpr int kBwdBlocks = std::is_same_v<acc_t, float> && kS == 4 ? (kLanes <= 8 ? 4 : kLanes == 16 ? 3 : 1) : 1;
 
 template <typename in_t, typename acc_t, int kLanes, int kS>
 __global__ void __launch_bounds__(kBwdThreads, kBwdBlocks<acc_t, kLanes, kS>) scan_bwd_kernel(ScanBwdParams q) {
@@ -344,10 +345,6 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdBlocks<acc_t, kLanes, kS>) sc
   const int Ni = static_cast<int>(N);
   const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
   const SeqBounds sb = seq_bounds(p);
-  const in_t* dout = static_cast<const in_t*>(q.dout) + bd * L;
-  in_t* du_out = static_cast<in_t*>(q.du) + bd * L;
-  in_t* ddelta_out = static_cast<in_t*>(q.ddelta) + bd * L;
-  in_t* dz_out = q.dz ? static_cast<in_t*>(q.dz) + bd * L : nullptr;
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
   // shared memory: h_prev of the current segment per team (R, kSeg, N); the states at the segment starts of the
@@ -387,7 +384,7 @@ MK_UNROLL
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kScanChunk;
     const int clen = static_cast<int>(L - t0 < kScanChunk ? L - t0 : kScanChunk);
-    const ChunkIn<in_t, acc_t, kLanes, kS> in(ch, t0);
+    const ChunkIn<in_t, acc_t, kLanes, kS> in(ch, p, bd, g, t0);
     // Recomputes the steps [i0, i1) of the chunk from h (the state before step i0), calling at_step(i) with h
     // = h_prev of each step i. Sequence sf holds the step, `next` is the next step that starts a sequence (then
     // h_prev is its initial state); s holds step i1 - 1 or a later one.
@@ -401,7 +398,7 @@ MK_UNROLL
         if (lane < len) {
           const acc_t x = in.pre_delta(ib + lane);
           dt_l = p.softplus ? softplus_thr(x) : x;
-          u_l = to_acc(in.u[ib + lane]);
+          u_l = in.act(p.u, ib + lane);
         }
         for (int j = 0; j < len; ++j) {
           const int i = ib + j;
@@ -444,17 +441,16 @@ MK_UNROLL
       // reverse recurrence over the segment, last tile first
       for (int ib = i0 + (i1 - 1 - i0) / kLanes * kLanes; ib >= i0; ib -= kLanes) {
         const int len = i1 - ib < kLanes ? i1 - ib : kLanes;
-        const int64_t tl = t0 + ib + lane;
         // this lane's step: pre-softplus x, Δ, u, upstream g, z and σ(z), dy = g·silu(z) (or g)
         acc_t x_l = 0, dt_l = 0, u_l = 0, g_l = 0, z_l = 0, sz_l = 0, dy_l = 0;
         if (lane < len) {
           x_l = in.pre_delta(ib + lane);
           dt_l = p.softplus ? softplus_thr(x_l) : x_l;
-          u_l = to_acc(in.u[ib + lane]);
-          g_l = to_acc(dout[tl]);
+          u_l = in.act(p.u, ib + lane);
+          g_l = in.act(q.dout, ib + lane);
           dy_l = g_l;
-          if (ch.z) {
-            z_l = to_acc(ch.z[tl]);
+          if (p.z) {
+            z_l = in.act(p.z, ib + lane);
             sz_l = sigmoid(z_l);
             dy_l *= z_l * sz_l;
           }
@@ -477,7 +473,7 @@ MK_UNROLL
             ht[k] = a[k] * hp[k] + dt * Bt[k] * ut;
             yp += Ct[k] * ht[k];
           }
-          if (ch.z) {
+          if (p.z) {
             const acc_t y = team_sum<kLanes>(yp) + ch.Dd * ut;
             if (lane == j) y_l = y;
           }
@@ -515,10 +511,13 @@ MK_UNROLL
           }
         }
         if (active && lane < len) {
-          if (ch.z) dz_out[tl] = store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
-          du_out[tl] = store_cast<in_t>(du_l + ch.Dd * dy_l);
+          if (p.z) {
+            static_cast<in_t*>(q.dz)[in.at + ib + lane] =
+                store_cast<in_t>(g_l * y_l * sz_l * (acc_t(1) + z_l * (acc_t(1) - sz_l)));
+          }
+          static_cast<in_t*>(q.du)[in.at + ib + lane] = store_cast<in_t>(du_l + ch.Dd * dy_l);
           const acc_t dx = p.softplus ? ddt_l * softplus_thr_grad(x_l) : ddt_l;
-          ddelta_out[tl] = store_cast<in_t>(dx);
+          static_cast<in_t*>(q.ddelta)[in.at + ib + lane] = store_cast<in_t>(dx);
           dbias_l += dx;
           dD_l += dy_l * u_l;
         }
@@ -614,7 +613,7 @@ bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
 // Channels per backward block for width = kLanes·kS of dispatch_lanes: 512 / width up to 64 states, 256 / width
 // above, halved in float64: blocks of 128 threads (64 at 128 states, 32 at 256; half in float64) whose shared
 // memory, about blk·dstate·(kSeg + kScanChunk / kSeg + 2·(kSub + 1)) weights (BwdSmem), is at most 70 KB, so that
-// 3 blocks share an SM (with kBwdBlocks) and one block's barriers leave the others running. The per-step dB/dC
+// 3 or 4 blocks share an SM (with kBwdBlocks) and one block's barriers leave the others running. The per-step dB/dC
 // partials (batch, groups, dim / groups / blk, dstate, seqlen) grow as blk shrinks.
 constexpr int64_t scan_bwd_blk(int64_t width, bool float64) {
   return (width <= 64 ? 512 : 256) / width / (float64 ? 2 : 1);
