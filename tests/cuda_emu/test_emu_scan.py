@@ -21,12 +21,13 @@ F64 = torch.float64
 
 
 def blk_of(dstate, dtype):
-    """Channels per backward block on CUDA (scan_bwd_cuda_blk): 512 (256 above 64 states) over the power of two
-    >= dstate (>= 4), halved in float64."""
+    """Channels per backward block on CUDA (scan_bwd_cuda_blk) for width = the power of two >= dstate (>= 4): 32 up
+    to 16, 16 up to 64, 512 / width above; halved in float64."""
     width = 4
     while width < dstate:
         width *= 2
-    return (512 if width <= 64 else 256) // width // (2 if dtype == F64 else 1)
+    blk = 32 if width <= 16 else 16 if width <= 64 else 512 // width
+    return blk // (2 if dtype == F64 else 1)
 
 
 def cast(x, dtype):
@@ -63,9 +64,8 @@ def check_scan(emulated, x, dtype, softplus=True, with_last=True, cu_seqlens=Non
 
 
 # (dtype, dstate): every (kLanes, kS) of dispatch_lanes (both passes) -- (1,4) N<=4, (2,4) N<=8, (4,4) N<=16,
-# (8,4) N<=32, (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- so every backward block size 128, 64, 32, 16, 8,
-# 2, 1 (float32) and segment length (8, 16, 32 steps), with states beyond N in the last lane slots (N below
-# kLanes·kS), in float32; each other dtype on two.
+# (8,4) N<=32, (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- so every backward block size 32, 16, 4, 2
+# (float32), with states beyond N in the last lane slots (N below kLanes·kS), in float32; each other dtype on two.
 DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 128, 200, 256)]
                 + [(torch.float16, 16), (torch.float16, 64), (torch.bfloat16, 16), (torch.bfloat16, 256),
                    (F64, 5), (F64, 128)])
@@ -74,9 +74,9 @@ DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 
 @pytest.mark.parametrize("dtype,dstate", DSTATE_CASES)
 def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
     # blk + 1 channels: two backward blocks, the second with one active channel; 77 steps: two chunks, the first
-    # with several backward segments, the second 13 steps (a partial segment, or with 8-step segments a whole and a
-    # partial one) ending in a partial sub-block of per-step dB/dC;
-    # tiles of kLanes steps, the last one partial; one batch row (the other tests cover several)
+    # with 8 backward segments (the first with the sequence start, the others without boundaries), the second 13
+    # steps: a whole segment and a partial one ending in a partial group of per-step dB/dC; one batch row (the
+    # other tests cover several)
     x = make_inputs(batch=1, dim=blk_of(dstate, dtype) + 1, seqlen=77, dstate=dstate, B_mode="var4", C_mode="var3",
                     seed=dstate)
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)

@@ -1,0 +1,148 @@
+#pragma once
+// Device helpers shared by the selective scan's CUDA kernels (scan_kernel.cu: forward, decode step, reductions;
+// scan_bwd_kernel.cu: backward): conversions, team sums, one channel's weights as seen by one lane, and the
+// dtype / lane-plan dispatch of the launchers.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "scan/scan_params.h"
+
+namespace markovkit {
+namespace scan_cuda {
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename out_t, typename acc_t>
+__device__ __forceinline__ out_t store_cast(acc_t x) {
+  if constexpr (std::is_same_v<out_t, __half>) {
+    return __float2half_rn(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<out_t, __nv_bfloat16>) {
+    return __float2bfloat16_rn(static_cast<float>(x));
+  } else {
+    return static_cast<out_t>(x);
+  }
+}
+
+// Sum over the kLanes lanes of a team (every lane gets the sum).
+template <int kLanes, typename T>
+__device__ __forceinline__ T team_sum(T v) {
+MK_UNROLL
+  for (int off = kLanes / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off, kLanes);
+  return v;
+}
+
+// One channel as seen by one lane of its team.
+template <typename in_t, typename acc_t, int kLanes, int kS>
+struct Team {
+  int64_t L, N;
+  int lane;
+  bool var_B, var_C;
+  const in_t *u, *delta, *z, *Bv, *Cv;
+  acc_t A[kS], Bc[kS], Cc[kS];
+  acc_t Dd, bias;
+
+  __device__ Team(const ScanParams& p, int64_t b, int64_t d, int lane_)
+      : L(p.seqlen), N(p.dstate), lane(lane_), var_B(p.var_B), var_C(p.var_C) {
+    const int64_t row = (b * p.dim + d) * L;
+    const int64_t g = d / (p.dim / p.groups);
+    u = static_cast<const in_t*>(p.u) + row;
+    delta = static_cast<const in_t*>(p.delta) + row;
+    z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
+    Bv = static_cast<const in_t*>(p.B) + (var_B ? (b * p.groups + g) * N * L : 0);
+    Cv = static_cast<const in_t*>(p.C) + (var_C ? (b * p.groups + g) * N * L : 0);
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      const int64_t n = lane + k * kLanes;
+      const bool ok = n < N;
+      A[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] : acc_t(0);
+      Bc[k] = ok && !var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
+      Cc[k] = ok && !var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
+    }
+    Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
+    bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
+  }
+  __device__ bool has(int k) const { return lane + k * kLanes < N; }
+  __device__ acc_t pre_delta(int64_t t) const { return to_acc(delta[t]) + bias; }
+  // state row src (N,) or zeros
+  __device__ void load(const acc_t* src, acc_t* h) const {
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) h[k] = src != nullptr && has(k) ? src[lane + k * kLanes] : acc_t(0);
+  }
+  __device__ void store(const acc_t* h, acc_t* dst) const {
+MK_UNROLL
+    for (int k = 0; k < kS; ++k) {
+      if (has(k)) dst[lane + k * kLanes] = h[k];
+    }
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ const acc_t* state_row(const void* base, int64_t s, int64_t d, int64_t dim, int64_t N) {
+  return base ? static_cast<const acc_t*>(base) + (s * dim + d) * N : nullptr;
+}
+
+// Team sums of the per-step partials v[i] of kG consecutive steps (i < kG, both powers of two): lane l ends with
+// the sum of step i = l + m·kLanes in v[m·kLanes] (m < kG / kLanes) when kG > kLanes, else of step i = l % kG in
+// v[0]. Reduce-scatter: at each offset o < min(kG, kLanes) a lane keeps the steps whose bit o matches its own,
+// adds the partner's (lane ^ o) partials of them and hands over the others (kG / 2o shuffles); offsets kG and up
+// sum the one remaining value. kG - 1 + log2(kLanes / kG) shuffles per kG steps (kG <= kLanes), not
+// kG·log2(kLanes).
+template <int kLanes, int kG, typename T>
+__device__ __forceinline__ void team_sum_steps(T (&v)[kG], int lane) {
+MK_UNROLL
+  for (int o = 1; o < kG && o < kLanes; o *= 2) {
+    const bool upper = (lane & o) != 0;
+MK_UNROLL
+    for (int i = 0; i < kG; i += 2 * o) {
+      const T keep = upper ? v[i + o] : v[i], give = upper ? v[i] : v[i + o];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, give, o, kLanes);
+    }
+  }
+MK_UNROLL
+  for (int o = kG; o < kLanes; o *= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o, kLanes);
+}
+
+template <typename F>
+void dispatch_itype(DType itype, F&& f) {
+  switch (itype) {
+    case DType::kFloat64: f.template operator()<double, double>(); break;
+    case DType::kFloat32: f.template operator()<float, float>(); break;
+    case DType::kFloat16: f.template operator()<__half, float>(); break;
+    case DType::kBFloat16: f.template operator()<__nv_bfloat16, float>(); break;
+  }
+}
+
+// Lane plan of both passes: calls f.template operator()<kLanes, kS>() with 4 states per lane (8 above 128 states),
+// kLanes·kS = the power of two >= dstate (at least 4), so the per-step work shared by a channel's lanes (the
+// team sum, the broadcasts, the loop) is spread over few lanes.
+template <typename F>
+void dispatch_lanes(int64_t dstate, F&& f) {
+  if (dstate <= 4) {
+    f.template operator()<1, 4>();
+  } else if (dstate <= 8) {
+    f.template operator()<2, 4>();
+  } else if (dstate <= 16) {
+    f.template operator()<4, 4>();
+  } else if (dstate <= 32) {
+    f.template operator()<8, 4>();
+  } else if (dstate <= 64) {
+    f.template operator()<16, 4>();
+  } else if (dstate <= 128) {
+    f.template operator()<32, 4>();
+  } else {
+    f.template operator()<32, 8>();
+  }
+}
+
+// float64 runs at most 128 states on CUDA (the glue refuses more): no float64 instances with 8 states per lane.
+template <typename acc_t, int kS>
+constexpr bool kFitsCuda = !(std::is_same_v<acc_t, double> && kS == 8);
+
+}  // namespace scan_cuda
+}  // namespace markovkit
