@@ -67,16 +67,18 @@ __device__ void stage_chunk(const ScanBwdParams& q, int64_t b, int64_t g, int64_
   using Plan = BwdPlan<acc_t, kLanes, kS>;
   const ScanParams& p = q.f;
   const int64_t N = p.dstate, L = p.seqlen, dpg = p.dim / p.groups;
-  const int R = static_cast<int>(q.blk);
+  constexpr int R = Plan::kR;
   __syncthreads();  // every thread is done with the previous chunk
   const int64_t bc_off = (b * p.groups + g) * N * L + t0;
-  for (int e = threadIdx.x; e < Plan::kW * kScanChunk; e += blockDim.x) {
+MK_UNROLL
+  for (int e = threadIdx.x; e < Plan::kW * kScanChunk; e += Plan::kThreads) {
     const int n = e / kScanChunk, i = e % kScanChunk;
     const bool in = n < N && i < clen;
     if (p.var_B) sB[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.B)[bc_off + n * L + i]) : acc_t(0);
     if (p.var_C) sC[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.C)[bc_off + n * L + i]) : acc_t(0);
   }
-  for (int e = threadIdx.x; e < R * kScanChunk; e += blockDim.x) {
+MK_UNROLL
+  for (int e = threadIdx.x; e < R * kScanChunk; e += Plan::kThreads) {
     const int r = e / kScanChunk, i = e % kScanChunk;
     const int64_t kch = d0 % dpg + r, d = kch < dpg ? d0 + r : d0 + (dpg - 1 - d0 % dpg);
     acc_t dt = 0, u = 0, dy = 0;
@@ -109,15 +111,16 @@ template <typename acc_t, int kLanes, int kS>
 __device__ void reduce_group(const ScanBwdParams& q, const acc_t* sd, int64_t var_off, int64_t t, int len) {
   using Plan = BwdPlan<acc_t, kLanes, kS>;
   const ScanParams& p = q.f;
-  const int N = static_cast<int>(p.dstate), R = static_cast<int>(q.blk), per = len * N;
+  const int N = static_cast<int>(p.dstate), per = len * N;
   const int total = per * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0));
   __syncthreads();
-  for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < total; idx += Plan::kThreads) {
     const bool c = !p.var_B || idx >= per;  // a dC element
     const int e = idx >= per ? idx - per : idx, j = e % len, n = e / len;
-    const acc_t* src = sd + (c && p.var_B ? R * Plan::kSd : 0) + n * (kGrp + 1) + j;
+    const acc_t* src = sd + (c && p.var_B ? Plan::kR * Plan::kSd : 0) + n * (kGrp + 1) + j;
     acc_t sum = 0;
-    for (int r = 0; r < R; ++r) sum += src[r * Plan::kSd];
+MK_UNROLL
+    for (int r = 0; r < Plan::kR; ++r) sum += src[r * Plan::kSd];
     static_cast<acc_t*>(c ? q.dC_part : q.dB_part)[var_off + n * p.seqlen + t + j] = sum;
   }
   __syncthreads();
@@ -132,7 +135,8 @@ __global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS>::kThreads, BwdPlan<
   extern __shared__ __align__(16) unsigned char scan_smem[];
   const ScanParams& p = q.f;
   const bool var_B = kVarBC || p.var_B, var_C = kVarBC || p.var_C;
-  const int R = static_cast<int>(q.blk), nvar = (var_B ? 1 : 0) + (var_C ? 1 : 0);
+  constexpr int R = Plan::kR;  // = q.blk (scan_bwd_cuda_blk)
+  const int nvar = (var_B ? 1 : 0) + (var_C ? 1 : 0);
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const int64_t task = blockIdx.x;
   const int64_t blk = task % q.nblk, g = (task / q.nblk) % p.groups, b = task / (q.nblk * p.groups);
@@ -214,7 +218,7 @@ MK_UNROLL
 MK_UNROLL
         for (int k = 0; k < kS; ++k) {
           if constexpr (kKeep) hp[j][k] = h[k];
-          h[k] = mk_exp(dt * ch.A[k]) * h[k] + dtu * Bk(k, i);
+          h[k] = exp2_of(dt * ch.A2[k]) * h[k] + dtu * Bk(k, i);
         }
       }
     };
@@ -248,11 +252,11 @@ MK_UNROLL
           const int64_t t = t0 + i;
           if (!kPlain && t == s_last && active) ch.load(state_row<acc_t>(q.dlast, sb.global(s, b), d, dim, N), carry);
           const acc_t dt = act[i], u = act[kScanChunk + i], dy = act[2 * kScanChunk + i], dtu = dt * u;
-          acc_t gA = 0, gB = 0, yp = 0;  // Σ_k dh·ā·h_prev·A, Σ_k dh·B, Σ_k C·h
+          acc_t gA = 0, gB = 0, yp = 0;  // Σ_k dh·ā·h_prev·A·log2(e), Σ_k dh·B, Σ_k C·h
 MK_UNROLL
           for (int k = 0; k < kS; ++k) {
             const acc_t Bt = Bk(k, i), Ct = Ck(k, i);
-            const acc_t a = mk_exp(dt * ch.A[k]);
+            const acc_t a = exp2_of(dt * ch.A2[k]);
             const acc_t ht = a * hp[j][k] + dtu * Bt;
             yp += Ct * ht;
             const acc_t dh = Ct * dy + carry[k];
@@ -270,10 +274,10 @@ MK_UNROLL
             carry[k] = a * dh;
             const acc_t ah = carry[k] * hp[j][k];
             dA[k] += ah * dt;
-            gA += ah * ch.A[k];
+            gA += ah * ch.A2[k];
             gB += dh * Bt;
           }
-          pdt[jj] = gA + u * gB;
+          pdt[jj] = gA * acc_t(kLn2) + u * gB;
           pdu[jj] = dt * gB;
           py[jj] = yp;
           if (!kPlain && t == s_first) {

@@ -13,6 +13,12 @@
 namespace markovkit {
 namespace scan_cuda {
 
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+__device__ __forceinline__ float exp2_of(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_of(double x) { return exp2(x); }
+
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
@@ -44,7 +50,8 @@ struct Team {
   int lane;
   bool var_B, var_C;
   const in_t *u, *delta, *z, *Bv, *Cv;
-  acc_t A[kS], Bc[kS], Cc[kS];
+  acc_t A2[kS];  // A·log2(e): ā = exp2(Δ·A2)
+  acc_t Bc[kS], Cc[kS];
   acc_t Dd, bias;
 
   __device__ Team(const ScanParams& p, int64_t b, int64_t d, int lane_)
@@ -60,7 +67,7 @@ MK_UNROLL
     for (int k = 0; k < kS; ++k) {
       const int64_t n = lane + k * kLanes;
       const bool ok = n < N;
-      A[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] : acc_t(0);
+      A2[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] * acc_t(kLog2e) : acc_t(0);
       Bc[k] = ok && !var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
       Cc[k] = ok && !var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
     }

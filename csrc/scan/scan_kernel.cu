@@ -109,7 +109,7 @@ MK_UNROLL
               for (int k = 0; k < kS; ++k) {
                 const acc_t Bt = kVarBC || ch.var_B ? to_acc(Bs[k].v[i]) : ch.Bc[k];
                 const acc_t Ct = kVarBC || ch.var_C ? to_acc(Cs[k].v[i]) : ch.Cc[k];
-                h[k] = mk_exp(dt * ch.A[k]) * h[k] + dt * ut * Bt;
+                h[k] = exp2_of(dt * ch.A2[k]) * h[k] + dt * ut * Bt;
                 y[i] += Ct * h[k];
               }
             }
