@@ -5,6 +5,7 @@
 # measured); Nsight Compute on the scan's and attention's main kernels if time is left; a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
+# FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
 # MAMBA_SRC: if set to a mamba source checkout (kept outside the repo), its selective scan is built for sm_90
 # (bench/build_mamba_peer.py, niced, beside the tests) and the scan bench compares against it.
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
@@ -14,6 +15,7 @@ out="$(realpath -m "${1:-gpu_check_out}")"
 mkdir -p "$out"
 PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
+families="${FAMILIES:-scan attention mafbm mjp philox}"
 t0=$(date +%s)
 export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90}" PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
@@ -69,7 +71,7 @@ fi
 
 start=$(date +%s)
 bench_rc=""
-for family in scan attention mafbm mjp philox; do
+for family in $families; do
   PYTHONPATH="/tmp/mamba_peer${PYTHONPATH:+:$PYTHONPATH}" \
     bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile --json "$out/bench_$family.json" \
     >"$out/bench_$family.txt" 2>"$out/bench_$family.err"
@@ -94,7 +96,7 @@ echo "== sanitizers (memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc) =="
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|skipped" "$out/memcheck.log" "$out/racecheck.log" | head -n 20
 echo
 echo "== bench =="
-for family in scan attention mafbm mjp philox; do
+for family in $families; do
   grep -vE "^('ours x'|---)" "$out/bench_$family.txt"
   grep -E "Error|error|skipped" "$out/bench_$family.err" | tail -n 3
 done
