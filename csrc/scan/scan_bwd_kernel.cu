@@ -54,7 +54,9 @@ struct BwdPlan {
   // blocks per SM that the launch bounds ask registers for: 3 where the shared memory allows 3 (float32, 16 and
   // 32 states); else 1
   static constexpr int kMinBlocks = sizeof(acc_t) == 4 && (kW == 16 || kW == 32) ? 3 : 1;
-  static constexpr int64_t words(int nvar) { return int64_t{nvar} * kW * kRow + int64_t{kR} * (kAct + kSegs + nvar * kSd); }
+  static constexpr int64_t words(int nvar) {
+    return int64_t{nvar} * kW * kRow + int64_t{kR} * (kAct + kSegs + nvar * kSd);
+  }
   static_assert(words(2) * sizeof(acc_t) <= 227 * 1024, "the shared memory of one block fits an SM");
 };
 
@@ -153,7 +155,8 @@ __global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS>::kThreads, BwdPlan<
   acc_t* sC = sB + (var_B ? kW * Plan::kRow : 0);
   acc_t* act_all = sB + nvar * kW * Plan::kRow;
   const acc_t* act = act_all + r * Plan::kAct;  // this team's Δ [0, 64), u [64, 128), dy [128, 192)
-  acc_t* segs = act_all + R * Plan::kAct + r * Plan::kSegs + lane;  // segment e, state lane + k·kLanes at e·kW + k·kLanes
+  // this lane's segment starts: segment e, state lane + k·kLanes at e·kW + k·kLanes
+  acc_t* segs = act_all + R * Plan::kAct + r * Plan::kSegs + lane;
   acc_t* sd = act_all + R * (Plan::kAct + Plan::kSegs);
   acc_t* sdB = sd + r * Plan::kSd + lane * (kGrp + 1);  // state lane + k·kLanes at k·kLanes·(kGrp + 1)
   acc_t* sdC = sdB + (var_B ? R * Plan::kSd : 0);
@@ -294,7 +297,9 @@ MK_UNROLL
 MK_UNROLL
         for (int m = 0; m < kM; ++m) {
           const int jj = kGrp > kLanes ? lane + m * kLanes : lane % kGrp, v = kGrp > kLanes ? m * kLanes : 0;
-          if (active && (kGrp > kLanes || lane < kGrp) && jj < len) write_step(i0 + gr * kGrp + jj, pdt[v], pdu[v], py[v]);
+          if (active && (kGrp > kLanes || lane < kGrp) && jj < len) {
+            write_step(i0 + gr * kGrp + jj, pdt[v], pdu[v], py[v]);
+          }
         }
         if (var_B || var_C) reduce_group<acc_t, kLanes, kS>(q, sd, var_off, t0 + i0 + gr * kGrp, len);
       }

@@ -94,7 +94,8 @@ __device__ void stage_span(const ScanParams& p, int64_t b, int64_t g, int64_t d0
 // kVarBC: B and C both per step (else each as p.var_B, p.var_C say).
 template <typename in_t, typename acc_t, int kLanes, int kS, bool kVarBC>
 __global__ void __launch_bounds__(FwdPlan<acc_t, kLanes, kS>::kThreads,
-                                  FwdPlan<acc_t, kLanes, kS>::kMinBlocks - (kVarBC ? 0 : 1)) scan_fwd_kernel(ScanParams p) {
+                                  FwdPlan<acc_t, kLanes, kS>::kMinBlocks - (kVarBC ? 0 : 1))
+    scan_fwd_kernel(ScanParams p) {
   using Plan = FwdPlan<acc_t, kLanes, kS>;
   constexpr int kW = Plan::kW, kSpan = Plan::kSpan, R = Plan::kR;
   extern __shared__ __align__(16) unsigned char scan_smem[];
