@@ -138,19 +138,39 @@ __device__ __forceinline__ void warp_px(const float (&p)[kBN / 8][4], const T* x
 }
 
 // Starts loading tile (kRows, D + kPad) = rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor,
-// zero beyond n; the tile is complete after cp_async_wait_all and __syncthreads.
+// zero beyond n; the tile is complete after cp_async_wait_all and __syncthreads. Thread x copies the 16-byte
+// chunks x + k·kThreads of the row-major tile. Where kThreads is a multiple of the chunks per row (every headdim
+// but 96) a thread's chunks share its column, kStep rows apart: the loop steps two pointers and a row (the address
+// arithmetic once per call, not per chunk; not unrolled, which would hold more registers than the kernels have).
 template <typename T, int D, int kRows = 64>
 __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
                           int64_t nheads, int64_t h, T* tile) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
-  for (int x = threadIdx.x; x < kRows * kPerRow; x += kThreads) {
-    const int r = x / kPerRow, c = (x % kPerRow) * kVec;
-    T* dst = tile + r * (D + kPad) + c;
-    if (r < n) {
-      cp_async_16(dst, src + ((b * seqlen + r0 + r) * nheads + h) * D + c);
+  const T* rows = src + ((b * seqlen + r0) * nheads + h) * D;  // row r0 of head h
+  const int64_t row_stride = nheads * D;
+  const int nr = static_cast<int>(n < kRows ? n : kRows);
+  auto chunk = [&](int r, T* dst, const T* from) {
+    if (r < nr) {
+      cp_async_16(dst, from);
     } else {
       *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  if constexpr (kThreads % kPerRow == 0) {
+    constexpr int kStep = kThreads / kPerRow;
+    const int c = static_cast<int>(threadIdx.x) % kPerRow * kVec;
+    int r = static_cast<int>(threadIdx.x) / kPerRow;
+    T* dst = tile + r * (D + kPad) + c;
+    const T* from = rows + r * row_stride + c;
+    const int64_t step = kStep * row_stride;
+#pragma unroll 1
+    for (; r < kRows; r += kStep, dst += kStep * (D + kPad), from += step) chunk(r, dst, from);
+  } else {
+#pragma unroll 1
+    for (int x = static_cast<int>(threadIdx.x); x < kRows * kPerRow; x += kThreads) {
+      const int r = x / kPerRow, c = x % kPerRow * kVec;
+      chunk(r, tile + r * (D + kPad) + c, rows + r * row_stride + c);
     }
   }
 }
