@@ -380,7 +380,8 @@ __device__ __forceinline__ void warp_px_blocks(const float (&p)[kMB][kBN / 8][4]
 
 // One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
 // m), the running row maxima m (log2 units) of rows g, g + 8 rising to cover them; the lane's parts l of the
-// row sums and the output o are rescaled to the new maxima and l gains the sums of P.
+// row sums and the output o are rescaled to the new maxima and l gains the sums of P. The maxima are taken on
+// the raw scores (scale_log2 > 0 keeps their order), so the scale folds into one FFMA per score.
 template <int D>
 __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
                                              float (&o)[D / 8][4], float scale_log2) {
@@ -388,15 +389,12 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      sc[n][e] *= scale_log2;
-      mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
-    }
+    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
   }
   float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const float m_new = fmaxf(m[half], quad_max(mx[half]));
+    const float m_new = fmaxf(m[half], quad_max(mx[half]) * scale_log2);
     alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
     m[half] = m_new;
     m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
@@ -406,7 +404,7 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
   for (int n = 0; n < kBN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      sc[n][e] = exp2f(sc[n][e] - m_sub[e / 2]);
+      sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -m_sub[e / 2]));
       sum[e / 2] += sc[n][e];
     }
   }
