@@ -68,29 +68,19 @@ __device__ void stage_chunk(const ScanBwdParams& q, int64_t b, int64_t g, int64_
                             acc_t* sB, acc_t* sC, acc_t* act) {
   using Plan = BwdPlan<acc_t, kLanes, kS>;
   const ScanParams& p = q.f;
-  const int64_t N = p.dstate, L = p.seqlen, dpg = p.dim / p.groups;
-  constexpr int R = Plan::kR;
+  const int64_t L = p.seqlen, dpg = p.dim / p.groups;
   __syncthreads();  // every thread is done with the previous chunk
-  const int64_t bc_off = (b * p.groups + g) * N * L + t0;
+  stage_bc_rows<in_t, acc_t, Plan::kW, kScanChunk, Plan::kRow, Plan::kThreads>(p, b, g, t0, clen, sB, sC);
 MK_UNROLL
-  for (int e = threadIdx.x; e < Plan::kW * kScanChunk; e += Plan::kThreads) {
-    const int n = e / kScanChunk, i = e % kScanChunk;
-    const bool in = n < N && i < clen;
-    if (p.var_B) sB[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.B)[bc_off + n * L + i]) : acc_t(0);
-    if (p.var_C) sC[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.C)[bc_off + n * L + i]) : acc_t(0);
-  }
-MK_UNROLL
-  for (int e = threadIdx.x; e < R * kScanChunk; e += Plan::kThreads) {
+  for (int e = threadIdx.x; e < Plan::kR * kScanChunk; e += Plan::kThreads) {
     const int r = e / kScanChunk, i = e % kScanChunk;
-    const int64_t kch = d0 % dpg + r, d = kch < dpg ? d0 + r : d0 + (dpg - 1 - d0 % dpg);
+    const int64_t d = block_channel(p, d0, r);
     acc_t dt = 0, u = 0, dy = 0;
     if (i < clen) {
       const int64_t at = (b * p.dim + d) * L + t0 + i;
-      const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-      const acc_t x = to_acc(static_cast<const in_t*>(p.delta)[at]) + bias;
-      dt = p.softplus ? softplus_thr(x) : x;
+      dt = delta_at<in_t, acc_t>(p, d, at);
       u = to_acc(static_cast<const in_t*>(p.u)[at]);
-      if (kch < dpg) {
+      if (d0 % dpg + r < dpg) {
         dy = to_acc(static_cast<const in_t*>(q.dout)[at]);
         if (p.z) {
           const acc_t z = to_acc(static_cast<const in_t*>(p.z)[at]);
@@ -144,7 +134,7 @@ __global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS>::kThreads, BwdPlan<
   const int64_t blk = task % q.nblk, g = (task / q.nblk) % p.groups, b = task / (q.nblk * p.groups);
   const int64_t dpg = p.dim / p.groups, kch = blk * q.blk + r, d0 = g * dpg + blk * q.blk;
   const bool active = kch < dpg;  // channels past the group's end run along with dy = 0 and write nothing
-  const int64_t d = g * dpg + (active ? kch : dpg - 1);
+  const int64_t d = block_channel(p, d0, r);
   const int64_t N = p.dstate, L = p.seqlen, dim = p.dim, bd = b * dim + d;
   const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
   const SeqBounds sb = seq_bounds(p);

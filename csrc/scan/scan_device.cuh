@@ -115,6 +115,35 @@ MK_UNROLL
   for (int o = kG; o < kLanes; o *= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o, kLanes);
 }
 
+// Block staging of the forward and the backward (every thread of a block of kThreads calls it): the per-step B / C
+// rows of steps [t0, t0 + len) of group g of batch row b into sB / sC where per step, kW rows of kRow weights and
+// kSpan steps; zeros past len and in the rows past dstate.
+template <typename in_t, typename acc_t, int kW, int kSpan, int kRow, int kThreads>
+__device__ void stage_bc_rows(const ScanParams& p, int64_t b, int64_t g, int64_t t0, int len, acc_t* sB, acc_t* sC) {
+  const int64_t N = p.dstate, L = p.seqlen, off = (b * p.groups + g) * N * L + t0;
+  for (int e = threadIdx.x; e < kW * kSpan; e += kThreads) {
+    const int n = e / kSpan, i = e % kSpan;
+    const bool in = n < N && i < len;
+    if (p.var_B) sB[n * kRow + i] = in ? to_acc(static_cast<const in_t*>(p.B)[off + n * L + i]) : acc_t(0);
+    if (p.var_C) sC[n * kRow + i] = in ? to_acc(static_cast<const in_t*>(p.C)[off + n * L + i]) : acc_t(0);
+  }
+}
+
+// Channel r of a block whose channels start at d0 inside a group: past the group's end, the group's last channel
+// stands in (its team runs along and writes nothing).
+__device__ __forceinline__ int64_t block_channel(const ScanParams& p, int64_t d0, int r) {
+  const int64_t dpg = p.dim / p.groups;
+  return d0 % dpg + r < dpg ? d0 + r : d0 + (dpg - 1 - d0 % dpg);
+}
+
+// Δ of channel d at element `at` of the (batch, dim, seqlen) activations: delta + delta_bias, softplus'd if asked.
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ acc_t delta_at(const ScanParams& p, int64_t d, int64_t at) {
+  const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
+  const acc_t x = to_acc(static_cast<const in_t*>(p.delta)[at]) + bias;
+  return p.softplus ? softplus_thr(x) : x;
+}
+
 template <typename F>
 void dispatch_itype(DType itype, F&& f) {
   switch (itype) {

@@ -59,24 +59,15 @@ __device__ void stage_span(const ScanParams& p, int64_t b, int64_t g, int64_t d0
                            acc_t* sC, acc_t* act) {
   using Plan = FwdPlan<acc_t, kLanes, kS>;
   constexpr int kSpan = Plan::kSpan;
-  const int64_t N = p.dstate, L = p.seqlen, dpg = p.dim / p.groups;
   __syncthreads();  // every thread is done with the previous span
-  const int64_t bc_off = (b * p.groups + g) * N * L + t0;
-  for (int e = threadIdx.x; e < Plan::kW * kSpan; e += Plan::kThreads) {
-    const int n = e / kSpan, i = e % kSpan;
-    const bool in = n < N && i < slen;
-    if (p.var_B) sB[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.B)[bc_off + n * L + i]) : acc_t(0);
-    if (p.var_C) sC[n * Plan::kRow + i] = in ? to_acc(static_cast<const in_t*>(p.C)[bc_off + n * L + i]) : acc_t(0);
-  }
+  stage_bc_rows<in_t, acc_t, Plan::kW, kSpan, Plan::kRow, Plan::kThreads>(p, b, g, t0, slen, sB, sC);
   for (int e = threadIdx.x; e < Plan::kR * kSpan; e += Plan::kThreads) {
     const int r = e / kSpan, i = e % kSpan;
-    const int64_t d = d0 % dpg + r < dpg ? d0 + r : d0 + (dpg - 1 - d0 % dpg);  // past the group's end: its last
+    const int64_t d = block_channel(p, d0, r);
     acc_t dt = 0, u = 0, gate = 1;
     if (i < slen) {
-      const int64_t at = (b * p.dim + d) * L + t0 + i;
-      const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-      const acc_t x = to_acc(static_cast<const in_t*>(p.delta)[at]) + bias;
-      dt = p.softplus ? softplus_thr(x) : x;
+      const int64_t at = (b * p.dim + d) * p.seqlen + t0 + i;
+      dt = delta_at<in_t, acc_t>(p, d, at);
       u = to_acc(static_cast<const in_t*>(p.u)[at]);
       if (p.z) {
         const acc_t z = to_acc(static_cast<const in_t*>(p.z)[at]);
