@@ -82,6 +82,24 @@ __device__ void stage_span(const ScanParams& p, int64_t b, int64_t g, int64_t d0
   __syncthreads();
 }
 
+// Writes the span's outputs, left by the teams in their gate slots of act (R, kAct), to out: coalesced, for the
+// block's first nactive channels (the others are past the group's end). Every thread of the block calls it; the
+// next stage_span's barrier keeps act until all are written.
+template <typename in_t, typename acc_t, int kLanes, int kS>
+__device__ void write_span(const ScanParams& p, int64_t b, int64_t d0, int nactive, int64_t t0, int slen,
+                           const acc_t* act) {
+  using Plan = FwdPlan<acc_t, kLanes, kS>;
+  constexpr int kSpan = Plan::kSpan;
+  __syncthreads();  // every team's outputs are in
+  for (int e = threadIdx.x; e < Plan::kR * kSpan; e += Plan::kThreads) {
+    const int r = e / kSpan, i = e % kSpan;
+    if (i < slen && r < nactive) {
+      static_cast<in_t*>(p.out)[(b * p.dim + d0 + r) * p.seqlen + t0 + i] =
+          store_cast<in_t>(act[r * Plan::kAct + 2 * kSpan + i]);
+    }
+  }
+}
+
 // kVarBC: B and C both per step (else each as p.var_B, p.var_C say).
 template <typename in_t, typename acc_t, int kLanes, int kS, bool kVarBC>
 __global__ void __launch_bounds__(FwdPlan<acc_t, kLanes, kS>::kThreads,
@@ -98,17 +116,17 @@ __global__ void __launch_bounds__(FwdPlan<acc_t, kLanes, kS>::kThreads,
   const int64_t blk = task % nblk, g = (task / nblk) % p.groups, b = task / (nblk * p.groups);
   const int64_t kch = blk * R + r, d0 = g * dpg + blk * R;
   const bool active = kch < dpg;  // channels past the group's end run along and write nothing
+  const int nactive = static_cast<int>(dpg - blk * R < R ? dpg - blk * R : R);  // the block's channels in the group
   const int64_t d = g * dpg + (active ? kch : dpg - 1);
   const int64_t N = p.dstate, L = p.seqlen, bd = b * p.dim + d;
   const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
   const SeqBounds sb = seq_bounds(p);
   acc_t* ckpt = static_cast<acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
-  in_t* out = static_cast<in_t*>(p.out) + bd * L;
-  // shared memory (FwdPlan): sB, sC where per step, then per team act: Δ [0, kSpan), u, gate
+  // shared memory (FwdPlan): sB, sC where per step, then per team act: Δ [0, kSpan), u, gate (then out)
   acc_t* sB = reinterpret_cast<acc_t*>(scan_smem);
   acc_t* sC = sB + (var_B ? kW * Plan::kRow : 0);
   acc_t* act_all = sB + nvar * kW * Plan::kRow;
-  const acc_t* act = act_all + r * Plan::kAct;
+  acc_t* act = act_all + r * Plan::kAct;
   const acc_t* sBl = sB + lane * Plan::kRow;  // this lane's first B row: state lane + k·kLanes at k·kLanes·kRow
   const acc_t* sCl = sC + lane * Plan::kRow;
 
@@ -167,9 +185,9 @@ MK_UNROLL
 MK_UNROLL
       for (int m = 0; m < kM; ++m) {
         const int jj = kGrp > kLanes ? lane + m * kLanes : lane % kGrp, v = kGrp > kLanes ? m * kLanes : 0;
-        if (active && (kGrp > kLanes || lane < kGrp) && jj < n) {
+        if ((kGrp > kLanes || lane < kGrp) && jj < n) {  // the step's output in place of its gate
           const int i = i1 + jj;
-          out[t0 + i] = store_cast<in_t>((y[v] + ch.Dd * act[kSpan + i]) * act[2 * kSpan + i]);
+          act[2 * kSpan + i] = (y[v] + ch.Dd * act[kSpan + i]) * act[2 * kSpan + i];
         }
       }
     };
@@ -182,6 +200,7 @@ MK_UNROLL
         group.template operator()<false>(i1, n);
       }
     }
+    write_span<in_t, acc_t, kLanes, kS>(p, b, d0, nactive, t0, slen, act_all);
   }
 }
 
