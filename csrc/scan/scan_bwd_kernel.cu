@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS>::kThreads, BwdPlan<
   const bool active = kch < dpg;  // channels past the group's end run along with dy = 0 and write nothing
   const int64_t d = block_channel(p, d0, r);
   const int64_t N = p.dstate, L = p.seqlen, dim = p.dim, bd = b * dim + d;
-  const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
+  const Team<acc_t, kLanes, kS> ch(p, d, lane);
   const SeqBounds sb = seq_bounds(p);
   const acc_t* ckpt = static_cast<const acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   acc_t* dh0 = static_cast<acc_t*>(q.dh0);
@@ -225,7 +225,7 @@ MK_UNROLL
         static_cast<in_t*>(q.dz)[at] = store_cast<in_t>(gz * (y + ch.Dd * u) * sz * (acc_t(1) + z * (acc_t(1) - sz)));
       }
       static_cast<in_t*>(q.du)[at] = store_cast<in_t>(du + ch.Dd * dy);
-      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(ch.pre_delta(t0 + i)) : ddt;
+      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(pre_delta_at<in_t, acc_t>(p, d, at)) : ddt;
       static_cast<in_t*>(q.ddelta)[at] = store_cast<in_t>(dx);
       dbias_l += dx;
       dD_l += dy * u;

@@ -1,7 +1,7 @@
 #pragma once
-// Device helpers shared by the selective scan's CUDA kernels (scan_kernel.cu: forward, decode step, reductions;
-// scan_bwd_kernel.cu: backward): conversions, team sums, one channel's weights as seen by one lane, and the
-// dtype / lane-plan dispatch of the launchers.
+// Device helpers shared by the selective scan's CUDA kernels (scan_fwd_kernel.cu, scan_bwd_kernel.cu,
+// scan_kernel.cu: decode step and reductions): conversions, team sums, one channel's weights as seen by one lane,
+// the block staging of the forward and the backward, and the dtype / lane-plan dispatch of the launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -43,39 +43,27 @@ MK_UNROLL
   return v;
 }
 
-// One channel as seen by one lane of its team.
-template <typename in_t, typename acc_t, int kLanes, int kS>
+// The weights of one channel as seen by one lane of its team (states n = lane + k·kLanes, zeros past dstate).
+template <typename acc_t, int kLanes, int kS>
 struct Team {
-  int64_t L, N;
+  int64_t N;
   int lane;
-  bool var_B, var_C;
-  const in_t *u, *delta, *z, *Bv, *Cv;
   acc_t A2[kS];  // A·log2(e): ā = exp2(Δ·A2)
-  acc_t Bc[kS], Cc[kS];
-  acc_t Dd, bias;
+  acc_t Bc[kS], Cc[kS];  // constant B / C (zeros where per step)
+  acc_t Dd;
 
-  __device__ Team(const ScanParams& p, int64_t b, int64_t d, int lane_)
-      : L(p.seqlen), N(p.dstate), lane(lane_), var_B(p.var_B), var_C(p.var_C) {
-    const int64_t row = (b * p.dim + d) * L;
-    const int64_t g = d / (p.dim / p.groups);
-    u = static_cast<const in_t*>(p.u) + row;
-    delta = static_cast<const in_t*>(p.delta) + row;
-    z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
-    Bv = static_cast<const in_t*>(p.B) + (var_B ? (b * p.groups + g) * N * L : 0);
-    Cv = static_cast<const in_t*>(p.C) + (var_C ? (b * p.groups + g) * N * L : 0);
+  __device__ Team(const ScanParams& p, int64_t d, int lane_) : N(p.dstate), lane(lane_) {
 MK_UNROLL
     for (int k = 0; k < kS; ++k) {
       const int64_t n = lane + k * kLanes;
       const bool ok = n < N;
       A2[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] * acc_t(kLog2e) : acc_t(0);
-      Bc[k] = ok && !var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
-      Cc[k] = ok && !var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
+      Bc[k] = ok && !p.var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
+      Cc[k] = ok && !p.var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
     }
     Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
-    bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
   }
   __device__ bool has(int k) const { return lane + k * kLanes < N; }
-  __device__ acc_t pre_delta(int64_t t) const { return to_acc(delta[t]) + bias; }
   // state row src (N,) or zeros
   __device__ void load(const acc_t* src, acc_t* h) const {
 MK_UNROLL
@@ -136,11 +124,17 @@ __device__ __forceinline__ int64_t block_channel(const ScanParams& p, int64_t d0
   return d0 % dpg + r < dpg ? d0 + r : d0 + (dpg - 1 - d0 % dpg);
 }
 
-// Δ of channel d at element `at` of the (batch, dim, seqlen) activations: delta + delta_bias, softplus'd if asked.
+// delta + delta_bias of channel d at element `at` of the (batch, dim, seqlen) activations (before softplus).
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ acc_t pre_delta_at(const ScanParams& p, int64_t d, int64_t at) {
+  const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
+  return to_acc(static_cast<const in_t*>(p.delta)[at]) + bias;
+}
+
+// Δ there: softplus'd if asked.
 template <typename in_t, typename acc_t>
 __device__ __forceinline__ acc_t delta_at(const ScanParams& p, int64_t d, int64_t at) {
-  const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-  const acc_t x = to_acc(static_cast<const in_t*>(p.delta)[at]) + bias;
+  const acc_t x = pre_delta_at<in_t, acc_t>(p, d, at);
   return p.softplus ? softplus_thr(x) : x;
 }
 

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(FwdPlan<acc_t, kLanes, kS>::kThreads,
   const int nactive = static_cast<int>(dpg - blk * R < R ? dpg - blk * R : R);  // the block's channels in the group
   const int64_t d = g * dpg + (active ? kch : dpg - 1);
   const int64_t N = p.dstate, L = p.seqlen, bd = b * p.dim + d;
-  const Team<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
+  const Team<acc_t, kLanes, kS> ch(p, d, lane);
   const SeqBounds sb = seq_bounds(p);
   acc_t* ckpt = static_cast<acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
   // shared memory (FwdPlan): sB, sC where per step, then per team act: Δ [0, kSpan), u, gate (then out)
