@@ -120,11 +120,6 @@ bool release(Block& b) {
   return released;
 }
 
-bool reverse_order() {
-  const char* v = std::getenv("MK_EMU_ORDER");
-  return v && std::string(v) == "reverse";
-}
-
 void run_block(Block& b, unsigned threads, bool reverse) {
   b.fibers.assign(threads, Fiber{});
   std::fill(b.smem.begin(), b.smem.end(), 0xff);
@@ -165,6 +160,11 @@ std::map<const void*, size_t>& smem_limits() {
 }
 
 }  // namespace
+
+bool reverse_order() {
+  const char* v = std::getenv("MK_EMU_ORDER");
+  return v && std::string(v) == "reverse";
+}
 
 bool enabled() { return g_enabled; }
 void set_enabled(bool on) { g_enabled = on; }

@@ -5,6 +5,7 @@
 // memory. A launch runs its blocks one after another; the threads of a block are fibers that a scheduler runs in
 // turn up to their next barrier (__syncthreads, or a warp-wide operation such as __shfl_xor_sync), in forward or,
 // with MK_EMU_ORDER=reverse, backward thread order: a missing barrier shows up as a difference between the two.
+// Asynchronous copies and products complete at their wait, or with MK_EMU_ORDER=reverse when issued.
 // A barrier that some threads never reach (or a warp op inside a divergent branch) raises an error. Dynamic
 // shared memory starts filled with 0xff bytes (NaN as floats) in every block. Math uses the host's libm: results
 // agree with the GPU's to rounding, not bit for bit.
@@ -31,6 +32,9 @@ namespace mk_emu {
 
 bool enabled();  // whether the glue sends CPU tensors through the CUDA kernels (markovkit.cuda_emulation)
 void set_enabled(bool on);
+// MK_EMU_ORDER=reverse: threads run in reverse order, and asynchronous operations (cp.async, wgmma) complete when
+// issued rather than at their wait: the two extremes a kernel must be correct between.
+bool reverse_order();
 
 const dim3& thread_idx();
 const dim3& block_idx();

@@ -64,7 +64,8 @@ void ldmatrix_x4(const uint16_t* row, uint32_t (&r)[4]) {
 }
 
 // cp.async: each thread's copies are queued and done at its cp_async_wait_all, so a kernel that reads a tile
-// before the wait and the barrier after it reads stale or poisoned shared memory here too.
+// before the wait and the barrier after it reads stale or poisoned shared memory here too; with MK_EMU_ORDER=reverse
+// they are done when issued, so one that overwrites a tile still in use reads the new data.
 namespace emu_detail {
 
 struct PendingCopy {
@@ -72,8 +73,10 @@ struct PendingCopy {
   const void* gmem;
 };
 
-inline std::vector<PendingCopy>& pending_copies() {
-  static std::vector<std::vector<PendingCopy>> per_thread;
+// The calling thread's queue of asynchronous operations (also the wgmma stand-in's).
+template <typename Op>
+std::vector<Op>& thread_queue() {
+  static std::vector<std::vector<Op>> per_thread;
   const dim3 &t = mk_emu::thread_idx(), &b = mk_emu::block_dim();
   const size_t id = t.x + b.x * (t.y + static_cast<size_t>(b.y) * t.z);
   if (per_thread.size() <= id) per_thread.resize(id + 1);
@@ -82,10 +85,16 @@ inline std::vector<PendingCopy>& pending_copies() {
 
 }  // namespace emu_detail
 
-inline void cp_async_16(void* smem, const void* gmem) { emu_detail::pending_copies().push_back({smem, gmem}); }
+inline void cp_async_16(void* smem, const void* gmem) {
+  if (mk_emu::reverse_order()) {
+    std::memcpy(smem, gmem, 16);
+  } else {
+    emu_detail::thread_queue<emu_detail::PendingCopy>().push_back({smem, gmem});
+  }
+}
 
 inline void cp_async_wait_all() {
-  std::vector<emu_detail::PendingCopy>& mine = emu_detail::pending_copies();
+  std::vector<emu_detail::PendingCopy>& mine = emu_detail::thread_queue<emu_detail::PendingCopy>();
   for (const emu_detail::PendingCopy& c : mine) std::memcpy(c.smem, c.gmem, 16);
   mine.clear();
 }
