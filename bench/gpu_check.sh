@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: build for sm_90; the CUDA cases of the test suite (`-m gpu`: the CPU cases run in CI) while
+# GPU check: build for sm_90a; the CUDA cases of the test suite (`-m gpu`: the CPU cases run in CI) while
 # compute-sanitizer runs every kernel (bench/gpu_smoke.py; memcheck: out-of-bounds and misaligned accesses;
 # racecheck: shared-memory races); the bench, one family at a time (each family's table streams out as it is
 # measured); Nsight Compute on the scan's and attention's main kernels if time is left; a summary last.
@@ -17,7 +17,7 @@ PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
 families="${FAMILIES:-scan attention mafbm mjp philox}"
 t0=$(date +%s)
-export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90}" PYTHONUNBUFFERED=1
+export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90a}" PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 
 # bounded CAP CMD...: CMD under a timeout of min(CAP, budget left); rc 125 when too little is left to start
@@ -82,7 +82,7 @@ bench_s=$(secs $start)
 start=$(date +%s)
 bounded 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
-  -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|bwd_dq|bwd_dkdv)_kernel' -c 5 "$PY" bench/gpu_profile.py \
+  -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|fwd_sm90|bwd_dq|bwd_dkdv)_kernel' -c 5 "$PY" bench/gpu_profile.py \
   >"$out/ncu.txt" 2>&1
 ncu_rc=$?
 ncu_s=$(secs $start)

@@ -101,6 +101,20 @@ def test_gradients_match_reference(device, shape, dtype):
         _close(a, e, dtype, scale=10 if dtype in LOW else 1, low_precision_ref=lo)
 
 
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_over_many_tiles(device, headdim, dtype):
+    """Ten 128-row query tiles, each over ~7 key tiles of 64 (the CUDA forward's double-buffered loads alternate
+    stages many times; on an sm_90 device these headdims take the wgmma kernel), GQA, sink."""
+    shape = (2, 1250, 4, 2, headdim, 333, 3)
+    q, k, v = _inputs(shape, dtype, device)
+    out, lse = markovkit.sliding_window_attention(q, k, v, 333, sink=3, return_lse=True)
+    ref_out, ref_lse = reference.sliding_window_attention(q.double(), k.double(), v.double(), 333, 3)
+    low_out = reference.sliding_window_attention(q, k, v, 333, 3)[0]
+    _close(out, ref_out, dtype, low_precision_ref=low_out)
+    _close(lse, ref_lse, torch.float32)
+
+
 @pytest.mark.parametrize("headdim", [96, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_headdims(device, headdim, dtype):

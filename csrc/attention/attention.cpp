@@ -53,9 +53,18 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }
 
 #ifdef MARKOVKIT_WITH_CUDA
+// Compute capability of the current device, 10 major + minor.
+int device_cc() {
+  const int device = c10::cuda::current_device();
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return 10 * major + minor;
+}
+
 // The kernels' shared memory at this headdim fits the current device's per-block opt-in limit.
-void check_cuda_smem(const SwaShape& s, bool backward) {
-  const int64_t need = swa_cuda_smem_bytes(s.headdim, backward);
+void check_cuda_smem(const SwaShape& s, int cc, bool backward) {
+  const int64_t need = swa_cuda_smem_bytes(s.headdim, cc, backward);
   int limit = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
   TORCH_CHECK(need <= limit, "q: headdim ", s.headdim, " needs ", need, " bytes of shared memory per block in the ",
@@ -80,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor> swa_fwd(const at::Tensor& q_in, const at::Ten
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({s.batch, s.heads, s.seqlen}, q.options().dtype(stat_type(q)));
   if (q.numel() == 0) return {out, lse};
-  const SwaFwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()};
-  MK_LAUNCH(q, swa_forward_cpu(p), (check_cuda_smem(s, false), swa_forward_cuda(p, stream)));
+  SwaFwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), 0};
+  MK_LAUNCH(q, swa_forward_cpu(p), (p.cc = device_cc(), check_cuda_smem(s, p.cc, false), swa_forward_cuda(p, stream)));
   return {out, lse};
 }
 
@@ -115,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), dout.data_ptr(), lse.data_ptr(),
                        dlse_dense.defined() ? dlse_dense.data_ptr() : nullptr, delta.data_ptr(), dq.data_ptr(),
                        dk.data_ptr(), dv.data_ptr()};
-  MK_LAUNCH(q, swa_backward_cpu(p), (check_cuda_smem(s, true), swa_backward_cuda(p, stream)));
+  MK_LAUNCH(q, swa_backward_cpu(p), (check_cuda_smem(s, device_cc(), true), swa_backward_cuda(p, stream)));
   return {dq, dk, dv};
 }
 

@@ -35,6 +35,7 @@ struct SwaFwdParams {
   const void* v;
   void* out;
   void* lse;  // natural-log logsumexp of the scaled scores of each row
+  int cc;     // CUDA: compute capability of the device (10 major + minor), which picks the forward kernel
 };
 
 struct SwaBwdParams {
@@ -94,10 +95,16 @@ MK_HOST_DEVICE bool swa_tile_empty(int64_t i0, int64_t i1, int64_t j0, int64_t j
 void swa_forward_cpu(const SwaFwdParams& p);
 void swa_backward_cpu(const SwaBwdParams& p);
 #ifdef MARKOVKIT_WITH_CUDA
-// Dynamic shared memory per block of the forward or backward kernels at this headdim (either dtype).
-int64_t swa_cuda_smem_bytes(int64_t headdim, bool backward);
+// Dynamic shared memory per block of the forward or backward kernels at this headdim (either dtype) on a device
+// of compute capability cc.
+int64_t swa_cuda_smem_bytes(int64_t headdim, int cc, bool backward);
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
 void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
+// The Hopper forward (swa_fwd_sm90.cu): whether it runs this headdim at compute capability cc (a build with sm_90a,
+// an sm_90 device), its shared memory, its launcher.
+bool swa_fwd_sm90_applies(int64_t headdim, int cc);
+int64_t swa_fwd_sm90_smem_bytes(int64_t headdim);
+void swa_forward_sm90(const SwaFwdParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace markovkit

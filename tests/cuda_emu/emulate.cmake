@@ -18,10 +18,11 @@ foreach(cu ${emu_cu_sources})
   target_sources(_C PRIVATE ${out})
 endforeach()
 target_sources(_C PRIVATE ${emu_dir}/cuda_emu.cpp)
-# before csrc and torch: the stand-ins replace c10/cuda/*.h and attention/swa_mma.cuh
+# before csrc and torch: the stand-ins replace c10/cuda/*.h, attention/swa_mma.cuh and attention/swa_wgmma.cuh
 target_include_directories(_C BEFORE PRIVATE ${emu_dir}/include ${emu_dir})
 target_include_directories(_C PRIVATE ${MARKOVKIT_CUDA_INCLUDE})
 target_compile_definitions(_C PRIVATE
   MARKOVKIT_WITH_CUDA
   MARKOVKIT_CUDA_EMULATION
+  MARKOVKIT_SM90A
   MARKOVKIT_CUDA_ARCHS="emulated")

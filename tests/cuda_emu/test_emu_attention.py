@@ -1,7 +1,9 @@
-"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu) run by the emulator: forward (out,
-lse) and backward (dq, dk, dv, also through lse) against the float64 dense masked reference, for both dtypes,
-every headdim, windows and sinks that hit each tile case (full, partial, sink range, window range), GQA / MQA,
-partial and multiple tiles; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
+"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu, and swa_fwd_sm90.cu: the wgmma
+forward that headdims 64 and 128 take on an sm_90 device, as the emulator reports by default) run by the emulator:
+forward (out, lse) and backward (dq, dk, dv, also through lse) against the float64 dense masked reference, for
+both dtypes, every headdim, windows and sinks that hit each tile case (full, partial, sink range, window range),
+GQA / MQA, partial and multiple tiles; the mma.sync forward at headdims 64 and 128 on an emulated pre-Hopper
+device; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
 import pytest
 import torch
 
@@ -37,6 +39,8 @@ CASES = [
     # full); window 100: warps skip left-edge and diagonal tiles the CTA needs, full tiles per warp; sink tile
     # of 2 keys
     (torch.float16, 1, 300, 2, 1, 128, 100, 2),
+    # 6 query tiles over ~6 key tiles each: the double-buffered forward's stages alternate (sm_90 kernel)
+    (torch.bfloat16, 1, 700, 2, 2, 128, 250, 0),
 ]
 
 
@@ -80,6 +84,20 @@ def test_forward_and_backward_match_float64_reference(emulated, case):
     _assert_within(got[1], want[1], LSE_TOL, "lse")
     for name, g, w in zip(("dq", "dk", "dv"), got[2:], want[2:]):
         _assert_within(g, w, GRAD_TOL[dtype], name)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] in (64, 128)],
+                         ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_forward_before_hopper_matches_float64_reference(emulated, monkeypatch, case):
+    """Compute capability 8.0: headdims 64 and 128 take swa_kernel.cu's forward, not the sm_90a one."""
+    monkeypatch.setenv("MK_EMU_CC", "80")
+    dtype, batch, seqlen, heads, kv_heads, headdim, window, sink = case
+    q, k, v, _, _ = _inputs(batch, seqlen, heads, kv_heads, headdim, dtype)
+    with emulated():
+        out, lse = markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
+    want_out, want_lse = reference.sliding_window_attention(q.double(), k.double(), v.double(), window, sink)
+    _assert_within(out, want_out, OUT_TOL[dtype], "out")
+    _assert_within(lse, want_lse, LSE_TOL, "lse")
 
 
 def test_backward_without_lse_gradient(emulated):

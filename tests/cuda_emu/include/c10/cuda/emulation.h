@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <optional>
 
 namespace c10::cuda {
@@ -25,11 +26,19 @@ struct OptionalCUDAGuard {
 }  // namespace c10::cuda
 
 namespace mk_emu {
-// The limits the emulator enforces (those of an H100).
+// The limits the emulator enforces (those of an H100); its compute capability 9.0, or the one in MK_EMU_CC
+// (10 major + minor, e.g. 80), which picks the kernels the glue launches.
+inline int compute_capability() {
+  const char* cc = std::getenv("MK_EMU_CC");
+  return cc == nullptr ? 90 : std::atoi(cc);
+}
+
 inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 << 10; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = compute_capability() / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = compute_capability() % 10; return cudaSuccess;
     default: return cudaErrorInvalidValue;
   }
 }

@@ -1,0 +1,166 @@
+#pragma once
+// Device pieces shared by the attention's CUDA kernels (swa_kernel.cu: mma.sync, any headdim; swa_fwd_sm90.cu:
+// the sm_90a wgmma forward): fragment packing, the key-tile walk and its masks, the online softmax of a 16-row
+// block, and the output store. Fragment layouts: swa_kernel.cu.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "attention/swa_params.h"
+
+namespace markovkit {
+namespace swa_cuda {
+
+constexpr int kBN = 64;  // keys per tile
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Two floats as a 32-bit pair of T, lo in the low half (the smaller index, as the fragments want).
+template <typename T>
+__device__ __forceinline__ uint32_t pack(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+struct Lane {
+  int g, t;  // lane = 4 g + t
+};
+
+// A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&right)[4], uint32_t (&a)[4]) {
+  a[0] = pack<T>(left[0], left[1]);
+  a[1] = pack<T>(left[2], left[3]);
+  a[2] = pack<T>(right[0], right[1]);
+  a[3] = pack<T>(right[2], right[3]);
+}
+
+// The key tiles of query rows [i0, i1): [0, sink_end) then [window_begin, i1) (swa_params.h), kBN keys at a
+// time; the second range is never empty (it holds the rows' own keys).
+struct KeyTiles {
+  int64_t sink_end, window_begin, end;
+  int64_t j0;  // first key of the current tile
+  __device__ KeyTiles(int64_t i0, int64_t i1, const SwaShape& s)
+      : sink_end(swa_sink_end(i0, s.window, s.sink)), window_begin(swa_window_begin(i0, s.window)), end(i1),
+        j0(sink_end > 0 ? 0 : window_begin) {}
+  __device__ bool done() const { return j0 >= end; }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kBN), (j0 < sink_end ? sink_end : end) - j0); }
+  __device__ void next() {
+    const bool in_sink = j0 < sink_end;
+    j0 += kBN;
+    if (in_sink && j0 >= sink_end) j0 = window_begin;
+  }
+};
+
+// swa_allowed(i0 + r, j0 + c) for the rows r in [0, 128) and keys c in [0, nj) of a tile in 32-bit arithmetic:
+// with r - c in (-64, 128), the tile's 64-bit bounds clamped to [-256, 256] decide exactly.
+struct TileMask {
+  int nj, causal, window, sink;  // keys c < nj with r - c >= causal, and r - c < window or c < sink
+  __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
+      : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
+        sink(clamped_diff(s.sink, j0)) {}
+  __device__ bool operator()(int r, int c) const { return c < nj && r - c >= causal && (r - c < window || c < sink); }
+  // min(max(a - b, -256), 256) for a >= 0, without overflow for any a, b
+  __device__ static int clamped_diff(int64_t a, int64_t b) {
+    return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
+  }
+};
+
+// Sets the elements of the 16 x 64 block of C fragments of rows [rb, rb + 16) that visible(row, col) rejects
+// to -inf; element (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2).
+template <typename Visible>
+__device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int rb, Lane ln, Visible visible) {
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (!visible(rb + ln.g + 8 * (e / 2), 8 * n + 2 * ln.t + (e % 2))) x[n][e] = -INFINITY;
+    }
+  }
+}
+
+// Writes the 16 rows [rb, rb + 16) of a tile (C fragments acc, times row_scale[half] for rows g and g + 8) as T
+// to rows [r0 + rb, ...), columns [c0, c0 + kCols) of head h, only rows r < n.
+template <typename T, int D, int kCols = D>
+__device__ void store_rows(const float (&acc)[kCols / 8][4], const float (&row_scale)[2], T* dst, int64_t b,
+                           int64_t r0, int c0, int rb, int64_t n, int64_t seqlen, int64_t nheads, int64_t h,
+                           Lane ln) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = rb + ln.g + 8 * half;
+    if (r >= n) continue;
+    uint32_t* row = reinterpret_cast<uint32_t*>(dst + ((b * seqlen + r0 + r) * nheads + h) * D + c0);
+#pragma unroll
+    for (int c = 0; c < kCols / 8; ++c) {
+      row[(8 * c + 2 * ln.t) / 2] =
+          pack<T>(acc[c][2 * half] * row_scale[half], acc[c][2 * half + 1] * row_scale[half]);
+    }
+  }
+}
+
+// Max / sum over the 4 lanes (t = 0..3) that hold one row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
+// m), the running row maxima m (log2 units) of rows g, g + 8 rising to cover them; the lane's parts l of the
+// row sums and the output o are rescaled to the new maxima and l gains the sums of P. The maxima are taken on
+// the raw scores (scale_log2 > 0 keeps their order), so the scale folds into one FFMA per score.
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&o)[D / 8][4], float scale_log2) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
+  }
+  float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float m_new = fmaxf(m[half], quad_max(mx[half]) * scale_log2);
+    alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
+    m[half] = m_new;
+    m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
+  }
+  float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -m_sub[e / 2]));
+      sum[e / 2] += sc[n][e];
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+  }
+}
+
+}  // namespace swa_cuda
+}  // namespace markovkit

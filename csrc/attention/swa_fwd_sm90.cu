@@ -1,0 +1,197 @@
+// CUDA sliding-window attention forward for Hopper (sm_90a), float16 / bfloat16, headdim 64 and 128: wgmma.
+//
+// CTA = 2 warpgroups (256 threads) over a tile of 128 query rows; warpgroup w computes rows [64 w, 64 w + 64), and
+// warp v of the CTA holds rows [16 v, 16 v + 16) of the accumulators (swa_wgmma.cuh). Per key tile of kBN = 64
+// keys (KeyTiles, as in swa_kernel.cu): S = Q K^T by D / 16 wgmma m64n64k16 from shared memory, the mask and the
+// online softmax of swa_device.cuh on the accumulators, P rounded to 16 bits in registers as the A operand of
+// O += P V (4 wgmma m64nDk16, V read MN-major). A warpgroup skips the key tiles none of its rows sees. K and V are
+// double-buffered: the cp.async loads of the next tile run behind the products of this one, one barrier per tile.
+// Shared memory: Q (128 x D), then two stages of K and V (64 x D each), in the 128-byte-swizzled tile layout of
+// swa_wgmma.cuh, from a 1024-byte-aligned base.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention/swa_device.cuh"
+#include "attention/swa_mma.cuh"
+#include "attention/swa_params.h"
+#include "attention/swa_wgmma.cuh"
+
+namespace markovkit {
+namespace {
+using namespace swa_cuda;
+
+constexpr int kRows = 128;     // query rows per CTA
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kAlign = 1024;   // period of the 128-byte swizzle: every tile starts at a multiple
+
+// Bytes of an R-row tile of headdim D: D / 64 panels of R rows x 128 bytes.
+template <typename T, int D, int R>
+constexpr int tile_bytes() {
+  return R * D * static_cast<int>(sizeof(T));
+}
+
+// Q, two stages of K and V, and the slack to align the base.
+template <typename T, int D>
+constexpr int smem_bytes() {
+  return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kBN>();
+}
+
+// Starts loading rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor into the kR-row swizzled tile,
+// zeros beyond n; complete after cp_async_wait_all, fence_proxy_async and a barrier. Thread x copies the 16-byte
+// chunks x + 256 k of the row-major rows: it keeps one chunk column and steps kStep rows, a multiple of 8, so the
+// swizzled position in its row stays the same.
+template <typename T, int D, int kR>
+__device__ void load_tile(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
+                          int64_t nheads, int64_t h, unsigned char* tile) {
+  constexpr int kPerRow = D / 8;  // 16-byte chunks per row
+  constexpr int kStep = kThreads / kPerRow;
+  static_assert(kStep % 8 == 0 && kR % kStep == 0, "load_tile: rows per step");
+  const int c = static_cast<int>(threadIdx.x) % kPerRow, r = static_cast<int>(threadIdx.x) / kPerRow;
+  const int nr = static_cast<int>(n < kR ? n : kR);
+  const T* from = src + ((b * seqlen + r0 + r) * nheads + h) * D + 8 * c;
+  unsigned char* dst = tile + c / 8 * (kR * 128) + r * 128 + 16 * ((c % 8) ^ (r % 8));
+  const int64_t step = kStep * nheads * D;
+#pragma unroll 1
+  for (int row = r; row < kR; row += kStep, from += step, dst += kStep * 128) {
+    if (row < nr) {
+      cp_async_16(dst, from);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+// Descriptor of the K-major operand rows [64 rb, ...) x k [16 kk, 16 kk + 16) of an R-row tile.
+template <int R>
+__device__ __forceinline__ uint64_t k_major(const unsigned char* tile, int rb, int kk) {
+  return smem_desc(tile + kk / 4 * (R * 128) + rb * 64 * 128 + kk % 4 * 32, 16, 1024);
+}
+
+// Descriptor of the MN-major operand k rows [16 kk, 16 kk + 16) x all D columns of a kBN-row tile.
+__device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) {
+  return smem_desc(tile + kk * 16 * 128, kBN * 128, 1024);
+}
+
+// At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
+// other's products; at 128 it needs ~175: one CTA.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sq = smem_raw + (kAlign - __cvta_generic_to_shared(smem_raw) % kAlign) % kAlign;
+  unsigned char* stages = sq + tile_bytes<T, D, kRows>();  // stage s: K at s * 2 kKV, V at s * 2 kKV + kKV
+  constexpr int kKV = tile_bytes<T, D, kBN>();
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, bh = blockIdx.y;
+  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
+  const int64_t ni = min(static_cast<int64_t>(kRows), L - i0);
+  const int warp = threadIdx.x / 32, wg = warp / 4, rb = 16 * warp;
+  // the warpgroup's and the warp's rows as queries (either may be empty)
+  const int64_t g0 = i0 + 64 * wg, g1 = i0 + min(static_cast<int64_t>(64 * wg + 64), ni);
+  const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16), ni);
+  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
+
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  KeyTiles tiles(i0, i0 + ni, s);
+  load_tile<T, D, kRows>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_tile<T, D, kBN>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
+  load_tile<T, D, kBN>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kKV);
+  float o[D / 8][4];
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  }
+  for (int stage = 0; !tiles.done(); stage ^= 1) {
+    const int64_t j0 = tiles.j0, nj = tiles.size();
+    const unsigned char* sk = stages + stage * 2 * kKV;
+    const unsigned char* sv = sk + kKV;
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();  // K(j0), V(j0) (and Q) are in; every warp is done with the other stage
+    tiles.next();
+    if (!tiles.done()) {
+      unsigned char* next = stages + (stage ^ 1) * 2 * kKV;
+      load_tile<T, D, kBN>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
+      load_tile<T, D, kBN>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kKV);
+    }
+    // warpgroup-uniform, as wgmma needs
+    if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
+    float sc[kBN / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wgmma_ss_n64<T>(sc, k_major<kRows>(sq, wg, kk), k_major<kBN>(sk, 0, kk), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(sc);
+    if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(sc, rb, ln, TileMask(i0, j0, nj, s));
+    }
+    softmax_step<D>(sc, m, l, o, scale_log2);
+    uint32_t pa[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(sc[2 * kk], sc[2 * kk + 1], pa[kk]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], mn_major(sv, kk));
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(o);
+  }
+  float inv[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    l[half] = quad_sum(l[half]);
+    inv[half] = l[half] > 0.0f ? 1.0f / l[half] : 0.0f;
+  }
+  store_rows<T, D>(o, inv, static_cast<T*>(p.out), b, i0, 0, rb, ni, L, s.heads, h, ln);
+  if (ln.t == 0) {
+    float* lse = static_cast<float*>(p.lse) + bh * L;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = rb + ln.g + 8 * half;
+      if (r < ni) lse[i0 + r] = (m[half] + log2f(l[half])) / kLog2e;
+    }
+  }
+}
+
+template <typename T, int D>
+void forward(const SwaFwdParams& p, cudaStream_t stream) {
+  const dim3 grid((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.heads);
+  cudaFuncSetAttribute(swa_fwd_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<T, D>());
+  swa_fwd_sm90_kernel<T, D><<<grid, kThreads, smem_bytes<T, D>(), stream>>>(p);
+}
+
+}  // namespace
+
+bool swa_fwd_sm90_applies(int64_t headdim, int cc) {
+#ifdef MARKOVKIT_SM90A
+  return cc == 90 && (headdim == 64 || headdim == 128);
+#else
+  return false;
+#endif
+}
+
+int64_t swa_fwd_sm90_smem_bytes(int64_t headdim) {
+  // float16 and bfloat16 tiles have the same size
+  return headdim == 64 ? smem_bytes<__half, 64>() : smem_bytes<__half, 128>();
+}
+
+void swa_forward_sm90(const SwaFwdParams& p, cudaStream_t stream) {
+  const bool bf16 = p.s.dtype == DType::kBFloat16;
+  if (p.s.headdim == 64) {
+    bf16 ? forward<__nv_bfloat16, 64>(p, stream) : forward<__half, 64>(p, stream);
+  } else {
+    bf16 ? forward<__nv_bfloat16, 128>(p, stream) : forward<__half, 128>(p, stream);
+  }
+}
+
+}  // namespace markovkit
