@@ -82,7 +82,7 @@ bench_s=$(secs $start)
 start=$(date +%s)
 bounded 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
-  -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|fwd_sm90|bwd_dq|bwd_dkdv)_kernel' -c 5 "$PY" bench/gpu_profile.py \
+  -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|bwd_dq|bwd_dkdv)(_sm90)?_kernel' -c 5 "$PY" bench/gpu_profile.py \
   >"$out/ncu.txt" 2>&1
 ncu_rc=$?
 ncu_s=$(secs $start)

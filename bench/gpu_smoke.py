@@ -42,7 +42,7 @@ def scan():
 
 
 def attention():
-    # headdims 64 and 128 (the wgmma forward on sm_90), 96 (64-row tiles), 256 (split dK/dV); GQA, sink, lse with
+    # headdims 64 and 128 (the wgmma kernels on sm_90), 96 (64-row tiles), 256 (split dK/dV); GQA, sink, lse with
     # its gradient
     for dtype, hd in [(torch.float16, 64), (torch.bfloat16, 128), (torch.bfloat16, 96), (torch.float16, 256)]:
         q, k, v = _leaf(2, 150, 4, hd, dtype=dtype), _leaf(2, 150, 2, hd, dtype=dtype), _leaf(2, 150, 2, hd, dtype=dtype)

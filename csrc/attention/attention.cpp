@@ -121,10 +121,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   at::Tensor delta = at::empty({s.batch, s.heads, s.seqlen}, lse.options());  // the kernels' workspace
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.numel() == 0) return {dq, dk.zero_(), dv.zero_()};
-  const SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), dout.data_ptr(), lse.data_ptr(),
-                       dlse_dense.defined() ? dlse_dense.data_ptr() : nullptr, delta.data_ptr(), dq.data_ptr(),
-                       dk.data_ptr(), dv.data_ptr()};
-  MK_LAUNCH(q, swa_backward_cpu(p), (check_cuda_smem(s, device_cc(), true), swa_backward_cuda(p, stream)));
+  SwaBwdParams p{s, q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                 dlse_dense.defined() ? dlse_dense.data_ptr() : nullptr, delta.data_ptr(), dq.data_ptr(),
+                 dk.data_ptr(), dv.data_ptr(), 0};
+  MK_LAUNCH(q, swa_backward_cpu(p), (p.cc = device_cc(), check_cuda_smem(s, p.cc, true), swa_backward_cuda(p, stream)));
   return {dq, dk, dv};
 }
 

@@ -1,7 +1,8 @@
 #pragma once
 // Device pieces shared by the attention's CUDA kernels (swa_kernel.cu: mma.sync, any headdim; swa_fwd_sm90.cu:
-// the sm_90a wgmma forward): fragment packing, the key-tile walk and its masks, the online softmax of a 16-row
-// block, and the output store. Fragment layouts: swa_kernel.cu.
+// swa_fwd_sm90.cu, swa_bwd_sm90.cu: the sm_90a wgmma kernels): fragment packing, the key-tile and query-tile walks
+// and the masks, the online softmax of a 16-row block, the backward's P and dS, the output store. Fragment layouts:
+// swa_kernel.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -14,6 +15,7 @@ namespace markovkit {
 namespace swa_cuda {
 
 constexpr int kBN = 64;  // keys per tile
+constexpr int kBM = 64;  // query rows per tile of the backward
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Two floats as a 32-bit pair of T, lo in the low half (the smaller index, as the fragments want).
@@ -38,6 +40,28 @@ __device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
 
 struct Lane {
   int g, t;  // lane = 4 g + t
+  __device__ static Lane of_thread() {
+    return {static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  }
+};
+
+// The query tile of a CTA of a forward or dQ kernel (blockIdx x: tiles of `rows` queries, y: batch * heads): rows
+// [i0, i0 + ni) of head h of batch b (bh = b * heads + h), which reads kv head hk.
+struct QueryBlock {
+  int64_t i0, bh, b, h, hk, ni;
+  __device__ QueryBlock(const SwaShape& s, int rows)
+      : i0(static_cast<int64_t>(blockIdx.x) * rows), bh(blockIdx.y), b(bh / s.heads), h(bh % s.heads),
+        hk(h / (s.heads / s.kv_heads)), ni(min(static_cast<int64_t>(rows), s.seqlen - i0)) {}
+};
+
+// The key tile of a CTA of a dK, dV kernel (blockIdx x: tiles of kBN keys, y: batch * kv_heads): keys
+// [j0, j0 + nj) of kv head hk of batch b, seen by queries in [j0, q_end) only.
+struct KeyBlock {
+  int64_t j0, b, hk, nj, q_end;
+  __device__ explicit KeyBlock(const SwaShape& s)
+      : j0(static_cast<int64_t>(blockIdx.x) * kBN), b(blockIdx.y / s.kv_heads), hk(blockIdx.y % s.kv_heads),
+        nj(min(static_cast<int64_t>(kBN), s.seqlen - j0)),
+        q_end(swa_query_end(j0 + nj, s.seqlen, s.window, s.sink, j0)) {}
 };
 
 // A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
@@ -63,6 +87,24 @@ struct KeyTiles {
     const bool in_sink = j0 < sink_end;
     j0 += kBN;
     if (in_sink && j0 >= sink_end) j0 = window_begin;
+  }
+};
+
+// The (head, query tile) pairs that meet a key tile: every head [h, h_end) of its group, queries [begin, end)
+// kBM at a time.
+struct QueryTiles {
+  int64_t h, h_end, begin, end;
+  int64_t i0;  // first query of the current tile
+  __device__ QueryTiles(int64_t h_begin, int64_t h_end, int64_t begin, int64_t end)
+      : h(h_begin), h_end(h_end), begin(begin), end(end), i0(begin) {}
+  __device__ bool done() const { return h >= h_end; }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kBM), end - i0); }
+  __device__ void next() {
+    i0 += kBM;
+    if (i0 >= end) {
+      i0 = begin;
+      ++h;
+    }
   }
 };
 
@@ -159,6 +201,36 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
+  }
+}
+
+// P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
+// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta(row, col)
+// give its statistics. The scores must be -inf where masked (mask_block).
+template <typename Lse, typename Delta>
+__device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
+                                         float scale, Lse lse2, Delta delta) {
+  const float scale_log2 = scale * kLog2e;
+#pragma unroll
+  for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + ln.g + 8 * (e / 2);
+      const int col = 8 * n + 2 * ln.t + (e % 2);
+      const float pv = exp2f(sc[n][e] * scale_log2 - lse2(row, col));
+      sc[n][e] = pv;
+      dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
+    }
+  }
+}
+
+// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
+__device__ inline void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
+                           float* sdelta) {
+  if (threadIdx.x < 64) {
+    const int r = threadIdx.x;
+    slse[r] = r < n ? lse[i0 + r] * kLog2e : INFINITY;
+    sdelta[r] = r < n ? delta[i0 + r] : 0.0f;
   }
 }
 

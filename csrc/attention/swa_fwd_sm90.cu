@@ -14,9 +14,8 @@
 #include <cstdint>
 
 #include "attention/swa_device.cuh"
-#include "attention/swa_mma.cuh"
 #include "attention/swa_params.h"
-#include "attention/swa_wgmma.cuh"
+#include "attention/swa_sm90.cuh"
 
 namespace markovkit {
 namespace {
@@ -24,13 +23,6 @@ using namespace swa_cuda;
 
 constexpr int kRows = 128;     // query rows per CTA
 constexpr int kThreads = 256;  // two warpgroups
-constexpr int kAlign = 1024;   // period of the 128-byte swizzle: every tile starts at a multiple
-
-// Bytes of an R-row tile of headdim D: D / 64 panels of R rows x 128 bytes.
-template <typename T, int D, int R>
-constexpr int tile_bytes() {
-  return R * D * static_cast<int>(sizeof(T));
-}
 
 // Q, two stages of K and V, and the slack to align the base.
 template <typename T, int D>
@@ -38,76 +30,34 @@ constexpr int smem_bytes() {
   return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kBN>();
 }
 
-// Starts loading rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor into the kR-row swizzled tile,
-// zeros beyond n; complete after cp_async_wait_all, fence_proxy_async and a barrier. Thread x copies the 16-byte
-// chunks x + 256 k of the row-major rows: it keeps one chunk column and steps kStep rows, a multiple of 8, so the
-// swizzled position in its row stays the same.
-template <typename T, int D, int kR>
-__device__ void load_tile(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
-                          int64_t nheads, int64_t h, unsigned char* tile) {
-  constexpr int kPerRow = D / 8;  // 16-byte chunks per row
-  constexpr int kStep = kThreads / kPerRow;
-  static_assert(kStep % 8 == 0 && kR % kStep == 0, "load_tile: rows per step");
-  const int c = static_cast<int>(threadIdx.x) % kPerRow, r = static_cast<int>(threadIdx.x) / kPerRow;
-  const int nr = static_cast<int>(n < kR ? n : kR);
-  const T* from = src + ((b * seqlen + r0 + r) * nheads + h) * D + 8 * c;
-  unsigned char* dst = tile + c / 8 * (kR * 128) + r * 128 + 16 * ((c % 8) ^ (r % 8));
-  const int64_t step = kStep * nheads * D;
-#pragma unroll 1
-  for (int row = r; row < kR; row += kStep, from += step, dst += kStep * 128) {
-    if (row < nr) {
-      cp_async_16(dst, from);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-    }
-  }
-}
-
-// Descriptor of the K-major operand rows [64 rb, ...) x k [16 kk, 16 kk + 16) of an R-row tile.
-template <int R>
-__device__ __forceinline__ uint64_t k_major(const unsigned char* tile, int rb, int kk) {
-  return smem_desc(tile + kk / 4 * (R * 128) + rb * 64 * 128 + kk % 4 * 32, 16, 1024);
-}
-
-// Descriptor of the MN-major operand k rows [16 kk, 16 kk + 16) x all D columns of a kBN-row tile.
-__device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) {
-  return smem_desc(tile + kk * 16 * 128, kBN * 128, 1024);
-}
-
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
 // other's products; at 128 it needs ~175: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* sq = smem_raw + (kAlign - __cvta_generic_to_shared(smem_raw) % kAlign) % kAlign;
+  unsigned char* sq = aligned_base(smem_raw);
   unsigned char* stages = sq + tile_bytes<T, D, kRows>();  // stage s: K at s * 2 kKV, V at s * 2 kKV + kKV
   constexpr int kKV = tile_bytes<T, D, kBN>();
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, bh = blockIdx.y;
-  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
-  const int64_t ni = min(static_cast<int64_t>(kRows), L - i0);
+  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4, rb = 16 * warp;
   // the warpgroup's and the warp's rows as queries (either may be empty)
   const int64_t g0 = i0 + 64 * wg, g1 = i0 + min(static_cast<int64_t>(64 * wg + 64), ni);
   const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16), ni);
-  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   KeyTiles tiles(i0, i0 + ni, s);
-  load_tile<T, D, kRows>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_tile<T, D, kBN>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
-  load_tile<T, D, kBN>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kKV);
+  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
+  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kKV);
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
-  }
+  zero<D>(o);
   for (int stage = 0; !tiles.done(); stage ^= 1) {
     const int64_t j0 = tiles.j0, nj = tiles.size();
     const unsigned char* sk = stages + stage * 2 * kKV;
@@ -118,8 +68,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     tiles.next();
     if (!tiles.done()) {
       unsigned char* next = stages + (stage ^ 1) * 2 * kKV;
-      load_tile<T, D, kBN>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
-      load_tile<T, D, kBN>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kKV);
+      load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
+      load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kKV);
     }
     // warpgroup-uniform, as wgmma needs
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
@@ -141,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(sc[2 * kk], sc[2 * kk + 1], pa[kk]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], mn_major(sv, kk));
+    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], mn_major<kBN>(sv, kk));
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(o);
@@ -172,7 +122,7 @@ void forward(const SwaFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-bool swa_fwd_sm90_applies(int64_t headdim, int cc) {
+bool swa_sm90_applies(int64_t headdim, int cc) {
 #ifdef MARKOVKIT_SM90A
   return cc == 90 && (headdim == 64 || headdim == 128);
 #else

@@ -13,13 +13,14 @@
 // Forward: CTA per (query tile of 64 kMB rows, batch * head); key tiles of kBN keys over [0, sink_end) and
 // [window_begin, i1) (swa_params.h); a warp skips the key tiles none of its rows sees and evaluates the mask
 // only on tiles that its rows do not fully see; online softmax in base 2 with scale * log2(e) folded in; K
-// and V tiles arrive by cp.async behind the products (V during Q K^T, the next K during P V). On an sm_90 device
-// of an sm_90a build, headdims 64 and 128 take the wgmma forward of swa_fwd_sm90.cu instead.
+// and V tiles arrive by cp.async behind the products (V during Q K^T, the next K during P V).
 // Backward (deterministic, no atomics): one kernel per key tile computes dK, dV (over the query tiles of
 // every head of the group that see the tile; the warp owns key rows and computes S^T = K Q^T directly;
 // headdim 256 splits the dK, dV columns over two CTAs), one per query tile computes dQ (over its key
 // tiles), both loading the next tiles by cp.async behind the products; both recompute P = exp(S - lse) and
 // use dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
+// On an sm_90 device of an sm_90a build, headdims 64 and 128 take the wgmma forward of swa_fwd_sm90.cu and the
+// wgmma dK, dV and dQ kernels of swa_bwd_sm90.cu instead (after the same delta kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,7 +35,6 @@ namespace markovkit {
 namespace {
 using namespace swa_cuda;
 
-constexpr int kBM = 64;  // query rows per tile of the backward
 constexpr int kThreads = 128;
 constexpr int kPad = 8;  // row padding of shared-memory tiles (elements): conflict-free fragment loads
 
@@ -142,24 +142,6 @@ __device__ void load_rows(const T* __restrict__ src, int64_t b, int64_t r0, int6
     }
   }
 }
-
-// The (head, query tile) pairs that meet a key tile: every head [h, h_end) of its group, queries [begin, end)
-// kBM at a time.
-struct QueryTiles {
-  int64_t h, h_end, begin, end;
-  int64_t i0;  // first query of the current tile
-  __device__ QueryTiles(int64_t h_begin, int64_t h_end, int64_t begin, int64_t end)
-      : h(h_begin), h_end(h_end), begin(begin), end(end), i0(begin) {}
-  __device__ bool done() const { return h >= h_end; }
-  __device__ int64_t size() const { return min(static_cast<int64_t>(kBM), end - i0); }
-  __device__ void next() {
-    i0 += kBM;
-    if (i0 >= end) {
-      i0 = begin;
-      ++h;
-    }
-  }
-};
 
 template <typename T, int D, int kRows = 64>
 constexpr int64_t tile_bytes() {
@@ -282,12 +264,10 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRows, bh = blockIdx.y;
-  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
-  const int64_t ni = min(static_cast<int64_t>(kRows), L - i0);
+  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, rb = 16 * kMB * warp;  // the warp's rows: [rb, rb + 16 kMB) of the tile
   const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16 * kMB), ni);  // as queries (may be empty)
-  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
   // K and V move in by cp.async while the warps compute (FlashAttention-2's order): V(j) during S = Q K(j)^T
@@ -358,36 +338,6 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   }
 }
 
-// P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
-// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta(row, col)
-// give its statistics. The scores must be -inf where masked (mask_block).
-template <typename Lse, typename Delta>
-__device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
-                                         float scale, Lse lse2, Delta delta) {
-  const float scale_log2 = scale * kLog2e;
-#pragma unroll
-  for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = 16 * warp + ln.g + 8 * (e / 2);
-      const int col = 8 * n + 2 * ln.t + (e % 2);
-      const float pv = exp2f(sc[n][e] * scale_log2 - lse2(row, col));
-      sc[n][e] = pv;
-      dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
-    }
-  }
-}
-
-// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
-__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
-                           float* sdelta) {
-  if (threadIdx.x < 64) {
-    const int r = threadIdx.x;
-    slse[r] = r < n ? lse[i0 + r] * kLog2e : INFINITY;
-    sdelta[r] = r < n ? delta[i0 + r] : 0.0f;
-  }
-}
-
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -451,13 +401,10 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBN, bk = blockIdx.y;
-  const int64_t b = bk / s.kv_heads, hk = bk % s.kv_heads;
-  const int64_t nj = min(static_cast<int64_t>(kBN), L - j0);
-  const int64_t q_end = swa_query_end(j0 + nj, L, s.window, s.sink, j0);
+  const auto [j0, b, hk, nj, q_end] = KeyBlock(s);
   const int c0 = static_cast<int>(blockIdx.z) * kCols;
   const int warp = threadIdx.x / 32;
-  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
   // Q and dO move in by cp.async while the warps compute: dO(t) during S^T = K Q(t)^T, Q(t + 1) and the
@@ -522,11 +469,9 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kBM, bh = blockIdx.y;
-  const int64_t b = bh / s.heads, h = bh % s.heads, hk = h / (s.heads / s.kv_heads);
-  const int64_t ni = min(static_cast<int64_t>(kBM), L - i0);
+  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kBM);
   const int warp = threadIdx.x / 32;
-  const Lane ln{static_cast<int>(threadIdx.x % 32) / 4, static_cast<int>(threadIdx.x % 4)};
+  const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
   // K and V move in by cp.async while the warps compute: K(j) during dP = dO V(j)^T, V(j + 1) during
@@ -588,6 +533,7 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.s.batch * p.s.seqlen * p.s.heads;
   const dim3 grid_rows((rows + kRowsPerBlock - 1) / kRowsPerBlock);
   swa_bwd_delta_kernel<T, D><<<grid_rows, kThreads, 0, stream>>>(p);
+  if (swa_sm90_applies(D, p.cc)) return swa_backward_sm90(p, stream);
   const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads, D / dkdv_cols<D>());
   launch(swa_bwd_dkdv_kernel<T, D>, grid_kv, bwd_smem_bytes<T, D>(), p, stream);
   const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
@@ -617,7 +563,9 @@ void dispatch(DType dtype, int64_t headdim, Fn fn) {
 }  // namespace
 
 int64_t swa_cuda_smem_bytes(int64_t headdim, int cc, bool backward) {
-  if (!backward && swa_fwd_sm90_applies(headdim, cc)) return swa_fwd_sm90_smem_bytes(headdim);
+  if (swa_sm90_applies(headdim, cc)) {
+    return backward ? swa_bwd_sm90_smem_bytes(headdim) : swa_fwd_sm90_smem_bytes(headdim);
+  }
   // float16 and bfloat16 tiles have the same size: __half stands for both
   int64_t bytes = 0;
   dispatch(DType::kFloat16, headdim, [&]<typename T, int D>() {
@@ -627,7 +575,7 @@ int64_t swa_cuda_smem_bytes(int64_t headdim, int cc, bool backward) {
 }
 
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream) {
-  if (swa_fwd_sm90_applies(p.s.headdim, p.cc)) return swa_forward_sm90(p, stream);
+  if (swa_sm90_applies(p.s.headdim, p.cc)) return swa_forward_sm90(p, stream);
   dispatch(p.s.dtype, p.s.headdim, [&]<typename T, int D>() { forward<T, D>(p, stream); });
 }
 

@@ -35,7 +35,7 @@ struct SwaFwdParams {
   const void* v;
   void* out;
   void* lse;  // natural-log logsumexp of the scaled scores of each row
-  int cc;     // CUDA: compute capability of the device (10 major + minor), which picks the forward kernel
+  int cc;     // CUDA: compute capability of the device (10 major + minor), which picks the kernel
 };
 
 struct SwaBwdParams {
@@ -51,6 +51,7 @@ struct SwaBwdParams {
   void* dq;
   void* dk;
   void* dv;
+  int cc;  // CUDA: compute capability of the device (10 major + minor), which picks the kernels
 };
 
 // Position in lse, dlse, delta (batch, heads, seqlen) of row `row` = (b * seqlen + i) * heads + h of q, out.
@@ -100,11 +101,14 @@ void swa_backward_cpu(const SwaBwdParams& p);
 int64_t swa_cuda_smem_bytes(int64_t headdim, int cc, bool backward);
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
 void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
-// The Hopper forward (swa_fwd_sm90.cu): whether it runs this headdim at compute capability cc (a build with sm_90a,
-// an sm_90 device), its shared memory, its launcher.
-bool swa_fwd_sm90_applies(int64_t headdim, int cc);
+// The Hopper kernels (swa_fwd_sm90.cu, swa_bwd_sm90.cu): whether they run this headdim at compute capability cc
+// (a build with sm_90a, an sm_90 device), their shared memory, their launchers (the backward's after the delta
+// kernel of swa_kernel.cu).
+bool swa_sm90_applies(int64_t headdim, int cc);
 int64_t swa_fwd_sm90_smem_bytes(int64_t headdim);
+int64_t swa_bwd_sm90_smem_bytes(int64_t headdim);
 void swa_forward_sm90(const SwaFwdParams& p, cudaStream_t stream);
+void swa_backward_sm90(const SwaBwdParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace markovkit

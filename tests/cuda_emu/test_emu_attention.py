@@ -1,8 +1,8 @@
-"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu, and swa_fwd_sm90.cu: the wgmma
-forward that headdims 64 and 128 take on an sm_90 device, as the emulator reports by default) run by the emulator:
-forward (out, lse) and backward (dq, dk, dv, also through lse) against the float64 dense masked reference, for
+"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu, and swa_fwd_sm90.cu, swa_bwd_sm90.cu:
+the wgmma kernels that headdims 64 and 128 take on an sm_90 device, as the emulator reports by default) run by
+the emulator: forward (out, lse) and backward (dq, dk, dv, also through lse) against the float64 dense masked reference, for
 both dtypes, every headdim, windows and sinks that hit each tile case (full, partial, sink range, window range),
-GQA / MQA, partial and multiple tiles; the mma.sync forward at headdims 64 and 128 on an emulated pre-Hopper
+GQA / MQA, partial and multiple tiles; the mma.sync kernels at headdims 64 and 128 on an emulated pre-Hopper
 device; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
 import pytest
 import torch
@@ -69,8 +69,7 @@ def _assert_within(actual, expected, tol, what):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_forward_and_backward_match_float64_reference(emulated, case):
+def _check_case(emulated, case):
     dtype, batch, seqlen, heads, kv_heads, headdim, window, sink = case
     q, k, v, dout, dlse = _inputs(batch, seqlen, heads, kv_heads, headdim, dtype)
     with emulated():
@@ -86,18 +85,20 @@ def test_forward_and_backward_match_float64_reference(emulated, case):
         _assert_within(g, w, GRAD_TOL[dtype], name)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[5] in (64, 128)],
-                         ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
-def test_forward_before_hopper_matches_float64_reference(emulated, monkeypatch, case):
-    """Compute capability 8.0: headdims 64 and 128 take swa_kernel.cu's forward, not the sm_90a one."""
+def _case_id(case):
+    return "-".join(str(x).replace("torch.", "") for x in case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_and_backward_match_float64_reference(emulated, case):
+    _check_case(emulated, case)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] in (64, 128)], ids=_case_id)
+def test_before_hopper_matches_float64_reference(emulated, monkeypatch, case):
+    """Compute capability 8.0: headdims 64 and 128 take swa_kernel.cu's kernels, not the sm_90a ones."""
     monkeypatch.setenv("MK_EMU_CC", "80")
-    dtype, batch, seqlen, heads, kv_heads, headdim, window, sink = case
-    q, k, v, _, _ = _inputs(batch, seqlen, heads, kv_heads, headdim, dtype)
-    with emulated():
-        out, lse = markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True)
-    want_out, want_lse = reference.sliding_window_attention(q.double(), k.double(), v.double(), window, sink)
-    _assert_within(out, want_out, OUT_TOL[dtype], "out")
-    _assert_within(lse, want_lse, LSE_TOL, "lse")
+    _check_case(emulated, case)
 
 
 def test_backward_without_lse_gradient(emulated):
@@ -123,11 +124,13 @@ def test_window_one_gives_v_exactly(emulated):
     assert torch.equal(out, v.repeat_interleave(2, dim=2))
 
 
-def test_backward_is_bitwise_deterministic(monkeypatch):
-    """Two runs in each thread order (the emulator's forward and reverse schedules) give the same bits."""
+@pytest.mark.parametrize("headdim", [32, 64])
+def test_backward_is_bitwise_deterministic(monkeypatch, headdim):
+    """Two runs in each thread order (the emulator's forward and reverse schedules) give the same bits (headdim 64:
+    the sm_90a kernels)."""
     if not cuda_emulation.available():
         pytest.skip("needs the MARKOVKIT_CUDA=EMULATE build")
-    q, k, v, dout, dlse = _inputs(1, 150, 4, 2, 32, torch.float16, seed=2)
+    q, k, v, dout, dlse = _inputs(1, 150, 4, 2, headdim, torch.float16, seed=2)
     fn = lambda q, k, v: markovkit.sliding_window_attention(q, k, v, 70, sink=2, return_lse=True)  # noqa: E731
     results = []
     for order in ("forward", "forward", "reverse", "reverse"):

@@ -1,0 +1,223 @@
+// CUDA sliding-window attention backward for Hopper (sm_90a), float16 / bfloat16, headdim 64 and 128: the dK, dV
+// and dQ kernels of swa_kernel.cu's backward (which runs its delta kernel first) with the products on wgmma.
+//
+// One warpgroup (128 threads) per CTA; a 64-row tile is one m64 operand, warp w holding rows [16 w, 16 w + 16) of
+// the accumulators (swa_wgmma.cuh). dK, dV kernel: CTA per (key tile of 64, batch * kv head), over the query tiles
+// of every head of the group that see it (QueryTiles): S^T = K Q^T and dP^T = V dO^T (m64n64k16, both operands
+// K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in registers as the A operands of
+// dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read MN-major). dQ kernel: CTA per (query
+// tile of 64, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K. The tiles
+// the loop walks (Q, dO and their statistics; K and V) are double-buffered: their cp.async loads run behind the
+// products of the tile before, one barrier per tile. Deterministic: no atomics, a fixed order of sums.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention/swa_device.cuh"
+#include "attention/swa_params.h"
+#include "attention/swa_sm90.cuh"
+
+namespace markovkit {
+namespace {
+using namespace swa_cuda;
+
+constexpr int kThreads = 128;  // one warpgroup
+
+// Two fixed 64-row tiles, two stages of two, then per stage 64 lse and 64 delta; and the slack to align the base.
+template <typename T, int D>
+constexpr int smem_bytes() {
+  return kAlign + 6 * tile_bytes<T, D, 64>() + 2 * 128 * static_cast<int>(sizeof(float));
+}
+
+// The four A fragments (16 keys or queries each) of a 16 x 64 block held as C fragments.
+template <typename T>
+__device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)[kBN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(c[2 * kk], c[2 * kk + 1], a[kk]);
+}
+
+// acc (64 x 64) = A B^T over the headdim, A and B the 64 rows of two K-major tiles.
+template <typename T, int D>
+__device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned char* a, const unsigned char* b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n64<T>(acc, k_major<64>(a, 0, kk), k_major<64>(b, 0, kk), kk > 0);
+}
+
+// acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
+                                      const unsigned char* x) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(acc, a[kk], mn_major<64>(x, kk));
+}
+
+// dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBwdParams p) {
+  constexpr int kTile = tile_bytes<T, D, 64>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sk = aligned_base(smem_raw);
+  unsigned char* sv = sk + kTile;
+  unsigned char* stages = sv + kTile;                            // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
+  float* stats = reinterpret_cast<float*>(stages + 4 * kTile);  // stage s: lse at 128 s, delta at 128 s + 64
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
+  const auto [j0, b, hk, nj, q_end] = KeyBlock(s);
+  const int warp = threadIdx.x / 32;
+  const Lane ln = Lane::of_thread();
+  const float scale = static_cast<float>(s.scale);
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const auto load_query_tile = [&](const QueryTiles& t, int stage) {
+    unsigned char* at = stages + 2 * stage * kTile;
+    load_tile<T, D, kBM, kThreads>(q, b, t.i0, t.size(), L, s.heads, t.h, at);
+    load_tile<T, D, kBM, kThreads>(dout, b, t.i0, t.size(), L, s.heads, t.h, at + kTile);
+    const int64_t row0 = (b * s.heads + t.h) * L;
+    load_stats(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0, t.size(),
+               stats + 128 * stage, stats + 128 * stage + 64);
+  };
+  QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
+  load_tile<T, D, kBN, kThreads>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
+  load_tile<T, D, kBN, kThreads>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+  load_query_tile(tiles, 0);
+  float dk[D / 8][4], dv[D / 8][4];
+  zero<D>(dk);
+  zero<D>(dv);
+  for (int stage = 0; !tiles.done(); stage ^= 1) {
+    const int64_t i0 = tiles.i0, ni = tiles.size();
+    const unsigned char* sq = stages + 2 * stage * kTile;
+    const unsigned char* sdo = sq + kTile;
+    const float* slse = stats + 128 * stage;
+    const float* sdelta = slse + 64;
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with the other stage
+    tiles.next();
+    if (!tiles.done()) load_query_tile(tiles, stage ^ 1);
+    float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
+    wgmma_fence();
+    ss_abt<T, D>(st, sk, sq);
+    ss_abt<T, D>(dpt, sv, sdo);
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(st);
+    fence_operands(dpt);
+    if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(st, 16 * warp, ln,
+                 [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
+    }
+    p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+    uint32_t pa[kBN / 16][4], dsa[kBN / 16][4];
+    to_a<T>(st, pa);
+    to_a<T>(dpt, dsa);
+    wgmma_fence();
+    rs_ax<T, D>(dv, pa, sdo);  // dV += P^T dO
+    rs_ax<T, D>(dk, dsa, sq);  // dK += scale dS^T Q
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(dv);
+    fence_operands(dk);
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
+  store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
+}
+
+// dQ of query tile blockIdx.x for (batch, head) blockIdx.y.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) swa_bwd_dq_sm90_kernel(const SwaBwdParams p) {
+  constexpr int kTile = tile_bytes<T, D, 64>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sq = aligned_base(smem_raw);
+  unsigned char* sdo = sq + kTile;
+  unsigned char* stages = sdo + kTile;  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
+  float* slse = reinterpret_cast<float*>(stages + 4 * kTile);
+  float* sdelta = slse + 64;
+
+  const SwaShape& s = p.s;
+  const int64_t L = s.seqlen;
+  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kBM);
+  const int warp = threadIdx.x / 32;
+  const Lane ln = Lane::of_thread();
+  const float scale = static_cast<float>(s.scale);
+
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  KeyTiles tiles(i0, i0 + ni, s);
+  load_tile<T, D, kBM, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_tile<T, D, kBM, kThreads>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
+  load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
+             sdelta);
+  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
+  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kTile);
+  float dq[D / 8][4];
+  zero<D>(dq);
+  for (int stage = 0; !tiles.done(); stage ^= 1) {
+    const int64_t j0 = tiles.j0, nj = tiles.size();
+    const unsigned char* sk = stages + 2 * stage * kTile;
+    const unsigned char* sv = sk + kTile;
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();  // K(j0), V(j0) (and Q, dO, the statistics) are in; every warp is done with the other stage
+    tiles.next();
+    if (!tiles.done()) {
+      unsigned char* next = stages + 2 * (stage ^ 1) * kTile;
+      load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
+      load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kTile);
+    }
+    float sc[kBN / 8][4], dp[kBN / 8][4];
+    wgmma_fence();
+    ss_abt<T, D>(dp, sdo, sv);  // dP = dO V^T
+    ss_abt<T, D>(sc, sq, sk);   // S = Q K^T
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(sc);
+    fence_operands(dp);
+    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(sc, 16 * warp, ln,
+                 [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
+    }
+    p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
+    uint32_t dsa[kBN / 16][4];
+    to_a<T>(dp, dsa);
+    wgmma_fence();
+    rs_ax<T, D>(dq, dsa, sk);  // dQ += scale dS K
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_operands(dq);
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, 16 * warp, ni, L, s.heads, h, ln);
+}
+
+template <typename T, int D>
+void backward(const SwaBwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = smem_bytes<T, D>();
+  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
+  cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmem, stream>>>(p);
+  const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
+  cudaFuncSetAttribute(swa_bwd_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  swa_bwd_dq_sm90_kernel<T, D><<<grid_q, kThreads, kSmem, stream>>>(p);
+}
+
+}  // namespace
+
+int64_t swa_bwd_sm90_smem_bytes(int64_t headdim) {
+  // float16 and bfloat16 tiles have the same size
+  return headdim == 64 ? smem_bytes<__half, 64>() : smem_bytes<__half, 128>();
+}
+
+void swa_backward_sm90(const SwaBwdParams& p, cudaStream_t stream) {
+  const bool bf16 = p.s.dtype == DType::kBFloat16;
+  if (p.s.headdim == 64) {
+    bf16 ? backward<__nv_bfloat16, 64>(p, stream) : backward<__half, 64>(p, stream);
+  } else {
+    bf16 ? backward<__nv_bfloat16, 128>(p, stream) : backward<__half, 128>(p, stream);
+  }
+}
+
+}  // namespace markovkit
