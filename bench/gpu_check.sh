@@ -55,9 +55,14 @@ bounded 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu
 memcheck_pid=$!
 bounded 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_smoke.py >"$out/racecheck.log" 2>&1 &
 racecheck_pid=$!
-bounded 170 "$PY" -m pytest -q -m gpu tests -rfE -p no:cacheprovider $xdist --junitxml="$out/tests.xml" \
-  >"$out/tests.log" 2>&1
+# attention apart: a fault in its sm_90a kernels (new, first GPU run pending) would poison the CUDA context of the
+# other families' tests in the same process
+bounded 150 "$PY" -m pytest -q -m gpu tests -k "not attention" -rfE -p no:cacheprovider $xdist \
+  --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
 tests_rc=$?
+bounded 60 "$PY" -m pytest -q -m gpu tests -k attention -rfE -p no:cacheprovider $xdist \
+  --junitxml="$out/tests_attention.xml" >"$out/tests_attention.log" 2>&1
+attn_rc=$?
 tests_s=$(secs $start)
 wait $memcheck_pid; memcheck_rc=$?
 wait $racecheck_pid; racecheck_rc=$?
@@ -102,15 +107,16 @@ for family in $families; do
 done
 echo
 echo "== failures =="
-grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -n 40
+grep -hE "^(FAILED|ERROR)" "$out/tests.log" "$out/tests_attention.log" | head -n 40
 echo
 echo "== summary =="
 printf "%-8s %-6s %s\n" step secs result
 printf "%-8s %-6s %s\n" build "$build_s" ok
 printf "%-8s %-6s %s\n" tests "$tests_s" "rc=$tests_rc: $(tail -n 1 "$out/tests.log")"
+printf "%-8s %-6s %s\n" attn "" "rc=$attn_rc: $(tail -n 1 "$out/tests_attention.log")"
 printf "%-8s %-6s %s\n" sanitize "$sanitizer_s" "memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc"
 printf "%-8s %-6s %s\n" peer "" "mamba_ssm build rc=$peer_rc"
 printf "%-8s %-6s %s\n" bench "$bench_s" "rc:$bench_rc"
 printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt)"
 printf "%-8s %-6s %s\n" total "$(secs $t0)" "of a ${budget} s budget"
-[ "$tests_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] && [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
+[ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] && [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
