@@ -207,17 +207,13 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t swa_bwd_sm90_smem_bytes(int64_t headdim) {
-  // float16 and bfloat16 tiles have the same size
-  return headdim == 64 ? smem_bytes<__half, 64>() : smem_bytes<__half, 128>();
+  int64_t bytes = 0;  // float16 and bfloat16 tiles have the same size: __half stands for both
+  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D>(); });
+  return bytes;
 }
 
 void swa_backward_sm90(const SwaBwdParams& p, cudaStream_t stream) {
-  const bool bf16 = p.s.dtype == DType::kBFloat16;
-  if (p.s.headdim == 64) {
-    bf16 ? backward<__nv_bfloat16, 64>(p, stream) : backward<__half, 64>(p, stream);
-  } else {
-    bf16 ? backward<__nv_bfloat16, 128>(p, stream) : backward<__half, 128>(p, stream);
-  }
+  dispatch_sm90(p.s.dtype, p.s.headdim, [&]<typename T, int D>() { backward<T, D>(p, stream); });
 }
 
 }  // namespace markovkit

@@ -2,9 +2,13 @@
 // Pieces of the sm_90a attention kernels (swa_fwd_sm90.cu, swa_bwd_sm90.cu): the aligned shared-memory base, the
 // cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, and the descriptors of its K-major
 // and MN-major operands.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cstdint>
 
 #include "attention/swa_mma.cuh"
+#include "common/dtype.h"
 #include "attention/swa_wgmma.cuh"
 
 namespace markovkit {
@@ -69,6 +73,24 @@ __device__ __forceinline__ uint64_t k_major(const unsigned char* tile, int rb, i
 template <int R>
 __device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) {
   return smem_desc(tile + kk * 16 * 128, R * 128, 1024);
+}
+
+// Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.
+template <typename Fn>
+void dispatch_sm90(DType dtype, int64_t headdim, Fn fn) {
+  auto with_type = [&](auto tag) {
+    using T = decltype(tag);
+    if (headdim == 64) {
+      fn.template operator()<T, 64>();
+    } else {
+      fn.template operator()<T, 128>();
+    }
+  };
+  if (dtype == DType::kBFloat16) {
+    with_type(__nv_bfloat16{});
+  } else {
+    with_type(__half{});
+  }
 }
 
 }  // namespace swa_cuda
