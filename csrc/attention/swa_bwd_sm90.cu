@@ -30,28 +30,6 @@ constexpr int smem_bytes() {
   return kAlign + 6 * tile_bytes<T, D, 64>() + 2 * 128 * static_cast<int>(sizeof(float));
 }
 
-// The four A fragments (16 keys or queries each) of a 16 x 64 block held as C fragments.
-template <typename T>
-__device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)[kBN / 16][4]) {
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(c[2 * kk], c[2 * kk + 1], a[kk]);
-}
-
-// acc (64 x 64) = A B^T over the headdim, A and B the 64 rows of two K-major tiles.
-template <typename T, int D>
-__device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned char* a, const unsigned char* b) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n64<T>(acc, k_major<64>(a, 0, kk), k_major<64>(b, 0, kk), kk > 0);
-}
-
-// acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
-template <typename T, int D>
-__device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
-                                      const unsigned char* x) {
-#pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(acc, a[kk], mn_major<64>(x, kk));
-}
-
 // dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBwdParams p) {
@@ -99,8 +77,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     if (!tiles.done()) load_query_tile(tiles, stage ^ 1);
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     wgmma_fence();
-    ss_abt<T, D>(st, sk, sq);
-    ss_abt<T, D>(dpt, sv, sdo);
+    ss_abt<T, D, 64>(st, sk, 0, sq);
+    ss_abt<T, D, 64>(dpt, sv, 0, sdo);
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(st);
@@ -170,8 +148,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_sm90_kernel(const SwaBwdP
     }
     float sc[kBN / 8][4], dp[kBN / 8][4];
     wgmma_fence();
-    ss_abt<T, D>(dp, sdo, sv);  // dP = dO V^T
-    ss_abt<T, D>(sc, sq, sk);   // S = Q K^T
+    ss_abt<T, D, 64>(dp, sdo, 0, sv);  // dP = dO V^T
+    ss_abt<T, D, 64>(sc, sq, 0, sk);   // S = Q K^T
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(sc);

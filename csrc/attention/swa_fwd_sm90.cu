@@ -75,10 +75,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      wgmma_ss_n64<T>(sc, k_major<kRows>(sq, wg, kk), k_major<kBN>(sk, 0, kk), kk > 0);
-    }
+    ss_abt<T, D, kRows>(sc, sq, wg, sk);  // S = Q K^T
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(sc);
@@ -87,11 +84,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     }
     softmax_step<D>(sc, m, l, o, scale_log2);
     uint32_t pa[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(sc[2 * kk], sc[2 * kk + 1], pa[kk]);
+    to_a<T>(sc, pa);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(o, pa[kk], mn_major<kBN>(sv, kk));
+    rs_ax<T, D>(o, pa, sv);  // O += P V
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(o);

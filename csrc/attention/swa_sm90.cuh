@@ -1,15 +1,16 @@
 #pragma once
 // Pieces of the sm_90a attention kernels (swa_fwd_sm90.cu, swa_bwd_sm90.cu): the aligned shared-memory base, the
-// cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, and the descriptors of its K-major
-// and MN-major operands.
+// cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, the descriptors of its K-major and
+// MN-major operands, the two products every kernel makes of them, and the launchers' dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
 
+#include "attention/swa_device.cuh"
 #include "attention/swa_mma.cuh"
-#include "common/dtype.h"
 #include "attention/swa_wgmma.cuh"
+#include "common/dtype.h"
 
 namespace markovkit {
 namespace swa_cuda {
@@ -73,6 +74,32 @@ __device__ __forceinline__ uint64_t k_major(const unsigned char* tile, int rb, i
 template <int R>
 __device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) {
   return smem_desc(tile + kk * 16 * 128, R * 128, 1024);
+}
+
+// The four A fragments (16 keys or queries each) of a 16 x 64 block held as C fragments.
+template <typename T>
+__device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)[kBN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(c[2 * kk], c[2 * kk + 1], a[kk]);
+}
+
+// acc (64 x 64) = A B^T over the headdim: A rows [64 rb, 64 rb + 64) of a kRowsA-row tile, B the 64 rows of
+// another, both read K-major.
+template <typename T, int D, int kRowsA>
+__device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned char* a, int rb,
+                                       const unsigned char* b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    wgmma_ss_n64<T>(acc, k_major<kRowsA>(a, rb, kk), k_major<kBN>(b, 0, kk), kk > 0);
+  }
+}
+
+// acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
+                                      const unsigned char* x) {
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(acc, a[kk], mn_major<kBN>(x, kk));
 }
 
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.
