@@ -1,14 +1,16 @@
 // CUDA sliding-window attention backward for Hopper (sm_90a), float16 / bfloat16, headdim 64 and 128: the dK, dV
 // and dQ kernels of swa_kernel.cu's backward (which runs its delta kernel first) with the products on wgmma.
 //
-// One warpgroup (128 threads) per CTA; a 64-row tile is one m64 operand, warp w holding rows [16 w, 16 w + 16) of
-// the accumulators (swa_wgmma.cuh). dK, dV kernel: CTA per (key tile of 64, batch * kv head), over the query tiles
-// of every head of the group that see it (QueryTiles): S^T = K Q^T and dP^T = V dO^T (m64n64k16, both operands
-// K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in registers as the A operands of
-// dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read MN-major). dQ kernel: CTA per (query
-// tile of 64, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K. The tiles
-// the loop walks (Q, dO and their statistics; K and V) are double-buffered: their cp.async loads run behind the
-// products of the tile before, one barrier per tile. Deterministic: no atomics, a fixed order of sums.
+// Two warpgroups (256 threads) per CTA over 128 rows, 64 each: a 64-row block is one m64 operand, warp w holding
+// rows [16 w, 16 w + 16) of the accumulators (swa_wgmma.cuh); the tiles the loop walks (64 rows) serve both
+// warpgroups, and a warpgroup skips those none of its rows meets. dK, dV kernel: CTA per (128 keys, batch * kv
+// head), over the query tiles of every head of the group that see them (QueryTiles): S^T = K Q^T and dP^T = V dO^T
+// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in
+// registers as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read
+// MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
+// S = Q K^T, dQ += scale dS K. The walked tiles (Q, dO and their statistics; K and V) are double-buffered: their
+// cp.async loads run behind the products of the tile before, one barrier per tile. Deterministic: no atomics, a
+// fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,28 +24,32 @@ namespace markovkit {
 namespace {
 using namespace swa_cuda;
 
-constexpr int kThreads = 128;  // one warpgroup
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// Two fixed 64-row tiles, two stages of two, then per stage 64 lse and 64 delta; and the slack to align the base.
+// Two fixed 128-row tiles, two stages of two 64-row tiles, 256 statistics (dK, dV: per stage 64 lse and 64 delta;
+// dQ: 128 lse and 128 delta); and the slack to align the base.
 template <typename T, int D>
 constexpr int smem_bytes() {
-  return kAlign + 6 * tile_bytes<T, D, 64>() + 2 * 128 * static_cast<int>(sizeof(float));
+  return kAlign + 2 * tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, 64>() + 256 * static_cast<int>(sizeof(float));
 }
 
-// dK, dV of key tile blockIdx.x for (batch, kv head) blockIdx.y.
+// dK, dV of key tile blockIdx.x (128 keys) for (batch, kv head) blockIdx.y.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBwdParams p) {
   constexpr int kTile = tile_bytes<T, D, 64>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sk = aligned_base(smem_raw);
-  unsigned char* sv = sk + kTile;
-  unsigned char* stages = sv + kTile;                            // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
+  unsigned char* sv = sk + tile_bytes<T, D, kRows>();
+  unsigned char* stages = sv + tile_bytes<T, D, kRows>();       // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
   float* stats = reinterpret_cast<float*>(stages + 4 * kTile);  // stage s: lse at 128 s, delta at 128 s + 64
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
-  const auto [j0, b, hk, nj, q_end] = KeyBlock(s);
-  const int warp = threadIdx.x / 32;
+  const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
+  const int warp = threadIdx.x / 32, wg = warp / 4;
+  // the warpgroup's keys (may be empty)
+  const int64_t wk0 = j0 + 64 * wg, wk1 = j0 + min(static_cast<int64_t>(64 * wg + 64), nj);
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -54,12 +60,12 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     load_tile<T, D, kBM, kThreads>(q, b, t.i0, t.size(), L, s.heads, t.h, at);
     load_tile<T, D, kBM, kThreads>(dout, b, t.i0, t.size(), L, s.heads, t.h, at + kTile);
     const int64_t row0 = (b * s.heads + t.h) * L;
-    load_stats(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0, t.size(),
-               stats + 128 * stage, stats + 128 * stage + 64);
+    load_stats<kBM>(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0,
+                    t.size(), stats + 128 * stage, stats + 128 * stage + 64);
   };
   QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
-  load_tile<T, D, kBN, kThreads>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
-  load_tile<T, D, kBN, kThreads>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
+  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
   load_query_tile(tiles, 0);
   float dk[D / 8][4], dv[D / 8][4];
   zero<D>(dk);
@@ -75,17 +81,20 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with the other stage
     tiles.next();
     if (!tiles.done()) load_query_tile(tiles, stage ^ 1);
+    // warpgroup-uniform, as wgmma needs
+    if (wk0 >= wk1 || swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink)) continue;
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     wgmma_fence();
-    ss_abt<T, D, 64>(st, sk, 0, sq);
-    ss_abt<T, D, 64>(dpt, sv, 0, sdo);
+    ss_abt<T, D, kRows>(st, sk, wg, sq);
+    ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(st);
     fence_operands(dpt);
-    if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(st, 16 * warp, ln,
-                 [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
+    // masked only where the window cuts the tiles: queries beyond ni have P = 0 (lse = inf), keys beyond nj are zero
+    // rows whose dK, dV rows are not stored
+    if (!swa_tile_full(i0, i0 + ni, wk0, wk1, s.window, s.sink)) {
+      mask_block(st, 16 * warp, ln, [&](int r, int c) { return swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
     }
     p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
     uint32_t pa[kBN / 16][4], dsa[kBN / 16][4];
@@ -104,31 +113,35 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
 }
 
-// dQ of query tile blockIdx.x for (batch, head) blockIdx.y.
+// dQ of query tile blockIdx.x (128 queries) for (batch, head) blockIdx.y.
+// At headdim 64 the kernel fits 128 registers without spills: two CTAs per SM.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) swa_bwd_dq_sm90_kernel(const SwaBwdParams p) {
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_kernel(const SwaBwdParams p) {
   constexpr int kTile = tile_bytes<T, D, 64>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sq = aligned_base(smem_raw);
-  unsigned char* sdo = sq + kTile;
-  unsigned char* stages = sdo + kTile;  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
+  unsigned char* sdo = sq + tile_bytes<T, D, kRows>();
+  unsigned char* stages = sdo + tile_bytes<T, D, kRows>();  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
   float* slse = reinterpret_cast<float*>(stages + 4 * kTile);
-  float* sdelta = slse + 64;
+  float* sdelta = slse + kRows;
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
-  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kBM);
-  const int warp = threadIdx.x / 32;
+  const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
+  const int warp = threadIdx.x / 32, wg = warp / 4;
+  // the warpgroup's and the warp's rows as queries (either may be empty)
+  const int64_t g0 = i0 + 64 * wg, g1 = i0 + min(static_cast<int64_t>(64 * wg + 64), ni);
+  const int64_t wi0 = i0 + 16 * warp, wi1 = i0 + min(static_cast<int64_t>(16 * warp + 16), ni);
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   KeyTiles tiles(i0, i0 + ni, s);
-  load_tile<T, D, kBM, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_tile<T, D, kBM, kThreads>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
-  load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
-             sdelta);
+  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
+  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
+  load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
+                    slse, sdelta);
   load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
   load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kTile);
   float dq[D / 8][4];
@@ -146,17 +159,20 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_sm90_kernel(const SwaBwdP
       load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
       load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kTile);
     }
+    // warpgroup-uniform, as wgmma needs
+    if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4], dp[kBN / 8][4];
     wgmma_fence();
-    ss_abt<T, D, 64>(dp, sdo, 0, sv);  // dP = dO V^T
-    ss_abt<T, D, 64>(sc, sq, 0, sk);   // S = Q K^T
+    ss_abt<T, D, kRows>(dp, sdo, wg, sv);  // dP = dO V^T
+    ss_abt<T, D, kRows>(sc, sq, wg, sk);   // S = Q K^T
     wgmma_commit();
     wgmma_wait_all();
     fence_operands(sc);
     fence_operands(dp);
-    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, 16 * warp, ln,
-                 [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
+    // masked only where the window cuts the tiles: keys beyond nj are zero rows of K (dQ gains nothing from them),
+    // queries beyond ni have P = 0 (lse = inf)
+    if (!swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+      mask_block(sc, 16 * warp, ln, [&](int r, int c) { return swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     uint32_t dsa[kBN / 16][4];
@@ -174,10 +190,10 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_sm90_kernel(const SwaBwdP
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = smem_bytes<T, D>();
-  const dim3 grid_kv((p.s.seqlen + kBN - 1) / kBN, p.s.batch * p.s.kv_heads);
+  const dim3 grid_kv((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.kv_heads);
   cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmem, stream>>>(p);
-  const dim3 grid_q((p.s.seqlen + kBM - 1) / kBM, p.s.batch * p.s.heads);
+  const dim3 grid_q((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.heads);
   cudaFuncSetAttribute(swa_bwd_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   swa_bwd_dq_sm90_kernel<T, D><<<grid_q, kThreads, kSmem, stream>>>(p);
 }

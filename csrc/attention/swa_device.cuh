@@ -54,13 +54,13 @@ struct QueryBlock {
         hk(h / (s.heads / s.kv_heads)), ni(min(static_cast<int64_t>(rows), s.seqlen - i0)) {}
 };
 
-// The key tile of a CTA of a dK, dV kernel (blockIdx x: tiles of kBN keys, y: batch * kv_heads): keys
+// The key tile of a CTA of a dK, dV kernel (blockIdx x: tiles of `rows` keys, y: batch * kv_heads): keys
 // [j0, j0 + nj) of kv head hk of batch b, seen by queries in [j0, q_end) only.
 struct KeyBlock {
   int64_t j0, b, hk, nj, q_end;
-  __device__ explicit KeyBlock(const SwaShape& s)
-      : j0(static_cast<int64_t>(blockIdx.x) * kBN), b(blockIdx.y / s.kv_heads), hk(blockIdx.y % s.kv_heads),
-        nj(min(static_cast<int64_t>(kBN), s.seqlen - j0)),
+  __device__ KeyBlock(const SwaShape& s, int rows)
+      : j0(static_cast<int64_t>(blockIdx.x) * rows), b(blockIdx.y / s.kv_heads), hk(blockIdx.y % s.kv_heads),
+        nj(min(static_cast<int64_t>(rows), s.seqlen - j0)),
         q_end(swa_query_end(j0 + nj, s.seqlen, s.window, s.sink, j0)) {}
 };
 
@@ -224,10 +224,12 @@ __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kB
   }
 }
 
-// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta; rows beyond n get P = 0.
-__device__ inline void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
+// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta (kRows each, one thread a row); rows beyond
+// n get P = 0.
+template <int kRows>
+__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
                            float* sdelta) {
-  if (threadIdx.x < 64) {
+  if (threadIdx.x < kRows) {
     const int r = threadIdx.x;
     slse[r] = r < n ? lse[i0 + r] * kLog2e : INFINITY;
     sdelta[r] = r < n ? delta[i0 + r] : 0.0f;

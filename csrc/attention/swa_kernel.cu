@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
-  const auto [j0, b, hk, nj, q_end] = KeyBlock(s);
+  const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kBN);
   const int c0 = static_cast<int>(blockIdx.z) * kCols;
   const int warp = threadIdx.x / 32;
   const Lane ln = Lane::of_thread();
@@ -413,8 +413,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   const T* dout = static_cast<const T*>(p.dout);
   const auto load_stats_of = [&](const QueryTiles& t) {
     const int64_t at = (b * s.heads + t.h) * L;
-    load_stats(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0, t.size(), slse,
-               sdelta);
+    load_stats<kBM>(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0,
+                    t.size(), slse, sdelta);
   };
   QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
   load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
@@ -481,8 +481,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   KeyTiles tiles(i0, i0 + ni, s);
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
-  load_stats(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni, slse,
-             sdelta);
+  load_stats<kBM>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
+                  slse, sdelta);
   load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
   float dq[D / 8][4];
 #pragma unroll
