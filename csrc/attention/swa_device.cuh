@@ -1,8 +1,8 @@
 #pragma once
-// Device pieces shared by the attention's CUDA kernels (swa_kernel.cu: mma.sync, any headdim; swa_fwd_sm90.cu:
-// swa_fwd_sm90.cu, swa_bwd_sm90.cu: the sm_90a wgmma kernels): fragment packing, the key-tile and query-tile walks
-// and the masks, the online softmax of a 16-row block, the backward's P and dS, the output store. Fragment layouts:
-// swa_kernel.cu.
+// Device pieces shared by the attention's CUDA kernels (swa_kernel.cu: mma.sync, any headdim;
+// swa_fwd_sm90_kernel.cu, swa_bwd_sm90_kernel.cu: the sm_90a wgmma kernels): fragment packing, the key-tile and
+// query-tile walks and the masks, the online softmax of a 16-row block, the backward's P and dS, the output store.
+// Fragment layouts: swa_kernel.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

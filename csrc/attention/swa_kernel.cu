@@ -19,8 +19,8 @@
 // headdim 256 splits the dK, dV columns over two CTAs), one per query tile computes dQ (over its key
 // tiles), both loading the next tiles by cp.async behind the products; both recompute P = exp(S - lse) and
 // use dS = P (dP - delta), delta = rowsum(dO O) - dlse from a first small kernel (swa_bwd_delta_kernel).
-// On an sm_90 device of an sm_90a build, headdims 64 and 128 take the wgmma forward of swa_fwd_sm90.cu and the
-// wgmma dK, dV and dQ kernels of swa_bwd_sm90.cu instead (after the same delta kernel).
+// On an sm_90 device of an sm_90a build, headdims 64 and 128 take the wgmma forward of swa_fwd_sm90_kernel.cu
+// and the wgmma dK, dV and dQ kernels of swa_bwd_sm90_kernel.cu instead (after the same delta kernel).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -101,9 +101,9 @@ void swa_backward_cpu(const SwaBwdParams& p);
 int64_t swa_cuda_smem_bytes(int64_t headdim, int cc, bool backward);
 void swa_forward_cuda(const SwaFwdParams& p, cudaStream_t stream);
 void swa_backward_cuda(const SwaBwdParams& p, cudaStream_t stream);
-// The Hopper kernels (swa_fwd_sm90.cu, swa_bwd_sm90.cu): whether they run this headdim at compute capability cc
-// (a build with sm_90a, an sm_90 device), their shared memory, their launchers (the backward's after the delta
-// kernel of swa_kernel.cu).
+// The Hopper kernels (swa_fwd_sm90_kernel.cu, swa_bwd_sm90_kernel.cu): whether they run this headdim at compute
+// capability cc (a build with sm_90a, an sm_90 device), their shared memory, their launchers (the backward's after
+// the delta kernel of swa_kernel.cu).
 bool swa_sm90_applies(int64_t headdim, int cc);
 int64_t swa_fwd_sm90_smem_bytes(int64_t headdim);
 int64_t swa_bwd_sm90_smem_bytes(int64_t headdim);

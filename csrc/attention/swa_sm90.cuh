@@ -1,7 +1,8 @@
 #pragma once
-// Pieces of the sm_90a attention kernels (swa_fwd_sm90.cu, swa_bwd_sm90.cu): the aligned shared-memory base, the
-// cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, the descriptors of its K-major and
-// MN-major operands, the two products every kernel makes of them, and the launchers' dispatch.
+// Pieces of the sm_90a attention kernels (swa_fwd_sm90_kernel.cu, swa_bwd_sm90_kernel.cu): the aligned
+// shared-memory base, the cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, the
+// descriptors of its K-major and MN-major operands, the two products every kernel makes of them, and the launchers'
+// dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

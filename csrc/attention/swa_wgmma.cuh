@@ -1,8 +1,8 @@
 #pragma once
-// The warpgroup-wide Hopper tensor-core primitives of the sm_90a attention forward (inline PTX: wgmma, its fences,
+// The warpgroup-wide Hopper tensor-core primitives of the sm_90a attention kernels (inline PTX: wgmma, its fences,
 // the async-proxy fence), apart from the kernel logic so that the CPU emulator (tests/cuda_emu/include/attention/
 // swa_wgmma.cuh) can stand in for them. Only the sm_90a pass emits them; any other device pass traps (the host
-// never launches the kernel there: swa_fwd_sm90.cu).
+// never launches those kernels there: swa_sm90_applies).
 //
 // Shared-memory operands are 128-byte-swizzled tiles: a tile of R rows x D 16-bit columns is D / 64 panels of
 // R rows x 128 bytes (panel p holds columns [64 p, 64 p + 64)), 16-byte chunk c of row r stored at chunk c ^ (r % 8)

@@ -1,9 +1,9 @@
-"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu, and swa_fwd_sm90.cu, swa_bwd_sm90.cu:
-the wgmma kernels that headdims 64 and 128 take on an sm_90 device, as the emulator reports by default) run by
-the emulator: forward (out, lse) and backward (dq, dk, dv, also through lse) against the float64 dense masked reference, for
-both dtypes, every headdim, windows and sinks that hit each tile case (full, partial, sink range, window range),
-GQA / MQA, partial and multiple tiles; the mma.sync kernels at headdims 64 and 128 on an emulated pre-Hopper
-device; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
+"""The CUDA sliding-window attention kernels (csrc/attention/swa_kernel.cu, and swa_fwd_sm90_kernel.cu,
+swa_bwd_sm90_kernel.cu: the wgmma kernels that headdims 64 and 128 take on an sm_90 device, as the emulator reports
+by default) run by the emulator: forward (out, lse) and backward (dq, dk, dv, also through lse) against the float64
+dense masked reference, for both dtypes, every headdim, windows and sinks that hit each tile case (full, partial,
+sink range, window range), GQA / MQA, partial and multiple tiles; the mma.sync kernels at headdims 64 and 128 on an
+emulated pre-Hopper device; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
 import pytest
 import torch
 
