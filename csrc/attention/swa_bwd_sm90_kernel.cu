@@ -142,8 +142,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
                     slse, sdelta);
-  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
-  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kTile);
+  load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages);
   float dq[D / 8][4];
   zero<D>(dq);
   for (int stage = 0; !tiles.done(); stage ^= 1) {
@@ -154,11 +153,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     fence_proxy_async();
     __syncthreads();  // K(j0), V(j0) (and Q, dO, the statistics) are in; every warp is done with the other stage
     tiles.next();
-    if (!tiles.done()) {
-      unsigned char* next = stages + 2 * (stage ^ 1) * kTile;
-      load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
-      load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kTile);
-    }
+    if (!tiles.done()) load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages + 2 * (stage ^ 1) * kTile);
     // warpgroup-uniform, as wgmma needs
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4], dp[kBN / 8][4];

@@ -236,5 +236,15 @@ __device__ void load_stats(const float* lse, const float* delta, int64_t i0, int
   }
 }
 
+// Calls fn(T{}) for the runtime dtype: __nv_bfloat16 for bfloat16, __half for float16 (the glue admits no other).
+template <typename Fn>
+void dispatch_half(DType dtype, Fn fn) {
+  if (dtype == DType::kBFloat16) {
+    fn(__nv_bfloat16{});
+  } else {
+    fn(__half{});
+  }
+}
+
 }  // namespace swa_cuda
 }  // namespace markovkit

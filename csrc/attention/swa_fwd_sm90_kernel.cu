@@ -53,8 +53,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   const T* v = static_cast<const T*>(p.v);
   KeyTiles tiles(i0, i0 + ni, s);
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
-  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages + kKV);
+  load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages);
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
   zero<D>(o);
@@ -66,11 +65,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     fence_proxy_async();
     __syncthreads();  // K(j0), V(j0) (and Q) are in; every warp is done with the other stage
     tiles.next();
-    if (!tiles.done()) {
-      unsigned char* next = stages + (stage ^ 1) * 2 * kKV;
-      load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next);
-      load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, next + kKV);
-    }
+    if (!tiles.done()) load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages + (stage ^ 1) * 2 * kKV);
     // warpgroup-uniform, as wgmma needs
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4];

@@ -543,7 +543,7 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
 // Calls fn.template operator()<T, D>() for the runtime dtype (float16 / bfloat16) and headdim.
 template <typename Fn>
 void dispatch(DType dtype, int64_t headdim, Fn fn) {
-  auto with_type = [&](auto tag) {
+  dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     switch (headdim) {
       case 32: fn.template operator()<T, 32>(); break;
@@ -552,12 +552,7 @@ void dispatch(DType dtype, int64_t headdim, Fn fn) {
       case 128: fn.template operator()<T, 128>(); break;
       default: fn.template operator()<T, 256>(); break;  // the glue admits only these five
     }
-  };
-  if (dtype == DType::kBFloat16) {
-    with_type(__nv_bfloat16{});
-  } else {
-    with_type(__half{});
-  }
+  });
 }
 
 }  // namespace

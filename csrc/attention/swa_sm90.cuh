@@ -63,6 +63,14 @@ __device__ void load_tile(const T* __restrict__ src, int64_t b, int64_t r0, int6
   }
 }
 
+// Starts loading the key tile `tiles` is at, of kv head hk, into a stage at `at`: K (64 x D), V right after it.
+template <typename T, int D, int kThreads>
+__device__ void load_kv(const T* k, const T* v, int64_t b, int64_t hk, const KeyTiles& tiles, const SwaShape& s,
+                        unsigned char* at) {
+  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), s.seqlen, s.kv_heads, hk, at);
+  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), s.seqlen, s.kv_heads, hk, at + tile_bytes<T, D, kBN>());
+}
+
 // Descriptor of the K-major operand rows [64 rb, 64 rb + 64) x k [16 kk, 16 kk + 16) of an R-row tile (rows are
 // M or N, k the headdim).
 template <int R>
@@ -106,19 +114,14 @@ __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.
 template <typename Fn>
 void dispatch_sm90(DType dtype, int64_t headdim, Fn fn) {
-  auto with_type = [&](auto tag) {
+  dispatch_half(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (headdim == 64) {
       fn.template operator()<T, 64>();
     } else {
       fn.template operator()<T, 128>();
     }
-  };
-  if (dtype == DType::kBFloat16) {
-    with_type(__nv_bfloat16{});
-  } else {
-    with_type(__half{});
-  }
+  });
 }
 
 }  // namespace swa_cuda

@@ -107,5 +107,6 @@ MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, MK_F64, MK_D64, "{%64, %65, %66, %67}", 
 #undef MK_F64
 #undef MK_F32
 #undef MK_F4
+#undef MK_WGMMA_ASM
 
 }  // namespace markovkit
