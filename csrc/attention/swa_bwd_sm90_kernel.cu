@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
-  // the warpgroup's keys (may be empty)
-  const int64_t wk0 = j0 + 64 * wg, wk1 = j0 + min(static_cast<int64_t>(64 * wg + 64), nj);
+  const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -129,9 +128,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
-  // the warpgroup's and the warp's rows as queries (either may be empty)
-  const int64_t g0 = i0 + 64 * wg, g1 = i0 + min(static_cast<int64_t>(64 * wg + 64), ni);
-  const int64_t wi0 = i0 + 16 * warp, wi1 = i0 + min(static_cast<int64_t>(16 * warp + 16), ni);
+  const auto [g0, g1] = row_span(i0, 64 * wg, 64, ni);     // the warpgroup's rows as queries
+  const auto [wi0, wi1] = row_span(i0, 16 * warp, 16, ni);  // the warp's
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 

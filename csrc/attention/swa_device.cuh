@@ -54,6 +54,15 @@ struct QueryBlock {
         hk(h / (s.heads / s.kv_heads)), ni(min(static_cast<int64_t>(rows), s.seqlen - i0)) {}
 };
 
+// Rows [first, first + count) of a tile that starts at position r0 and holds n rows, as positions [begin, end)
+// (empty where first >= n).
+struct RowSpan {
+  int64_t begin, end;
+};
+__device__ __forceinline__ RowSpan row_span(int64_t r0, int first, int count, int64_t n) {
+  return {r0 + first, r0 + min(static_cast<int64_t>(first + count), n)};
+}
+
 // The key tile of a CTA of a dK, dV kernel (blockIdx x: tiles of `rows` keys, y: batch * kv_heads): keys
 // [j0, j0 + nj) of kv head hk of batch b, seen by queries in [j0, q_end) only.
 struct KeyBlock {

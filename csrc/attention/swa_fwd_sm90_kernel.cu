@@ -43,9 +43,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4, rb = 16 * warp;
-  // the warpgroup's and the warp's rows as queries (either may be empty)
-  const int64_t g0 = i0 + 64 * wg, g1 = i0 + min(static_cast<int64_t>(64 * wg + 64), ni);
-  const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16), ni);
+  const auto [g0, g1] = row_span(i0, 64 * wg, 64, ni);  // the warpgroup's rows as queries
+  const auto [wi0, wi1] = row_span(i0, rb, 16, ni);      // the warp's
   const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, rb = 16 * kMB * warp;  // the warp's rows: [rb, rb + 16 kMB) of the tile
-  const int64_t wi0 = i0 + rb, wi1 = i0 + min(static_cast<int64_t>(rb + 16 * kMB), ni);  // as queries (may be empty)
+  const auto [wi0, wi1] = row_span(i0, rb, 16 * kMB, ni);  // the warp's rows as queries
   const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
