@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     ss_abt<T, D, kRows>(st, sk, wg, sq);
     ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_operands(st);
     fence_operands(dpt);
     // masked only where the window cuts the tiles: queries beyond ni have P = 0 (lse = inf), keys beyond nj are zero
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     rs_ax<T, D>(dv, pa, sdo);  // dV += P^T dO
     rs_ax<T, D>(dk, dsa, sq);  // dK += scale dS^T Q
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_operands(dv);
     fence_operands(dk);
   }
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     ss_abt<T, D, kRows>(dp, sdo, wg, sv);  // dP = dO V^T
     ss_abt<T, D, kRows>(sc, sq, wg, sk);   // S = Q K^T
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_operands(sc);
     fence_operands(dp);
     // masked only where the window cuts the tiles: keys beyond nj are zero rows of K (dQ gains nothing from them),
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     wgmma_fence();
     rs_ax<T, D>(dq, dsa, sk);  // dQ += scale dS K
     wgmma_commit();
-    wgmma_wait_all();
+    wgmma_wait<0>();
     fence_operands(dq);
   }
   const float one[2] = {1.0f, 1.0f};

@@ -176,18 +176,18 @@ __device__ __forceinline__ float quad_sum(float x) {
 
 // One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
 // m), the running row maxima m (log2 units) of rows g, g + 8 rising to cover them; the lane's parts l of the
-// row sums and the output o are rescaled to the new maxima and l gains the sums of P. The maxima are taken on
-// the raw scores (scale_log2 > 0 keeps their order), so the scale folds into one FFMA per score.
-template <int D>
-__device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
-                                             float (&o)[D / 8][4], float scale_log2) {
+// row sums are rescaled to the new maxima and gain the sums of P; alpha gets the factor that rescales the output
+// (rescale). The maxima are taken on the raw scores (scale_log2 > 0 keeps their order), so the scale folds into
+// one FFMA per score.
+__device__ __forceinline__ void softmax_rows(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&alpha)[2], float scale_log2) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
   }
-  float alpha[2], m_sub[2];  // m_sub: the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
+  float m_sub[2];  // the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float m_new = fmaxf(m[half], quad_max(mx[half]) * scale_log2);
@@ -206,11 +206,25 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+}
+
+// Output rows g, g + 8 (C fragments) times alpha[0], alpha[1].
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
   }
+}
+
+// softmax_rows, then the output rescaled to the new maxima.
+template <int D>
+__device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&o)[D / 8][4], float scale_log2) {
+  float alpha[2];
+  softmax_rows(sc, m, l, alpha, scale_log2);
+  rescale<D>(o, alpha);
 }
 
 // P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is

@@ -4,8 +4,10 @@
 // warp v of the CTA holds rows [16 v, 16 v + 16) of the accumulators (swa_wgmma.cuh). Per key tile of kBN = 64
 // keys (KeyTiles, as in swa_kernel.cu): S = Q K^T by D / 16 wgmma m64n64k16 from shared memory, the mask and the
 // online softmax of swa_device.cuh on the accumulators, P rounded to 16 bits in registers as the A operand of
-// O += P V (4 wgmma m64nDk16, V read MN-major). A warpgroup skips the key tiles none of its rows sees. K and V are
-// double-buffered: the cp.async loads of the next tile run behind the products of this one, one barrier per tile.
+// O += P V (4 wgmma m64nDk16, V read MN-major). The P V product of one tile runs on the tensor cores while the
+// warpgroup's softmax works on the next tile's scores (FlashAttention-3's intra-warpgroup overlap). A warpgroup
+// skips the key tiles none of its rows sees. K and V are double-buffered, V one tile behind K: the cp.async loads
+// of K(t + 1) and V(t) run behind the products of S(t) and P(t - 1) V(t - 1), one barrier per tile.
 // Shared memory: Q (128 x D), then two stages of K and V (64 x D each), in the 128-byte-swizzled tile layout of
 // swa_wgmma.cuh, from a 1024-byte-aligned base.
 #include <cuda_bf16.h>
@@ -31,7 +33,7 @@ constexpr int smem_bytes() {
 }
 
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
-// other's products; at 128 it needs ~175: one CTA.
+// other's products; at 128 it needs ~193: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -52,38 +54,77 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   const T* v = static_cast<const T*>(p.v);
   KeyTiles tiles(i0, i0 + ni, s);
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages);
+  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
   zero<D>(o);
-  for (int stage = 0; !tiles.done(); stage ^= 1) {
-    const int64_t j0 = tiles.j0, nj = tiles.size();
-    const unsigned char* sk = stages + stage * 2 * kKV;
-    const unsigned char* sv = sk + kKV;
+  uint32_t pa[kBN / 16][4];  // while `pending`: P of the last tile the warpgroup saw (as the A operand)
+  float alpha[2];            // and the factor that takes O to the maxima P was taken at
+  bool pending = false;
+  // Step t of (number of tiles) + 1: S(t) = Q K(t)^T and O += P(t - 1) V(t - 1) are in flight together, and the
+  // softmax of S(t) runs while the tensor cores still work on the latter. Meanwhile K(t + 1) and V(t) load: stage
+  // t % 2 holds K(t) and V(t), the other K(t + 1) and V(t - 1).
+  for (int stage = 0;; stage ^= 1) {
+    const bool has_tile = !tiles.done();
+    const int64_t j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
+    unsigned char* sk = stages + stage * 2 * kKV;              // K(t), then V(t)
+    unsigned char* sk_other = stages + (stage ^ 1) * 2 * kKV;  // K(t + 1), then V(t - 1)
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // K(j0), V(j0) (and Q) are in; every warp is done with the other stage
-    tiles.next();
-    if (!tiles.done()) load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages + (stage ^ 1) * 2 * kKV);
-    // warpgroup-uniform, as wgmma needs
-    if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
-    float sc[kBN / 8][4];
-    wgmma_fence();
-    ss_abt<T, D, kRows>(sc, sq, wg, sk);  // S = Q K^T
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(sc);
-    if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, rb, ln, TileMask(i0, j0, nj, s));
+    __syncthreads();  // K(t), V(t - 1) (and Q) are in; every warp is done with K(t - 1) and V(t - 2)
+    if (has_tile) {
+      load_tile<T, D, kBN, kThreads>(v, b, j0, nj, L, s.kv_heads, hk, sk + kKV);
+      tiles.next();
+      if (!tiles.done()) load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk_other);
     }
-    softmax_step<D>(sc, m, l, o, scale_log2);
-    uint32_t pa[kBN / 16][4];
-    to_a<T>(sc, pa);
-    wgmma_fence();
-    rs_ax<T, D>(o, pa, sv);  // O += P V
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_operands(o);
+    // warpgroup-uniform, as wgmma needs
+    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
+    float sc[kBN / 8][4];
+    const auto issue_s = [&] {
+      wgmma_fence();
+      ss_abt<T, D, kRows>(sc, sq, wg, sk);  // S = Q K^T
+      wgmma_commit();
+    };
+    const auto issue_pv = [&] {
+      rescale<D>(o, alpha);
+      wgmma_fence();
+      rs_ax<T, D>(o, pa, sk_other + kKV);  // O += P V
+      wgmma_commit();
+    };
+    // The mask where the tile needs it, and the softmax step. softmax_rows sits in both branches on purpose: ptxas
+    // hoists a wgmma wait to the top of its basic block, so the wait for P V that follows would otherwise run before
+    // the softmax instead of behind it.
+    const auto softmax = [&] {
+      fence_operands(sc);
+      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+        mask_block(sc, rb, ln, TileMask(i0, j0, nj, s));
+        softmax_rows(sc, m, l, alpha, scale_log2);
+      } else {
+        softmax_rows(sc, m, l, alpha, scale_log2);
+      }
+    };
+    // Three straight-line cases: with a wait or an operand access in a branch whose path ptxas cannot relate to
+    // the wgmma's issue, it serializes every wgmma of the kernel.
+    if (sees && pending) {
+      issue_s();
+      issue_pv();
+      wgmma_wait<1>();
+      softmax();
+      wgmma_wait<0>();
+      fence_operands(o);
+      to_a<T>(sc, pa);
+    } else if (sees) {
+      issue_s();
+      wgmma_wait<0>();
+      softmax();
+      to_a<T>(sc, pa);
+    } else if (pending) {
+      issue_pv();
+      wgmma_wait<0>();
+      fence_operands(o);
+    }
+    pending = sees;
+    if (!has_tile) break;
   }
   float inv[2];
 #pragma unroll

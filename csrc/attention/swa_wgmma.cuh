@@ -39,8 +39,11 @@ __device__ __forceinline__ void wgmma_fence() { MK_WGMMA_ASM("wgmma.fence.sync.a
 
 __device__ __forceinline__ void wgmma_commit() { MK_WGMMA_ASM("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 
-// Waits until all committed wgmma groups of the warpgroup are complete.
-__device__ __forceinline__ void wgmma_wait_all() { MK_WGMMA_ASM("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N of the warpgroup's committed wgmma groups (the newest) are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  MK_WGMMA_ASM("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Shared memory this thread wrote by ordinary stores or cp.async, ordered before the tensor cores' reads (which go
 // through the async proxy); then a barrier.

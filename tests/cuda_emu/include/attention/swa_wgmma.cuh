@@ -1,10 +1,11 @@
 #pragma once
 // CPU stand-ins for csrc/attention/swa_wgmma.cuh, from the PTX ISA's definitions: shared-memory operands read
 // through their descriptors (128-byte swizzle on the address bits, K-major or MN-major), accumulator and register
-// A layouts as documented there. A wgmma runs at the wait that completes it, so a kernel that reads its
-// accumulators, or overwrites its shared-memory operands, before the wait gets wrong results here too, and a wait
-// with wgmma issued but not committed raises an error (the hardware would not wait for them); with
-// MK_EMU_ORDER=reverse it runs when issued, so one that issues it before its operands are in reads stale data.
+// A layouts as documented there. A wgmma runs at the wait that completes its commit group, so a kernel that reads
+// its accumulators, or overwrites its shared-memory operands, before that wait gets wrong results here too; one
+// that changes its register A operand before then, or waits with wgmma issued but not committed (the hardware
+// would not wait for them), raises an error. With MK_EMU_ORDER=reverse a wgmma runs when issued, so one issued
+// before its operands are in reads stale data.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,9 +66,12 @@ float mn_major_at(const Desc& d, int k, int n) {
 struct PendingWgmma {
   float* d;  // n / 8 fragments of four
   int n;
-  bool accumulate, a_in_regs, committed;
+  bool accumulate, a_in_regs;
+  int group;  // commit group, numbered per thread from 0; -1 until committed
   uint64_t a_desc, b_desc;
-  float a_rows[2][16];  // a_in_regs: A(row g, k) and A(row g + 8, k) of this lane
+  float a_rows[2][16];      // a_in_regs: A(row g, k) and A(row g + 8, k) of this lane
+  const uint32_t* a_regs;   // a_in_regs: this lane's A registers, which must keep a_issued until the wgmma completes
+  uint32_t a_issued[4];
   bool b_mn_major;
   float (*read_k)(const Desc&, int, int);
   float (*read_mn)(const Desc&, int, int);
@@ -76,6 +80,10 @@ struct PendingWgmma {
 // This lane's accumulator elements: fragment i element e is row 16 (warp % 4) + g + 8 (e / 2) of the warpgroup's
 // 64, col 8 i + 2 t + e % 2.
 inline void run(const PendingWgmma& w) {
+  if (w.a_in_regs) {
+    wgmma_check(std::memcmp(w.a_regs, w.a_issued, sizeof(w.a_issued)) == 0,
+                "A operand registers changed before the wgmma completed");
+  }
   const unsigned tid = mk_emu::thread_idx().x, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int row0 = 16 * static_cast<int>(tid / 32 % 4) + static_cast<int>(g);
   const Desc b = decode(w.b_desc);
@@ -98,6 +106,7 @@ inline void run(const PendingWgmma& w) {
 template <typename T>
 PendingWgmma pending(float* d, int n, uint64_t b) {
   PendingWgmma w{};
+  w.group = -1;
   w.d = d;
   w.n = n;
   w.b_desc = b;
@@ -133,16 +142,30 @@ template <int N>
 void fence_operands(float (&)[N][4]) {}
 
 inline void wgmma_commit() {
-  for (emu_detail::PendingWgmma& w : emu_detail::thread_queue<emu_detail::PendingWgmma>()) w.committed = true;
+  std::vector<emu_detail::PendingWgmma>& mine = emu_detail::thread_queue<emu_detail::PendingWgmma>();
+  int group = 0;
+  for (const emu_detail::PendingWgmma& w : mine) group = w.group >= group ? w.group + 1 : group;
+  for (emu_detail::PendingWgmma& w : mine) w.group = w.group < 0 ? group : w.group;
 }
 
-inline void wgmma_wait_all() {
+// Runs the wgmma of all but the newest N committed groups, in issue order.
+template <int N>
+void wgmma_wait() {
   std::vector<emu_detail::PendingWgmma>& mine = emu_detail::thread_queue<emu_detail::PendingWgmma>();
+  int newest = -1;
   for (const emu_detail::PendingWgmma& w : mine) {
-    emu_detail::wgmma_check(w.committed, "wait with an uncommitted wgmma");
-    emu_detail::run(w);
+    emu_detail::wgmma_check(w.group >= 0, "wait with an uncommitted wgmma");
+    newest = w.group > newest ? w.group : newest;
   }
-  mine.clear();
+  std::vector<emu_detail::PendingWgmma> left;
+  for (const emu_detail::PendingWgmma& w : mine) {
+    if (w.group > newest - N) {
+      left.push_back(w);
+    } else {
+      emu_detail::run(w);
+    }
+  }
+  mine = left;
 }
 
 template <typename T>
@@ -170,6 +193,8 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
   }
   w.accumulate = true;
   w.a_in_regs = true;
+  w.a_regs = a;
+  std::memcpy(w.a_issued, a, sizeof(w.a_issued));
   w.b_mn_major = true;
   emu_detail::issue(w);
 }
