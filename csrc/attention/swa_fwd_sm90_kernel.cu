@@ -2,14 +2,15 @@
 //
 // CTA = 2 warpgroups (256 threads) over a tile of 128 query rows; warpgroup w computes rows [64 w, 64 w + 64), and
 // warp v of the CTA holds rows [16 v, 16 v + 16) of the accumulators (swa_wgmma.cuh). Per key tile of kBN = 64
-// keys (KeyTiles, as in swa_kernel.cu): S = Q K^T by D / 16 wgmma m64n64k16 from shared memory, the mask and the
-// online softmax of swa_device.cuh on the accumulators, P rounded to 16 bits in registers as the A operand of
-// O += P V (4 wgmma m64nDk16, V read MN-major). The P V product of one tile runs on the tensor cores while the
-// warpgroup's softmax works on the next tile's scores (FlashAttention-3's intra-warpgroup overlap). A warpgroup
-// skips the key tiles none of its rows sees. K and V are double-buffered, V one tile behind K: the cp.async loads
-// of K(t + 1) and V(t) run behind the products of S(t) and P(t - 1) V(t - 1), one barrier per tile.
-// Shared memory: Q (128 x D), then two stages of K and V (64 x D each), in the 128-byte-swizzled tile layout of
-// swa_wgmma.cuh, from a 1024-byte-aligned base.
+// keys (KeyTiles, as in swa_kernel.cu): S = Q K^T by D / 16 wgmma m64n64k16, Q in registers (loaded once: with
+// both operands in shared memory this product alone would take the whole 128 bytes per clock shared memory gives),
+// K read K-major; the mask and the online softmax of swa_device.cuh on the accumulators, P rounded to 16 bits in
+// registers as the A operand of O += P V (4 wgmma m64nDk16, V read MN-major). The P V product of one tile runs on
+// the tensor cores while the warpgroup's softmax works on the next tile's scores (FlashAttention-3's
+// intra-warpgroup overlap). A warpgroup skips the key tiles none of its rows sees. K and V are double-buffered, V
+// one tile behind K: the cp.async loads of K(t + 1) and V(t) run behind the products of S(t) and P(t - 1) V(t - 1),
+// one barrier per tile. Shared memory: Q (128 x D), then two stages of K and V (64 x D each), in the
+// 128-byte-swizzled tile layout of swa_wgmma.cuh, from a 1024-byte-aligned base.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,8 +33,8 @@ constexpr int smem_bytes() {
   return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kBN>();
 }
 
-// At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
-// other's products; at 128 it needs ~193: one CTA.
+// At headdim 64 the kernel fits 128 registers (12 bytes spilled: pointers of the per-tile loads): two CTAs (16
+// warps) per SM, one's softmax beside the other's products; at 128 it needs ~225: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -55,6 +56,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   KeyTiles tiles(i0, i0 + ni, s);
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
+  cp_async_wait_all();
+  __syncthreads();  // Q is in
+  uint32_t qa[D / 16][4];  // the warp's 16 rows of Q as A operand: S = Q K^T reads only K from shared memory
+  load_a<D, kRows>(sq, rb, qa);
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
   zero<D>(o);
@@ -82,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     float sc[kBN / 8][4];
     const auto issue_s = [&] {
       wgmma_fence();
-      ss_abt<T, D, kRows>(sc, sq, wg, sk);  // S = Q K^T
+      rs_abt<T, D>(sc, qa, sk);  // S = Q K^T
       wgmma_commit();
     };
     const auto issue_pv = [&] {

@@ -85,6 +85,19 @@ __device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) 
   return smem_desc(tile + kk * 16 * 128, R * 128, 1024);
 }
 
+// The warp's A fragments (rows [row0, row0 + 16), D / 16 of them along the headdim) of an R-row tile, by
+// ldmatrix: lane l gives row row0 + l % 8 + 8 (l / 8 % 2) of the 16-byte chunk 2 kk + l / 16.
+template <int D, int R>
+__device__ __forceinline__ void load_a(const unsigned char* tile, int row0, uint32_t (&a)[D / 16][4]) {
+  const int lane = static_cast<int>(threadIdx.x % 32), r = row0 + lane % 8 + 8 * (lane / 8 % 2);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int chunk = 2 * kk + lane / 16;
+    const unsigned char* at = tile + chunk / 8 * (R * 128) + r * 128 + 16 * ((chunk % 8) ^ (r % 8));
+    ldmatrix_x4<false>(reinterpret_cast<const uint16_t*>(at), a[kk]);
+  }
+}
+
 // The four A fragments (16 keys or queries each) of a 16 x 64 block held as C fragments.
 template <typename T>
 __device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)[kBN / 16][4]) {
@@ -103,12 +116,20 @@ __device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned 
   }
 }
 
+// acc (64 x 64) = A B^T over the headdim: A (64 x D) in registers (load_a), B the 64 rows of a tile read K-major.
+template <typename T, int D>
+__device__ __forceinline__ void rs_abt(float (&acc)[kBN / 8][4], const uint32_t (&a)[D / 16][4],
+                                       const unsigned char* b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(b, 0, kk), kk > 0);
+}
+
 // acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
 template <typename T, int D>
 __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
                                       const unsigned char* x) {
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D>(acc, a[kk], mn_major<kBN>(x, kk));
+  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major<kBN>(x, kk), true);
 }
 
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.

@@ -85,23 +85,28 @@ __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t a, uint6
 MK_WGMMA_SS_N64(__half, "f16")
 MK_WGMMA_SS_N64(__nv_bfloat16, "bf16")
 
-// d (64 x N) += A B, A (64 x 16) in registers (a), B (16 x N) MN-major in shared memory; N = 64 or 128.
-template <typename T, int N>
-__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b);
+// d (64 x N) = A B (+ d if accumulate), A (64 x 16) in registers (a), B (16 x N) in shared memory, MN-major
+// (kMnMajorB: imm-trans-b = 1) or K-major; N = 64 or 128.
+template <typename T, int N, bool kMnMajorB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, bool accumulate);
 
-// F: the accumulator operand list, D its placeholders, A, B and ONE those of a[0..3], b and the constant 1.
-#define MK_WGMMA_RS(T, TY, N, F, D, A, B, ONE)                                                                       \
-  template <>                                                                                                  \
-  __device__ __forceinline__ void wgmma_rs<T, N>(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {   \
-    MK_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, " ONE ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY \
-                 "." TY " " D ", " A ", " B ", p, 1, 1, 1;\n}\n"                                               \
-                 : F                                                                                           \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));                                      \
+// F: the accumulator operand list, D its placeholders, A, B and ACC those of a[0..3], b and accumulate; TR the
+// imm-trans-b of MN.
+#define MK_WGMMA_RS(T, TY, N, MN, TR, F, D, A, B, ACC)                                                               \
+  template <>                                                                                                      \
+  __device__ __forceinline__ void wgmma_rs<T, N, MN>(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b,     \
+                                                     bool accumulate) {                                            \
+    MK_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, " ACC ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY \
+                 "." TY " " D ", " A ", " B ", p, 1, 1, " TR ";\n}\n"                                              \
+                 : F                                                                                               \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(static_cast<int>(accumulate)));         \
   }
-MK_WGMMA_RS(__half, "f16", 64, MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
-MK_WGMMA_RS(__nv_bfloat16, "bf16", 64, MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
-MK_WGMMA_RS(__half, "f16", 128, MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
-MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
+MK_WGMMA_RS(__half, "f16", 64, true, "1", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
+MK_WGMMA_RS(__nv_bfloat16, "bf16", 64, true, "1", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
+MK_WGMMA_RS(__half, "f16", 128, true, "1", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
+MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, true, "1", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
+MK_WGMMA_RS(__half, "f16", 64, false, "0", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
+MK_WGMMA_RS(__nv_bfloat16, "bf16", 64, false, "0", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
 
 #undef MK_WGMMA_RS
 #undef MK_WGMMA_SS_N64

@@ -177,8 +177,8 @@ void wgmma_ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, bool accumulate) {
 }
 
 // A register r of lane 4 g + t holds rows g + 8 (r % 2), k = 2 t + 8 (r / 2) + {0, 1}.
-template <typename T, int N>
-void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
+template <typename T, int N, bool kMnMajorB>
+void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
   struct Regs {
     uint32_t r[4];
   };
@@ -191,11 +191,11 @@ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t b) {
       w.a_rows[half][k] = emu_detail::element<T>(from.r[half + 2 * (k / 8)], k % 2);
     }
   }
-  w.accumulate = true;
+  w.accumulate = accumulate;
   w.a_in_regs = true;
   w.a_regs = a;
   std::memcpy(w.a_issued, a, sizeof(w.a_issued));
-  w.b_mn_major = true;
+  w.b_mn_major = kMnMajorB;
   emu_detail::issue(w);
 }
 
