@@ -141,6 +141,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
                     slse, sdelta);
   load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages);
+  cp_async_wait_all();
+  __syncthreads();  // Q, dO are in
+  // in registers at headdim 128 (the two SS products would take the whole shared-memory bandwidth); at 64 they
+  // would spill at two CTAs per SM
+  const RowsA<T, D, D == 128> qa(sq, wg), doa(sdo, wg);
   float dq[D / 8][4];
   zero<D>(dq);
   for (int stage = 0; !tiles.done(); stage ^= 1) {
@@ -156,8 +161,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4], dp[kBN / 8][4];
     wgmma_fence();
-    ss_abt<T, D, kRows>(dp, sdo, wg, sv);  // dP = dO V^T
-    ss_abt<T, D, kRows>(sc, sq, wg, sk);   // S = Q K^T
+    doa.abt(dp, sv);  // dP = dO V^T
+    qa.abt(sc, sk);   // S = Q K^T
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(sc);

@@ -58,8 +58,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
   cp_async_wait_all();
   __syncthreads();  // Q is in
-  uint32_t qa[D / 16][4];  // the warp's 16 rows of Q as A operand: S = Q K^T reads only K from shared memory
-  load_a<D, kRows>(sq, rb, qa);
+  const RowsA<T, D, true> qa(sq, wg);
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
   zero<D>(o);
@@ -87,7 +86,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     float sc[kBN / 8][4];
     const auto issue_s = [&] {
       wgmma_fence();
-      rs_abt<T, D>(sc, qa, sk);  // S = Q K^T
+      qa.abt(sc, sk);  // S = Q K^T
       wgmma_commit();
     };
     const auto issue_pv = [&] {

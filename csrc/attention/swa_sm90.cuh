@@ -124,6 +124,26 @@ __device__ __forceinline__ void rs_abt(float (&acc)[kBN / 8][4], const uint32_t 
   for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(b, 0, kk), kk > 0);
 }
 
+// The warpgroup's 64 rows of a fixed 128-row tile (a CTA's queries) as the A operand of products acc = A B^T over
+// the headdim: as register fragments (kInRegs: loaded once, after the tile is in; the products then read only B
+// from shared memory) or read from the tile by each product.
+template <typename T, int D, bool kInRegs>
+struct RowsA {
+  const unsigned char* tile;
+  int wg;
+  uint32_t a[kInRegs ? D / 16 : 1][4];
+  __device__ RowsA(const unsigned char* tile, int wg) : tile(tile), wg(wg) {
+    if constexpr (kInRegs) load_a<D, 128>(tile, static_cast<int>(threadIdx.x / 32) * 16, a);
+  }
+  __device__ void abt(float (&acc)[kBN / 8][4], const unsigned char* b) const {
+    if constexpr (kInRegs) {
+      rs_abt<T, D>(acc, a, b);
+    } else {
+      ss_abt<T, D, 128>(acc, tile, wg, b);
+    }
+  }
+};
+
 // acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
 template <typename T, int D>
 __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
