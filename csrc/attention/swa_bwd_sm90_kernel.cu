@@ -90,10 +90,10 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     wgmma_wait<0>();
     fence_operands(st);
     fence_operands(dpt);
-    // masked only where the window cuts the tiles: queries beyond ni have P = 0 (lse = inf), keys beyond nj are zero
-    // rows whose dK, dV rows are not stored
+    // masked only where the window cuts the tiles, as full tiles: queries beyond ni have P = 0 (lse = inf), keys
+    // beyond nj are zero rows whose dK, dV rows are not stored
     if (!swa_tile_full(i0, i0 + ni, wk0, wk1, s.window, s.sink)) {
-      mask_block(st, 16 * warp, ln, [&](int r, int c) { return swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
+      KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
     }
     p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
     uint32_t pa[kBN / 16][4], dsa[kBN / 16][4];
@@ -167,10 +167,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     wgmma_wait<0>();
     fence_operands(sc);
     fence_operands(dp);
-    // masked only where the window cuts the tiles: keys beyond nj are zero rows of K (dQ gains nothing from them),
-    // queries beyond ni have P = 0 (lse = inf)
+    // masked only where the window cuts the tiles, as full tiles: keys beyond nj are zero rows of K (dQ gains nothing
+    // from them), queries beyond ni have P = 0 (lse = inf)
     if (!swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, 16 * warp, ln, [&](int r, int c) { return swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
+      TileMask(i0, j0, kBN, s).apply(sc, 16 * warp, ln);
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     uint32_t dsa[kBN / 16][4];

@@ -117,32 +117,66 @@ struct QueryTiles {
   }
 };
 
-// swa_allowed(i0 + r, j0 + c) for the rows r in [0, 128) and keys c in [0, nj) of a tile in 32-bit arithmetic:
-// with r - c in (-64, 128), the tile's 64-bit bounds clamped to [-256, 256] decide exactly.
+// min(max(a - b, -256), 256) for a >= 0, without overflow for any a, b: the masks' 64-bit bounds in 32 bits, exact
+// where they are compared with differences in (-256, 256).
+__device__ __forceinline__ int clamped_diff(int64_t a, int64_t b) {
+  return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
+}
+
+// swa_allowed(i0 + r, j0 + c) for the query rows r in [0, 128) and keys c in [0, nj) of a tile (C fragments: the
+// forward's and dQ's scores), in 32-bit arithmetic.
 struct TileMask {
   int nj, causal, window, sink;  // keys c < nj with r - c >= causal, and r - c < window or c < sink
   __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
       : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
         sink(clamped_diff(s.sink, j0)) {}
-  __device__ bool operator()(int r, int c) const { return c < nj && r - c >= causal && (r - c < window || c < sink); }
-  // min(max(a - b, -256), 256) for a >= 0, without overflow for any a, b
-  __device__ static int clamped_diff(int64_t a, int64_t b) {
-    return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
+  // Sets the elements of the 16 x 64 block of rows [rb, rb + 16) the mask rejects to -inf. Element (n, e) is
+  // (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2): per row, bounds on 8 n + e % 2, a constant, so each
+  // element costs a few compares and a select, no branch.
+  __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = rb + ln.g + 8 * half, c0 = 2 * ln.t;
+      // key c0 + k visible: k < hi, and k > lo or k < sk
+      const int hi = min(nj, r - causal + 1) - c0, lo = r - window - c0, sk = sink - c0;
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = 8 * n + e;
+          if (!((k < hi) & ((k > lo) | (k < sk)))) x[n][2 * half + e] = -INFINITY;
+        }
+      }
+    }
   }
 };
 
-// Sets the elements of the 16 x 64 block of C fragments of rows [rb, rb + 16) that visible(row, col) rejects
-// to -inf; element (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2).
-template <typename Visible>
-__device__ __forceinline__ void mask_block(float (&x)[kBN / 8][4], int rb, Lane ln, Visible visible) {
+// swa_allowed(i0 + c, j0 + r) for the key rows r in [0, 128) and queries c in [0, 64) of a tile (the dK, dV
+// kernels' S^T), in 32-bit arithmetic. No bounds: the kernels' keys beyond the tile are zero rows whose dK, dV rows
+// are not stored, their queries beyond it have P = 0 (lse = inf).
+struct KeyRowMask {
+  int lo, hi, sink;  // queries c >= r + lo, and c < r + hi or r < sink
+  __device__ KeyRowMask(int64_t i0, int64_t j0, const SwaShape& s)
+      : lo(clamped_diff(j0, i0)), hi(clamped_diff(s.window, i0 - j0)), sink(clamped_diff(s.sink, j0)) {}
+  // As TileMask::apply.
+  __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
 #pragma unroll
-  for (int n = 0; n < kBN / 8; ++n) {
+    for (int half = 0; half < 2; ++half) {
+      const int r = rb + ln.g + 8 * half, c0 = 2 * ln.t;
+      // query c0 + k visible: k >= from, and k < to or the row is a sink key
+      const int from = r + lo - c0, to = r + hi - c0;
+      const bool sink_row = r < sink;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (!visible(rb + ln.g + 8 * (e / 2), 8 * n + 2 * ln.t + (e % 2))) x[n][e] = -INFINITY;
+      for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int k = 8 * n + e;
+          if (!((k >= from) & ((k < to) | sink_row))) x[n][2 * half + e] = -INFINITY;
+        }
+      }
     }
   }
-}
+};
 
 // Writes the 16 rows [rb, rb + 16) of a tile (C fragments acc, times row_scale[half] for rows g and g + 8) as T
 // to rows [r0 + rb, ...), columns [c0, c0 + kCols) of head h, only rows r < n.
@@ -229,7 +263,7 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
 
 // P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
 // (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta(row, col)
-// give its statistics. The scores must be -inf where masked (mask_block).
+// give its statistics. The scores must be -inf where masked (TileMask, KeyRowMask).
 template <typename Lse, typename Delta>
 __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
                                          float scale, Lse lse2, Delta delta) {

@@ -33,8 +33,8 @@ constexpr int smem_bytes() {
   return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kBN>();
 }
 
-// At headdim 64 the kernel fits 128 registers (12 bytes spilled: pointers of the per-tile loads): two CTAs (16
-// warps) per SM, one's softmax beside the other's products; at 128 it needs ~225: one CTA.
+// At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
+// other's products; at 128 it needs ~225: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     const auto softmax = [&] {
       fence_operands(sc);
       if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-        mask_block(sc, rb, ln, TileMask(i0, j0, nj, s));
+        TileMask(i0, j0, nj, s).apply(sc, rb, ln);
         softmax_rows(sc, m, l, alpha, scale_log2);
       } else {
         softmax_rows(sc, m, l, alpha, scale_log2);

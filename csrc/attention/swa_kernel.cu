@@ -302,10 +302,9 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
     if (live) {
       warp_abt_blocks(qf, sk, ln, sc);
       if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+        const TileMask mask(i0, j0, nj, s);
 #pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) {
-          mask_block(sc[mb], rb + 16 * mb, ln, TileMask(i0, j0, nj, s));
-        }
+        for (int mb = 0; mb < kMB; ++mb) mask.apply(sc[mb], rb + 16 * mb, ln);
       }
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) softmax_step<D>(sc[mb], m[mb], l[mb], o[mb], scale_log2);
@@ -435,8 +434,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
     if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(st, 16 * warp, ln,
-                 [&](int r, int c) { return r < nj && c < ni && swa_allowed(i0 + c, j0 + r, s.window, s.sink); });
+      KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
     }
     cp_async_wait_all();
     __syncthreads();  // dO(i0) is in
@@ -503,8 +501,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
     if (!tiles.done()) load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
     warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);  // S = Q K^T
     if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      mask_block(sc, 16 * warp, ln,
-                 [&](int r, int c) { return c < nj && swa_allowed(i0 + r, j0 + c, s.window, s.sink); });
+      TileMask(i0, j0, nj, s).apply(sc, 16 * warp, ln);
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     warp_px<T, D>(dp, sk, 0, ln, dq);  // dQ += scale dS K
