@@ -87,39 +87,56 @@ std::string describe(const Block& b) {
          std::to_string(at_warp) + " at a warp operation, " + std::to_string(done) + " exited";
 }
 
-// Releases whatever barrier is complete: the block barrier when every live thread waits at it, a warp's barrier
-// when every live lane of that warp waits at it. False when nothing could be released.
-bool release(Block& b) {
-  bool all_block = true, any_block = false;
-  for (const Fiber& f : b.fibers) {
-    if (f.state == State::kDone) continue;
-    all_block = all_block && f.state == State::kBlockBarrier;
-    any_block = any_block || f.state == State::kBlockBarrier;
+// Releases warp w's barrier when every live lane of it waits there. False when it could not.
+bool release_warp(Block& b, size_t w) {
+  const size_t end = std::min(b.fibers.size(), w * 32 + 32);
+  bool all = true, any = false;
+  for (size_t i = w * 32; i < end; ++i) {
+    const State s = b.fibers[i].state;
+    if (s == State::kDone) continue;
+    all = all && s == State::kWarpBarrier;
+    any = any || s == State::kWarpBarrier;
   }
-  if (any_block && all_block) {
-    for (Fiber& f : b.fibers)
-      if (f.state == State::kBlockBarrier) f.state = State::kRunnable;
-    return true;
-  }
-  bool released = false;
-  for (size_t w = 0; w * 32 < b.fibers.size(); ++w) {
-    const size_t end = std::min(b.fibers.size(), w * 32 + 32);
-    bool all = true, any = false;
-    for (size_t i = w * 32; i < end; ++i) {
-      const State s = b.fibers[i].state;
-      if (s == State::kDone) continue;
-      all = all && s == State::kWarpBarrier;
-      any = any || s == State::kWarpBarrier;
-    }
-    if (any && all) {
-      for (size_t i = w * 32; i < end; ++i)
-        if (b.fibers[i].state == State::kWarpBarrier) b.fibers[i].state = State::kRunnable;
-      released = true;
-    }
-  }
-  return released;
+  if (!(any && all)) return false;
+  for (size_t i = w * 32; i < end; ++i)
+    if (b.fibers[i].state == State::kWarpBarrier) b.fibers[i].state = State::kRunnable;
+  return true;
 }
 
+// Releases the block barrier when every live thread waits at it. False when it could not.
+bool release_block(Block& b) {
+  bool all = true, any = false;
+  for (const Fiber& f : b.fibers) {
+    if (f.state == State::kDone) continue;
+    all = all && f.state == State::kBlockBarrier;
+    any = any || f.state == State::kBlockBarrier;
+  }
+  if (!(any && all)) return false;
+  for (Fiber& f : b.fibers)
+    if (f.state == State::kBlockBarrier) f.state = State::kRunnable;
+  return true;
+}
+
+// Runs warp w as far as it goes: its lanes up to their next barrier, through every warp operation, until they
+// wait at the block barrier or exit. True when a lane ran.
+bool run_warp(Block& b, size_t w, bool reverse) {
+  const size_t begin = w * 32, n = std::min(b.fibers.size(), begin + 32) - begin;
+  bool ran = false;
+  do {
+    for (size_t k = 0; k < n; ++k) {
+      Fiber& f = b.fibers[begin + (reverse ? n - 1 - k : k)];
+      if (f.state != State::kRunnable) continue;
+      b.current = &f;
+      swapcontext(&b.scheduler, &f.ctx);
+      ran = true;
+    }
+  } while (!b.error && release_warp(b, w));
+  return ran;
+}
+
+// Warp by warp (in reverse order, the last first): each runs through its warp operations up to the block
+// barrier before the next starts, so data one warp writes and another reads without a block barrier between
+// shows, whatever warp operations the two pass.
 void run_block(Block& b, unsigned threads, bool reverse) {
   b.fibers.assign(threads, Fiber{});
   std::fill(b.smem.begin(), b.smem.end(), 0xff);
@@ -134,17 +151,12 @@ void run_block(Block& b, unsigned threads, bool reverse) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  const size_t warps = (threads + 31) / 32;
   for (;;) {
     bool ran = false;
-    for (unsigned k = 0; k < threads; ++k) {
-      Fiber& f = b.fibers[reverse ? threads - 1 - k : k];
-      if (f.state != State::kRunnable) continue;
-      b.current = &f;
-      swapcontext(&b.scheduler, &f.ctx);
-      ran = true;
-    }
+    for (size_t k = 0; k < warps && !b.error; ++k) ran = run_warp(b, reverse ? warps - 1 - k : k, reverse) || ran;
     if (b.error) std::rethrow_exception(b.error);
-    if (ran || release(b)) continue;
+    if (ran || release_block(b)) continue;
     bool all_done = true;
     for (const Fiber& f : b.fibers) all_done = all_done && f.state == State::kDone;
     if (all_done) return;

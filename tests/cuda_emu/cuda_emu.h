@@ -2,9 +2,10 @@
 // Runs CUDA kernel sources on the CPU, for tests of the CUDA kernels' logic on machines without a GPU.
 // rewrite.py turns a .cu file into C++ that includes this header: each `kernel<<<grid, block, smem, stream>>>(
 // args)` becomes mk_emu::launch(...), each `extern __shared__ T name[]` a pointer to the block's dynamic shared
-// memory. A launch runs its blocks one after another; the threads of a block are fibers that a scheduler runs in
-// turn up to their next barrier (__syncthreads, or a warp-wide operation such as __shfl_xor_sync), in forward or,
-// with MK_EMU_ORDER=reverse, backward thread order: a missing barrier shows up as a difference between the two.
+// memory. A launch runs its blocks one after another; the threads of a block are fibers that a scheduler runs warp
+// by warp: a warp's threads in turn up to their next barrier, through the warp's warp-wide operations (such as
+// __shfl_xor_sync), until they wait at __syncthreads, then the next warp; in forward or, with
+// MK_EMU_ORDER=reverse, backward order: a missing barrier shows up as a difference between the two.
 // Asynchronous copies and products complete at their wait, or with MK_EMU_ORDER=reverse when issued.
 // A barrier that some threads never reach (or a warp op inside a divergent branch) raises an error. Dynamic
 // shared memory starts filled with 0xff bytes (NaN as floats) in every block. Math uses the host's libm: results
