@@ -1,8 +1,9 @@
 #pragma once
 // Pieces of the sm_90a attention kernels (swa_fwd_sm90_kernel.cu, swa_bwd_sm90_kernel.cu): the aligned
 // shared-memory base, the cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, the
-// descriptors of its K-major and MN-major operands, the two products every kernel makes of them, and the launchers'
-// dispatch.
+// descriptors of its K-major and MN-major operands, a tile's rows as register A fragments (load_a, RowsA), the
+// products the kernels make of them (A B^T with A in shared memory or registers, A X with A in registers), and the
+// launchers' dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
