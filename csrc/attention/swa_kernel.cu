@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
-    if (nj < kBN || ni < kBM || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
+    if (!swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {  // partial tiles need no bounds (KeyRowMask)
       KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
     }
     cp_async_wait_all();
