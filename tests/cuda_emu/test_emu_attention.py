@@ -41,6 +41,9 @@ CASES = [
     (torch.float16, 1, 300, 2, 1, 128, 100, 2),
     # 6 query tiles over ~6 key tiles each: the double-buffered forward's stages alternate (sm_90 kernel)
     (torch.bfloat16, 1, 700, 2, 2, 128, 250, 0),
+    # window 400: tiles more than 256 apart and windows reaching more than 256 past a tile, where the masks clamp
+    # their 64-bit bounds to 32 bits; sink 3 (sink tile, then the window range)
+    (torch.float16, 1, 520, 1, 1, 64, 400, 3),
 ]
 
 
