@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     unsigned char* sk_other = stages + (stage ^ 1) * 2 * kKV;  // K(t + 1), then V(t - 1)
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // K(t), V(t - 1) (and Q) are in; every warp is done with K(t - 1) and V(t - 2)
+    __syncthreads();  // K(t), V(t - 1) are in; every warp is done with K(t - 1) and V(t - 2)
     if (has_tile) {
       load_tile<T, D, kBN, kThreads>(v, b, j0, nj, L, s.kv_heads, hk, sk + kKV);
       tiles.next();
