@@ -5,11 +5,10 @@
 // rows [16 w, 16 w + 16) of the accumulators (swa_wgmma.cuh); the tiles the loop walks (64 rows) serve both
 // warpgroups, and a warpgroup skips those none of its rows meets. dK, dV kernel: CTA per (128 keys, batch * kv
 // head), over the query tiles of every head of the group that see them (QueryTiles): S^T = K Q^T and dP^T = V dO^T
-// (m64n64k16, Q and dO K-major in shared memory, K and V there too at headdim 128, in registers at 64: RowsA),
-// P^T and scale dS^T (p_and_ds) rounded to 16 bits in registers as the A operands of dV += P^T dO and
-// dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read MN-major). dQ kernel: CTA per (128 queries, batch *
-// head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T (dO and Q in registers at headdim 128),
-// dQ += scale dS K. The walked tiles (Q, dO and their statistics; K and V) are double-buffered: their
+// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in
+// registers as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read
+// MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
+// S = Q K^T, dQ += scale dS K. The walked tiles (Q, dO and their statistics; K and V) are double-buffered: their
 // cp.async loads run behind the products of the tile before, one barrier per tile. Deterministic: no atomics, a
 // fixed order of sums.
 #include <cuda_bf16.h>
@@ -67,11 +66,6 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
   load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
   load_query_tile(tiles, 0);
-  cp_async_wait_all();
-  __syncthreads();  // K, V are in
-  // in registers at headdim 64 (the two SS products would take most of the shared-memory bandwidth); at 128 there
-  // are no registers left
-  const RowsA<T, D, D == 64> ka(sk, wg), va(sv, wg);
   float dk[D / 8][4], dv[D / 8][4];
   zero<D>(dk);
   zero<D>(dv);
@@ -90,8 +84,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     if (wk0 >= wk1 || swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink)) continue;
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     wgmma_fence();
-    ka.abt(st, sq);   // S^T = K Q^T
-    va.abt(dpt, sdo);  // dP^T = V dO^T
+    ss_abt<T, D, kRows>(st, sk, wg, sq);
+    ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(st);

@@ -125,9 +125,9 @@ __device__ __forceinline__ void rs_abt(float (&acc)[kBN / 8][4], const uint32_t 
   for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(b, 0, kk), kk > 0);
 }
 
-// The warpgroup's 64 rows of a fixed 128-row tile (a CTA's queries or keys) as the A operand of products
-// acc = A B^T over the headdim: as register fragments (kInRegs: loaded once, after the tile is in; the products
-// then read only B from shared memory) or read from the tile by each product.
+// The warpgroup's 64 rows of a fixed 128-row tile (a CTA's queries) as the A operand of products acc = A B^T over
+// the headdim: as register fragments (kInRegs: loaded once, after the tile is in; the products then read only B
+// from shared memory) or read from the tile by each product.
 template <typename T, int D, bool kInRegs>
 struct RowsA {
   const unsigned char* tile;
