@@ -1,7 +1,7 @@
 #pragma once
-// Device helpers shared by the selective scan's CUDA kernels (scan_fwd_kernel.cu, scan_bwd_kernel.cu,
-// scan_kernel.cu: decode step and reductions): conversions, team sums, one channel's weights as seen by one lane,
-// the block staging of the forward and the backward, and the dtype / lane-plan dispatch of the launchers.
+// Device helpers shared by the selective scan's CUDA kernels (scan_kernel.cu: forward, decode step, reductions;
+// scan_bwd_kernel.cu: backward): conversions, team sums, one channel's weights as seen by one lane, the backward's
+// block staging, and the dtype / lane-plan dispatch of the launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -103,7 +103,7 @@ MK_UNROLL
   for (int o = kG; o < kLanes; o *= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o, kLanes);
 }
 
-// Block staging of the forward and the backward (every thread of a block of kThreads calls it): the per-step B / C
+// Block staging of the backward (every thread of a block of kThreads calls it): the per-step B / C
 // rows of steps [t0, t0 + len) of group g of batch row b into sB / sC where per step, kW rows of kRow weights and
 // kSpan steps; zeros past len and in the rows past dstate.
 template <typename in_t, typename acc_t, int kW, int kSpan, int kRow, int kThreads>

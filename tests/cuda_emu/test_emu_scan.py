@@ -1,8 +1,8 @@
-"""The CUDA kernels of the selective scan (csrc/scan/scan_fwd_kernel.cu, scan_bwd_kernel.cu, scan_kernel.cu) run by
-the emulator: forward, backward (with its fixed-order reduce kernel) and decode step against the float64 reference
-and the CPU kernel, for every dtype, every (kLanes, kS) instance of dispatch_lanes (block sizes, the forward's spans
-of 64, 32 and 16 steps), every B/C layout and option, odd and multi-chunk lengths, packed sequences with bounds inside
-the kernels' groups of steps; determinism across runs and thread orders; the CUDA-only glue errors.
+"""The CUDA kernels of the selective scan (csrc/scan/scan_kernel.cu) run by the emulator: forward, backward
+(with its fixed-order reduce kernel) and decode step against the float64 reference and the CPU kernel, for every
+dtype, every (kLanes, kS) instance of dispatch_lanes (the forward's loading per-step B/C one step or several at a
+time), every backward block size of scan_bwd_cuda_blk, every B/C layout and option, odd and multi-chunk lengths,
+packed sequences; determinism across runs and thread orders; the CUDA-only glue errors.
 
 Tolerances (rtol, atol as a fraction of the largest reference magnitude), outputs and gradients alike:
 float64 1e-9 / 1e-10 absolute; float32 2e-4 / 2e-5; float16 5e-3 / 3e-3; bfloat16 3e-2 / 2e-2 (activations
@@ -82,9 +82,10 @@ def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
 
 
-# seqlen a multiple of 8 (the cases above: 77 steps), per-step B and C in two groups. Every (kLanes, kS) in float32,
-# the other dtypes with fewer lanes than steps per group (each lane sums several steps of the team's group) and
-# more (the group's sums spread over the lanes).
+# The forward loads 16 bytes of each per-step B/C row at a time (8 steps in float16/bfloat16, 4 in float32, 2 in
+# float64) where every such row is 16-byte aligned (seqlen and base pointers), else one step at a time (the cases
+# above: 77 steps). Every (kLanes, kS) in float32, the other dtypes with fewer lanes than steps per load (each
+# lane sums several steps of the team's group) and more (the group's sums spread over the lanes).
 ALIGNED_CASES = ([(torch.float32, n) for n in (3, 8, 16, 32, 64, 100, 256)]
                  + [(torch.bfloat16, n) for n in (4, 8, 16, 64, 200)] + [(torch.float16, n) for n in (8, 32)]
                  + [(F64, n) for n in (2, 16, 128)])
@@ -92,8 +93,8 @@ ALIGNED_CASES = ([(torch.float32, n) for n in (3, 8, 16, 32, 64, 100, 256)]
 
 @pytest.mark.parametrize("dtype,dstate", ALIGNED_CASES)
 def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
-    # 136 steps: two whole chunks and 8 steps (a partial span); per-step B and C in 2 groups; idle teams in the
-    # blocks
+    # 136 steps (a multiple of 8): two whole chunks and 8 steps, the last tile of 32 steps partial; per-step B and C
+    # in 2 groups; idle teams in the forward's block
     x = make_inputs(batch=2, dim=4, seqlen=136, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=dstate)
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
 
@@ -101,8 +102,9 @@ def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
                                           (torch.bfloat16, 64), (F64, 16)])
 def test_varlen_aligned_rows(emulated, dtype, dstate):
-    # 152 steps with sequence bounds inside the kernels' groups of steps (groups shared by two sequences), a sequence
-    # inside one group (81..83), a chunk start at a sequence start (64) and inside a sequence (128), empty sequences
+    # 152 steps (a multiple of 8) with sequence bounds inside groups of loaded steps (partial groups at both ends,
+    # tiles shared by two sequences), a sequence inside one group (81..83), a chunk start at a sequence start (64)
+    # and inside a sequence (128), empty sequences
     cu_list = [0, 5, 5, 64, 81, 83, 150, 152, 152]
     nseq = len(cu_list) - 1
     x = make_inputs(batch=1, dim=3, seqlen=152, dstate=dstate, B_mode="var3", C_mode="var3", nseq=nseq, seed=12)
@@ -112,8 +114,9 @@ def test_varlen_aligned_rows(emulated, dtype, dstate):
 
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.bfloat16, 16), (F64, 8)])
 def test_varlen_aligned_rows_keep_sequences_apart(emulated, dtype, dstate):
-    # an infinite B at the last step of sequence [0, 5) and inside [83, 150): the groups of steps they share with
-    # [5, 64) and [81, 83) must leave those sequences' states alone (a sequence starts from its initial state)
+    # an infinite B at the last step of sequence [0, 5) and inside [83, 150): the groups of loaded steps they share
+    # with [5, 64) and [81, 83) must leave those sequences' states alone (steps before a sequence's start and past
+    # its end are skipped, not run with zeros: 0·inf is NaN)
     cu_list = [0, 5, 64, 81, 83, 150, 152]
     nseq = len(cu_list) - 1
     x = cast(make_inputs(batch=1, dim=3, seqlen=152, dstate=dstate, B_mode="var3", C_mode="var3", nseq=nseq,
@@ -137,8 +140,8 @@ def test_varlen_aligned_rows_keep_sequences_apart(emulated, dtype, dstate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shifted", ["B", "C"])
 def test_misaligned_rows_forward(emulated, dtype, shifted):
-    # seqlen a multiple of 8, but one per-step B/C starts one element past a 16-byte boundary: the kernels read any
-    # alignment
+    # seqlen a multiple of 8, but one per-step B/C starts one element past a 16-byte boundary: the forward loads one
+    # step at a time
     x = cast(make_inputs(batch=2, dim=5, seqlen=136, dstate=16, B_mode="var3", C_mode="var3", seed=4), dtype)
     t = x[shifted]
     x[shifted] = torch.empty(t.numel() + 1, dtype=dtype)[1:].view(t.shape).copy_(t)
