@@ -123,6 +123,24 @@ __device__ __forceinline__ int clamped_diff(int64_t a, int64_t b) {
   return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
 }
 
+// Sets the elements of the 16 x 64 block of C fragments of rows [rb, rb + 16) that a mask rejects to -inf. Element
+// (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2): row_rule(row, 2 t) gives, once per row, the test
+// of the constant k = 8 n + e % 2, so each element costs a few compares and a select, no branch.
+template <typename RowRule>
+__device__ __forceinline__ void mask_rows(float (&x)[kBN / 8][4], int rb, Lane ln, RowRule row_rule) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const auto visible = row_rule(rb + ln.g + 8 * half, 2 * ln.t);
+#pragma unroll
+    for (int n = 0; n < kBN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (!visible(8 * n + e)) x[n][2 * half + e] = -INFINITY;
+      }
+    }
+  }
+}
+
 // swa_allowed(i0 + r, j0 + c) for the query rows r in [0, 128) and keys c in [0, nj) of a tile (C fragments: the
 // forward's and dQ's scores), in 32-bit arithmetic.
 struct TileMask {
@@ -130,24 +148,13 @@ struct TileMask {
   __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
       : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
         sink(clamped_diff(s.sink, j0)) {}
-  // Sets the elements of the 16 x 64 block of rows [rb, rb + 16) the mask rejects to -inf. Element (n, e) is
-  // (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2): per row, bounds on 8 n + e % 2, a constant, so each
-  // element costs a few compares and a select, no branch.
+  // The rejected elements of the 16 x 64 block of rows [rb, rb + 16) to -inf (mask_rows).
   __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = rb + ln.g + 8 * half, c0 = 2 * ln.t;
+    mask_rows(x, rb, ln, [&](int r, int c0) {
       // key c0 + k visible: k < hi, and k > lo or k < sk
       const int hi = min(nj, r - causal + 1) - c0, lo = r - window - c0, sk = sink - c0;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int k = 8 * n + e;
-          if (!((k < hi) & ((k > lo) | (k < sk)))) x[n][2 * half + e] = -INFINITY;
-        }
-      }
-    }
+      return [=](int k) { return (k < hi) & ((k > lo) | (k < sk)); };
+    });
   }
 };
 
@@ -160,21 +167,12 @@ struct KeyRowMask {
       : lo(clamped_diff(j0, i0)), hi(clamped_diff(s.window, i0 - j0)), sink(clamped_diff(s.sink, j0)) {}
   // As TileMask::apply.
   __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = rb + ln.g + 8 * half, c0 = 2 * ln.t;
+    mask_rows(x, rb, ln, [&](int r, int c0) {
       // query c0 + k visible: k >= from, and k < to or the row is a sink key
       const int from = r + lo - c0, to = r + hi - c0;
       const bool sink_row = r < sink;
-#pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int k = 8 * n + e;
-          if (!((k >= from) & ((k < to) | sink_row))) x[n][2 * half + e] = -INFINITY;
-        }
-      }
-    }
+      return [=](int k) { return (k >= from) & ((k < to) | sink_row); };
+    });
   }
 };
 
