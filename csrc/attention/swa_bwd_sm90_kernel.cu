@@ -52,19 +52,20 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
-  const T* q = static_cast<const T*>(p.q);
-  const T* dout = static_cast<const T*>(p.dout);
+  // the query tiles' loaders, at head 0: a load names the head of the group it reads
+  const TileLoader<T, D, kBM, kThreads> q_tiles(static_cast<const T*>(p.q), b, L, s.heads, 0),
+      do_tiles(static_cast<const T*>(p.dout), b, L, s.heads, 0);
   const auto load_query_tile = [&](const QueryTiles& t, int stage) {
     unsigned char* at = stages + 2 * stage * kTile;
-    load_tile<T, D, kBM, kThreads>(q, b, t.i0, t.size(), L, s.heads, t.h, at);
-    load_tile<T, D, kBM, kThreads>(dout, b, t.i0, t.size(), L, s.heads, t.h, at + kTile);
+    q_tiles.load(t.i0, t.size(), at, t.h);
+    do_tiles.load(t.i0, t.size(), at + kTile, t.h);
     const int64_t row0 = (b * s.heads + t.h) * L;
     load_stats<kBM>(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0,
                     t.size(), stats + 128 * stage, stats + 128 * stage + 64);
   };
   QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
-  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
-  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.v), b, j0, nj, L, s.kv_heads, hk, sv);
+  TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.k), b, L, s.kv_heads, hk).load(j0, nj, sk);
+  TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.v), b, L, s.kv_heads, hk).load(j0, nj, sv);
   load_query_tile(tiles, 0);
   float dk[D / 8][4], dv[D / 8][4];
   zero<D>(dk);
@@ -133,14 +134,18 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
+  const TileLoader<T, D, kBN, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
+      v_tiles(static_cast<const T*>(p.v), b, L, s.kv_heads, hk);
+  const auto load_kv = [&](const KeyTiles& t, unsigned char* at) {  // K at `at`, V right after it
+    k_tiles.load(t.j0, t.size(), at);
+    v_tiles.load(t.j0, t.size(), at + kTile);
+  };
   KeyTiles tiles(i0, i0 + ni, s);
-  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
+  TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
+  TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, L, s.heads, h).load(i0, ni, sdo);
   load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
                     slse, sdelta);
-  load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages);
+  load_kv(tiles, stages);
   cp_async_wait_all();
   __syncthreads();  // Q, dO are in
   // in registers at headdim 128 (the two SS products would take the whole shared-memory bandwidth); at 64 they
@@ -156,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     fence_proxy_async();
     __syncthreads();  // K(j0), V(j0) (and Q, dO, the statistics) are in; every warp is done with the other stage
     tiles.next();
-    if (!tiles.done()) load_kv<T, D, kThreads>(k, v, b, hk, tiles, s, stages + 2 * (stage ^ 1) * kTile);
+    if (!tiles.done()) load_kv(tiles, stages + 2 * (stage ^ 1) * kTile);
     // warpgroup-uniform, as wgmma needs
     if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
     float sc[kBN / 8][4], dp[kBN / 8][4];

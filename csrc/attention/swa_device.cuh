@@ -206,38 +206,56 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
-// m), the running row maxima m (log2 units) of rows g, g + 8 rising to cover them; the lane's parts l of the
-// row sums are rescaled to the new maxima and gain the sums of P; alpha gets the factor that rescales the output
-// (rescale). The maxima are taken on the raw scores (scale_log2 > 0 keeps their order), so the scale folds into
-// one FFMA per score.
-__device__ __forceinline__ void softmax_rows(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
-                                             float (&alpha)[2], float scale_log2) {
-  float mx[2] = {-INFINITY, -INFINITY};
+// v[0] = op over v[0, 2 W), W a power of two, as a tree of depth log2(2 W).
+template <int W, typename Op>
+__device__ __forceinline__ void fold(float* v, Op op) {
+#pragma unroll
+  for (int i = 0; i < W; ++i) v[i] = op(v[i], v[i + W]);
+  if constexpr (W > 1) fold<W / 2>(v, op);
+}
+
+// op over the lane's kBN / 4 elements of row g + 8 half of a 16 x 64 block of C fragments, as a tree: a dependent
+// chain of log2(kBN / 4) ops, not kBN / 4 (the softmax's latency when a scheduler has two warps).
+template <typename Op>
+__device__ __forceinline__ float row_reduce(const float (&x)[kBN / 8][4], int half, Op op) {
+  float v[kBN / 4];
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], sc[n][e]);
+    v[2 * n] = x[n][2 * half];
+    v[2 * n + 1] = x[n][2 * half + 1];
   }
+  fold<kBN / 8>(v, op);
+  return v[0];
+}
+
+// How far (log2 units) a row's scores may rise above the maximum its P are taken at before that maximum moves up:
+// P <= 2^kSlack, and most steps leave the maxima and the output as they are (alpha = 1: no rescale).
+constexpr float kSlack = 8.0f;
+
+// One online-softmax step of a 16-row block: the scores sc (-inf where masked) become P = exp2(scale_log2 sc -
+// m), m (log2 units) the reference maxima of rows g, g + 8, raised to a tile's row maximum where that exceeds them by
+// more than kSlack (always at a row's first key); the lane's parts l of the row sums are rescaled to the new maxima
+// and gain the sums of P; alpha gets the factor that rescales the output (rescale; 1 where m stayed). The maxima
+// are taken on the raw scores (scale_log2 > 0 keeps their order), so the scale folds into one FFMA per score.
+__device__ __forceinline__ void softmax_rows(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&alpha)[2], float scale_log2) {
   float m_sub[2];  // the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const float m_new = fmaxf(m[half], quad_max(mx[half]) * scale_log2);
-    alpha[half] = m[half] == -INFINITY ? 0.0f : exp2f(m[half] - m_new);
-    m[half] = m_new;
-    m_sub[half] = m_new == -INFINITY ? 0.0f : m_new;
+    const float m_tile = quad_max(row_reduce(sc, half, fmaxf)) * scale_log2;
+    const bool raise = m_tile > m[half] + kSlack;
+    alpha[half] = raise ? exp2f(m[half] - m_tile) : 1.0f;  // 0 from m = -inf
+    if (raise) m[half] = m_tile;
+    m_sub[half] = m[half] == -INFINITY ? 0.0f : m[half];
   }
-  float sum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -m_sub[e / 2]));
-      sum[e / 2] += sc[n][e];
-    }
+    for (int e = 0; e < 4; ++e) sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -m_sub[e / 2]));
   }
+  const auto add = [](float a, float b) { return a + b; };
 #pragma unroll
-  for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + sum[half];
+  for (int half = 0; half < 2; ++half) l[half] = l[half] * alpha[half] + row_reduce(sc, half, add);
 }
 
 // Output rows g, g + 8 (C fragments) times alpha[0], alpha[1].

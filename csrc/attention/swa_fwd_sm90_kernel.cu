@@ -51,11 +51,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
+  const TileLoader<T, D, kBN, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
+      v_tiles(static_cast<const T*>(p.v), b, L, s.kv_heads, hk);
   KeyTiles tiles(i0, i0 + ni, s);
-  load_tile<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
-  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, stages);
+  TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
+  k_tiles.load(tiles.j0, tiles.size(), stages);
   cp_async_wait_all();
   __syncthreads();  // Q is in
   const RowsA<T, D, true> qa(sq, wg);
@@ -77,9 +77,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     fence_proxy_async();
     __syncthreads();  // K(t), V(t - 1) are in; every warp is done with K(t - 1) and V(t - 2)
     if (has_tile) {
-      load_tile<T, D, kBN, kThreads>(v, b, j0, nj, L, s.kv_heads, hk, sk + kKV);
+      v_tiles.load(j0, nj, sk + kKV);
       tiles.next();
-      if (!tiles.done()) load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk_other);
+      if (!tiles.done()) k_tiles.load(tiles.j0, tiles.size(), sk_other);
     }
     // warpgroup-uniform, as wgmma needs
     const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
       wgmma_commit();
     };
     const auto issue_pv = [&] {
-      rescale<D>(o, alpha);
+      if (alpha[0] != 1.0f || alpha[1] != 1.0f) rescale<D>(o, alpha);  // mostly 1 (kSlack)
       wgmma_fence();
       rs_ax<T, D>(o, pa, sk_other + kKV);  // O += P V
       wgmma_commit();

@@ -39,52 +39,65 @@ constexpr int tile_bytes() {
   return R * D * static_cast<int>(sizeof(T));
 }
 
-// Starts loading rows [r0, r0 + n) of head h of a (batch, seqlen, nheads, D) tensor into the kR-row swizzled tile,
-// zeros beyond n; complete after cp_async_wait_all, fence_proxy_async and a barrier. Thread x of kThreads copies
-// the 16-byte chunks x + kThreads k of the row-major rows: it keeps one chunk column and steps kStep rows, a
-// multiple of 8, so the swizzled position in its row stays the same.
+// A thread's share of the cp.async loads of kR-row tiles of head h of batch b of a (batch, seqlen, nheads, D)
+// tensor into the swizzled layout. Thread x of kThreads copies the 16-byte chunks x + kThreads k of a tile's
+// row-major rows: it keeps one chunk column c and steps kStep rows, a multiple of 8, so the swizzled position in
+// its rows stays the same. Addresses and offsets are set up once; a load is then one predicated cp.async per row.
 template <typename T, int D, int kR, int kThreads>
-__device__ void load_tile(const T* __restrict__ src, int64_t b, int64_t r0, int64_t n, int64_t seqlen,
-                          int64_t nheads, int64_t h, unsigned char* tile) {
-  constexpr int kPerRow = D / 8;  // 16-byte chunks per row
-  constexpr int kStep = kThreads / kPerRow;
-  static_assert(kStep % 8 == 0 && kR % kStep == 0, "load_tile: rows per step");
-  const int c = static_cast<int>(threadIdx.x) % kPerRow, r = static_cast<int>(threadIdx.x) / kPerRow;
-  const int nr = static_cast<int>(n < kR ? n : kR);
-  const T* from = src + ((b * seqlen + r0 + r) * nheads + h) * D + 8 * c;
-  unsigned char* dst = tile + c / 8 * (kR * 128) + r * 128 + 16 * ((c % 8) ^ (r % 8));
-  const int64_t step = kStep * nheads * D;
-#pragma unroll 1
-  for (int row = r; row < kR; row += kStep, from += step, dst += kStep * 128) {
-    if (row < nr) {
-      cp_async_16(dst, from);
-    } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+struct TileLoader {
+  static constexpr int kPerRow = D / 8;  // 16-byte chunks per row
+  static constexpr int kStep = kThreads / kPerRow;
+  static_assert(kStep % 8 == 0 && kR % kStep == 0, "TileLoader: rows per step");
+  const T* head;  // sequence position 0, column 8 c of the head
+  int64_t pitch;  // elements from one position to the next
+  int row, dst;   // the thread's first row of a tile; the byte offset of its chunk of that row in a tile
+
+  __device__ TileLoader(const T* src, int64_t b, int64_t seqlen, int64_t nheads, int64_t h)
+      : pitch(nheads * D), row(static_cast<int>(threadIdx.x) / kPerRow) {
+    const int c = static_cast<int>(threadIdx.x) % kPerRow;
+    head = src + (b * seqlen * nheads + h) * D + 8 * c;
+    dst = c / 8 * (kR * 128) + row * 128 + 16 * ((c % 8) ^ (row % 8));
+  }
+  // Starts loading positions [r0, r0 + n), 1 <= n, of the head dh heads after the loader's into `tile`, zeros in
+  // its rows from n on; complete after cp_async_wait_all, fence_proxy_async and a barrier. A zero row's copy names
+  // the tile's row 0 (valid) and reads nothing.
+  __device__ void load(int64_t r0, int64_t n, unsigned char* tile, int64_t dh = 0) const {
+    const T* first = head + r0 * pitch + dh * D;
+    const int rows = static_cast<int>(min(n, static_cast<int64_t>(kR)));
+    const T* at = first + row * pitch;
+#pragma unroll
+    for (int k = 0; k < kR / kStep; ++k, at += kStep * pitch) {
+      const bool in = row + k * kStep < rows;
+      cp_async_16_or_zero(tile + dst + k * kStep * 128, in ? at : first, in);
     }
   }
+};
+
+// A descriptor moved `bytes` (a multiple of 16) further into its tile: a 32-bit add to the start address field
+// (bits 0-13, address / 16), which cannot carry out of it, shared memory being under 256 KB; the high word, the
+// same for every descriptor of a kind, stays as it is.
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, int bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + static_cast<uint32_t>(bytes >> 4);
+  return (desc & 0xffffffff00000000ull) | lo;
 }
 
-// Starts loading the key tile `tiles` is at, of kv head hk, into a stage at `at`: K (64 x D), V right after it.
-template <typename T, int D, int kThreads>
-__device__ void load_kv(const T* k, const T* v, int64_t b, int64_t hk, const KeyTiles& tiles, const SwaShape& s,
-                        unsigned char* at) {
-  load_tile<T, D, kBN, kThreads>(k, b, tiles.j0, tiles.size(), s.seqlen, s.kv_heads, hk, at);
-  load_tile<T, D, kBN, kThreads>(v, b, tiles.j0, tiles.size(), s.seqlen, s.kv_heads, hk, at + tile_bytes<T, D, kBN>());
+// The descriptor of a tile's K-major operands (k_major) and that of its MN-major ones (mn_major) at its first byte.
+__device__ __forceinline__ uint64_t k_major_desc(const unsigned char* tile) { return smem_desc(tile, 16, 1024); }
+template <int R>
+__device__ __forceinline__ uint64_t mn_major_desc(const unsigned char* tile) {
+  return smem_desc(tile, R * 128, 1024);
 }
 
 // Descriptor of the K-major operand rows [64 rb, 64 rb + 64) x k [16 kk, 16 kk + 16) of an R-row tile (rows are
-// M or N, k the headdim).
+// M or N, k the headdim) whose k_major_desc is `tile`.
 template <int R>
-__device__ __forceinline__ uint64_t k_major(const unsigned char* tile, int rb, int kk) {
-  return smem_desc(tile + kk / 4 * (R * 128) + rb * 64 * 128 + kk % 4 * 32, 16, 1024);
+__device__ __forceinline__ uint64_t k_major(uint64_t tile, int rb, int kk) {
+  return desc_plus(tile, kk / 4 * (R * 128) + rb * 64 * 128 + kk % 4 * 32);
 }
 
 // Descriptor of the MN-major B operand k rows [16 kk, 16 kk + 16) x all headdim columns of an R-row tile (rows
-// are k, the headdim N).
-template <int R>
-__device__ __forceinline__ uint64_t mn_major(const unsigned char* tile, int kk) {
-  return smem_desc(tile + kk * 16 * 128, R * 128, 1024);
-}
+// are k, the headdim N) whose mn_major_desc is `tile`.
+__device__ __forceinline__ uint64_t mn_major(uint64_t tile, int kk) { return desc_plus(tile, kk * 16 * 128); }
 
 // The warp's A fragments (rows [row0, row0 + 16), D / 16 of them along the headdim) of an R-row tile, by
 // ldmatrix: lane l gives row row0 + l % 8 + 8 (l / 8 % 2) of the 16-byte chunk 2 kk + l / 16.
@@ -111,18 +124,18 @@ __device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)
 template <typename T, int D, int kRowsA>
 __device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned char* a, int rb,
                                        const unsigned char* b) {
+  const uint64_t da = k_major_desc(a), db = k_major_desc(b);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    wgmma_ss_n64<T>(acc, k_major<kRowsA>(a, rb, kk), k_major<kBN>(b, 0, kk), kk > 0);
-  }
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n64<T>(acc, k_major<kRowsA>(da, rb, kk), k_major<kBN>(db, 0, kk), kk > 0);
 }
 
 // acc (64 x 64) = A B^T over the headdim: A (64 x D) in registers (load_a), B the 64 rows of a tile read K-major.
 template <typename T, int D>
 __device__ __forceinline__ void rs_abt(float (&acc)[kBN / 8][4], const uint32_t (&a)[D / 16][4],
                                        const unsigned char* b) {
+  const uint64_t db = k_major_desc(b);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(b, 0, kk), kk > 0);
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(db, 0, kk), kk > 0);
 }
 
 // The warpgroup's 64 rows of a fixed 128-row tile (a CTA's queries) as the A operand of products acc = A B^T over
@@ -149,8 +162,9 @@ struct RowsA {
 template <typename T, int D>
 __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
                                       const unsigned char* x) {
+  const uint64_t dx = mn_major_desc<kBN>(x);
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major<kBN>(x, kk), true);
+  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major(dx, kk), true);
 }
 
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.

@@ -4,6 +4,8 @@ by default) run by the emulator: forward (out, lse) and backward (dq, dk, dv, al
 dense masked reference, for both dtypes, every headdim, windows and sinks that hit each tile case (full, partial,
 sink range, window range), GQA / MQA, partial and multiple tiles; the mma.sync kernels at headdims 64 and 128 on an
 emulated pre-Hopper device; bitwise determinism of the backward; the CUDA branch of the glue's checks."""
+import math
+
 import pytest
 import torch
 
@@ -102,6 +104,29 @@ def test_before_hopper_matches_float64_reference(emulated, monkeypatch, case):
     """Compute capability 8.0: headdims 64 and 128 take swa_kernel.cu's kernels, not the sm_90a ones."""
     monkeypatch.setenv("MK_EMU_CC", "80")
     _check_case(emulated, case)
+
+
+@pytest.mark.parametrize("cc", ["90", "80"])
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_scores_rising_along_the_keys(emulated, monkeypatch, cc, headdim):
+    """Keys scaled up along the sequence: a row's scores rise by many times kSlack (swa_device.cuh) from tile to
+    tile, so the softmax's reference maxima move up again and again, between steps that keep them (P up to
+    2^kSlack); and they fall back, past the window's end. Forward and backward against float64, on both kernels."""
+    monkeypatch.setenv("MK_EMU_CC", cc)
+    dtype, seqlen, window = torch.float16, 300, 200
+    q, k, v, dout, dlse = _inputs(1, seqlen, 2, 1, headdim, dtype, seed=5)
+    ramp = 1.0 + torch.arange(seqlen, dtype=torch.float64) / 10.0  # scores up to 31x a random key's
+    k = (k.double() * ramp.view(1, seqlen, 1, 1)).to(dtype)
+    with emulated():
+        got = _run(lambda q, k, v: markovkit.sliding_window_attention(q, k, v, window, return_lse=True),
+                   q, k, v, dout, dlse)
+    want = _run(lambda q, k, v: reference.sliding_window_attention(q, k, v, window, 0),
+                q.double(), k.double(), v.double(), dout, dlse)
+    assert (want[1].max() - want[1].min()) / math.log(2.0) > 8 * 8  # the lse span: 8 kSlack in log2 units
+    _assert_within(got[0], want[0], OUT_TOL[dtype], "out")
+    _assert_within(got[1], want[1], LSE_TOL, "lse")
+    for name, g, w in zip(("dq", "dk", "dv"), got[2:], want[2:]):
+        _assert_within(g, w, GRAD_TOL[dtype], name)
 
 
 def test_backward_without_lse_gradient(emulated):

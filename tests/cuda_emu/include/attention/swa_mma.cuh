@@ -70,8 +70,16 @@ namespace emu_detail {
 
 struct PendingCopy {
   void* smem;
-  const void* gmem;
+  const void* gmem;  // nullptr: zeros
 };
+
+inline void copy_16(const PendingCopy& c) {
+  if (c.gmem) {
+    std::memcpy(c.smem, c.gmem, 16);
+  } else {
+    std::memset(c.smem, 0, 16);
+  }
+}
 
 // The calling thread's queue of asynchronous operations (also the wgmma stand-in's).
 template <typename Op>
@@ -85,17 +93,20 @@ std::vector<Op>& thread_queue() {
 
 }  // namespace emu_detail
 
-inline void cp_async_16(void* smem, const void* gmem) {
+inline void cp_async_16_or_zero(void* smem, const void* gmem, bool copy) {
+  const emu_detail::PendingCopy c{smem, copy ? gmem : nullptr};
   if (mk_emu::reverse_order()) {
-    std::memcpy(smem, gmem, 16);
+    emu_detail::copy_16(c);
   } else {
-    emu_detail::thread_queue<emu_detail::PendingCopy>().push_back({smem, gmem});
+    emu_detail::thread_queue<emu_detail::PendingCopy>().push_back(c);
   }
 }
 
+inline void cp_async_16(void* smem, const void* gmem) { cp_async_16_or_zero(smem, gmem, true); }
+
 inline void cp_async_wait_all() {
   std::vector<emu_detail::PendingCopy>& mine = emu_detail::thread_queue<emu_detail::PendingCopy>();
-  for (const emu_detail::PendingCopy& c : mine) std::memcpy(c.smem, c.gmem, 16);
+  for (const emu_detail::PendingCopy& c : mine) emu_detail::copy_16(c);
   mine.clear();
 }
 
