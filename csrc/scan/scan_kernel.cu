@@ -8,8 +8,11 @@
 // store of out), the team broadcasts Δ_t, u_t of each step from that lane, so the per-step scalar work runs once
 // per step, not once per lane. Where B and C are per step with 16-byte aligned rows each lane loads kV steps of
 // its B/C rows at once (8 or 16 bytes), runs them unrolled and sums the team's kV partials of y in one
-// reduce-scatter (team_sum_steps); elsewhere kV = 1. The backward is in scan_bwd_kernel.cu.
+// reduce-scatter (team_sum_steps); elsewhere kV = 1. Where the channels are many (more than one round of resident
+// blocks) a team runs two neighbouring channels of one group: each B/C load and conversion then serves both, and
+// the grid is half as long. The backward is in scan_bwd_kernel.cu.
 #include <cstring>
+#include <utility>
 
 #include "scan/scan_device.cuh"
 #include "scan/scan_step.h"
@@ -42,15 +45,30 @@ struct FwdChannel : Team<acc_t, kLanes, kS> {
   }
   __device__ acc_t pre_delta(int64_t t) const { return to_acc(delta[t]) + bias; }
 };
+
+// The kC channels d0 + c (c < kC) of a team, all of one group of one batch row: one per-step B / C.
+template <typename in_t, typename acc_t, int kLanes, int kS, int kC>
+struct FwdChannels {
+  using Channel = FwdChannel<in_t, acc_t, kLanes, kS>;
+  Channel c[kC];
+};
+
+template <typename in_t, typename acc_t, int kLanes, int kS, int kC, size_t... I>
+__device__ FwdChannels<in_t, acc_t, kLanes, kS, kC> fwd_channels(const ScanParams& p, int64_t b, int64_t d0,
+                                                                 int lane, std::index_sequence<I...>) {
+  return {{FwdChannel<in_t, acc_t, kLanes, kS>(p, b, d0 + static_cast<int64_t>(I), lane)...}};
+}
+
 // Forward: steps per load of a lane's per-step B/C rows where they are 16-byte aligned (8 or 16 bytes: 32
 // registers of B and C per lane in all).
 template <typename in_t, int kS>
 constexpr int kFwdVec = 64 / (kS * static_cast<int>(sizeof(in_t)));
 
 // Forward blocks per SM that the registers must allow (ptxas places these without spills): 7 (72 registers)
-// loading one step, 5 (96) loading several with float accumulators and 4 states per lane, else 4 (128).
-template <typename acc_t, int kS, int kV>
-constexpr int kFwdBlocks = sizeof(acc_t) == 8 || kS == 8 ? 4 : kV == 1 ? 7 : 5;
+// loading one step, 5 (96) loading several with float accumulators and 4 states per lane, else 4 (128); 4 with two
+// channels per team.
+template <typename acc_t, int kS, int kV, int kC>
+constexpr int kFwdBlocks = kC == 2 || sizeof(acc_t) == 8 || kS == 8 ? 4 : kV == 1 ? 7 : 5;
 
 // kV consecutive steps of one row of per-step B or C (kV·sizeof(in_t) bytes, aligned to that), or zeros.
 template <typename in_t, int kV>
@@ -68,44 +86,57 @@ struct RowSteps {
   }
 };
 
-// Forward, kV steps per load of a lane's B/C rows: 1, or kFwdVec where B and C are both per step and their rows
-// aligned (scan_fwd_cuda). Tiles of kT = max(kLanes, kV) steps start at multiples of kT (a sequence's first and
-// last tiles are partial; chunk starts are tile starts); lane l prepares the steps t0 + l + m·kLanes
-// (m < kT / kLanes) of a tile. A tile runs in groups of kV steps: per state one load of B and of C, kV unrolled
-// steps, one team reduction of the kV per-step partials of y (team_sum_steps).
-template <typename in_t, typename acc_t, int kLanes, int kS, int kV>
-__global__ void __launch_bounds__(kFwdThreads, kFwdBlocks<acc_t, kS, kV>) scan_fwd_kernel(ScanParams p) {
+// Forward, kC channels per team (1, or 2 where the channels are many: scan_fwd_cuda) and kV steps per load of a
+// lane's B/C rows: 1, or kFwdVec where B and C are both per step and their rows aligned (scan_fwd_cuda). The
+// team's channels share the per-step B / C: each load of them serves kC channels. Tiles of kT = max(kLanes, kV)
+// steps start at multiples of kT (a sequence's first and last tiles are partial; chunk starts are tile starts);
+// lane l prepares the steps t0 + l + m·kLanes (m < kT / kLanes) of a tile for every channel. A tile runs in groups
+// of kV steps: per state one load of B and of C, kV unrolled steps, one team reduction of the kV per-step partials
+// of y per channel (team_sum_steps).
+template <typename in_t, typename acc_t, int kLanes, int kS, int kV, int kC>
+__global__ void __launch_bounds__(kFwdThreads, kFwdBlocks<acc_t, kS, kV, kC>) scan_fwd_kernel(ScanParams p) {
   constexpr int kTeams = kFwdThreads / kLanes;
   constexpr int kT = kLanes > kV ? kLanes : kV, kM = kT / kLanes;
   const int lane = threadIdx.x % kLanes;
   const int64_t team = static_cast<int64_t>(blockIdx.x) * kTeams + threadIdx.x / kLanes;
-  const bool active = team < p.batch * p.dim;  // the tail teams run along (for the shuffles), write nothing
-  const int64_t bd = active ? team : p.batch * p.dim - 1;
-  const int64_t b = bd / p.dim, d = bd % p.dim, N = p.dstate;
-  const FwdChannel<in_t, acc_t, kLanes, kS> ch(p, b, d, lane);
+  const int64_t channels = p.batch * p.dim;  // a multiple of kC (scan_fwd_cuda)
+  const bool active = team * kC < channels;  // the tail teams run along (for the shuffles), write nothing
+  const int64_t bd0 = active ? team * kC : channels - kC;
+  const int64_t b = bd0 / p.dim, d0 = bd0 % p.dim, N = p.dstate, L = p.seqlen;
+  const auto chs = fwd_channels<in_t, acc_t, kLanes, kS, kC>(p, b, d0, lane, std::make_index_sequence<kC>{});
+  const auto& ch0 = chs.c[0];
   const SeqBounds sb = seq_bounds(p);
-  acc_t* ckpt = static_cast<acc_t*>(p.chunk_states) + bd * p.n_chunks * N;
-  in_t* out = static_cast<in_t*>(p.out) + bd * p.seqlen;
+  // channel c's checkpoints and outputs at c·n_chunks·N and c·L from these
+  acc_t* ckpt = static_cast<acc_t*>(p.chunk_states) + bd0 * p.n_chunks * N;
+  in_t* out = static_cast<in_t*>(p.out) + bd0 * L;
   // this lane's per-step B / C rows (state lane + k·kLanes at k·kLanes·L), where per step and the state exists
-  const int64_t k_stride = kLanes * ch.L;
-  const in_t* Brow = ch.Bv + lane * ch.L;
-  const in_t* Crow = ch.Cv + lane * ch.L;
-  constexpr bool kVarBC = kV > 1;  // B and C per step (else see ch.var_B, ch.var_C)
-  acc_t h[kS];
+  const int64_t k_stride = kLanes * L;
+  const in_t* Brow = ch0.Bv + lane * L;
+  const in_t* Crow = ch0.Cv + lane * L;
+  constexpr bool kVarBC = kV > 1;  // B and C per step (else see var_B, var_C)
+  const bool var_B = kVarBC || ch0.var_B, var_C = kVarBC || ch0.var_C;
+  acc_t h[kC][kS];
   for (int64_t s = 0; s < sb.count(); ++s) {
     const int64_t sg = sb.global(s, b), begin = sb.begin(s), end = sb.end(s);
-    ch.load(state_row<acc_t>(p.h0, sg, d, p.dim, N), h);
-    for (int64_t t0 = begin / kT * kT; t0 < end; t0 += kT) {
-      if (active && t0 >= begin && t0 % kScanChunk == 0) ch.store(h, ckpt + t0 / kScanChunk * N);
-      acc_t dt_l[kM], u_l[kM], y_l[kM];
 MK_UNROLL
-      for (int m = 0; m < kM; ++m) {
-        const int64_t tl = t0 + lane + m * kLanes;
-        dt_l[m] = u_l[m] = y_l[m] = 0;
-        if (tl >= begin && tl < end) {
-          const acc_t x = ch.pre_delta(tl);
-          dt_l[m] = p.softplus ? softplus_thr(x) : x;
-          u_l[m] = to_acc(ch.u[tl]);
+    for (int c = 0; c < kC; ++c) chs.c[c].load(state_row<acc_t>(p.h0, sg, d0 + c, p.dim, N), h[c]);
+    for (int64_t t0 = begin / kT * kT; t0 < end; t0 += kT) {
+      if (active && t0 >= begin && t0 % kScanChunk == 0) {
+MK_UNROLL
+        for (int c = 0; c < kC; ++c) chs.c[c].store(h[c], ckpt + (c * p.n_chunks + t0 / kScanChunk) * N);
+      }
+      acc_t dt_l[kC][kM], u_l[kC][kM], y_l[kC][kM];
+MK_UNROLL
+      for (int c = 0; c < kC; ++c) {
+MK_UNROLL
+        for (int m = 0; m < kM; ++m) {
+          const int64_t tl = t0 + lane + m * kLanes;
+          dt_l[c][m] = u_l[c][m] = y_l[c][m] = 0;
+          if (tl >= begin && tl < end) {
+            const acc_t x = chs.c[c].pre_delta(tl);
+            dt_l[c][m] = p.softplus ? softplus_thr(x) : x;
+            u_l[c][m] = to_acc(chs.c[c].u[tl]);
+          }
         }
       }
       for (int g = 0; g < kT; g += kV) {
@@ -114,26 +145,34 @@ MK_UNROLL
         RowSteps<in_t, kV> Bs[kS], Cs[kS];
 MK_UNROLL
         for (int k = 0; k < kS; ++k) {  // zeros past N
-          Bs[k].load(Brow + k * k_stride + tg, (kVarBC || ch.var_B) && ch.has(k));
-          Cs[k].load(Crow + k * k_stride + tg, (kVarBC || ch.var_C) && ch.has(k));
+          Bs[k].load(Brow + k * k_stride + tg, var_B && ch0.has(k));
+          Cs[k].load(Crow + k * k_stride + tg, var_C && ch0.has(k));
         }
         // the kV steps (j = g + i of the tile, prepared by lane j % kLanes in slot j / kLanes); kWhole: all in
         // the sequence, else (a sequence's first or last group) the steps outside it leave h alone and add 0 to y
-        acc_t y[kV];
+        acc_t y[kC][kV];
         auto steps = [&]<bool kWhole>() {
 MK_UNROLL
           for (int i = 0; i < kV; ++i) {
             const int j = g + i, m = kM == 1 ? 0 : i / kLanes;  // kM > 1: one group per tile, g = 0
-            const acc_t dt = __shfl_sync(0xffffffffu, dt_l[m], j % kLanes, kLanes),
-                        ut = __shfl_sync(0xffffffffu, u_l[m], j % kLanes, kLanes);
-            y[i] = 0;
+            acc_t dt[kC], ut[kC];
+MK_UNROLL
+            for (int c = 0; c < kC; ++c) {
+              dt[c] = __shfl_sync(0xffffffffu, dt_l[c][m], j % kLanes, kLanes);
+              ut[c] = __shfl_sync(0xffffffffu, u_l[c][m], j % kLanes, kLanes);
+              y[c][i] = 0;
+            }
             if (kWhole || (tg + i >= begin && tg + i < end)) {
 MK_UNROLL
               for (int k = 0; k < kS; ++k) {
-                const acc_t Bt = kVarBC || ch.var_B ? to_acc(Bs[k].v[i]) : ch.Bc[k];
-                const acc_t Ct = kVarBC || ch.var_C ? to_acc(Cs[k].v[i]) : ch.Cc[k];
-                h[k] = exp2_of(dt * ch.A2[k]) * h[k] + dt * ut * Bt;
-                y[i] += Ct * h[k];
+MK_UNROLL
+                for (int c = 0; c < kC; ++c) {  // the channels' per-step B / C: one conversion
+                  const auto& ch = chs.c[c];
+                  const acc_t Bt = var_B ? to_acc(Bs[k].v[i]) : ch.Bc[k];
+                  const acc_t Ct = var_C ? to_acc(Cs[k].v[i]) : ch.Cc[k];
+                  h[c][k] = exp2_of(dt[c] * ch.A2[k]) * h[c][k] + dt[c] * ut[c] * Bt;
+                  y[c][i] += Ct * h[c][k];
+                }
               }
             }
           }
@@ -143,29 +182,38 @@ MK_UNROLL
         } else {
           steps.template operator()<false>();
         }
-        team_sum_steps<kLanes, kV>(y, lane);
-        if constexpr (kM == 1) {
-          if (lane / kV == g % kLanes / kV) y_l[0] = y[0];  // this lane's step is in the group
-        } else {
 MK_UNROLL
-          for (int m = 0; m < kM; ++m) y_l[m] = y[m * kLanes];
+        for (int c = 0; c < kC; ++c) {
+          team_sum_steps<kLanes, kV>(y[c], lane);
+          if constexpr (kM == 1) {
+            if (lane / kV == g % kLanes / kV) y_l[c][0] = y[c][0];  // this lane's step is in the group
+          } else {
+MK_UNROLL
+            for (int m = 0; m < kM; ++m) y_l[c][m] = y[c][m * kLanes];
+          }
         }
       }
       if (active) {
 MK_UNROLL
-        for (int m = 0; m < kM; ++m) {
-          const int64_t tl = t0 + lane + m * kLanes;
-          if (tl < begin || tl >= end) continue;
-          acc_t yo = y_l[m] + ch.Dd * u_l[m];
-          if (ch.z) {
-            const acc_t zt = to_acc(ch.z[tl]);
-            yo *= zt * sigmoid(zt);
+        for (int c = 0; c < kC; ++c) {
+MK_UNROLL
+          for (int m = 0; m < kM; ++m) {
+            const int64_t tl = t0 + lane + m * kLanes;
+            if (tl < begin || tl >= end) continue;
+            acc_t yo = y_l[c][m] + chs.c[c].Dd * u_l[c][m];
+            if (chs.c[c].z) {
+              const acc_t zt = to_acc(chs.c[c].z[tl]);
+              yo *= zt * sigmoid(zt);
+            }
+            out[c * L + tl] = store_cast<in_t>(yo);
           }
-          out[tl] = store_cast<in_t>(yo);
         }
       }
     }
-    if (active) ch.store(h, static_cast<acc_t*>(p.last_state) + (sg * p.dim + d) * N);
+    if (active) {
+MK_UNROLL
+      for (int c = 0; c < kC; ++c) chs.c[c].store(h[c], static_cast<acc_t*>(p.last_state) + (sg * p.dim + d0 + c) * N);
+    }
   }
 }
 
@@ -209,15 +257,30 @@ bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
 }  // namespace
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
-  if (p.batch * p.dim == 0) return;
+  const int64_t channels = p.batch * p.dim;
+  if (channels == 0) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
-        const unsigned grid = grid_of(p.batch * p.dim, kFwdThreads / kLanes);
+        constexpr int kTeams = kFwdThreads / kLanes;
+        // Two channels per team (float accumulators, 4 states per lane) where one per team would need more than
+        // one round of resident blocks: a load of B / C then serves two channels and the grid takes fewer
+        // rounds. The two are neighbours in one group: dim / groups even.
+        const auto launch = [&]<int kV>() {
+          if constexpr (std::is_same_v<acc_t, float> && kS == 4) {
+            if ((p.dim / p.groups) % 2 == 0 &&
+                grid_of(channels, kTeams) > int64_t{p.sm_count} * kFwdBlocks<acc_t, kS, kV, 1>) {
+              const unsigned grid = grid_of(channels / 2, kTeams);
+              scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 2><<<grid, kFwdThreads, 0, stream>>>(p);
+              return;
+            }
+          }
+          scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 1><<<grid_of(channels, kTeams), kFwdThreads, 0, stream>>>(p);
+        };
         if (p.var_B && p.var_C && rows_aligned(p, sizeof(in_t))) {
-          scan_fwd_kernel<in_t, acc_t, kLanes, kS, kFwdVec<in_t, kS>><<<grid, kFwdThreads, 0, stream>>>(p);
+          launch.template operator()<kFwdVec<in_t, kS>>();
         } else {
-          scan_fwd_kernel<in_t, acc_t, kLanes, kS, 1><<<grid, kFwdThreads, 0, stream>>>(p);
+          launch.template operator()<1>();
         }
       }
     });

@@ -99,6 +99,28 @@ def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
 
 
+# The forward's two channels per team, which scan_fwd_cuda picks where one per team would need more than one round
+# of resident blocks (float accumulators, 4 states per lane, dim / groups even): with MK_EMU_SMS=1 (one
+# multiprocessor) these shapes take it. Per-step B/C aligned (136 steps) and not (77), in 2 groups; every option.
+PAIR_CASES = [(torch.float32, 16, 136), (torch.float32, 16, 77), (torch.bfloat16, 16, 136), (torch.bfloat16, 64, 77),
+              (torch.float16, 4, 136), (torch.float32, 100, 136)]
+
+
+@pytest.mark.parametrize("dtype,dstate,seqlen", PAIR_CASES)
+def test_forward_two_channels_per_team(emulated, monkeypatch, dtype, dstate, seqlen):
+    dim = 512 if dstate <= 4 else 128  # 1024 or 256 channels: over one round of blocks of one channel per team
+    x = make_inputs(batch=2, dim=dim, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
+                    seed=dstate + seqlen)
+    xd = cast(x, dtype)
+    with emulated():
+        one_per_team = markovkit.selective_scan(**xd, delta_softplus=True, return_last_state=True)
+    monkeypatch.setenv("MK_EMU_SMS", "1")
+    with emulated():
+        two_per_team = markovkit.selective_scan(**xd, delta_softplus=True, return_last_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(one_per_team, two_per_team))  # each channel's arithmetic as before
+    check_scan(emulated, x, dtype)  # outputs, and the backward from the forward's checkpoints
+
+
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
                                           (torch.bfloat16, 64), (F64, 16)])
 def test_varlen_aligned_rows(emulated, dtype, dstate):

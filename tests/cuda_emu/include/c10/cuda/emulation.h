@@ -33,10 +33,16 @@ inline int compute_capability() {
   return cc == nullptr ? 90 : std::atoi(cc);
 }
 
+// 132 multiprocessors, or MK_EMU_SMS (kernels that size their launch by them take their other paths).
+inline int multiprocessors() {
+  const char* n = std::getenv("MK_EMU_SMS");
+  return n == nullptr ? 132 : std::atoi(n);
+}
+
 inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 << 10; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *value = 132; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = multiprocessors(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = compute_capability() / 10; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = compute_capability() % 10; return cudaSuccess;
     default: return cudaErrorInvalidValue;
