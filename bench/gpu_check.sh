@@ -2,7 +2,8 @@
 # GPU check: build for sm_90a; the CUDA cases of the test suite (`-m gpu`: the CPU cases run in CI) while
 # compute-sanitizer runs every kernel (bench/gpu_smoke.py; memcheck: out-of-bounds and misaligned accesses;
 # racecheck: shared-memory races); the bench, one family at a time (each family's table streams out as it is
-# measured); Nsight Compute on the scan's and attention's main kernels if time is left; a summary last.
+# measured); Nsight Compute on the scan's and attention's main kernels if time is left (sections, stall reasons,
+# the SASS lines with the most stall samples: ncu_top.txt); a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
 # FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
@@ -85,17 +86,28 @@ done
 bench_s=$(secs $start)
 
 start=$(date +%s)
-bounded 90 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+# the report (in /tmp: large) gives the sections' text with the stall reasons' breakdown, and the SASS
+# instructions with the most stall samples per kernel (bench/ncu_top.py; the raw page in ncu_sass.csv)
+rm -f /tmp/mk_prof.ncu-rep
+bounded 100 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
   --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+  --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -o /tmp/mk_prof \
   -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|bwd_dq|bwd_dkdv)(_sm90)?_kernel' -c 5 "$PY" bench/gpu_profile.py \
-  >"$out/ncu.txt" 2>&1
+  >"$out/ncu_run.log" 2>&1
 ncu_rc=$?
+if [ -f /tmp/mk_prof.ncu-rep ]; then
+  bounded 30 ncu -i /tmp/mk_prof.ncu-rep --print-details all >"$out/ncu.txt" 2>&1
+  bounded 30 ncu -i /tmp/mk_prof.ncu-rep --page source --csv --print-source sass >"$out/ncu_sass.csv" 2>&1
+  "$PY" bench/ncu_top.py "$out/ncu_sass.csv" >"$out/ncu_top.txt" 2>&1
+fi
 ncu_s=$(secs $start)
 
 echo
 echo "== ncu (rc=$ncu_rc): duration, throughput, occupancy =="
 grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
   "$out/ncu.txt" | head -n 40
+grep -E "^  [a-z_]+.*\(|issue_stalled_(long_scoreboard|short_scoreboard|wait|barrier|math_pipe_throttle|mio_throttle|\
+lg_throttle|not_selected|dispatch_stall|branch_resolving|no_instruction)_" "$out/ncu.txt" | head -n 70
 echo
 echo "== sanitizers (memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc) =="
 grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race|skipped" "$out/memcheck.log" "$out/racecheck.log" | head -n 20
@@ -117,6 +129,6 @@ printf "%-8s %-6s %s\n" attn "" "rc=$attn_rc: $(tail -n 1 "$out/tests_attention.
 printf "%-8s %-6s %s\n" sanitize "$sanitizer_s" "memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc"
 printf "%-8s %-6s %s\n" peer "" "mamba_ssm build rc=$peer_rc"
 printf "%-8s %-6s %s\n" bench "$bench_s" "rc:$bench_rc"
-printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt)"
+printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt, stall sites in $out/ncu_top.txt)"
 printf "%-8s %-6s %s\n" total "$(secs $t0)" "of a ${budget} s budget"
 [ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] && [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
