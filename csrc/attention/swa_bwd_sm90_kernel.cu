@@ -55,13 +55,17 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   // the query tiles' loaders, at head 0: a load names the head of the group it reads
   const TileLoader<T, D, kBM, kThreads> q_tiles(static_cast<const T*>(p.q), b, L, s.heads, 0),
       do_tiles(static_cast<const T*>(p.dout), b, L, s.heads, 0);
+  // Q and dO of a tile start loading into a stage; its statistics into registers (next_stats), which the next
+  // iteration stores to the stage before its barrier: the loads' latency then passes behind this iteration's
+  // products instead of stalling warps 0 and 1 (and with them their warpgroup's wgmma) before them.
+  RowStats<kBM> next_stats;
   const auto load_query_tile = [&](const QueryTiles& t, int stage) {
     unsigned char* at = stages + 2 * stage * kTile;
     q_tiles.load(t.i0, t.size(), at, t.h);
     do_tiles.load(t.i0, t.size(), at + kTile, t.h);
     const int64_t row0 = (b * s.heads + t.h) * L;
-    load_stats<kBM>(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0,
-                    t.size(), stats + 128 * stage, stats + 128 * stage + 64);
+    next_stats.load(static_cast<const float*>(p.lse) + row0, static_cast<const float*>(p.delta) + row0, t.i0,
+                    t.size());
   };
   QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.k), b, L, s.kv_heads, hk).load(j0, nj, sk);
@@ -76,6 +80,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     const unsigned char* sdo = sq + kTile;
     const float* slse = stats + 128 * stage;
     const float* sdelta = slse + 64;
+    next_stats.store(stats + 128 * stage, stats + 128 * stage + 64);  // this tile's, loaded one iteration ago
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with the other stage

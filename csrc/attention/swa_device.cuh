@@ -309,6 +309,28 @@ __device__ void load_stats(const float* lse, const float* delta, int64_t i0, int
   }
 }
 
+// load_stats in two halves: load() reads a thread's row into registers, store() writes it to shared memory later,
+// so the global load's latency passes behind other work (a tile's products) instead of stalling the warp.
+template <int kRows>
+struct RowStats {
+  float lse = 0.0f, delta = 0.0f;
+  bool in = false;  // a row of the tile (else P = 0)
+  __device__ void load(const float* lse_rows, const float* delta_rows, int64_t i0, int64_t n) {
+    const int r = threadIdx.x;
+    in = r < kRows && r < n;
+    if (in) {
+      lse = lse_rows[i0 + r];
+      delta = delta_rows[i0 + r];
+    }
+  }
+  __device__ void store(float* slse, float* sdelta) const {
+    if (threadIdx.x < kRows) {
+      slse[threadIdx.x] = in ? lse * kLog2e : INFINITY;
+      sdelta[threadIdx.x] = in ? delta : 0.0f;
+    }
+  }
+};
+
 // Calls fn(T{}) for the runtime dtype: __nv_bfloat16 for bfloat16, __half for float16 (the glue admits no other).
 template <typename Fn>
 void dispatch_half(DType dtype, Fn fn) {
