@@ -126,7 +126,9 @@ __device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned 
                                        const unsigned char* b) {
   const uint64_t da = k_major_desc(a), db = k_major_desc(b);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss_n64<T>(acc, k_major<kRowsA>(da, rb, kk), k_major<kBN>(db, 0, kk), kk > 0);
+  for (int kk = 0; kk < D / 16; ++kk) {
+    wgmma_ss_n64<T>(acc, k_major<kRowsA>(da, rb, kk), k_major<kBN>(db, 0, kk), kk > 0);
+  }
 }
 
 // acc (64 x 64) = A B^T over the headdim: A (64 x D) in registers (load_a), B the 64 rows of a tile read K-major.

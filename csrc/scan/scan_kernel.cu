@@ -43,7 +43,6 @@ struct FwdChannel : Team<acc_t, kLanes, kS> {
     Cv = static_cast<const in_t*>(p.C) + (var_C ? (b * p.groups + g) * this->N * L : 0);
     bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
   }
-  __device__ acc_t pre_delta(int64_t t) const { return to_acc(delta[t]) + bias; }
 };
 
 // The kC channels d0 + c (c < kC) of a team, all of one group of one batch row: one per-step B / C.
@@ -58,6 +57,27 @@ __device__ FwdChannels<in_t, acc_t, kLanes, kS, kC> fwd_channels(const ScanParam
                                                                  int lane, std::index_sequence<I...>) {
   return {{FwdChannel<in_t, acc_t, kLanes, kS>(p, b, d0 + static_cast<int64_t>(I), lane)...}};
 }
+
+// The activations a lane prepares in a tile (Δ before its bias, u, z at its steps t0 + lane + m·kLanes of each
+// channel; zeros outside the sequence), loaded a tile ahead of their use.
+template <typename in_t, int kLanes, int kC, int kM>
+struct TileActs {
+  in_t delta[kC][kM], u[kC][kM], z[kC][kM];
+  template <typename Channels>
+  __device__ void load(const Channels& chs, int64_t t0, int lane, int64_t begin, int64_t end) {
+MK_UNROLL
+    for (int c = 0; c < kC; ++c) {
+MK_UNROLL
+      for (int m = 0; m < kM; ++m) {
+        const int64_t tl = t0 + lane + m * kLanes;
+        const bool in = tl >= begin && tl < end;
+        delta[c][m] = in ? chs.c[c].delta[tl] : in_t(0.0f);
+        u[c][m] = in ? chs.c[c].u[tl] : in_t(0.0f);
+        z[c][m] = in && chs.c[c].z ? chs.c[c].z[tl] : in_t(0.0f);
+      }
+    }
+  }
+};
 
 // Forward: steps per load of a lane's per-step B/C rows where they are 16-byte aligned (8 or 16 bytes: 32
 // registers of B and C per lane in all).
@@ -114,29 +134,34 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdBlocks<acc_t, kS, kV, kC>) sc
   const in_t* Brow = ch0.Bv + lane * L;
   const in_t* Crow = ch0.Cv + lane * L;
   constexpr bool kVarBC = kV > 1;  // B and C per step (else see var_B, var_C)
+  // a lane's activations of the next tile load while this one runs, where it has few steps of them (more would
+  // spill at the launch bounds' registers)
+  constexpr bool kAhead = kM <= 2;
   const bool var_B = kVarBC || ch0.var_B, var_C = kVarBC || ch0.var_C;
   acc_t h[kC][kS];
   for (int64_t s = 0; s < sb.count(); ++s) {
     const int64_t sg = sb.global(s, b), begin = sb.begin(s), end = sb.end(s);
 MK_UNROLL
     for (int c = 0; c < kC; ++c) chs.c[c].load(state_row<acc_t>(p.h0, sg, d0 + c, p.dim, N), h[c]);
+    TileActs<in_t, kLanes, kC, kM> acts;
+    if constexpr (kAhead) acts.load(chs, begin / kT * kT, lane, begin, end);
     for (int64_t t0 = begin / kT * kT; t0 < end; t0 += kT) {
       if (active && t0 >= begin && t0 % kScanChunk == 0) {
 MK_UNROLL
         for (int c = 0; c < kC; ++c) chs.c[c].store(h[c], ckpt + (c * p.n_chunks + t0 / kScanChunk) * N);
       }
+      if constexpr (!kAhead) acts.load(chs, t0, lane, begin, end);
+      const TileActs<in_t, kLanes, kC, kM> cur = acts;
+      if (kAhead && t0 + kT < end) acts.load(chs, t0 + kT, lane, begin, end);  // the next tile's, behind this one
       acc_t dt_l[kC][kM], u_l[kC][kM], y_l[kC][kM];
 MK_UNROLL
       for (int c = 0; c < kC; ++c) {
 MK_UNROLL
         for (int m = 0; m < kM; ++m) {
-          const int64_t tl = t0 + lane + m * kLanes;
-          dt_l[c][m] = u_l[c][m] = y_l[c][m] = 0;
-          if (tl >= begin && tl < end) {
-            const acc_t x = chs.c[c].pre_delta(tl);
-            dt_l[c][m] = p.softplus ? softplus_thr(x) : x;
-            u_l[c][m] = to_acc(chs.c[c].u[tl]);
-          }
+          const acc_t x = to_acc(cur.delta[c][m]) + chs.c[c].bias;
+          dt_l[c][m] = p.softplus ? softplus_thr(x) : x;  // 0 (or softplus(bias)) outside: unused there
+          u_l[c][m] = to_acc(cur.u[c][m]);
+          y_l[c][m] = 0;
         }
       }
       for (int g = 0; g < kT; g += kV) {
@@ -202,7 +227,7 @@ MK_UNROLL
             if (tl < begin || tl >= end) continue;
             acc_t yo = y_l[c][m] + chs.c[c].Dd * u_l[c][m];
             if (chs.c[c].z) {
-              const acc_t zt = to_acc(chs.c[c].z[tl]);
+              const acc_t zt = to_acc(cur.z[c][m]);
               yo *= zt * sigmoid(zt);
             }
             out[c * L + tl] = store_cast<in_t>(yo);
@@ -263,11 +288,12 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
         constexpr int kTeams = kFwdThreads / kLanes;
-        // Two channels per team (float accumulators, 4 states per lane) where one per team would need more than
-        // one round of resident blocks: a load of B / C then serves two channels and the grid takes fewer
-        // rounds. The two are neighbours in one group: dim / groups even.
+        // Two channels per team (float accumulators, 4 states per lane, 2 lanes or more: one lane's steps of two
+        // channels' activations would spill) where one per team would need more than one round of resident blocks:
+        // a load of B / C then serves two channels and the grid takes fewer rounds. The two are neighbours in one
+        // group: dim / groups even.
         const auto launch = [&]<int kV>() {
-          if constexpr (std::is_same_v<acc_t, float> && kS == 4) {
+          if constexpr (std::is_same_v<acc_t, float> && kS == 4 && kLanes >= 2) {
             if ((p.dim / p.groups) % 2 == 0 &&
                 grid_of(channels, kTeams) > int64_t{p.sm_count} * kFwdBlocks<acc_t, kS, kV, 1>) {
               const unsigned grid = grid_of(channels / 2, kTeams);

@@ -100,15 +100,16 @@ def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
 
 
 # The forward's two channels per team, which scan_fwd_cuda picks where one per team would need more than one round
-# of resident blocks (float accumulators, 4 states per lane, dim / groups even): with MK_EMU_SMS=1 (one
-# multiprocessor) these shapes take it. Per-step B/C aligned (136 steps) and not (77), in 2 groups; every option.
+# of resident blocks (float accumulators, 4 states per lane, 2 lanes or more, dim / groups even): with
+# MK_EMU_SMS=1 (one multiprocessor) these shapes take it. Per-step B/C aligned (136 steps) and not (77), in 2
+# groups; every option.
 PAIR_CASES = [(torch.float32, 16, 136), (torch.float32, 16, 77), (torch.bfloat16, 16, 136), (torch.bfloat16, 64, 77),
-              (torch.float16, 4, 136), (torch.float32, 100, 136)]
+              (torch.float16, 8, 136), (torch.float32, 100, 136)]
 
 
 @pytest.mark.parametrize("dtype,dstate,seqlen", PAIR_CASES)
 def test_forward_two_channels_per_team(emulated, monkeypatch, dtype, dstate, seqlen):
-    dim = 512 if dstate <= 4 else 128  # 1024 or 256 channels: over one round of blocks of one channel per team
+    dim = 256 if dstate <= 8 else 128  # 512 or 256 channels: over one round of blocks of one channel per team
     x = make_inputs(batch=2, dim=dim, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                     seed=dstate + seqlen)
     xd = cast(x, dtype)
