@@ -297,24 +297,14 @@ __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kB
   }
 }
 
-// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta (kRows each, one thread a row); rows beyond
-// n get P = 0.
-template <int kRows>
-__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
-                           float* sdelta) {
-  if (threadIdx.x < kRows) {
-    const int r = threadIdx.x;
-    slse[r] = r < n ? lse[i0 + r] * kLog2e : INFINITY;
-    sdelta[r] = r < n ? delta[i0 + r] : 0.0f;
-  }
-}
-
-// load_stats in two halves: load() reads a thread's row into registers, store() writes it to shared memory later,
-// so the global load's latency passes behind other work (a tile's products) instead of stalling the warp.
+// The statistics of a thread's query row of a tile (threads < kRows, one row each) in two halves: load() reads
+// lse and delta into registers, store() writes lse * log2(e) and delta to shared memory (rows beyond the tile get
+// P = 0), later where the global loads' latency should pass behind other work (a tile's products) rather than stall
+// the warp.
 template <int kRows>
 struct RowStats {
   float lse = 0.0f, delta = 0.0f;
-  bool in = false;  // a row of the tile (else P = 0)
+  bool in = false;  // a row of the tile
   __device__ void load(const float* lse_rows, const float* delta_rows, int64_t i0, int64_t n) {
     const int r = threadIdx.x;
     in = r < kRows && r < n;
@@ -330,6 +320,15 @@ struct RowStats {
     }
   }
 };
+
+// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta (kRows each) at once.
+template <int kRows>
+__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
+                           float* sdelta) {
+  RowStats<kRows> st;
+  st.load(lse, delta, i0, n);
+  st.store(slse, sdelta);
+}
 
 // Calls fn(T{}) for the runtime dtype: __nv_bfloat16 for bfloat16, __half for float16 (the glue admits no other).
 template <typename Fn>
