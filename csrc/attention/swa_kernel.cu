@@ -410,10 +410,12 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   // statistics during dV += P^T dO(t).
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
+  // a tile's statistics go to registers, then to shared memory at the next loop top: warps 0 and 1 do not wait
+  // for their global loads before dV += P^T dO
+  RowStats<kBM> stats;
   const auto load_stats_of = [&](const QueryTiles& t) {
     const int64_t at = (b * s.heads + t.h) * L;
-    load_stats<kBM>(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0,
-                    t.size(), slse, sdelta);
+    stats.load(static_cast<const float*>(p.lse) + at, static_cast<const float*>(p.delta) + at, t.i0, t.size());
   };
   QueryTiles tiles(hk * group, (hk + 1) * group, j0, q_end);
   load_rows<T, D>(static_cast<const T*>(p.k), b, j0, nj, L, s.kv_heads, hk, sk);
@@ -428,6 +430,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   }
   while (!tiles.done()) {
     const int64_t h = tiles.h, i0 = tiles.i0, ni = tiles.size();
+    stats.store(slse, sdelta);  // no warp reads them between the last barrier and the next
     cp_async_wait_all();
     __syncthreads();  // Q(i0), the statistics (and K, V) are in; every warp is done with the previous sdo
     load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
