@@ -1,9 +1,6 @@
 // Glue for sliding_window_attention_fwd / _bwd: input checks, params, stream; CPU and CUDA registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>  // check_cuda_smem; the launch's headers come with common/backend.h
-#endif
 
 #include <cmath>
 #include <cstdint>
@@ -55,18 +52,13 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 #ifdef MARKOVKIT_WITH_CUDA
 // Compute capability of the current device, 10 major + minor.
 int device_cc() {
-  const int device = c10::cuda::current_device();
-  int major = 0, minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return 10 * major + minor;
+  return 10 * device_attribute(cudaDevAttrComputeCapabilityMajor) + device_attribute(cudaDevAttrComputeCapabilityMinor);
 }
 
 // The kernels' shared memory at this headdim fits the current device's per-block opt-in limit.
 void check_cuda_smem(const SwaShape& s, int cc, bool backward) {
   const int64_t need = swa_cuda_smem_bytes(s.headdim, cc, backward);
-  int limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   TORCH_CHECK(need <= limit, "q: headdim ", s.headdim, " needs ", need, " bytes of shared memory per block in the ",
               backward ? "backward" : "forward", " kernels, this device allows ", limit);
 }

@@ -34,7 +34,7 @@ constexpr int smem_bytes() {
 }
 
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
-// other's products; at 128 it needs ~225: one CTA.
+// other's products; at 128 it needs ~205: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #ifdef MARKOVKIT_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -24,6 +25,15 @@ inline bool runs_cpu_kernel(const at::Tensor& t) {
   return t.is_cpu();
 #endif
 }
+
+#ifdef MARKOVKIT_WITH_CUDA
+// An attribute of the current CUDA device (compute capability, multiprocessors, shared-memory limit).
+inline int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, c10::cuda::current_device()));
+  return value;
+}
+#endif
 
 }  // namespace markovkit
 

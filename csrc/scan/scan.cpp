@@ -2,9 +2,6 @@
 // buffers and their fixed-order reductions, stream; CPU and CUDA registrations.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#ifdef MARKOVKIT_WITH_CUDA
-#include <c10/cuda/CUDAFunctions.h>  // device_sm_count; the launch's headers come with common/backend.h
-#endif
 
 #include <optional>
 
@@ -133,15 +130,6 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
-
-#ifdef MARKOVKIT_WITH_CUDA
-int device_sm_count() {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return n;
-}
-#endif
-
 // Returns (out, last_state, chunk_states).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -156,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr();
   p.chunk_states = chunk_states.data_ptr();
-  MK_LAUNCH(u, scan_fwd_cpu(p), (p.sm_count = device_sm_count(), scan_fwd_cuda(p, stream)));
+  MK_LAUNCH(u, scan_fwd_cpu(p),
+            (p.sm_count = device_attribute(cudaDevAttrMultiProcessorCount), scan_fwd_cuda(p, stream)));
   return {out, last_state, chunk_states};
 }
 
