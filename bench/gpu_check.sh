@@ -9,6 +9,9 @@
 # FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
 # MAMBA_SRC: if set to a mamba source checkout (kept outside the repo), its selective scan is built for sm_90
 # (bench/build_mamba_peer.py, niced, beside the tests) and the scan bench compares against it.
+# BASE_SRC: if set to the source tree of an earlier markovkit commit (outside the repo: git archive REV | tar x -C
+# DIR), it is built too (niced, beside the tests, into /tmp/base_pkg) and each family's bench runs again on it after
+# ours (bench_base_FAMILY.txt, its own bench code, no mamba_ssm): the two commits' kernels on one device in one run.
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +52,13 @@ if [ -n "${MAMBA_SRC:-}" ]; then
   peer_pid=$!
 fi
 
+base_pid=""
+if [ -n "${BASE_SRC:-}" ]; then
+  CMAKE_BUILD_PARALLEL_LEVEL=6 nice -n 19 timeout 300 "$PY" -m pip install --no-build-isolation --no-deps \
+    --target /tmp/base_pkg -C build-dir=/tmp/base_build "$BASE_SRC" >"$out/base_build.log" 2>&1 &
+  base_pid=$!
+fi
+
 start=$(date +%s)
 xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n 6"
@@ -83,6 +93,17 @@ for family in $families; do
     >"$out/bench_$family.txt" 2>"$out/bench_$family.err"
   bench_rc="$bench_rc $family=$?"
 done
+base_rc="-"
+if [ -n "$base_pid" ]; then
+  wait $base_pid; base_build_rc=$?
+  base_rc="build=$base_build_rc"
+  for family in $families; do
+    [ "$base_build_rc" -eq 0 ] || break
+    (cd /tmp && PYTHONPATH=/tmp/base_pkg bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile \
+      --json "$out/bench_base_$family.json" >"$out/bench_base_$family.txt" 2>"$out/bench_base_$family.err")
+    base_rc="$base_rc $family=$?"
+  done
+fi
 bench_s=$(secs $start)
 
 start=$(date +%s)
@@ -117,6 +138,13 @@ for family in $families; do
   grep -vE "^('ours x'|---)" "$out/bench_$family.txt"
   grep -E "Error|error|skipped" "$out/bench_$family.err" | tail -n 3
 done
+if [ -n "$base_pid" ]; then
+  echo
+  echo "== bench of BASE_SRC ($BASE_SRC) =="
+  for family in $families; do
+    [ -f "$out/bench_base_$family.txt" ] && grep -E "^$family .*markovkit " "$out/bench_base_$family.txt"
+  done
+fi
 echo
 echo "== failures =="
 grep -hE "^(FAILED|ERROR)" "$out/tests.log" "$out/tests_attention.log" | head -n 40
@@ -128,6 +156,7 @@ printf "%-8s %-6s %s\n" tests "$tests_s" "rc=$tests_rc: $(tail -n 1 "$out/tests.
 printf "%-8s %-6s %s\n" attn "" "rc=$attn_rc: $(tail -n 1 "$out/tests_attention.log")"
 printf "%-8s %-6s %s\n" sanitize "$sanitizer_s" "memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc"
 printf "%-8s %-6s %s\n" peer "" "mamba_ssm build rc=$peer_rc"
+printf "%-8s %-6s %s\n" base "" "BASE_SRC rc: $base_rc"
 printf "%-8s %-6s %s\n" bench "$bench_s" "rc:$bench_rc"
 printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt, stall sites in $out/ncu_top.txt)"
 printf "%-8s %-6s %s\n" total "$(secs $t0)" "of a ${budget} s budget"

@@ -10,7 +10,8 @@
 // its B/C rows at once (8 or 16 bytes), runs them unrolled and sums the team's kV partials of y in one
 // reduce-scatter (team_sum_steps); elsewhere kV = 1. Where the channels are many (more than one round of resident
 // blocks) a team runs two neighbouring channels of one group: each B/C load and conversion then serves both, and
-// the grid is half as long. The backward is in scan_bwd_kernel.cu.
+// the grid is half as long; where they are few (under half a round) a team has twice the lanes with 2 states each:
+// twice the warps. The backward is in scan_bwd_kernel.cu.
 #include <cstring>
 #include <utility>
 
@@ -79,18 +80,18 @@ MK_UNROLL
   }
 };
 
-// Forward: steps per load of a lane's per-step B/C rows where they are 16-byte aligned (8 or 16 bytes: 32
-// registers of B and C per lane in all).
+// Forward: steps per load of a lane's per-step B/C rows where they are 16-byte aligned: 16 bytes (8 with 8 states
+// per lane): at most 32 registers of B and C per lane in all. The same for 2 and 4 states per lane.
 template <typename in_t, int kS>
-constexpr int kFwdVec = 64 / (kS * static_cast<int>(sizeof(in_t)));
+constexpr int kFwdVec = (kS <= 4 ? 16 : 8) / static_cast<int>(sizeof(in_t));
 
 // Forward blocks per SM that the registers must allow (ptxas places these without spills): 7 (72 registers)
-// loading one step, 5 (96) loading several with float accumulators and 4 states per lane, else 4 (128); 4 with two
-// channels per team.
+// loading one step, 5 (96) loading several with float accumulators and up to 4 states per lane, else 4 (128); 4
+// with two channels per team.
 template <typename acc_t, int kS, int kV, int kC>
 constexpr int kFwdBlocks = kC == 2 || sizeof(acc_t) == 8 || kS == 8 ? 4 : kV == 1 ? 7 : 5;
 
-// kV consecutive steps of one row of per-step B or C (kV·sizeof(in_t) bytes, aligned to that), or zeros.
+// kV consecutive steps of one row of per-step B or C (kV·sizeof(in_t) bytes, aligned to that), zeros until loaded.
 template <typename in_t, int kV>
 struct RowSteps {
   static constexpr int kBytes = kV * sizeof(in_t);
@@ -98,11 +99,24 @@ struct RowSteps {
                                  std::conditional_t<kBytes == 8, uint2,
                                                     std::conditional_t<kBytes == 4, uint32_t, uint16_t>>>;
   static_assert(sizeof(Raw) == kBytes, "one element, or 4, 8 or 16 bytes");
-  in_t v[kV];
-  __device__ void load(const in_t* src, bool on) {
-    Raw raw{};
-    if (on) raw = *reinterpret_cast<const Raw*>(src);
-    memcpy(v, &raw, kBytes);  // copied, not cast: reading a Raw through an in_t* breaks strict aliasing
+  Raw raw{};
+  __device__ void load(const in_t* src) { raw = *reinterpret_cast<const Raw*>(src); }
+  // step i in the accumulator type; a bfloat16 is the high half of a float: one shift or mask, not an extract
+  // and a shift. Copies, not casts: reading a Raw through another type breaks strict aliasing.
+  __device__ auto at(int i) const {
+    if constexpr (std::is_same_v<in_t, __nv_bfloat16>) {
+      if constexpr (kV == 1) {
+        return __uint_as_float(uint32_t{raw} << 16);
+      } else {
+        uint32_t w[kBytes / 4];
+        memcpy(w, &raw, kBytes);
+        return __uint_as_float(i % 2 == 1 ? w[i / 2] & 0xffff0000u : w[i / 2] << 16);
+      }
+    } else {
+      in_t v[kV];
+      memcpy(v, &raw, kBytes);
+      return to_acc(v[i]);
+    }
   }
 };
 
@@ -167,11 +181,13 @@ MK_UNROLL
       for (int g = 0; g < kT; g += kV) {
         const int64_t tg = t0 + g;
         if (tg + kV <= begin || tg >= end) continue;  // no step of the sequence
-        RowSteps<in_t, kV> Bs[kS], Cs[kS];
+        const in_t* Bg = Brow + tg;
+        const in_t* Cg = Crow + tg;
+        RowSteps<in_t, kV> Bs[kS], Cs[kS];  // zeros past N
 MK_UNROLL
-        for (int k = 0; k < kS; ++k) {  // zeros past N
-          Bs[k].load(Brow + k * k_stride + tg, var_B && ch0.has(k));
-          Cs[k].load(Crow + k * k_stride + tg, var_C && ch0.has(k));
+        for (int k = 0; k < kS; ++k) {
+          if (var_B && ch0.has(k)) Bs[k].load(Bg + k * k_stride);
+          if (var_C && ch0.has(k)) Cs[k].load(Cg + k * k_stride);
         }
         // the kV steps (j = g + i of the tile, prepared by lane j % kLanes in slot j / kLanes); kWhole: all in
         // the sequence, else (a sequence's first or last group) the steps outside it leave h alone and add 0 to y
@@ -193,8 +209,8 @@ MK_UNROLL
 MK_UNROLL
                 for (int c = 0; c < kC; ++c) {  // the channels' per-step B / C: one conversion
                   const auto& ch = chs.c[c];
-                  const acc_t Bt = var_B ? to_acc(Bs[k].v[i]) : ch.Bc[k];
-                  const acc_t Ct = var_C ? to_acc(Cs[k].v[i]) : ch.Cc[k];
+                  const acc_t Bt = var_B ? Bs[k].at(i) : ch.Bc[k];
+                  const acc_t Ct = var_C ? Cs[k].at(i) : ch.Cc[k];
                   h[c][k] = exp2_of(dt[c] * ch.A2[k]) * h[c][k] + dt[c] * ut[c] * Bt;
                   y[c][i] += Ct * h[c][k];
                 }
@@ -287,21 +303,33 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
-        constexpr int kTeams = kFwdThreads / kLanes;
-        // Two channels per team (float accumulators, 4 states per lane, 2 lanes or more: one lane's steps of two
-        // channels' activations would spill) where one per team would need more than one round of resident blocks:
-        // a load of B / C then serves two channels and the grid takes fewer rounds. The two are neighbours in one
-        // group: dim / groups even.
+        // The team plan by how the plain one (a channel per team, dispatch_lanes' lanes) fills one round of
+        // resident blocks (float accumulators and 4 states per lane only: elsewhere the plain one):
+        // - more than a round: two channels per team (2 lanes or more: one lane's steps of two channels'
+        //   activations would spill; the two are neighbours in one group: dim / groups even). A load of B / C then
+        //   serves two channels and the grid takes fewer rounds.
+        // - at most half a round: twice the lanes with 2 states each (at most 32 lanes), twice the warps per SM
+        //   for the same blocks' worth of registers (the per-step work shared by a team's lanes is then spread
+        //   over 2 states, not 4).
         const auto launch = [&]<int kV>() {
-          if constexpr (std::is_same_v<acc_t, float> && kS == 4 && kLanes >= 2) {
-            if ((p.dim / p.groups) % 2 == 0 &&
-                grid_of(channels, kTeams) > int64_t{p.sm_count} * kFwdBlocks<acc_t, kS, kV, 1>) {
-              const unsigned grid = grid_of(channels / 2, kTeams);
-              scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 2><<<grid, kFwdThreads, 0, stream>>>(p);
+          constexpr bool kPlans = std::is_same_v<acc_t, float> && kS == 4;
+          const unsigned grid = grid_of(channels, kFwdThreads / kLanes);
+          const int64_t round = int64_t{p.sm_count} * kFwdBlocks<acc_t, kS, kV, 1>;
+          if constexpr (kPlans && kLanes >= 2) {
+            if ((p.dim / p.groups) % 2 == 0 && int64_t{grid} > round) {
+              const unsigned pairs = grid_of(channels / 2, kFwdThreads / kLanes);
+              scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 2><<<pairs, kFwdThreads, 0, stream>>>(p);
               return;
             }
           }
-          scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 1><<<grid_of(channels, kTeams), kFwdThreads, 0, stream>>>(p);
+          if constexpr (kPlans && kLanes <= 16) {
+            if (2 * int64_t{grid} <= round) {
+              const unsigned wide = grid_of(channels, kFwdThreads / (2 * kLanes));
+              scan_fwd_kernel<in_t, acc_t, 2 * kLanes, 2, kV, 1><<<wide, kFwdThreads, 0, stream>>>(p);
+              return;
+            }
+          }
+          scan_fwd_kernel<in_t, acc_t, kLanes, kS, kV, 1><<<grid, kFwdThreads, 0, stream>>>(p);
         };
         if (p.var_B && p.var_C && rows_aligned(p, sizeof(in_t))) {
           launch.template operator()<kFwdVec<in_t, kS>>();

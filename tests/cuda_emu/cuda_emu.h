@@ -15,6 +15,7 @@
 #include <cuda_runtime_api.h>
 #include <vector_functions.h>
 
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -150,6 +151,7 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {

@@ -1,7 +1,7 @@
 """The CUDA kernels of the selective scan (csrc/scan/scan_kernel.cu) run by the emulator: forward, backward
 (with its fixed-order reduce kernel) and decode step against the float64 reference and the CPU kernel, for every
 dtype, every (kLanes, kS) instance of dispatch_lanes (the forward's loading per-step B/C one step or several at a
-time), every backward block size of scan_bwd_cuda_blk, every B/C layout and option, odd and multi-chunk lengths,
+time, in each of its team plans), every backward block size of scan_bwd_cuda_blk, every B/C layout and option, odd and multi-chunk lengths,
 packed sequences; determinism across runs and thread orders; the CUDA-only glue errors.
 
 Tolerances (rtol, atol as a fraction of the largest reference magnitude), outputs and gradients alike:
@@ -63,6 +63,20 @@ def check_scan(emulated, x, dtype, softplus=True, with_last=True, cu_seqlens=Non
     return got
 
 
+# The forward's team plan (scan_fwd_cuda) follows the SM count the emulator reports. With 132 these small shapes fill
+# under half a round of resident blocks: twice dispatch_lanes' lanes with 2 states each, where it has 4 states per
+# lane, at most 16 lanes and float accumulators ("wide"); elsewhere one channel per team. With 0 no launch fits a
+# round: one channel per team with dispatch_lanes' lanes ("plain") where dim / groups is odd (else two channels per
+# team: test_forward_team_plans).
+FWD_PLANS = {"wide": "132", "plain": "0"}
+
+
+@pytest.fixture(params=sorted(FWD_PLANS))
+def fwd_plan(request, monkeypatch):
+    monkeypatch.setenv("MK_EMU_SMS", FWD_PLANS[request.param])
+    return request.param
+
+
 # (dtype, dstate): every (kLanes, kS) of dispatch_lanes (both passes) -- (1,4) N<=4, (2,4) N<=8, (4,4) N<=16,
 # (8,4) N<=32, (16,4) N<=64, (32,4) N<=128, (32,8) N<=256 -- so every backward block size 32, 16, 4, 2
 # (float32), with states beyond N in the last lane slots (N below kLanes·kS), in float32; each other dtype on two.
@@ -72,8 +86,8 @@ DSTATE_CASES = ([(torch.float32, n) for n in (1, 3, 8, 13, 17, 32, 40, 64, 100, 
 
 
 @pytest.mark.parametrize("dtype,dstate", DSTATE_CASES)
-def test_every_dtype_and_lane_plan(emulated, dtype, dstate):
-    # blk + 1 channels: two backward blocks, the second with one active channel; 77 steps: two chunks, the first
+def test_every_dtype_and_lane_plan(emulated, fwd_plan, dtype, dstate):
+    # blk + 1 channels (odd): two backward blocks, the second with one active channel; 77 steps: two chunks, the first
     # with 8 backward segments (the first with the sequence start, the others without boundaries), the second 13
     # steps: a whole segment and a partial one ending in a partial group of per-step dB/dC; one batch row (the
     # other tests cover several)
@@ -92,34 +106,31 @@ ALIGNED_CASES = ([(torch.float32, n) for n in (3, 8, 16, 32, 64, 100, 256)]
 
 
 @pytest.mark.parametrize("dtype,dstate", ALIGNED_CASES)
-def test_aligned_rows_every_dtype_and_lane_plan(emulated, dtype, dstate):
+def test_aligned_rows_every_dtype_and_lane_plan(emulated, fwd_plan, dtype, dstate):
     # 136 steps (a multiple of 8): two whole chunks and 8 steps, the last tile of 32 steps partial; per-step B and C
-    # in 2 groups; idle teams in the forward's block
-    x = make_inputs(batch=2, dim=4, seqlen=136, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=dstate)
+    # in 2 groups of 3 channels; idle teams in the forward's block
+    x = make_inputs(batch=2, dim=6, seqlen=136, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=dstate)
     check_scan(emulated, x, dtype, vs_cpu=dtype == torch.float32)
 
 
-# The forward's two channels per team, which scan_fwd_cuda picks where one per team would need more than one round
-# of resident blocks (float accumulators, 4 states per lane, 2 lanes or more, dim / groups even): with
-# MK_EMU_SMS=1 (one multiprocessor) these shapes take it. Per-step B/C aligned (136 steps) and not (77), in 2
-# groups; every option.
-PAIR_CASES = [(torch.float32, 16, 136), (torch.float32, 16, 77), (torch.bfloat16, 16, 136), (torch.bfloat16, 64, 77),
-              (torch.float16, 8, 136), (torch.float32, 100, 136)]
+# The forward's three team plans on one shape each (dim / groups even): with 132 SMs the wide plan (one channel per
+# team where it does not apply: float64, 128 states), with 0 two neighbouring channels of one group per team (float
+# accumulators, 4 states per lane, 2 lanes or more; else one channel per team). Per-step B/C aligned (136 steps) and
+# not (77), in 2 groups; every option. The states' arithmetic is the same in every plan (only the sums over the
+# states of y differ in order): bitwise-equal last states.
+PLAN_CASES = [(torch.float32, 16, 136), (torch.float32, 16, 77), (torch.bfloat16, 16, 136), (torch.bfloat16, 64, 77),
+              (torch.float16, 8, 136), (torch.float32, 100, 136), (torch.float32, 3, 136), (F64, 16, 136)]
 
 
-@pytest.mark.parametrize("dtype,dstate,seqlen", PAIR_CASES)
-def test_forward_two_channels_per_team(emulated, monkeypatch, dtype, dstate, seqlen):
-    dim = 256 if dstate <= 8 else 128  # 512 or 256 channels: over one round of blocks of one channel per team
-    x = make_inputs(batch=2, dim=dim, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
+@pytest.mark.parametrize("dtype,dstate,seqlen", PLAN_CASES)
+def test_forward_team_plans(emulated, monkeypatch, dtype, dstate, seqlen):
+    x = make_inputs(batch=2, dim=8, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                     seed=dstate + seqlen)
-    xd = cast(x, dtype)
-    with emulated():
-        one_per_team = markovkit.selective_scan(**xd, delta_softplus=True, return_last_state=True)
-    monkeypatch.setenv("MK_EMU_SMS", "1")
-    with emulated():
-        two_per_team = markovkit.selective_scan(**xd, delta_softplus=True, return_last_state=True)
-    assert all(torch.equal(a, b) for a, b in zip(one_per_team, two_per_team))  # each channel's arithmetic as before
-    check_scan(emulated, x, dtype)  # outputs, and the backward from the forward's checkpoints
+    last = {}
+    for sms in ("132", "0"):
+        monkeypatch.setenv("MK_EMU_SMS", sms)
+        last[sms] = check_scan(emulated, x, dtype)[1]  # outputs, and the backward from the forward's checkpoints
+    assert torch.equal(last["132"], last["0"])
 
 
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
