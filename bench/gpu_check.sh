@@ -97,6 +97,10 @@ base_rc="-"
 if [ -n "$base_pid" ]; then
   wait $base_pid; base_build_rc=$?
   base_rc="build=$base_build_rc"
+  # an editable install of ours would shadow PYTHONPATH: the base must be what imports
+  [ "$base_build_rc" -eq 0 ] && ! (cd /tmp && PYTHONPATH=/tmp/base_pkg "$PY" -c \
+    "import markovkit, sys; sys.exit(not markovkit.__file__.startswith('/tmp/base_pkg/'))") && base_build_rc=2 &&
+    base_rc="build=0 import=not-the-base"
   for family in $families; do
     [ "$base_build_rc" -eq 0 ] || break
     (cd /tmp && PYTHONPATH=/tmp/base_pkg bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile \
