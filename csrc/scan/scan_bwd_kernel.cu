@@ -3,7 +3,8 @@
 // scan_params.h. It walks the chunks of kScanChunk steps last first. Per chunk:
 //  1. stage: the block loads the chunk's per-step inputs into shared memory once, as weights: Δ (softplus
 //     applied), u and dy = dout·silu(z) of each channel, and the per-step B / C rows of the group, which the R
-//     channels share. Every later pass reads shared memory and registers only: no global load in a step.
+//     channels share. The recurrences read shared memory and registers only; the outputs' other inputs (dout, z,
+//     Δ before softplus) load at the start of their group of steps (load_step).
 //  2. segment starts: from the chunk's checkpoint each lane recomputes its states at the start of every segment
 //     of kSeg steps (shared memory, the lane's own).
 //  3. per segment, last first: h_prev of its kSeg steps is recomputed into registers, then the reverse recurrence
@@ -215,17 +216,33 @@ MK_UNROLL
         }
       }
     };
-    // The lane's outputs of step i given the team sums of its dΔ, du and y parts.
-    auto write_step = [&](int i, acc_t ddt, acc_t du, acc_t y) {
+    // The global inputs of step i's outputs that are not staged: dout and z (for dz), Δ before softplus (for its
+    // gradient). Loaded at the start of the step's group, so their latency hides behind the group's steps rather
+    // than stalling the lane (and, at the group's reduction barrier, the block) right before the outputs.
+    struct StepIn {
+      acc_t gz, z, pre;
+    };
+    auto load_step = [&](int i) {
+      const int64_t at = bd * L + t0 + i;
+      StepIn v{0, 0, 0};
+      if (p.z) {
+        v.gz = to_acc(static_cast<const in_t*>(q.dout)[at]);
+        v.z = to_acc(static_cast<const in_t*>(p.z)[at]);
+      }
+      if (p.softplus) v.pre = pre_delta_at<in_t, acc_t>(p, d, at);
+      return v;
+    };
+    // The lane's outputs of step i given the team sums of its dΔ, du and y parts and its inputs (load_step).
+    auto write_step = [&](int i, acc_t ddt, acc_t du, acc_t y, const StepIn& in) {
       const int64_t at = bd * L + t0 + i;
       const acc_t u = act[kScanChunk + i], dy = act[2 * kScanChunk + i];
       if (p.z) {
-        const acc_t gz = to_acc(static_cast<const in_t*>(q.dout)[at]), z = to_acc(static_cast<const in_t*>(p.z)[at]);
-        const acc_t sz = sigmoid(z);
-        static_cast<in_t*>(q.dz)[at] = store_cast<in_t>(gz * (y + ch.Dd * u) * sz * (acc_t(1) + z * (acc_t(1) - sz)));
+        const acc_t sz = sigmoid(in.z);
+        static_cast<in_t*>(q.dz)[at] =
+            store_cast<in_t>(in.gz * (y + ch.Dd * u) * sz * (acc_t(1) + in.z * (acc_t(1) - sz)));
       }
       static_cast<in_t*>(q.du)[at] = store_cast<in_t>(du + ch.Dd * dy);
-      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(pre_delta_at<in_t, acc_t>(p, d, at)) : ddt;
+      const acc_t dx = p.softplus ? ddt * softplus_thr_grad(in.pre) : ddt;
       static_cast<in_t*>(q.ddelta)[at] = store_cast<in_t>(dx);
       dbias_l += dx;
       dD_l += dy * u;
@@ -236,6 +253,19 @@ MK_UNROLL
       for (int gr = kSeg / kGrp - 1; gr >= 0; --gr) {
         const int len = kPlain ? kGrp : (n - gr * kGrp < kGrp ? n - gr * kGrp : kGrp);
         if (len <= 0) continue;
+        // the steps whose sums this lane will hold (team_sum_steps): jj = lane + m·kLanes, in slot m·kLanes, or
+        // lane % kGrp
+        constexpr int kM = kGrp > kLanes ? kGrp / kLanes : 1;
+        auto writes = [&](int m, int& jj) {
+          jj = kGrp > kLanes ? lane + m * kLanes : lane % kGrp;
+          return active && (kGrp > kLanes || lane < kGrp) && jj < len;
+        };
+        StepIn in[kM];
+MK_UNROLL
+        for (int m = 0; m < kM; ++m) {
+          int jj;
+          if (writes(m, jj)) in[m] = load_step(i0 + gr * kGrp + jj);
+        }
         acc_t pdt[kGrp], pdu[kGrp], py[kGrp];  // this lane's parts of each step's dΔ, du and y
 MK_UNROLL
         for (int jj = kGrp - 1; jj >= 0; --jj) {
@@ -282,14 +312,11 @@ MK_UNROLL
         team_sum_steps<kLanes, kGrp>(pdt, lane);
         team_sum_steps<kLanes, kGrp>(pdu, lane);
         if (p.z) team_sum_steps<kLanes, kGrp>(py, lane);
-        // the steps whose sums this lane holds (team_sum_steps): lane + m·kLanes in slot m·kLanes, or lane % kGrp
-        constexpr int kM = kGrp > kLanes ? kGrp / kLanes : 1;
 MK_UNROLL
         for (int m = 0; m < kM; ++m) {
-          const int jj = kGrp > kLanes ? lane + m * kLanes : lane % kGrp, v = kGrp > kLanes ? m * kLanes : 0;
-          if (active && (kGrp > kLanes || lane < kGrp) && jj < len) {
-            write_step(i0 + gr * kGrp + jj, pdt[v], pdu[v], py[v]);
-          }
+          const int v = kGrp > kLanes ? m * kLanes : 0;
+          int jj;
+          if (writes(m, jj)) write_step(i0 + gr * kGrp + jj, pdt[v], pdu[v], py[v], in[m]);
         }
         if (var_B || var_C) reduce_group<acc_t, kLanes, kS>(q, sd, var_off, t0 + i0 + gr * kGrp, len);
       }
