@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
 
   const TileLoader<T, D, kBN, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
       v_tiles(static_cast<const T*>(p.v), b, L, s.kv_heads, hk);
-  const auto load_kv = [&](const KeyTiles& t, unsigned char* at) {  // K at `at`, V right after it
+  const auto load_kv = [&](const KeyTiles<>& t, unsigned char* at) {  // K at `at`, V right after it
     k_tiles.load(t.j0, t.size(), at);
     v_tiles.load(t.j0, t.size(), at + kTile);
   };

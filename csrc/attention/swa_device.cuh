@@ -82,8 +82,9 @@ __device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&rig
   a[3] = pack<T>(right[2], right[3]);
 }
 
-// The key tiles of query rows [i0, i1): [0, sink_end) then [window_begin, i1) (swa_params.h), kBN keys at a
+// The key tiles of query rows [i0, i1): [0, sink_end) then [window_begin, i1) (swa_params.h), kN keys at a
 // time; the second range is never empty (it holds the rows' own keys).
+template <int kN = kBN>
 struct KeyTiles {
   int64_t sink_end, window_begin, end;
   int64_t j0;  // first key of the current tile
@@ -91,10 +92,10 @@ struct KeyTiles {
       : sink_end(swa_sink_end(i0, s.window, s.sink)), window_begin(swa_window_begin(i0, s.window)), end(i1),
         j0(sink_end > 0 ? 0 : window_begin) {}
   __device__ bool done() const { return j0 >= end; }
-  __device__ int64_t size() const { return min(static_cast<int64_t>(kBN), (j0 < sink_end ? sink_end : end) - j0); }
+  __device__ int64_t size() const { return min(static_cast<int64_t>(kN), (j0 < sink_end ? sink_end : end) - j0); }
   __device__ void next() {
     const bool in_sink = j0 < sink_end;
-    j0 += kBN;
+    j0 += kN;
     if (in_sink && j0 >= sink_end) j0 = window_begin;
   }
 };
@@ -123,16 +124,16 @@ __device__ __forceinline__ int clamped_diff(int64_t a, int64_t b) {
   return a - 256 > b ? 256 : static_cast<int>(max(a - b, int64_t{-256}));
 }
 
-// Sets the elements of the 16 x 64 block of C fragments of rows [rb, rb + 16) that a mask rejects to -inf. Element
-// (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2): row_rule(row, 2 t) gives, once per row, the test
-// of the constant k = 8 n + e % 2, so each element costs a few compares and a select, no branch.
-template <typename RowRule>
-__device__ __forceinline__ void mask_rows(float (&x)[kBN / 8][4], int rb, Lane ln, RowRule row_rule) {
+// Sets the elements of the 16 x 8 kF block of C fragments of rows [rb, rb + 16) that a mask rejects to -inf.
+// Element (n, e) is (row, col) = (rb + g + 8 (e / 2), 8 n + 2 t + e % 2): row_rule(row, 2 t) gives, once per row,
+// the test of the constant k = 8 n + e % 2, so each element costs a few compares and a select, no branch.
+template <int kF, typename RowRule>
+__device__ __forceinline__ void mask_rows(float (&x)[kF][4], int rb, Lane ln, RowRule row_rule) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const auto visible = row_rule(rb + ln.g + 8 * half, 2 * ln.t);
 #pragma unroll
-    for (int n = 0; n < kBN / 8; ++n) {
+    for (int n = 0; n < kF; ++n) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         if (!visible(8 * n + e)) x[n][2 * half + e] = -INFINITY;
@@ -148,8 +149,9 @@ struct TileMask {
   __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
       : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
         sink(clamped_diff(s.sink, j0)) {}
-  // The rejected elements of the 16 x 64 block of rows [rb, rb + 16) to -inf (mask_rows).
-  __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
+  // The rejected elements of the 16 x 8 kF block of rows [rb, rb + 16) to -inf (mask_rows).
+  template <int kF>
+  __device__ __forceinline__ void apply(float (&x)[kF][4], int rb, Lane ln) const {
     mask_rows(x, rb, ln, [&](int r, int c0) {
       // key c0 + k visible: k < hi, and k > lo or k < sk
       const int hi = min(nj, r - causal + 1) - c0, lo = r - window - c0, sk = sink - c0;
@@ -214,17 +216,17 @@ __device__ __forceinline__ void fold(float* v, Op op) {
   if constexpr (W > 1) fold<W / 2>(v, op);
 }
 
-// op over the lane's kBN / 4 elements of row g + 8 half of a 16 x 64 block of C fragments, as a tree: a dependent
-// chain of log2(kBN / 4) ops, not kBN / 4 (the softmax's latency when a scheduler has two warps).
-template <typename Op>
-__device__ __forceinline__ float row_reduce(const float (&x)[kBN / 8][4], int half, Op op) {
-  float v[kBN / 4];
+// op over the lane's 2 kF elements of row g + 8 half of a 16 x 8 kF block of C fragments, as a tree: a dependent
+// chain of log2(2 kF) ops, not 2 kF (the softmax's latency when a scheduler has two warps).
+template <int kF, typename Op>
+__device__ __forceinline__ float row_reduce(const float (&x)[kF][4], int half, Op op) {
+  float v[2 * kF];
 #pragma unroll
-  for (int n = 0; n < kBN / 8; ++n) {
+  for (int n = 0; n < kF; ++n) {
     v[2 * n] = x[n][2 * half];
     v[2 * n + 1] = x[n][2 * half + 1];
   }
-  fold<kBN / 8>(v, op);
+  fold<kF>(v, op);
   return v[0];
 }
 
@@ -237,8 +239,9 @@ constexpr float kSlack = 8.0f;
 // more than kSlack (always at a row's first key); the lane's parts l of the row sums are rescaled to the new maxima
 // and gain the sums of P; alpha gets the factor that rescales the output (rescale; 1 where m stayed). The maxima
 // are taken on the raw scores (scale_log2 > 0 keeps their order), so the scale folds into one FFMA per score.
-__device__ __forceinline__ void softmax_rows(float (&sc)[kBN / 8][4], float (&m)[2], float (&l)[2],
-                                             float (&alpha)[2], float scale_log2) {
+template <int kF>
+__device__ __forceinline__ void softmax_rows(float (&sc)[kF][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             float scale_log2) {
   float m_sub[2];  // the max to subtract, 0 while a row has seen no key (exp2(-inf) = 0)
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -249,7 +252,7 @@ __device__ __forceinline__ void softmax_rows(float (&sc)[kBN / 8][4], float (&m)
     m_sub[half] = m[half] == -INFINITY ? 0.0f : m[half];
   }
 #pragma unroll
-  for (int n = 0; n < kBN / 8; ++n) {
+  for (int n = 0; n < kF; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) sc[n][e] = exp2f(fmaf(sc[n][e], scale_log2, -m_sub[e / 2]));
   }

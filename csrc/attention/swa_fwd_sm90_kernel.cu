@@ -1,11 +1,11 @@
 // CUDA sliding-window attention forward for Hopper (sm_90a), float16 / bfloat16, headdim 64 and 128: wgmma.
 //
 // CTA = 2 warpgroups (256 threads) over a tile of 128 query rows; warpgroup w computes rows [64 w, 64 w + 64), and
-// warp v of the CTA holds rows [16 v, 16 v + 16) of the accumulators (swa_wgmma.cuh). Per key tile of kBN = 64
-// keys (KeyTiles, as in swa_kernel.cu): S = Q K^T by D / 16 wgmma m64n64k16, Q in registers (loaded once: with
+// warp v of the CTA holds rows [16 v, 16 v + 16) of the accumulators (swa_wgmma.cuh). Per key tile of kN keys
+// (KeyTiles; 128 at headdim 128, 64 at 64): S = Q K^T by D / 16 wgmma m64nNk16, Q in registers (loaded once: with
 // both operands in shared memory this product alone would take the whole 128 bytes per clock shared memory gives),
 // K read K-major; the mask and the online softmax of swa_device.cuh on the accumulators, P rounded to 16 bits in
-// registers as the A operand of O += P V (4 wgmma m64nDk16, V read MN-major). The P V product of one tile runs on
+// registers as the A operand of O += P V (kN / 16 wgmma m64nDk16, V read MN-major). The P V product of one tile runs on
 // the tensor cores while the warpgroup's softmax works on the next tile's scores (FlashAttention-3's
 // intra-warpgroup overlap). A warpgroup skips the key tiles none of its rows sees. K and V are double-buffered, V
 // one tile behind K: the cp.async loads of K(t + 1) and V(t) run behind the products of S(t) and P(t - 1) V(t - 1),
@@ -27,20 +27,26 @@ using namespace swa_cuda;
 constexpr int kRows = 128;     // query rows per CTA
 constexpr int kThreads = 256;  // two warpgroups
 
+// Keys per tile: at headdim 128, 128 (one CTA per SM either way: half the tiles, so half the per-tile barriers,
+// waits and softmax bookkeeping, and wgmma m64n128 for S; ~250 registers, no spills); at 64, 64 (with 128 the two
+// CTAs per SM, at 128 registers, would spill).
+template <int D>
+constexpr int kN = D == 128 ? 128 : 64;
+
 // Q, two stages of K and V, and the slack to align the base.
 template <typename T, int D>
 constexpr int smem_bytes() {
-  return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kBN>();
+  return kAlign + tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, kN<D>>();
 }
 
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs (16 warps) per SM, one's softmax beside the
-// other's products; at 128 it needs ~205: one CTA.
+// other's products; at 128 it needs ~250: one CTA.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel(const SwaFwdParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sq = aligned_base(smem_raw);
   unsigned char* stages = sq + tile_bytes<T, D, kRows>();  // stage s: K at s * 2 kKV, V at s * 2 kKV + kKV
-  constexpr int kKV = tile_bytes<T, D, kBN>();
+  constexpr int kKV = tile_bytes<T, D, kN<D>>();
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen;
@@ -51,9 +57,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   const Lane ln = Lane::of_thread();
   const float scale_log2 = static_cast<float>(s.scale) * kLog2e;
 
-  const TileLoader<T, D, kBN, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
+  const TileLoader<T, D, kN<D>, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
       v_tiles(static_cast<const T*>(p.v), b, L, s.kv_heads, hk);
-  KeyTiles tiles(i0, i0 + ni, s);
+  KeyTiles<kN<D>> tiles(i0, i0 + ni, s);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
   k_tiles.load(tiles.j0, tiles.size(), stages);
   cp_async_wait_all();
@@ -62,8 +68,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   float o[D / 8][4];
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // as in swa_kernel.cu's forward
   zero<D>(o);
-  uint32_t pa[kBN / 16][4];  // while `pending`: P of the last tile the warpgroup saw (as the A operand)
-  float alpha[2];            // and the factor that takes O to the maxima P was taken at
+  uint32_t pa[kN<D> / 16][4];  // while `pending`: P of the last tile the warpgroup saw (as the A operand)
+  float alpha[2];              // and the factor that takes O to the maxima P was taken at
   bool pending = false;
   // Step t of (number of tiles) + 1: S(t) = Q K(t)^T and O += P(t - 1) V(t - 1) are in flight together, and the
   // softmax of S(t) runs while the tensor cores still work on the latter. Meanwhile K(t + 1) and V(t) load: stage
@@ -83,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     }
     // warpgroup-uniform, as wgmma needs
     const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
-    float sc[kBN / 8][4];
+    float sc[kN<D> / 8][4];
     const auto issue_s = [&] {
       wgmma_fence();
       qa.abt(sc, sk);  // S = Q K^T
@@ -100,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     // the softmax instead of behind it.
     const auto softmax = [&] {
       fence_operands(sc);
-      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+      if (nj < kN<D> || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
         TileMask(i0, j0, nj, s).apply(sc, rb, ln);
         softmax_rows(sc, m, l, alpha, scale_log2);
       } else {

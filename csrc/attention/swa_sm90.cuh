@@ -112,11 +112,11 @@ __device__ __forceinline__ void load_a(const unsigned char* tile, int row0, uint
   }
 }
 
-// The four A fragments (16 keys or queries each) of a 16 x 64 block held as C fragments.
-template <typename T>
-__device__ __forceinline__ void to_a(const float (&c)[kBN / 8][4], uint32_t (&a)[kBN / 16][4]) {
+// The A fragments (16 keys or queries each) of a 16 x 8 kF block held as C fragments.
+template <typename T, int kF>
+__device__ __forceinline__ void to_a(const float (&c)[kF][4], uint32_t (&a)[kF / 2][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) c_to_a<T>(c[2 * kk], c[2 * kk + 1], a[kk]);
+  for (int kk = 0; kk < kF / 2; ++kk) c_to_a<T>(c[2 * kk], c[2 * kk + 1], a[kk]);
 }
 
 // acc (64 x 64) = A B^T over the headdim: A rows [64 rb, 64 rb + 64) of a kRowsA-row tile, B the 64 rows of
@@ -131,13 +131,13 @@ __device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned 
   }
 }
 
-// acc (64 x 64) = A B^T over the headdim: A (64 x D) in registers (load_a), B the 64 rows of a tile read K-major.
-template <typename T, int D>
-__device__ __forceinline__ void rs_abt(float (&acc)[kBN / 8][4], const uint32_t (&a)[D / 16][4],
-                                       const unsigned char* b) {
+// acc (64 x N, N = 8 kF: 64 or 128) = A B^T over the headdim: A (64 x D) in registers (load_a), B the N rows of a
+// tile read K-major.
+template <typename T, int D, int kF>
+__device__ __forceinline__ void rs_abt(float (&acc)[kF][4], const uint32_t (&a)[D / 16][4], const unsigned char* b) {
   const uint64_t db = k_major_desc(b);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, kBN, false>(acc, a[kk], k_major<kBN>(db, 0, kk), kk > 0);
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 8 * kF, false>(acc, a[kk], k_major<8 * kF>(db, 0, kk), kk > 0);
 }
 
 // The warpgroup's 64 rows of a fixed 128-row tile (a CTA's queries) as the A operand of products acc = A B^T over
@@ -151,7 +151,9 @@ struct RowsA {
   __device__ RowsA(const unsigned char* tile, int wg) : tile(tile), wg(wg) {
     if constexpr (kInRegs) load_a<D, 128>(tile, static_cast<int>(threadIdx.x / 32) * 16, a);
   }
-  __device__ void abt(float (&acc)[kBN / 8][4], const unsigned char* b) const {
+  // acc (64 x 8 kF) over the 8 kF rows of the tile b: kF = 8 (64 rows), or 16 with kInRegs.
+  template <int kF>
+  __device__ void abt(float (&acc)[kF][4], const unsigned char* b) const {
     if constexpr (kInRegs) {
       rs_abt<T, D>(acc, a, b);
     } else {
@@ -160,13 +162,12 @@ struct RowsA {
   }
 };
 
-// acc (64 x D) += A X, A (64 x 64) in registers, X the 64 rows of a tile read MN-major.
-template <typename T, int D>
-__device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kBN / 16][4],
-                                      const unsigned char* x) {
-  const uint64_t dx = mn_major_desc<kBN>(x);
+// acc (64 x D) += A X, A (64 x 16 kK) in registers, X the 16 kK rows of a tile read MN-major.
+template <typename T, int D, int kK>
+__device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a)[kK][4], const unsigned char* x) {
+  const uint64_t dx = mn_major_desc<16 * kK>(x);
 #pragma unroll
-  for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major(dx, kk), true);
+  for (int kk = 0; kk < kK; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major(dx, kk), true);
 }
 
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.

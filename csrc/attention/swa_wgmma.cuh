@@ -107,6 +107,8 @@ MK_WGMMA_RS(__half, "f16", 128, true, "1", MK_F64, MK_D64, "{%64, %65, %66, %67}
 MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, true, "1", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
 MK_WGMMA_RS(__half, "f16", 64, false, "0", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
 MK_WGMMA_RS(__nv_bfloat16, "bf16", 64, false, "0", MK_F32, MK_D32, "{%32, %33, %34, %35}", "%36", "%37")
+MK_WGMMA_RS(__half, "f16", 128, false, "0", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
+MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, false, "0", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
 
 #undef MK_WGMMA_RS
 #undef MK_WGMMA_SS_N64

@@ -46,6 +46,12 @@ CASES = [
     # window 400: tiles more than 256 apart and windows reaching more than 256 past a tile, where the masks clamp
     # their 64-bit bounds to 32 bits; sink 3 (sink tile, then the window range)
     (torch.float16, 1, 520, 1, 1, 64, 400, 3),
+    # headdim 128, whose sm_90 forward takes 128 keys per tile: sink 150 over two such tiles (the second partial,
+    # 22 keys), window 200 cutting tiles of 128 on both sides, partial last tiles of 66 keys (450 = 3 * 128 + 66);
+    # sink 100: one partial sink tile of more than 64 keys, which the query tiles past it see whole (no mask, its
+    # rows past 100 zeros)
+    (torch.bfloat16, 1, 450, 2, 1, 128, 200, 150),
+    (torch.float16, 1, 300, 1, 1, 128, 60, 100),
 ]
 
 
