@@ -200,7 +200,8 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                   du.data_ptr(), ddelta.data_ptr(), z ? dz.data_ptr() : nullptr, dh0.data_ptr(),
                   dA_part.data_ptr(), dD_part.data_ptr(), dbias_part.data_ptr(), dB_part.data_ptr(),
                   dC_part.data_ptr()};
-  MK_LAUNCH(u, scan_bwd_cpu(q), scan_bwd_cuda(q, stream));
+  MK_LAUNCH(u, scan_bwd_cpu(q),
+            (q.f.sm_count = device_attribute(cudaDevAttrMultiProcessorCount), scan_bwd_cuda(q, stream)));
 
   at::Tensor dA = at::empty_like(A), dD = at::empty({f.dim}, wopts), dbias = at::empty({f.dim}, wopts);
   reduce_into(dA_part, dA, 1, f.batch, f.dim * N);

@@ -1,6 +1,6 @@
 // Backward of the selective scan on CUDA, mirroring scan_bwd_cpu. A block holds R = blk teams of kLanes lanes
-// (the forward's lane plan, scan_device.cuh): R consecutive channels of one group of one batch row, the task of
-// scan_params.h. It walks the chunks of kScanChunk steps last first. Per chunk:
+// (dispatch_lanes' plan, scan_device.cuh; with few channels, teams of twice the lanes with 2 states each:
+// scan_bwd_cuda): R consecutive channels of one group of one batch row, the task of scan_params.h. It walks the chunks of kScanChunk steps last first. Per chunk:
 //  1. stage: the block loads the chunk's per-step inputs into shared memory once, as weights: Δ (softplus
 //     applied), u and dy = dout·silu(z) of each channel, and the per-step B / C rows of the group, which the R
 //     channels share. The recurrences read shared memory and registers only; the outputs' other inputs (dout, z,
@@ -53,8 +53,9 @@ struct BwdPlan {
   static constexpr int kSegs = static_cast<int>(pad_to_bank(kScanChunk / kSeg * kW, kLanes));
   static constexpr int kSd = static_cast<int>(pad_to_bank(kW * (kGrp + 1), kLanes * (kGrp + 1)));
   // blocks per SM that the launch bounds ask registers for: 3 where the shared memory allows 3 (float32, 16 and
-  // 32 states); else 1
-  static constexpr int kMinBlocks = sizeof(acc_t) == 4 && (kW == 16 || kW == 32) ? 3 : 1;
+  // 32 states, 4 per lane: 128 threads); 2 with 2 states per lane (the few-channel plan of scan_bwd_cuda: 256
+  // threads); else 1
+  static constexpr int kMinBlocks = sizeof(acc_t) == 4 && (kW == 16 || kW == 32) ? (kS == 2 ? 2 : 3) : 1;
   static constexpr int64_t words(int nvar) {
     return int64_t{nvar} * kW * kRow + int64_t{kR} * (kAct + kSegs + nvar * kSd);
   }
@@ -359,6 +360,29 @@ MK_UNROLL
   }
 }
 
+// Whether dispatch_lanes' plan (kLanes, kS) has the backward's few-channel plan (scan_bwd_cuda).
+template <typename acc_t, int kLanes, int kS>
+constexpr bool kWideBwd = std::is_same_v<acc_t, float> && kLanes == 4 && kS == 4;
+
+// The backward with teams of kLanes lanes and kS states each (the block's channels, so the grid and the partials,
+// depend on kLanes·kS only: scan_bwd_cuda_blk).
+template <typename in_t, typename acc_t, int kLanes, int kS>
+void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
+  using Plan = BwdPlan<acc_t, kLanes, kS>;
+  const ScanParams& p = q.f;
+  const int nvar = (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0);
+  const int smem = static_cast<int>(Plan::words(nvar) * static_cast<int64_t>(sizeof(acc_t)));
+  auto run = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    kernel<<<grid, Plan::kThreads, smem, stream>>>(q);
+  };
+  if (p.var_B && p.var_C) {
+    run(scan_bwd_kernel<in_t, acc_t, kLanes, kS, true>);
+  } else {
+    run(scan_bwd_kernel<in_t, acc_t, kLanes, kS, false>);
+  }
+}
+
 }  // namespace
 
 int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
@@ -370,22 +394,21 @@ int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
 void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
   if (p.batch * p.dim == 0) return;
+  const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
-        using Plan = BwdPlan<acc_t, kLanes, kS>;
-        const int nvar = (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0);
-        const int smem = static_cast<int>(Plan::words(nvar) * static_cast<int64_t>(sizeof(acc_t)));
-        const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
-        auto launch = [&](auto kernel) {
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-          kernel<<<grid, Plan::kThreads, smem, stream>>>(q);
-        };
-        if (p.var_B && p.var_C) {
-          launch(scan_bwd_kernel<in_t, acc_t, kLanes, kS, true>);
-        } else {
-          launch(scan_bwd_kernel<in_t, acc_t, kLanes, kS, false>);
+        // Few channels (9 to 16 states, float accumulators): where the blocks of teams of 8 lanes with 2 states
+        // each all fit at once (2 per SM), those, twice the warps of dispatch_lanes' plan (at (2, 4096, L, 16):
+        // 256 blocks, 2 per SM of 8 warps, not of 4). Not elsewhere: wider teams of more states would need blocks
+        // of 512 threads; fewer states are rare in Mamba models.
+        if constexpr (kWideBwd<acc_t, kLanes, kS>) {
+          if (int64_t{grid} <= int64_t{p.sm_count} * BwdPlan<acc_t, 8, 2>::kMinBlocks) {
+            launch_bwd<in_t, acc_t, 8, 2>(q, grid, stream);
+            return;
+          }
         }
+        launch_bwd<in_t, acc_t, kLanes, kS>(q, grid, stream);
       }
     });
   });

@@ -52,7 +52,7 @@ struct ScanParams {
   void* out;              // (batch, dim, seqlen)
   void* last_state;       // (nseq, dim, dstate)
   void* chunk_states;     // (batch, dim, n_chunks, dstate)
-  int sm_count;           // CUDA: multiprocessors of the device (the forward's channels per team depend on it)
+  int sm_count;           // CUDA: multiprocessors of the device (the team plans of both passes depend on it)
 };
 
 // The backward writes per-task partial sums (accumulator type = the weight type); the glue reduces them

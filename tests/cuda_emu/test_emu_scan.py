@@ -63,11 +63,12 @@ def check_scan(emulated, x, dtype, softplus=True, with_last=True, cu_seqlens=Non
     return got
 
 
-# The forward's team plan (scan_fwd_cuda) follows the SM count the emulator reports. With 132 these small shapes fill
-# under half a round of resident blocks: twice dispatch_lanes' lanes with 2 states each, where it has 4 states per
-# lane, at most 16 lanes and float accumulators ("wide"); elsewhere one channel per team. With 0 no launch fits a
-# round: one channel per team with dispatch_lanes' lanes ("plain") where dim / groups is odd (else two channels per
-# team: test_forward_team_plans).
+# The team plans of both passes (scan_fwd_cuda, scan_bwd_cuda) follow the SM count the emulator reports. With 132
+# these small shapes fill under half a round of resident blocks: twice dispatch_lanes' lanes with 2 states each
+# ("wide"), in the forward where it has 4 states per lane, at most 16 lanes and float accumulators, in the backward at
+# 9 to 16 states with float accumulators; elsewhere dispatch_lanes' plan, one channel per team. With 0 no launch fits
+# a round: dispatch_lanes' plan ("plain"), in the forward one channel per team where dim / groups is odd (else two
+# channels per team: test_forward_team_plans).
 FWD_PLANS = {"wide": "132", "plain": "0"}
 
 
