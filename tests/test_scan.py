@@ -380,6 +380,21 @@ def test_cuda_64bit_offsets():
     torch.testing.assert_close(last[:, sl].cpu(), ref_last, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [2, 4, 8])
+def test_cuda_team_plans_match_the_cpu(batch):
+    """dim 4096, dstate 16, bfloat16, as the bench's shapes: on a device of 100 to 140 SMs batch 2 takes both
+    passes' few-channel plans, 4 one channel per team, 8 two per team (scan_fwd_cuda, scan_bwd_cuda). Out, last
+    state and every gradient against the CPU op on the same inputs."""
+    x = make_inputs(batch=batch, dim=4096, seqlen=128, dstate=16, B_mode="var4", C_mode="var4", seed=batch)
+    acts = {"u", "delta", "z", "B", "C"}
+    x = {k: v.to(torch.bfloat16 if k in acts else torch.float32) for k, v in x.items()}
+    g, gl = upstream(x)
+    got = run(markovkit.selective_scan, {k: v.cuda() for k, v in x.items()}, True, g, gl)
+    assert_all_close(got, run(markovkit.selective_scan, x, True, g, gl), *TOL_LOW[torch.bfloat16])
+
+
 def test_bad_input_errors():
     x = make_inputs(batch=2, dim=4, seqlen=10, dstate=3, B_mode="var4", C_mode="var4", groups=2)
     args = _op_args("cpu", torch.float32, seqlen=10)
