@@ -86,10 +86,11 @@ template <typename in_t, int kS>
 constexpr int kFwdVec = (kS <= 4 ? 16 : 8) / static_cast<int>(sizeof(in_t));
 
 // Forward blocks per SM that the registers must allow (ptxas places these without spills): 7 (72 registers)
-// loading one step, 5 (96) loading several with float accumulators and up to 4 states per lane, else 4 (128); 4
-// with two channels per team.
-template <typename acc_t, int kS, int kV, int kC>
-constexpr int kFwdBlocks = kC == 2 || sizeof(acc_t) == 8 || kS == 8 ? 4 : kV == 1 ? 7 : 5;
+// loading one step, 5 (96) loading several with float accumulators, up to 4 states and under 4 steps of a tile per
+// lane, else 4 (128); 4 with two channels per team.
+template <typename acc_t, int kLanes, int kS, int kV, int kC>
+constexpr int kFwdBlocks =
+    kC == 2 || sizeof(acc_t) == 8 || kS == 8 || kV >= 4 * kLanes ? 4 : kV == 1 ? 7 : 5;
 
 // kV consecutive steps of one row of per-step B or C (kV·sizeof(in_t) bytes, aligned to that), zeros until loaded.
 template <typename in_t, int kV>
@@ -128,7 +129,7 @@ struct RowSteps {
 // of kV steps: per state one load of B and of C, kV unrolled steps, one team reduction of the kV per-step partials
 // of y per channel (team_sum_steps).
 template <typename in_t, typename acc_t, int kLanes, int kS, int kV, int kC>
-__global__ void __launch_bounds__(kFwdThreads, kFwdBlocks<acc_t, kS, kV, kC>) scan_fwd_kernel(ScanParams p) {
+__global__ void __launch_bounds__(kFwdThreads, kFwdBlocks<acc_t, kLanes, kS, kV, kC>) scan_fwd_kernel(ScanParams p) {
   constexpr int kTeams = kFwdThreads / kLanes;
   constexpr int kT = kLanes > kV ? kLanes : kV, kM = kT / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -185,9 +186,9 @@ MK_UNROLL
         const in_t* Cg = Crow + tg;
         RowSteps<in_t, kV> Bs[kS], Cs[kS];  // zeros past N
 MK_UNROLL
-        for (int k = 0; k < kS; ++k) {
-          if (var_B && ch0.has(k)) Bs[k].load(Bg + k * k_stride);
-          if (var_C && ch0.has(k)) Cs[k].load(Cg + k * k_stride);
+        for (int k = 0; k < kS; ++k, Bg += k_stride, Cg += k_stride) {
+          if (var_B && ch0.has(k)) Bs[k].load(Bg);
+          if (var_C && ch0.has(k)) Cs[k].load(Cg);
         }
         // the kV steps (j = g + i of the tile, prepared by lane j % kLanes in slot j / kLanes); kWhole: all in
         // the sequence, else (a sequence's first or last group) the steps outside it leave h alone and add 0 to y
@@ -314,7 +315,7 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
         const auto launch = [&]<int kV>() {
           constexpr bool kPlans = std::is_same_v<acc_t, float> && kS == 4;
           const unsigned grid = grid_of(channels, kFwdThreads / kLanes);
-          const int64_t round = int64_t{p.sm_count} * kFwdBlocks<acc_t, kS, kV, 1>;
+          const int64_t round = int64_t{p.sm_count} * kFwdBlocks<acc_t, kLanes, kS, kV, 1>;
           if constexpr (kPlans && kLanes >= 2) {
             if ((p.dim / p.groups) % 2 == 0 && int64_t{grid} > round) {
               const unsigned pairs = grid_of(channels / 2, kFwdThreads / kLanes);
