@@ -1,6 +1,7 @@
 // Backward of the selective scan on CUDA, mirroring scan_bwd_cpu. A block holds R = blk teams of kLanes lanes
 // (dispatch_lanes' plan, scan_device.cuh; with few channels, teams of twice the lanes with 2 states each:
-// scan_bwd_cuda): R consecutive channels of one group of one batch row, the task of scan_params.h. It walks the chunks of kScanChunk steps last first. Per chunk:
+// scan_bwd_cuda): R consecutive channels of one group of one batch row, the task of scan_params.h. It walks the
+// chunks of kScanChunk steps last first. Per chunk:
 //  1. stage: the block loads the chunk's per-step inputs into shared memory once, as weights: Δ (softplus
 //     applied), u and dy = dout·silu(z) of each channel, and the per-step B / C rows of the group, which the R
 //     channels share. The recurrences read shared memory and registers only; the outputs' other inputs (dout, z,

@@ -1,8 +1,9 @@
 """The CUDA kernels of the selective scan (csrc/scan/scan_kernel.cu) run by the emulator: forward, backward
 (with its fixed-order reduce kernel) and decode step against the float64 reference and the CPU kernel, for every
 dtype, every (kLanes, kS) instance of dispatch_lanes (the forward's loading per-step B/C one step or several at a
-time, in each of its team plans), every backward block size of scan_bwd_cuda_blk, every B/C layout and option, odd and multi-chunk lengths,
-packed sequences; determinism across runs and thread orders; the CUDA-only glue errors.
+time), each pass in each of its team plans, every backward block size of scan_bwd_cuda_blk, every B/C layout and
+option, odd and multi-chunk lengths, packed sequences; determinism across runs and thread orders; the CUDA-only glue
+errors.
 
 Tolerances (rtol, atol as a fraction of the largest reference magnitude), outputs and gradients alike:
 float64 1e-9 / 1e-10 absolute; float32 2e-4 / 2e-5; float16 5e-3 / 3e-3; bfloat16 3e-2 / 2e-2 (activations
