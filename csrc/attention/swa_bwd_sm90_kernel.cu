@@ -8,9 +8,10 @@
 // (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in
 // registers as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read
 // MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
-// S = Q K^T, dQ += scale dS K. The walked tiles (Q, dO and their statistics; K and V) are double-buffered: their
-// cp.async loads run behind the products of the tile before, one barrier per tile. Deterministic: no atomics, a
-// fixed order of sums.
+// S = Q K^T, dQ += scale dS K, the dQ product of one tile in flight while dS of the next is made (as the forward's
+// P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products of the tile
+// before, one barrier per tile: double-buffered in dK, dV; in three stages in dQ (the dQ product of a tile still
+// reads its K while the next tile's products run). Deterministic: no atomics, a fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -27,11 +28,12 @@ using namespace swa_cuda;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// Two fixed 128-row tiles, two stages of two 64-row tiles, 256 statistics (dK, dV: per stage 64 lse and 64 delta;
-// dQ: 128 lse and 128 delta); and the slack to align the base.
-template <typename T, int D>
+// Two fixed 128-row tiles, kStages stages of two 64-row tiles (dK, dV: 2; dQ: 3), 256 statistics (dK, dV: per stage
+// 64 lse and 64 delta; dQ: 128 lse and 128 delta); and the slack to align the base.
+template <typename T, int D, int kStages>
 constexpr int smem_bytes() {
-  return kAlign + 2 * tile_bytes<T, D, kRows>() + 4 * tile_bytes<T, D, 64>() + 256 * static_cast<int>(sizeof(float));
+  return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() +
+         256 * static_cast<int>(sizeof(float));
 }
 
 // dK, dV of key tile blockIdx.x (128 keys) for (batch, kv head) blockIdx.y.
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   unsigned char* sq = aligned_base(smem_raw);
   unsigned char* sdo = sq + tile_bytes<T, D, kRows>();
   unsigned char* stages = sdo + tile_bytes<T, D, kRows>();  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
-  float* slse = reinterpret_cast<float*>(stages + 4 * kTile);
+  float* slse = reinterpret_cast<float*>(stages + 6 * kTile);
   float* sdelta = slse + kRows;
 
   const SwaShape& s = p.s;
@@ -158,38 +160,78 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const RowsA<T, D, D == 128> qa(sq, wg), doa(sdo, wg);
   float dq[D / 8][4];
   zero<D>(dq);
-  for (int stage = 0; !tiles.done(); stage ^= 1) {
-    const int64_t j0 = tiles.j0, nj = tiles.size();
-    const unsigned char* sk = stages + 2 * stage * kTile;
+  // At headdim 128, step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in flight together,
+  // and dS(t) is made while the tensor cores still work on the latter. At 64 dQ += dS(t) K(t) runs at step t (the
+  // dS held from one step to the next would spill at two CTAs per SM). Stage t % 3 holds K(t), V(t); K(t + 1),
+  // V(t + 1) load into stage (t + 1) % 3, which the products of step t - 1 (dQ of tile t - 2 among them) are done
+  // with.
+  constexpr bool kOverlap = D == 128;
+  uint32_t dsa[kBN / 16][4];  // while `pending`: scale dS of the last tile the warpgroup saw (as the A operand)
+  bool pending = false;
+  for (int t = 0;; ++t) {
+    const bool has_tile = !tiles.done();
+    const int64_t j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
+    const unsigned char* sk = stages + 2 * (t % 3) * kTile;
     const unsigned char* sv = sk + kTile;
+    const unsigned char* sk_last = stages + 2 * ((t + 2) % 3) * kTile;  // K(t - 1)
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // K(j0), V(j0) (and Q, dO, the statistics) are in; every warp is done with the other stage
-    tiles.next();
-    if (!tiles.done()) load_kv(tiles, stages + 2 * (stage ^ 1) * kTile);
-    // warpgroup-uniform, as wgmma needs
-    if (g0 >= g1 || swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink)) continue;
-    float sc[kBN / 8][4], dp[kBN / 8][4];
-    wgmma_fence();
-    doa.abt(dp, sv);  // dP = dO V^T
-    qa.abt(sc, sk);   // S = Q K^T
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(sc);
-    fence_operands(dp);
-    // masked only where the window cuts the tiles, as full tiles: keys beyond nj are zero rows of K (dQ gains nothing
-    // from them), queries beyond ni have P = 0 (lse = inf)
-    if (!swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-      TileMask(i0, j0, kBN, s).apply(sc, 16 * warp, ln);
+    __syncthreads();  // K(t), V(t) (and Q, dO, the statistics) are in; every warp is done with step t - 1
+    if (has_tile) {
+      tiles.next();
+      if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % 3) * kTile);
     }
-    p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
-    uint32_t dsa[kBN / 16][4];
-    to_a<T>(dp, dsa);
-    wgmma_fence();
-    rs_ax<T, D>(dq, dsa, sk);  // dQ += scale dS K
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(dq);
+    // warpgroup-uniform, as wgmma needs
+    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
+    float sc[kBN / 8][4], dp[kBN / 8][4];
+    const auto issue_sdp = [&] {
+      wgmma_fence();
+      doa.abt(dp, sv);  // dP = dO V^T
+      qa.abt(sc, sk);   // S = Q K^T
+      wgmma_commit();
+    };
+    const auto issue_dq = [&](const unsigned char* k) {
+      wgmma_fence();
+      rs_ax<T, D>(dq, dsa, k);  // dQ += scale dS K
+      wgmma_commit();
+    };
+    // masked only where the window cuts the tiles, as full tiles: keys beyond nj are zero rows of K (dQ gains
+    // nothing from them), queries beyond ni have P = 0 (lse = inf)
+    const auto make_ds = [&] {
+      fence_operands(sc);
+      fence_operands(dp);
+      if (!swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
+        TileMask(i0, j0, kBN, s).apply(sc, 16 * warp, ln);
+      }
+      p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
+    };
+    // Three straight-line cases, as in the forward: a wait or an operand access in a branch whose path ptxas
+    // cannot relate to the wgmma's issue serializes every wgmma of the kernel.
+    if (sees && pending) {
+      issue_sdp();
+      issue_dq(sk_last);
+      wgmma_wait<1>();
+      make_ds();
+      wgmma_wait<0>();
+      fence_operands(dq);
+      to_a<T>(dp, dsa);
+    } else if (sees) {
+      issue_sdp();
+      wgmma_wait<0>();
+      make_ds();
+      to_a<T>(dp, dsa);
+      if constexpr (!kOverlap) {
+        issue_dq(sk);
+        wgmma_wait<0>();
+        fence_operands(dq);
+      }
+    } else if (pending) {
+      issue_dq(sk_last);
+      wgmma_wait<0>();
+      fence_operands(dq);
+    }
+    pending = kOverlap && sees;
+    if (!has_tile) break;
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dq, one, static_cast<T*>(p.dq), b, i0, 0, 16 * warp, ni, L, s.heads, h, ln);
@@ -197,20 +239,20 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
 
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
-  constexpr int kSmem = smem_bytes<T, D>();
+  constexpr int kSmemKV = smem_bytes<T, D, 2>(), kSmemQ = smem_bytes<T, D, 3>();
   const dim3 grid_kv((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.kv_heads);
-  cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmem, stream>>>(p);
+  cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemKV);
+  swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmemKV, stream>>>(p);
   const dim3 grid_q((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.heads);
-  cudaFuncSetAttribute(swa_bwd_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  swa_bwd_dq_sm90_kernel<T, D><<<grid_q, kThreads, kSmem, stream>>>(p);
+  cudaFuncSetAttribute(swa_bwd_dq_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemQ);
+  swa_bwd_dq_sm90_kernel<T, D><<<grid_q, kThreads, kSmemQ, stream>>>(p);
 }
 
 }  // namespace
 
 int64_t swa_bwd_sm90_smem_bytes(int64_t headdim) {
-  int64_t bytes = 0;  // float16 and bfloat16 tiles have the same size: __half stands for both
-  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D>(); });
+  int64_t bytes = 0;  // the dQ kernel's (the larger); float16 and bfloat16 tiles have the same size: __half for both
+  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D, 3>(); });
   return bytes;
 }
 
