@@ -205,31 +205,16 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
       }
       p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     };
-    // Three straight-line cases, as in the forward: a wait or an operand access in a branch whose path ptxas
-    // cannot relate to the wgmma's issue serializes every wgmma of the kernel.
-    if (sees && pending) {
-      issue_sdp();
-      issue_dq(sk_last);
-      wgmma_wait<1>();
-      make_ds();
-      wgmma_wait<0>();
-      fence_operands(dq);
+    const auto hold = [&] {
       to_a<T>(dp, dsa);
-    } else if (sees) {
-      issue_sdp();
-      wgmma_wait<0>();
-      make_ds();
-      to_a<T>(dp, dsa);
-      if constexpr (!kOverlap) {
+      if constexpr (!kOverlap) {  // no held product: dQ of this tile now
         issue_dq(sk);
         wgmma_wait<0>();
         fence_operands(dq);
       }
-    } else if (pending) {
-      issue_dq(sk_last);
-      wgmma_wait<0>();
-      fence_operands(dq);
-    }
+    };
+    pipeline_step(
+        sees, pending, issue_sdp, [&] { issue_dq(sk_last); }, make_ds, hold, [&] { fence_operands(dq); });
     pending = kOverlap && sees;
     if (!has_tile) break;
   }

@@ -113,26 +113,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
         softmax_rows(sc, m, l, alpha, scale_log2);
       }
     };
-    // Three straight-line cases: with a wait or an operand access in a branch whose path ptxas cannot relate to
-    // the wgmma's issue, it serializes every wgmma of the kernel.
-    if (sees && pending) {
-      issue_s();
-      issue_pv();
-      wgmma_wait<1>();
-      softmax();
-      wgmma_wait<0>();
-      fence_operands(o);
-      to_a<T>(sc, pa);
-    } else if (sees) {
-      issue_s();
-      wgmma_wait<0>();
-      softmax();
-      to_a<T>(sc, pa);
-    } else if (pending) {
-      issue_pv();
-      wgmma_wait<0>();
-      fence_operands(o);
-    }
+    pipeline_step(
+        sees, pending, issue_s, issue_pv, softmax, [&] { to_a<T>(sc, pa); }, [&] { fence_operands(o); });
     pending = sees;
     if (!has_tile) break;
   }

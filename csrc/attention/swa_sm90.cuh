@@ -170,6 +170,36 @@ __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a
   for (int kk = 0; kk < kK; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major(dx, kk), true);
 }
 
+// One step of the kernels' two-product pipelines (the forward's S(t) beside O += P(t - 1) V(t - 1), dQ's S(t), dP(t)
+// beside dQ += dS(t - 1) K(t - 1)) for a warpgroup that sees tile t (`sees`) and holds an operand from the last
+// tile it saw (`pending`): issue_new commits tile t's products, issue_held the held one; make turns tile t's
+// accumulators into the values of the next held operand while the held product runs, hold stores them as that
+// operand once the held product is done with it; fence_held fences the held product's accumulator. Three
+// straight-line cases: with a wait or an operand access in a branch whose path ptxas cannot relate to the wgmma's
+// issue, it serializes every wgmma of the kernel.
+template <typename IssueNew, typename IssueHeld, typename Make, typename Hold, typename FenceHeld>
+__device__ __forceinline__ void pipeline_step(bool sees, bool pending, IssueNew issue_new, IssueHeld issue_held,
+                                              Make make, Hold hold, FenceHeld fence_held) {
+  if (sees && pending) {
+    issue_new();
+    issue_held();
+    wgmma_wait<1>();
+    make();
+    wgmma_wait<0>();
+    fence_held();
+    hold();
+  } else if (sees) {
+    issue_new();
+    wgmma_wait<0>();
+    make();
+    hold();
+  } else if (pending) {
+    issue_held();
+    wgmma_wait<0>();
+    fence_held();
+  }
+}
+
 // Calls fn.template operator()<T, D>() for the dtype (float16 / bfloat16) and headdim (64 / 128) of a launch.
 template <typename Fn>
 void dispatch_sm90(DType dtype, int64_t headdim, Fn fn) {
