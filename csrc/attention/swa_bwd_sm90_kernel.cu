@@ -10,8 +10,8 @@
 // MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
 // S = Q K^T, dQ += scale dS K, the dQ product of one tile in flight while dS of the next is made (as the forward's
 // P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products of the tile
-// before, one barrier per tile: double-buffered in dK, dV; in three stages in dQ (the dQ product of a tile still
-// reads its K while the next tile's products run). Deterministic: no atomics, a fixed order of sums.
+// before, one barrier per tile: double-buffered, except in dQ at headdim 128: three stages (the dQ product of a
+// tile still reads its K while the next tile's products run). Deterministic: no atomics, a fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,8 +28,8 @@ using namespace swa_cuda;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// Two fixed 128-row tiles, kStages stages of two 64-row tiles (dK, dV: 2; dQ: 3), 256 statistics (dK, dV: per stage
-// 64 lse and 64 delta; dQ: 128 lse and 128 delta); and the slack to align the base.
+// Two fixed 128-row tiles, kStages stages of two 64-row tiles (dK, dV: 2; dQ: kDqStages), 256 statistics (dK, dV:
+// per stage 64 lse and 64 delta; dQ: 128 lse and 128 delta); and the slack to align the base.
 template <typename T, int D, int kStages>
 constexpr int smem_bytes() {
   return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() +
@@ -120,6 +120,14 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
 }
 
+// Whether the dQ kernel holds the dQ product of a tile into the next step (headdim 128; at 64 the dS held from one
+// step to the next would spill at two CTAs per SM), and its K/V stages: 3 where it does (the held product still
+// reads K(t - 1) while K(t + 1) loads), else 2.
+template <int D>
+constexpr bool kDqOverlap = D == 128;
+template <int D>
+constexpr int kDqStages = kDqOverlap<D> ? 3 : 2;
+
 // dQ of query tile blockIdx.x (128 queries) for (batch, head) blockIdx.y.
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs per SM.
 template <typename T, int D>
@@ -129,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   unsigned char* sq = aligned_base(smem_raw);
   unsigned char* sdo = sq + tile_bytes<T, D, kRows>();
   unsigned char* stages = sdo + tile_bytes<T, D, kRows>();  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
-  float* slse = reinterpret_cast<float*>(stages + 6 * kTile);
+  float* slse = reinterpret_cast<float*>(stages + 2 * kDqStages<D> * kTile);
   float* sdelta = slse + kRows;
 
   const SwaShape& s = p.s;
@@ -160,26 +168,26 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const RowsA<T, D, D == 128> qa(sq, wg), doa(sdo, wg);
   float dq[D / 8][4];
   zero<D>(dq);
-  // At headdim 128, step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in flight together,
-  // and dS(t) is made while the tensor cores still work on the latter. At 64 dQ += dS(t) K(t) runs at step t (the
-  // dS held from one step to the next would spill at two CTAs per SM). Stage t % 3 holds K(t), V(t); K(t + 1),
-  // V(t + 1) load into stage (t + 1) % 3, which the products of step t - 1 (dQ of tile t - 2 among them) are done
-  // with.
-  constexpr bool kOverlap = D == 128;
+  // With kDqOverlap (headdim 128), step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in
+  // flight together, and dS(t) is made while the tensor cores still work on the latter; else dQ += dS(t) K(t) runs
+  // at step t. Stage t % kStages holds K(t), V(t); K(t + 1), V(t + 1) load into stage (t + 1) % kStages, which the
+  // products of step t - 1 (dQ of tile t - 2 among them) are done with.
+  constexpr bool kOverlap = kDqOverlap<D>;
+  constexpr int kStages = kDqStages<D>;
   uint32_t dsa[kBN / 16][4];  // while `pending`: scale dS of the last tile the warpgroup saw (as the A operand)
   bool pending = false;
   for (int t = 0;; ++t) {
     const bool has_tile = !tiles.done();
     const int64_t j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
-    const unsigned char* sk = stages + 2 * (t % 3) * kTile;
+    const unsigned char* sk = stages + 2 * (t % kStages) * kTile;
     const unsigned char* sv = sk + kTile;
-    const unsigned char* sk_last = stages + 2 * ((t + 2) % 3) * kTile;  // K(t - 1)
+    const unsigned char* sk_last = stages + 2 * ((t + kStages - 1) % kStages) * kTile;  // K(t - 1)
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // K(t), V(t) (and Q, dO, the statistics) are in; every warp is done with step t - 1
     if (has_tile) {
       tiles.next();
-      if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % 3) * kTile);
+      if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % kStages) * kTile);
     }
     // warpgroup-uniform, as wgmma needs
     const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
 
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
-  constexpr int kSmemKV = smem_bytes<T, D, 2>(), kSmemQ = smem_bytes<T, D, 3>();
+  constexpr int kSmemKV = smem_bytes<T, D, 2>(), kSmemQ = smem_bytes<T, D, kDqStages<D>>();
   const dim3 grid_kv((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.kv_heads);
   cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemKV);
   swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmemKV, stream>>>(p);
@@ -236,8 +244,8 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t swa_bwd_sm90_smem_bytes(int64_t headdim) {
-  int64_t bytes = 0;  // the dQ kernel's (the larger); float16 and bfloat16 tiles have the same size: __half for both
-  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D, 3>(); });
+  int64_t bytes = 0;  // the dQ kernel's (no less than dK, dV's); float16 and bfloat16 tiles have the same size
+  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D, kDqStages<D>>(); });
   return bytes;
 }
 
