@@ -5,16 +5,18 @@
 // rows [16 w, 16 w + 16) of the accumulators (swa_wgmma.cuh); the tiles the loop walks (64 rows) serve both
 // warpgroups, and a warpgroup skips those none of its rows meets. dK, dV kernel: CTA per (128 keys, batch * kv
 // head), over the query tiles of every head of the group that see them (QueryTiles): S^T = K Q^T and dP^T = V dO^T
-// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in
-// registers as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read
-// MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
-// S = Q K^T, dQ += scale dS K, the dQ product of one tile in flight while dS of the next is made (as the forward's
+// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits and
+// stored to shared memory as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles,
+// read MN-major), those two products of one tile in flight while P^T, dS^T of the next are made. dQ kernel: CTA
+// per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K (dS in
+// registers), at headdim 128 the dQ product of one tile in flight while dS of the next is made (as the forward's
 // P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products of the tile
-// before, one barrier per tile: double-buffered, except in dQ at headdim 128: three stages (the dQ product of a
-// tile still reads its K while the next tile's products run). Deterministic: no atomics, a fixed order of sums.
+// before, one barrier per tile: in three stages where a product of a tile still reads it while the next tile's
+// products run (dK, dV; dQ at headdim 128), else two. Deterministic: no atomics, a fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "attention/swa_device.cuh"
@@ -28,13 +30,21 @@ using namespace swa_cuda;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// Two fixed 128-row tiles, kStages stages of two 64-row tiles (dK, dV: 2; dQ: kDqStages), 256 statistics (dK, dV:
-// per stage 64 lse and 64 delta; dQ: 128 lse and 128 delta); and the slack to align the base.
-template <typename T, int D, int kStages>
+// Two fixed 128-row tiles, kStages stages of two 64-row tiles, kExtra bytes (statistics; dK, dV: P^T, dS^T tiles);
+// and the slack to align the base.
+template <typename T, int D, int kStages, int kExtra>
 constexpr int smem_bytes() {
-  return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() +
-         256 * static_cast<int>(sizeof(float));
+  return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() + kExtra;
 }
+
+// The dK, dV kernel: Q/dO stages (the held dV, dK products of a tile still read its Q and dO while the next tile's
+// products run and the one after loads), the bytes of a 64 x 64 P^T or dS^T tile; shared memory per CTA (with the
+// two warpgroups' P^T, dS^T tiles and 128 statistics per stage: 64 lse, 64 delta).
+constexpr int kDkdvStages = 3;
+template <typename T>
+constexpr int kPTile = tile_bytes<T, 64, 64>();
+template <typename T, int D>
+constexpr int kSmemDkdv = smem_bytes<T, D, kDkdvStages, 4 * kPTile<T> + 128 * kDkdvStages * sizeof(float)>();
 
 // dK, dV of key tile blockIdx.x (128 keys) for (batch, kv head) blockIdx.y.
 template <typename T, int D>
@@ -43,14 +53,17 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sk = aligned_base(smem_raw);
   unsigned char* sv = sk + tile_bytes<T, D, kRows>();
-  unsigned char* stages = sv + tile_bytes<T, D, kRows>();       // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
-  float* stats = reinterpret_cast<float*>(stages + 4 * kTile);  // stage s: lse at 128 s, delta at 128 s + 64
+  unsigned char* stages = sv + tile_bytes<T, D, kRows>();  // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
+  unsigned char* pds = stages + 2 * kDkdvStages * kTile;          // warpgroup w: P^T at 2 w kPTile, then dS^T
+  float* stats = reinterpret_cast<float*>(pds + 4 * kPTile<T>);  // stage s: lse at 128 s, delta at 128 s + 64
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
   const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
+  unsigned char* sp = pds + 2 * wg * kPTile<T>;
+  unsigned char* sds = sp + kPTile<T>;
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -58,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   const TileLoader<T, D, kBM, kThreads> q_tiles(static_cast<const T*>(p.q), b, L, s.heads, 0),
       do_tiles(static_cast<const T*>(p.dout), b, L, s.heads, 0);
   // Q and dO of a tile start loading into a stage; its statistics into registers (next_stats), which the next
-  // iteration stores to the stage before its barrier: the loads' latency then passes behind this iteration's
-  // products instead of stalling warps 0 and 1 (and with them their warpgroup's wgmma) before them.
+  // step stores to the stage before its barrier: the loads' latency then passes behind this step's products
+  // instead of stalling warps 0 and 1 (and with them their warpgroup's wgmma) before them.
   RowStats<kBM> next_stats;
   const auto load_query_tile = [&](const QueryTiles& t, int stage) {
     unsigned char* at = stages + 2 * stage * kTile;
@@ -76,44 +89,68 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   float dk[D / 8][4], dv[D / 8][4];
   zero<D>(dk);
   zero<D>(dv);
-  for (int stage = 0; !tiles.done(); stage ^= 1) {
-    const int64_t i0 = tiles.i0, ni = tiles.size();
+  // Step t of (number of tiles) + 1 has S^T(t), dP^T(t) and dV += P^T(t - 1) dO(t - 1), dK += dS^T(t - 1) Q(t - 1)
+  // in flight together, and P^T(t), dS^T(t) are made while the tensor cores still work on the latter (the dQ
+  // kernel's pipeline_step), then stored to the warpgroup's sp, sds tiles as the A operands of the next step (in
+  // registers they would spill at headdim 128). Stage t % kDkdvStages holds Q(t), dO(t) and their statistics; tile
+  // t + 1 loads into stage (t + 1) % kDkdvStages, which the products of step t - 1 (dV, dK of tile t - 2 among them)
+  // are done with.
+  bool pending = false;
+  for (int stage = 0;; stage = (stage + 1) % kDkdvStages) {
+    const bool has_tile = !tiles.done();
+    const int64_t i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
     const unsigned char* sq = stages + 2 * stage * kTile;
     const unsigned char* sdo = sq + kTile;
-    const float* slse = stats + 128 * stage;
-    const float* sdelta = slse + 64;
-    next_stats.store(stats + 128 * stage, stats + 128 * stage + 64);  // this tile's, loaded one iteration ago
+    const unsigned char* sq_last = stages + 2 * ((stage + kDkdvStages - 1) % kDkdvStages) * kTile;  // Q(t - 1)
+    float* slse = stats + 128 * stage;
+    float* sdelta = slse + 64;
+    next_stats.store(slse, sdelta);  // this tile's, loaded one step ago
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with the other stage
-    tiles.next();
-    if (!tiles.done()) load_query_tile(tiles, stage ^ 1);
+    __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with step t - 1
+    if (has_tile) {
+      tiles.next();
+      if (!tiles.done()) load_query_tile(tiles, (stage + 1) % kDkdvStages);
+    }
     // warpgroup-uniform, as wgmma needs
-    if (wk0 >= wk1 || swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink)) continue;
+    const bool sees = has_tile && wk0 < wk1 && !swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink);
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
-    wgmma_fence();
-    ss_abt<T, D, kRows>(st, sk, wg, sq);
-    ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(st);
-    fence_operands(dpt);
+    const auto issue_sdp = [&] {
+      wgmma_fence();
+      ss_abt<T, D, kRows>(st, sk, wg, sq);
+      ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
+      wgmma_commit();
+    };
+    const auto issue_dkdv = [&] {
+      wgmma_fence();
+      ss_ax<T, D>(dv, sp, sq_last + kTile);  // dV += P^T dO
+      ss_ax<T, D>(dk, sds, sq_last);         // dK += scale dS^T Q
+      wgmma_commit();
+    };
     // masked only where the window cuts the tiles, as full tiles: queries beyond ni have P = 0 (lse = inf), keys
     // beyond nj are zero rows whose dK, dV rows are not stored
-    if (!swa_tile_full(i0, i0 + ni, wk0, wk1, s.window, s.sink)) {
-      KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
-    }
-    p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
-    uint32_t pa[kBN / 16][4], dsa[kBN / 16][4];
-    to_a<T>(st, pa);
-    to_a<T>(dpt, dsa);
-    wgmma_fence();
-    rs_ax<T, D>(dv, pa, sdo);  // dV += P^T dO
-    rs_ax<T, D>(dk, dsa, sq);  // dK += scale dS^T Q
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(dv);
-    fence_operands(dk);
+    const auto make_pds = [&] {
+      fence_operands(st);
+      fence_operands(dpt);
+      if (!swa_tile_full(i0, i0 + ni, wk0, wk1, s.window, s.sink)) {
+        KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
+      }
+      p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+    };
+    // a warp's rows of P^T, dS^T are the A rows of its own part of the held products, which its wait<0> has seen
+    // done; the next step's barrier orders them before the products that read them
+    const auto hold = [&] {
+      store_a<T>(st, sp, 16 * (warp % 4), ln);
+      store_a<T>(dpt, sds, 16 * (warp % 4), ln);
+      fence_proxy_async();
+    };
+    const auto fence_dkdv = [&] {
+      fence_operands(dv);
+      fence_operands(dk);
+    };
+    pipeline_step(sees, pending, issue_sdp, issue_dkdv, make_pds, hold, fence_dkdv);
+    pending = sees;
+    if (!has_tile) break;
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
@@ -127,6 +164,8 @@ template <int D>
 constexpr bool kDqOverlap = D == 128;
 template <int D>
 constexpr int kDqStages = kDqOverlap<D> ? 3 : 2;
+template <typename T, int D>
+constexpr int kSmemDq = smem_bytes<T, D, kDqStages<D>, 2 * kRows * sizeof(float)>();
 
 // dQ of query tile blockIdx.x (128 queries) for (batch, head) blockIdx.y.
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs per SM.
@@ -232,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
 
 template <typename T, int D>
 void backward(const SwaBwdParams& p, cudaStream_t stream) {
-  constexpr int kSmemKV = smem_bytes<T, D, 2>(), kSmemQ = smem_bytes<T, D, kDqStages<D>>();
+  constexpr int kSmemKV = kSmemDkdv<T, D>, kSmemQ = kSmemDq<T, D>;
   const dim3 grid_kv((p.s.seqlen + kRows - 1) / kRows, p.s.batch * p.s.kv_heads);
   cudaFuncSetAttribute(swa_bwd_dkdv_sm90_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemKV);
   swa_bwd_dkdv_sm90_kernel<T, D><<<grid_kv, kThreads, kSmemKV, stream>>>(p);
@@ -244,8 +283,9 @@ void backward(const SwaBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 int64_t swa_bwd_sm90_smem_bytes(int64_t headdim) {
-  int64_t bytes = 0;  // the dQ kernel's (no less than dK, dV's); float16 and bfloat16 tiles have the same size
-  dispatch_sm90(DType::kFloat16, headdim, [&]<typename T, int D>() { bytes = smem_bytes<T, D, kDqStages<D>>(); });
+  int64_t bytes = 0;  // the larger kernel's; float16 and bfloat16 tiles have the same size
+  dispatch_sm90(DType::kFloat16, headdim,
+                [&]<typename T, int D>() { bytes = std::max(kSmemDkdv<T, D>, kSmemDq<T, D>); });
   return bytes;
 }
 

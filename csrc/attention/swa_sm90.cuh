@@ -2,8 +2,8 @@
 // Pieces of the sm_90a attention kernels (swa_fwd_sm90_kernel.cu, swa_bwd_sm90_kernel.cu): the aligned
 // shared-memory base, the cp.async load of a tile into the 128-byte-swizzled layout of swa_wgmma.cuh, the
 // descriptors of its K-major and MN-major operands, a tile's rows as register A fragments (load_a, RowsA), the
-// products the kernels make of them (A B^T with A in shared memory or registers, A X with A in registers), and the
-// launchers' dispatch.
+// products the kernels make of them (A B^T, A X, with A in shared memory or registers), a block of accumulators
+// stored as a shared-memory A operand (store_a), the two-product pipeline step, and the launchers' dispatch.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -127,7 +127,7 @@ __device__ __forceinline__ void ss_abt(float (&acc)[kBN / 8][4], const unsigned 
   const uint64_t da = k_major_desc(a), db = k_major_desc(b);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    wgmma_ss_n64<T>(acc, k_major<kRowsA>(da, rb, kk), k_major<kBN>(db, 0, kk), kk > 0);
+    wgmma_ss<T, kBN, false>(acc, k_major<kRowsA>(da, rb, kk), k_major<kBN>(db, 0, kk), kk > 0);
   }
 }
 
@@ -168,6 +168,30 @@ __device__ __forceinline__ void rs_ax(float (&acc)[D / 8][4], const uint32_t (&a
   const uint64_t dx = mn_major_desc<16 * kK>(x);
 #pragma unroll
   for (int kk = 0; kk < kK; ++kk) wgmma_rs<T, D, true>(acc, a[kk], mn_major(dx, kk), true);
+}
+
+// acc (64 x D) += A X, A (64 x 64) the one-panel K-major tile `a` (store_a), X the 64 rows of a tile read MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void ss_ax(float (&acc)[D / 8][4], const unsigned char* a, const unsigned char* x) {
+  const uint64_t da = k_major_desc(a), dx = mn_major_desc<64>(x);
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_ss<T, D, true>(acc, k_major<64>(da, 0, kk), mn_major(dx, kk), true);
+}
+
+// Stores the warp's rows [row0, row0 + 16) (row0 a multiple of 16) of a 64 x 64 block held as C fragments, rounded
+// to T, into the 64-row one-panel tile `a` as ss_ax reads it (for the tensor cores after fence_proxy_async).
+// Element (n, e) is (row0 + g + 8 (e / 2), 8 n + 2 t + e % 2): one 4-byte store per pair, the 8 rows g of a store
+// in the 8 different 16-byte chunks n ^ g, so the warp's 32 stores hit 32 banks.
+template <typename T>
+__device__ __forceinline__ void store_a(const float (&c)[8][4], unsigned char* a, int row0, Lane ln) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      unsigned char* at = a + (row0 + ln.g + 8 * half) * 128 + 16 * (n ^ ln.g) + 4 * ln.t;
+      *reinterpret_cast<uint32_t*>(at) = pack<T>(c[n][2 * half], c[n][2 * half + 1]);
+    }
+  }
 }
 
 // One step of the kernels' two-product pipelines (the forward's S(t) beside O += P(t - 1) V(t - 1), dQ's S(t), dP(t)

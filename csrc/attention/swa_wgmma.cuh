@@ -70,20 +70,27 @@ __device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
   "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
   "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// d (64 x 64) = A B (+ d if accumulate), A (64 x 16) and B (16 x 64) K-major in shared memory.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, bool accumulate);
+// d (64 x N) = A B (+ d if accumulate), A (64 x 16) K-major and B (16 x N) in shared memory, MN-major (kMnMajorB:
+// imm-trans-b = 1) or K-major; N = 64 or 128.
+template <typename T, int N, bool kMnMajorB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate);
 
-#define MK_WGMMA_SS_N64(T, TY)                                                                                       \
-  template <>                                                                                                       \
-  __device__ __forceinline__ void wgmma_ss_n64<T>(float (&d)[8][4], uint64_t a, uint64_t b, bool accumulate) {      \
-    MK_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY \
-                 " " MK_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                       \
-                 : MK_F32                                                                                           \
-                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));                                              \
+// F: the accumulator operand list, D its placeholders, A, B and ACC those of a, b and accumulate; TR the
+// imm-trans-b of MN.
+#define MK_WGMMA_SS(T, TY, N, MN, TR, F, D, A, B, ACC)                                                                 \
+  template <>                                                                                                          \
+  __device__ __forceinline__ void wgmma_ss<T, N, MN>(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {  \
+    MK_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, " ACC ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TY    \
+                 "." TY " " D ", " A ", " B ", p, 1, 1, 0, " TR ";\n}\n"                                               \
+                 : F                                                                                                   \
+                 : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));                                                 \
   }
-MK_WGMMA_SS_N64(__half, "f16")
-MK_WGMMA_SS_N64(__nv_bfloat16, "bf16")
+MK_WGMMA_SS(__half, "f16", 64, false, "0", MK_F32, MK_D32, "%32", "%33", "%34")
+MK_WGMMA_SS(__nv_bfloat16, "bf16", 64, false, "0", MK_F32, MK_D32, "%32", "%33", "%34")
+MK_WGMMA_SS(__half, "f16", 64, true, "1", MK_F32, MK_D32, "%32", "%33", "%34")
+MK_WGMMA_SS(__nv_bfloat16, "bf16", 64, true, "1", MK_F32, MK_D32, "%32", "%33", "%34")
+MK_WGMMA_SS(__half, "f16", 128, true, "1", MK_F64, MK_D64, "%64", "%65", "%66")
+MK_WGMMA_SS(__nv_bfloat16, "bf16", 128, true, "1", MK_F64, MK_D64, "%64", "%65", "%66")
 
 // d (64 x N) = A B (+ d if accumulate), A (64 x 16) in registers (a), B (16 x N) in shared memory, MN-major
 // (kMnMajorB: imm-trans-b = 1) or K-major; N = 64 or 128.
@@ -111,7 +118,7 @@ MK_WGMMA_RS(__half, "f16", 128, false, "0", MK_F64, MK_D64, "{%64, %65, %66, %67
 MK_WGMMA_RS(__nv_bfloat16, "bf16", 128, false, "0", MK_F64, MK_D64, "{%64, %65, %66, %67}", "%68", "%69")
 
 #undef MK_WGMMA_RS
-#undef MK_WGMMA_SS_N64
+#undef MK_WGMMA_SS
 #undef MK_D64
 #undef MK_D32
 #undef MK_F64

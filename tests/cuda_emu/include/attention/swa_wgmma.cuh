@@ -148,7 +148,9 @@ inline void wgmma_commit() {
   for (emu_detail::PendingWgmma& w : mine) w.group = w.group < 0 ? group : w.group;
 }
 
-// Runs the wgmma of all but the newest N committed groups, in issue order.
+// Runs the wgmma of all but the newest N committed groups, in issue order. Warp-synchronous, as the instruction
+// (.sync.aligned): no lane goes on before every lane of its warp has its share of those products, so a lane that
+// then overwrites a shared-memory operand cannot change what another lane of the warp reads.
 template <int N>
 void wgmma_wait() {
   std::vector<emu_detail::PendingWgmma>& mine = emu_detail::thread_queue<emu_detail::PendingWgmma>();
@@ -166,13 +168,15 @@ void wgmma_wait() {
     }
   }
   mine = left;
+  mk_emu::sync_warp();
 }
 
-template <typename T>
-void wgmma_ss_n64(float (&d)[8][4], uint64_t a, uint64_t b, bool accumulate) {
-  emu_detail::PendingWgmma w = emu_detail::pending<T>(&d[0][0], 64, b);
+template <typename T, int N, bool kMnMajorB>
+void wgmma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, bool accumulate) {
+  emu_detail::PendingWgmma w = emu_detail::pending<T>(&d[0][0], N, b);
   w.accumulate = accumulate;
   w.a_desc = a;
+  w.b_mn_major = kMnMajorB;
   emu_detail::issue(w);
 }
 
