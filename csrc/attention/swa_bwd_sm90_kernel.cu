@@ -8,11 +8,11 @@
 // (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits and
 // stored to shared memory as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles,
 // read MN-major), those two products of one tile in flight while P^T, dS^T of the next are made. dQ kernel: CTA
-// per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K (dS in
-// registers), at headdim 128 the dQ product of one tile in flight while dS of the next is made (as the forward's
-// P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products of the tile
-// before, one barrier per tile: in three stages where a product of a tile still reads it while the next tile's
-// products run (dK, dV; dQ at headdim 128), else two. Deterministic: no atomics, a fixed order of sums.
+// per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K (dS
+// stored to shared memory as the A operand), the dQ product of one tile in flight while dS of the next is made (as
+// the forward's P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products
+// of the tile before, one barrier per tile, in three stages (a held product still reads tile t - 1 while t + 1
+// loads). Deterministic: no atomics, a fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,21 +30,25 @@ using namespace swa_cuda;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// Two fixed 128-row tiles, kStages stages of two 64-row tiles, kExtra bytes (statistics; dK, dV: P^T, dS^T tiles);
-// and the slack to align the base.
-template <typename T, int D, int kStages, int kExtra>
+// The stages of the walked tiles: a held product of tile t still reads them while tile t + 1's products run and
+// tile t + 2 loads. The bytes of a 64 x 64 A operand held in shared memory from one step to the next (P^T, dS^T; dS).
+constexpr int kStages = 3;
+template <typename T>
+constexpr int kHeldTile = tile_bytes<T, 64, 64>();
+
+// Two fixed 128-row tiles, kStages stages of two 64-row tiles, kExtra bytes (held tiles, statistics); and the slack
+// to align the base.
+template <typename T, int D, int kExtra>
 constexpr int smem_bytes() {
   return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() + kExtra;
 }
 
-// The dK, dV kernel: Q/dO stages (the held dV, dK products of a tile still read its Q and dO while the next tile's
-// products run and the one after loads), the bytes of a 64 x 64 P^T or dS^T tile; shared memory per CTA (with the
-// two warpgroups' P^T, dS^T tiles and 128 statistics per stage: 64 lse, 64 delta).
-constexpr int kDkdvStages = 3;
-template <typename T>
-constexpr int kPTile = tile_bytes<T, 64, 64>();
+// Shared memory per CTA. dK, dV: the two warpgroups' P^T and dS^T, 128 statistics per stage (64 lse, 64 delta);
+// dQ: the two warpgroups' dS, 256 statistics (128 lse, 128 delta).
 template <typename T, int D>
-constexpr int kSmemDkdv = smem_bytes<T, D, kDkdvStages, 4 * kPTile<T> + 128 * kDkdvStages * sizeof(float)>();
+constexpr int kSmemDkdv = smem_bytes<T, D, 4 * kHeldTile<T> + 128 * kStages * sizeof(float)>();
+template <typename T, int D>
+constexpr int kSmemDq = smem_bytes<T, D, 2 * kHeldTile<T> + 2 * kRows * sizeof(float)>();
 
 // dK, dV of key tile blockIdx.x (128 keys) for (batch, kv head) blockIdx.y.
 template <typename T, int D>
@@ -54,16 +58,16 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   unsigned char* sk = aligned_base(smem_raw);
   unsigned char* sv = sk + tile_bytes<T, D, kRows>();
   unsigned char* stages = sv + tile_bytes<T, D, kRows>();  // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
-  unsigned char* pds = stages + 2 * kDkdvStages * kTile;          // warpgroup w: P^T at 2 w kPTile, then dS^T
-  float* stats = reinterpret_cast<float*>(pds + 4 * kPTile<T>);  // stage s: lse at 128 s, delta at 128 s + 64
+  unsigned char* held = stages + 2 * kStages * kTile;      // warpgroup w: P^T at 2 w kHeldTile, then dS^T
+  float* stats = reinterpret_cast<float*>(held + 4 * kHeldTile<T>);  // stage s: lse at 128 s, delta at 128 s + 64
 
   const SwaShape& s = p.s;
   const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
   const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
-  unsigned char* sp = pds + 2 * wg * kPTile<T>;
-  unsigned char* sds = sp + kPTile<T>;
+  unsigned char* sp = held + 2 * wg * kHeldTile<T>;
+  unsigned char* sds = sp + kHeldTile<T>;
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -92,16 +96,16 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   // Step t of (number of tiles) + 1 has S^T(t), dP^T(t) and dV += P^T(t - 1) dO(t - 1), dK += dS^T(t - 1) Q(t - 1)
   // in flight together, and P^T(t), dS^T(t) are made while the tensor cores still work on the latter (the dQ
   // kernel's pipeline_step), then stored to the warpgroup's sp, sds tiles as the A operands of the next step (in
-  // registers they would spill at headdim 128). Stage t % kDkdvStages holds Q(t), dO(t) and their statistics; tile
-  // t + 1 loads into stage (t + 1) % kDkdvStages, which the products of step t - 1 (dV, dK of tile t - 2 among them)
+  // registers they would spill at headdim 128). Stage t % kStages holds Q(t), dO(t) and their statistics; tile
+  // t + 1 loads into stage (t + 1) % kStages, which the products of step t - 1 (dV, dK of tile t - 2 among them)
   // are done with.
   bool pending = false;
-  for (int stage = 0;; stage = (stage + 1) % kDkdvStages) {
+  for (int stage = 0;; stage = (stage + 1) % kStages) {
     const bool has_tile = !tiles.done();
     const int64_t i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
     const unsigned char* sq = stages + 2 * stage * kTile;
     const unsigned char* sdo = sq + kTile;
-    const unsigned char* sq_last = stages + 2 * ((stage + kDkdvStages - 1) % kDkdvStages) * kTile;  // Q(t - 1)
+    const unsigned char* sq_last = stages + 2 * ((stage + kStages - 1) % kStages) * kTile;  // Q(t - 1)
     float* slse = stats + 128 * stage;
     float* sdelta = slse + 64;
     next_stats.store(slse, sdelta);  // this tile's, loaded one step ago
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with step t - 1
     if (has_tile) {
       tiles.next();
-      if (!tiles.done()) load_query_tile(tiles, (stage + 1) % kDkdvStages);
+      if (!tiles.done()) load_query_tile(tiles, (stage + 1) % kStages);
     }
     // warpgroup-uniform, as wgmma needs
     const bool sees = has_tile && wk0 < wk1 && !swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink);
@@ -157,16 +161,6 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   store_rows<T, D>(dv, one, static_cast<T*>(p.dv), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
 }
 
-// Whether the dQ kernel holds the dQ product of a tile into the next step (headdim 128; at 64 the dS held from one
-// step to the next would spill at two CTAs per SM), and its K/V stages: 3 where it does (the held product still
-// reads K(t - 1) while K(t + 1) loads), else 2.
-template <int D>
-constexpr bool kDqOverlap = D == 128;
-template <int D>
-constexpr int kDqStages = kDqOverlap<D> ? 3 : 2;
-template <typename T, int D>
-constexpr int kSmemDq = smem_bytes<T, D, kDqStages<D>, 2 * kRows * sizeof(float)>();
-
 // dQ of query tile blockIdx.x (128 queries) for (batch, head) blockIdx.y.
 // At headdim 64 the kernel fits 128 registers without spills: two CTAs per SM.
 template <typename T, int D>
@@ -176,7 +170,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   unsigned char* sq = aligned_base(smem_raw);
   unsigned char* sdo = sq + tile_bytes<T, D, kRows>();
   unsigned char* stages = sdo + tile_bytes<T, D, kRows>();  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
-  float* slse = reinterpret_cast<float*>(stages + 2 * kDqStages<D> * kTile);
+  unsigned char* held = stages + 2 * kStages * kTile;       // warpgroup w: dS at w kHeldTile
+  float* slse = reinterpret_cast<float*>(held + 2 * kHeldTile<T>);
   float* sdelta = slse + kRows;
 
   const SwaShape& s = p.s;
@@ -185,6 +180,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const int warp = threadIdx.x / 32, wg = warp / 4;
   const auto [g0, g1] = row_span(i0, 64 * wg, 64, ni);     // the warpgroup's rows as queries
   const auto [wi0, wi1] = row_span(i0, 16 * warp, 16, ni);  // the warp's
+  unsigned char* sds = held + wg * kHeldTile<T>;
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -207,13 +203,11 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const RowsA<T, D, D == 128> qa(sq, wg), doa(sdo, wg);
   float dq[D / 8][4];
   zero<D>(dq);
-  // With kDqOverlap (headdim 128), step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in
-  // flight together, and dS(t) is made while the tensor cores still work on the latter; else dQ += dS(t) K(t) runs
-  // at step t. Stage t % kStages holds K(t), V(t); K(t + 1), V(t + 1) load into stage (t + 1) % kStages, which the
-  // products of step t - 1 (dQ of tile t - 2 among them) are done with.
-  constexpr bool kOverlap = kDqOverlap<D>;
-  constexpr int kStages = kDqStages<D>;
-  uint32_t dsa[kBN / 16][4];  // while `pending`: scale dS of the last tile the warpgroup saw (as the A operand)
+  // Step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in flight together, and dS(t) is
+  // made while the tensor cores still work on the latter (pipeline_step), then stored to the warpgroup's sds tile as
+  // the A operand of the next step (in registers it would spill at headdim 64 and two CTAs per SM). Stage
+  // t % kStages holds K(t), V(t); K(t + 1), V(t + 1) load into stage (t + 1) % kStages, which the products of step
+  // t - 1 (dQ of tile t - 2 among them) are done with.
   bool pending = false;
   for (int t = 0;; ++t) {
     const bool has_tile = !tiles.done();
@@ -237,9 +231,9 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
       qa.abt(sc, sk);   // S = Q K^T
       wgmma_commit();
     };
-    const auto issue_dq = [&](const unsigned char* k) {
+    const auto issue_dq = [&] {
       wgmma_fence();
-      rs_ax<T, D>(dq, dsa, k);  // dQ += scale dS K
+      ss_ax<T, D>(dq, sds, sk_last);  // dQ += scale dS K
       wgmma_commit();
     };
     // masked only where the window cuts the tiles, as full tiles: keys beyond nj are zero rows of K (dQ gains
@@ -252,17 +246,14 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
       }
       p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     };
+    // a warp's rows of dS are the A rows of its own part of the held product, which its wait<0> has seen done; the
+    // next step's barrier orders them before the product that reads them
     const auto hold = [&] {
-      to_a<T>(dp, dsa);
-      if constexpr (!kOverlap) {  // no held product: dQ of this tile now
-        issue_dq(sk);
-        wgmma_wait<0>();
-        fence_operands(dq);
-      }
+      store_a<T>(dp, sds, 16 * (warp % 4), ln);
+      fence_proxy_async();
     };
-    pipeline_step(
-        sees, pending, issue_sdp, [&] { issue_dq(sk_last); }, make_ds, hold, [&] { fence_operands(dq); });
-    pending = kOverlap && sees;
+    pipeline_step(sees, pending, issue_sdp, issue_dq, make_ds, hold, [&] { fence_operands(dq); });
+    pending = sees;
     if (!has_tile) break;
   }
   const float one[2] = {1.0f, 1.0f};
