@@ -9,9 +9,10 @@
 # FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
 # MAMBA_SRC: if set to a mamba source checkout (kept outside the repo), its selective scan is built for sm_90
 # (bench/build_mamba_peer.py, niced, beside the tests) and the scan bench compares against it.
-# BASE_SRC: if set to the source tree of an earlier markovkit commit (outside the repo: git archive REV | tar x -C
-# DIR), it is built too (niced, beside the tests, into /tmp/base_pkg) and each family's bench runs again on it after
-# ours (bench_base_FAMILY.txt, its own bench code, no mamba_ssm): the two commits' kernels on one device in one run.
+# BASE_SRC: source trees of earlier markovkit commits, space-separated (outside the repo: git archive REV | tar x
+# -C DIR): each is built too (niced, beside the tests, into /tmp/base_pkg_N, N its place in the list from 0) and
+# each family's bench runs again on it after ours (bench_baseN_FAMILY.txt, its own bench code, no mamba_ssm): the
+# commits' kernels on one device in one run.
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,12 +53,14 @@ if [ -n "${MAMBA_SRC:-}" ]; then
   peer_pid=$!
 fi
 
-base_pid=""
-if [ -n "${BASE_SRC:-}" ]; then
-  CMAKE_BUILD_PARALLEL_LEVEL=6 nice -n 19 timeout 300 "$PY" -m pip install --no-build-isolation --no-deps \
-    --target /tmp/base_pkg -C build-dir=/tmp/base_build "$BASE_SRC" >"$out/base_build.log" 2>&1 &
-  base_pid=$!
-fi
+read -r -a bases <<<"${BASE_SRC:-}"
+base_pids=()
+for i in "${!bases[@]}"; do
+  CMAKE_BUILD_PARALLEL_LEVEL=$(( 6 / ${#bases[@]} + 1 )) nice -n 19 timeout 300 "$PY" -m pip install \
+    --no-build-isolation --no-deps --target "/tmp/base_pkg_$i" -C build-dir="/tmp/base_build_$i" "${bases[$i]}" \
+    >"$out/base${i}_build.log" 2>&1 &
+  base_pids+=($!)
+done
 
 start=$(date +%s)
 xdist=""
@@ -94,20 +97,23 @@ for family in $families; do
   bench_rc="$bench_rc $family=$?"
 done
 base_rc="-"
-if [ -n "$base_pid" ]; then
-  wait $base_pid; base_build_rc=$?
-  base_rc="build=$base_build_rc"
+for i in "${!bases[@]}"; do
+  pkg="/tmp/base_pkg_$i"
+  wait "${base_pids[$i]}"; base_build_rc=$?
+  [ "$i" -eq 0 ] && base_rc=""
+  base_rc="$base_rc base$i: build=$base_build_rc"
   # an editable install of ours would shadow PYTHONPATH: the base must be what imports
-  [ "$base_build_rc" -eq 0 ] && ! (cd /tmp && PYTHONPATH=/tmp/base_pkg "$PY" -c \
-    "import markovkit, sys; sys.exit(not markovkit.__file__.startswith('/tmp/base_pkg/'))") && base_build_rc=2 &&
-    base_rc="build=0 import=not-the-base"
+  [ "$base_build_rc" -eq 0 ] && ! (cd /tmp && PYTHONPATH="$pkg" "$PY" -c \
+    "import markovkit, sys; sys.exit(not markovkit.__file__.startswith('$pkg/'))") && base_build_rc=2 &&
+    base_rc="$base_rc import=not-the-base"
   for family in $families; do
     [ "$base_build_rc" -eq 0 ] || break
-    (cd /tmp && PYTHONPATH=/tmp/base_pkg bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile \
-      --json "$out/bench_base_$family.json" >"$out/bench_base_$family.txt" 2>"$out/bench_base_$family.err")
+    run="$out/bench_base${i}_$family"
+    (cd /tmp && PYTHONPATH="$pkg" bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile \
+      --json "$run.json" >"$run.txt" 2>"$run.err")
     base_rc="$base_rc $family=$?"
   done
-fi
+done
 bench_s=$(secs $start)
 
 start=$(date +%s)
@@ -142,13 +148,13 @@ for family in $families; do
   grep -vE "^('ours x'|---)" "$out/bench_$family.txt"
   grep -E "Error|error|skipped" "$out/bench_$family.err" | tail -n 3
 done
-if [ -n "$base_pid" ]; then
+for i in "${!bases[@]}"; do
   echo
-  echo "== bench of BASE_SRC ($BASE_SRC) =="
+  echo "== bench of BASE_SRC $i (${bases[$i]}) =="
   for family in $families; do
-    [ -f "$out/bench_base_$family.txt" ] && grep -E "^$family .*markovkit " "$out/bench_base_$family.txt"
+    [ -f "$out/bench_base${i}_$family.txt" ] && grep -E "^$family .*markovkit " "$out/bench_base${i}_$family.txt"
   done
-fi
+done
 echo
 echo "== failures =="
 grep -hE "^(FAILED|ERROR)" "$out/tests.log" "$out/tests_attention.log" | head -n 40
