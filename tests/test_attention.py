@@ -81,6 +81,11 @@ def test_gradients_match_reference(device, shape, dtype):
     _skip_unsupported(device, dtype)
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and shape != SHAPES[2]:
         pytest.skip("the CPU upcasts half dtypes to float32: one shape suffices")
+    _check_gradients(device, shape, dtype)
+
+
+def _check_gradients(device, shape, dtype):
+    """Gradients for q, k, v (through out and lse) against float64 (FlashAttention's rule for half dtypes)."""
     window, sink = shape[5], shape[6]
     q, k, v = _inputs(shape, dtype, device)
     g = torch.Generator().manual_seed(1)
@@ -103,9 +108,11 @@ def test_gradients_match_reference(device, shape, dtype):
 
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_over_many_tiles(device, headdim, dtype):
-    """Ten 128-row query tiles, each over ~7 key tiles of 64 (the CUDA forward's double-buffered loads alternate
-    stages many times; on an sm_90 device these headdims take the wgmma kernel), GQA, sink."""
+def test_over_many_tiles(device, headdim, dtype):
+    """Ten 128-row query tiles, each over ~7 key tiles of 64 (the CUDA forward's staged loads go round their ring
+    many times; on an sm_90 device these headdims take the wgmma kernels), GQA, sink; and the gradients: the
+    backward's CTAs walk ~14 query or ~7 key tiles each, through a ring of three stages and the tiles held from one
+    step to the next."""
     shape = (2, 1250, 4, 2, headdim, 333, 3)
     q, k, v = _inputs(shape, dtype, device)
     out, lse = markovkit.sliding_window_attention(q, k, v, 333, sink=3, return_lse=True)
@@ -113,6 +120,7 @@ def test_forward_over_many_tiles(device, headdim, dtype):
     low_out = reference.sliding_window_attention(q, k, v, 333, 3)[0]
     _close(out, ref_out, dtype, low_precision_ref=low_out)
     _close(lse, ref_lse, torch.float32)
+    _check_gradients(device, shape, dtype)
 
 
 @pytest.mark.parametrize("headdim", [96, 128, 256])
