@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -45,8 +46,13 @@ SwaShape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   if (!runs_cpu_kernel(q)) {
     TORCH_CHECK(batch * heads <= 65535, "q: expected batch * heads <= 65535 on CUDA (grid limit), got ",
                 batch * heads);
+    TORCH_CHECK(seqlen < (int64_t{1} << 31) - 256, "q: expected seqlen < 2^31 - 256 on CUDA (32-bit positions), got ",
+                seqlen);
   }
-  return {batch, seqlen, heads, kv_heads, headdim, window, sink, scale, dtype_of(q, "q")};
+  // a window or sink of seqlen or more admits what seqlen does (every earlier key): the same op, with every
+  // position, window and sink of a CUDA launch in 32 bits
+  const int64_t window_c = std::min(window, std::max<int64_t>(seqlen, 1)), sink_c = std::min(sink, seqlen);
+  return {batch, seqlen, heads, kv_heads, headdim, window_c, sink_c, scale, dtype_of(q, "q")};
 }
 
 #ifdef MARKOVKIT_WITH_CUDA

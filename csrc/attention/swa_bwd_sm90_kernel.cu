@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   float* stats = reinterpret_cast<float*>(held + 4 * kHeldTile<T>);  // stage s: lse at 128 s, delta at 128 s + 64
 
   const SwaShape& s = p.s;
-  const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
+  const Window w(s);
+  const int64_t L = s.seqlen;
+  const int group = static_cast<int>(s.heads / s.kv_heads);
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
   const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   bool pending = false;
   for (int stage = 0;; stage = (stage + 1) % kStages) {
     const bool has_tile = !tiles.done();
-    const int64_t i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
+    const int i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
     const unsigned char* sq = stages + 2 * stage * kTile;
     const unsigned char* sdo = sq + kTile;
     const unsigned char* sq_last = stages + 2 * ((stage + kStages - 1) % kStages) * kTile;  // Q(t - 1)
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
       if (!tiles.done()) load_query_tile(tiles, (stage + 1) % kStages);
     }
     // warpgroup-uniform, as wgmma needs
-    const bool sees = has_tile && wk0 < wk1 && !swa_tile_empty(i0, i0 + ni, wk0, wk1, s.window, s.sink);
+    const bool sees = has_tile && wk0 < wk1 && !swa_tile_empty(i0, i0 + ni, wk0, wk1, w.window, w.sink);
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     const auto issue_sdp = [&] {
       wgmma_fence();
@@ -136,8 +138,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     const auto make_pds = [&] {
       fence_operands(st);
       fence_operands(dpt);
-      if (!swa_tile_full(i0, i0 + ni, wk0, wk1, s.window, s.sink)) {
-        KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
+      if (!swa_tile_full(i0, i0 + ni, wk0, wk1, w.window, w.sink)) {
+        KeyRowMask(i0, j0, w).apply(st, 16 * warp, ln);
       }
       p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
     };
@@ -175,6 +177,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   float* sdelta = slse + kRows;
 
   const SwaShape& s = p.s;
+  const Window w(s);
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4;
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     k_tiles.load(t.j0, t.size(), at);
     v_tiles.load(t.j0, t.size(), at + kTile);
   };
-  KeyTiles tiles(i0, i0 + ni, s);
+  KeyTiles tiles(i0, i0 + ni, w);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, L, s.heads, h).load(i0, ni, sdo);
   load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
@@ -211,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   bool pending = false;
   for (int t = 0;; ++t) {
     const bool has_tile = !tiles.done();
-    const int64_t j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
+    const int j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
     const unsigned char* sk = stages + 2 * (t % kStages) * kTile;
     const unsigned char* sv = sk + kTile;
     const unsigned char* sk_last = stages + 2 * ((t + kStages - 1) % kStages) * kTile;  // K(t - 1)
@@ -223,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
       if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % kStages) * kTile);
     }
     // warpgroup-uniform, as wgmma needs
-    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
+    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, w.window, w.sink);
     float sc[kBN / 8][4], dp[kBN / 8][4];
     const auto issue_sdp = [&] {
       wgmma_fence();
@@ -241,8 +244,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
     const auto make_ds = [&] {
       fence_operands(sc);
       fence_operands(dp);
-      if (!swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-        TileMask(i0, j0, kBN, s).apply(sc, 16 * warp, ln);
+      if (!swa_tile_full(wi0, wi1, j0, j0 + nj, w.window, w.sink)) {
+        TileMask(i0, j0, kBN, w).apply(sc, 16 * warp, ln);
       }
       p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     };

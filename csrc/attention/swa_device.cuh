@@ -45,32 +45,44 @@ struct Lane {
   }
 };
 
+// A launch's sequence length, window and sink as the kernels' 32-bit positions take them (check_inputs bounds
+// them below 2^31 - 256: a tile's end, up to 256 past the last position, fits too). Positions, heads and batch
+// indices are int from here on; offsets into the tensors are 64-bit.
+struct Window {
+  int seqlen, window, sink;
+  __device__ explicit Window(const SwaShape& s)
+      : seqlen(static_cast<int>(s.seqlen)), window(static_cast<int>(s.window)), sink(static_cast<int>(s.sink)) {}
+};
+
 // The query tile of a CTA of a forward or dQ kernel (blockIdx x: tiles of `rows` queries, y: batch * heads): rows
 // [i0, i0 + ni) of head h of batch b (bh = b * heads + h), which reads kv head hk.
 struct QueryBlock {
-  int64_t i0, bh, b, h, hk, ni;
+  int i0, bh, b, h, hk, ni;
   __device__ QueryBlock(const SwaShape& s, int rows)
-      : i0(static_cast<int64_t>(blockIdx.x) * rows), bh(blockIdx.y), b(bh / s.heads), h(bh % s.heads),
-        hk(h / (s.heads / s.kv_heads)), ni(min(static_cast<int64_t>(rows), s.seqlen - i0)) {}
+      : i0(static_cast<int>(blockIdx.x) * rows), bh(static_cast<int>(blockIdx.y)), b(bh / static_cast<int>(s.heads)),
+        h(bh % static_cast<int>(s.heads)), hk(h / static_cast<int>(s.heads / s.kv_heads)),
+        ni(min(rows, static_cast<int>(s.seqlen) - i0)) {}
 };
 
 // Rows [first, first + count) of a tile that starts at position r0 and holds n rows, as positions [begin, end)
 // (empty where first >= n).
 struct RowSpan {
-  int64_t begin, end;
+  int begin, end;
 };
-__device__ __forceinline__ RowSpan row_span(int64_t r0, int first, int count, int64_t n) {
-  return {r0 + first, r0 + min(static_cast<int64_t>(first + count), n)};
+__device__ __forceinline__ RowSpan row_span(int r0, int first, int count, int n) {
+  return {r0 + first, r0 + min(first + count, n)};
 }
 
 // The key tile of a CTA of a dK, dV kernel (blockIdx x: tiles of `rows` keys, y: batch * kv_heads): keys
 // [j0, j0 + nj) of kv head hk of batch b, seen by queries in [j0, q_end) only.
 struct KeyBlock {
-  int64_t j0, b, hk, nj, q_end;
+  int j0, b, hk, nj, q_end;
   __device__ KeyBlock(const SwaShape& s, int rows)
-      : j0(static_cast<int64_t>(blockIdx.x) * rows), b(blockIdx.y / s.kv_heads), hk(blockIdx.y % s.kv_heads),
-        nj(min(static_cast<int64_t>(rows), s.seqlen - j0)),
-        q_end(swa_query_end(j0 + nj, s.seqlen, s.window, s.sink, j0)) {}
+      : j0(static_cast<int>(blockIdx.x) * rows), b(static_cast<int>(blockIdx.y / s.kv_heads)),
+        hk(static_cast<int>(blockIdx.y % s.kv_heads)), nj(min(rows, static_cast<int>(s.seqlen) - j0)) {
+    const Window w(s);
+    q_end = swa_query_end(j0 + nj, w.seqlen, w.window, w.sink, j0);
+  }
 };
 
 // A fragment (16 rows x 16 cols) from the C fragments of columns [0, 8) and [8, 16).
@@ -86,13 +98,13 @@ __device__ __forceinline__ void c_to_a(const float (&left)[4], const float (&rig
 // time; the second range is never empty (it holds the rows' own keys).
 template <int kN = kBN>
 struct KeyTiles {
-  int64_t sink_end, window_begin, end;
-  int64_t j0;  // first key of the current tile
-  __device__ KeyTiles(int64_t i0, int64_t i1, const SwaShape& s)
-      : sink_end(swa_sink_end(i0, s.window, s.sink)), window_begin(swa_window_begin(i0, s.window)), end(i1),
+  int sink_end, window_begin, end;
+  int j0;  // first key of the current tile
+  __device__ KeyTiles(int i0, int i1, Window w)
+      : sink_end(swa_sink_end(i0, w.window, w.sink)), window_begin(swa_window_begin(i0, w.window)), end(i1),
         j0(sink_end > 0 ? 0 : window_begin) {}
   __device__ bool done() const { return j0 >= end; }
-  __device__ int64_t size() const { return min(static_cast<int64_t>(kN), (j0 < sink_end ? sink_end : end) - j0); }
+  __device__ int size() const { return min(kN, (j0 < sink_end ? sink_end : end) - j0); }
   __device__ void next() {
     const bool in_sink = j0 < sink_end;
     j0 += kN;
@@ -103,12 +115,12 @@ struct KeyTiles {
 // The (head, query tile) pairs that meet a key tile: every head [h, h_end) of its group, queries [begin, end)
 // kBM at a time.
 struct QueryTiles {
-  int64_t h, h_end, begin, end;
-  int64_t i0;  // first query of the current tile
-  __device__ QueryTiles(int64_t h_begin, int64_t h_end, int64_t begin, int64_t end)
+  int h, h_end, begin, end;
+  int i0;  // first query of the current tile
+  __device__ QueryTiles(int h_begin, int h_end, int begin, int end)
       : h(h_begin), h_end(h_end), begin(begin), end(end), i0(begin) {}
   __device__ bool done() const { return h >= h_end; }
-  __device__ int64_t size() const { return min(static_cast<int64_t>(kBM), end - i0); }
+  __device__ int size() const { return min(kBM, end - i0); }
   __device__ void next() {
     i0 += kBM;
     if (i0 >= end) {
@@ -146,9 +158,9 @@ __device__ __forceinline__ void mask_rows(float (&x)[kF][4], int rb, Lane ln, Ro
 // forward's and dQ's scores), in 32-bit arithmetic.
 struct TileMask {
   int nj, causal, window, sink;  // keys c < nj with r - c >= causal, and r - c < window or c < sink
-  __device__ TileMask(int64_t i0, int64_t j0, int64_t nj, const SwaShape& s)
-      : nj(static_cast<int>(nj)), causal(clamped_diff(j0, i0)), window(clamped_diff(s.window, i0 - j0)),
-        sink(clamped_diff(s.sink, j0)) {}
+  __device__ TileMask(int i0, int j0, int nj, Window w)
+      : nj(nj), causal(clamped_diff(j0, i0)), window(clamped_diff(w.window, int64_t{i0} - j0)),
+        sink(clamped_diff(w.sink, j0)) {}
   // The rejected elements of the 16 x 8 kF block of rows [rb, rb + 16) to -inf (mask_rows).
   template <int kF>
   __device__ __forceinline__ void apply(float (&x)[kF][4], int rb, Lane ln) const {
@@ -165,8 +177,8 @@ struct TileMask {
 // are not stored, their queries beyond it have P = 0 (lse = inf).
 struct KeyRowMask {
   int lo, hi, sink;  // queries c >= r + lo, and c < r + hi or r < sink
-  __device__ KeyRowMask(int64_t i0, int64_t j0, const SwaShape& s)
-      : lo(clamped_diff(j0, i0)), hi(clamped_diff(s.window, i0 - j0)), sink(clamped_diff(s.sink, j0)) {}
+  __device__ KeyRowMask(int i0, int j0, Window w)
+      : lo(clamped_diff(j0, i0)), hi(clamped_diff(w.window, int64_t{i0} - j0)), sink(clamped_diff(w.sink, j0)) {}
   // As TileMask::apply.
   __device__ __forceinline__ void apply(float (&x)[kBN / 8][4], int rb, Lane ln) const {
     mask_rows(x, rb, ln, [&](int r, int c0) {
@@ -308,7 +320,7 @@ template <int kRows>
 struct RowStats {
   float lse = 0.0f, delta = 0.0f;
   bool in = false;  // a row of the tile
-  __device__ void load(const float* lse_rows, const float* delta_rows, int64_t i0, int64_t n) {
+  __device__ void load(const float* lse_rows, const float* delta_rows, int i0, int n) {
     const int r = threadIdx.x;
     in = r < kRows && r < n;
     if (in) {
@@ -326,8 +338,7 @@ struct RowStats {
 
 // Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta (kRows each) at once.
 template <int kRows>
-__device__ void load_stats(const float* lse, const float* delta, int64_t i0, int64_t n, float* slse,
-                           float* sdelta) {
+__device__ void load_stats(const float* lse, const float* delta, int i0, int n, float* slse, float* sdelta) {
   RowStats<kRows> st;
   st.load(lse, delta, i0, n);
   st.store(slse, sdelta);

@@ -49,6 +49,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   constexpr int kKV = tile_bytes<T, D, kN<D>>();
 
   const SwaShape& s = p.s;
+  const Window w(s);
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp / 4, rb = 16 * warp;
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
 
   const TileLoader<T, D, kN<D>, kThreads> k_tiles(static_cast<const T*>(p.k), b, L, s.kv_heads, hk),
       v_tiles(static_cast<const T*>(p.v), b, L, s.kv_heads, hk);
-  KeyTiles<kN<D>> tiles(i0, i0 + ni, s);
+  KeyTiles<kN<D>> tiles(i0, i0 + ni, w);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
   k_tiles.load(tiles.j0, tiles.size(), stages);
   cp_async_wait_all();
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
   // t % 2 holds K(t) and V(t), the other K(t + 1) and V(t - 1).
   for (int stage = 0;; stage ^= 1) {
     const bool has_tile = !tiles.done();
-    const int64_t j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
+    const int j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
     unsigned char* sk = stages + stage * 2 * kKV;              // K(t), then V(t)
     unsigned char* sk_other = stages + (stage ^ 1) * 2 * kKV;  // K(t + 1), then V(t - 1)
     cp_async_wait_all();
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
       if (!tiles.done()) k_tiles.load(tiles.j0, tiles.size(), sk_other);
     }
     // warpgroup-uniform, as wgmma needs
-    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, s.window, s.sink);
+    const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, w.window, w.sink);
     float sc[kN<D> / 8][4];
     const auto issue_s = [&] {
       wgmma_fence();
@@ -106,8 +107,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_fwd_sm90_kernel
     // the softmax instead of behind it.
     const auto softmax = [&] {
       fence_operands(sc);
-      if (nj < kN<D> || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-        TileMask(i0, j0, nj, s).apply(sc, rb, ln);
+      if (nj < kN<D> || !swa_tile_full(wi0, wi1, j0, j0 + nj, w.window, w.sink)) {
+        TileMask(i0, j0, nj, w).apply(sc, rb, ln);
         softmax_rows(sc, m, l, alpha, scale_log2);
       } else {
         softmax_rows(sc, m, l, alpha, scale_log2);

@@ -263,6 +263,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   T* sv = reinterpret_cast<T*>(smem + tile_bytes<T, D, kRows>() + tile_bytes<T, D>());
 
   const SwaShape& s = p.s;
+  const Window w(s);
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
   const int warp = threadIdx.x / 32, rb = 16 * kMB * warp;  // the warp's rows: [rb, rb + 16 kMB) of the tile
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   // and the softmax, K(j + 1) during O += P V(j).
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  KeyTiles tiles(i0, i0 + ni, s);
+  KeyTiles tiles(i0, i0 + ni, w);
   load_rows<T, D, kRows>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(k, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sk);
   float o[kMB][D / 8][4];
@@ -294,15 +295,15 @@ __global__ void __launch_bounds__(kThreads) swa_fwd_kernel(const SwaFwdParams p)
   const RowFrags<T, D, kMB, fwd_q_in_regs<D>()> qf(sq, rb, ln);
 
   while (!tiles.done()) {
-    const int64_t j0 = tiles.j0, nj = tiles.size();
+    const int j0 = tiles.j0, nj = tiles.size();
     load_rows<T, D>(v, b, j0, nj, L, s.kv_heads, hk, sv);
     // warp-uniform: a tile none of the warp's rows sees costs the warp only the loads and barriers
-    const bool live = wi0 < wi1 && !swa_tile_empty(wi0, wi1, j0, j0 + nj, s.window, s.sink);
+    const bool live = wi0 < wi1 && !swa_tile_empty(wi0, wi1, j0, j0 + nj, w.window, w.sink);
     float sc[kMB][kBN / 8][4];
     if (live) {
       warp_abt_blocks(qf, sk, ln, sc);
-      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, s.window, s.sink)) {
-        const TileMask mask(i0, j0, nj, s);
+      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, w.window, w.sink)) {
+        const TileMask mask(i0, j0, nj, w);
 #pragma unroll
         for (int mb = 0; mb < kMB; ++mb) mask.apply(sc[mb], rb + 16 * mb, ln);
       }
@@ -399,7 +400,9 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   float* sdelta = slse + 64;
 
   const SwaShape& s = p.s;
-  const int64_t L = s.seqlen, group = s.heads / s.kv_heads;
+  const Window w(s);
+  const int64_t L = s.seqlen;
+  const int group = static_cast<int>(s.heads / s.kv_heads);
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kBN);
   const int c0 = static_cast<int>(blockIdx.z) * kCols;
   const int warp = threadIdx.x / 32;
@@ -429,15 +432,15 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
   }
   while (!tiles.done()) {
-    const int64_t h = tiles.h, i0 = tiles.i0, ni = tiles.size();
+    const int h = tiles.h, i0 = tiles.i0, ni = tiles.size();
     stats.store(slse, sdelta);  // no warp reads them between the last barrier and the next
     cp_async_wait_all();
     __syncthreads();  // Q(i0), the statistics (and K, V) are in; every warp is done with the previous sdo
     load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
     warp_abt<T, D>(sk, sq, 16 * warp, ln, st);
-    if (!swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {  // partial tiles need no bounds (KeyRowMask)
-      KeyRowMask(i0, j0, s).apply(st, 16 * warp, ln);
+    if (!swa_tile_full(i0, i0 + ni, j0, j0 + nj, w.window, w.sink)) {  // partial tiles need no bounds (KeyRowMask)
+      KeyRowMask(i0, j0, w).apply(st, 16 * warp, ln);
     }
     cp_async_wait_all();
     __syncthreads();  // dO(i0) is in
@@ -469,6 +472,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   float* sdelta = slse + 64;
 
   const SwaShape& s = p.s;
+  const Window w(s);
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kBM);
   const int warp = threadIdx.x / 32;
@@ -479,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   // S = Q K(j)^T and dQ += dS K(j).
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  KeyTiles tiles(i0, i0 + ni, s);
+  KeyTiles tiles(i0, i0 + ni, w);
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats<kBM>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
@@ -492,7 +496,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
     for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
   }
   while (!tiles.done()) {
-    const int64_t j0 = tiles.j0, nj = tiles.size();
+    const int j0 = tiles.j0, nj = tiles.size();
     cp_async_wait_all();
     __syncthreads();  // V(j0) (and Q, dO, the statistics) are in; every warp is done with the previous sk
     load_rows<T, D>(k, b, j0, nj, L, s.kv_heads, hk, sk);
@@ -503,8 +507,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
     tiles.next();
     if (!tiles.done()) load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
     warp_abt<T, D>(sq, sk, 16 * warp, ln, sc);  // S = Q K^T
-    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, s.window, s.sink)) {
-      TileMask(i0, j0, nj, s).apply(sc, 16 * warp, ln);
+    if (nj < kBN || !swa_tile_full(i0, i0 + ni, j0, j0 + nj, w.window, w.sink)) {
+      TileMask(i0, j0, nj, w).apply(sc, 16 * warp, ln);
     }
     p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     warp_px<T, D>(dp, sk, 0, ln, dq);  // dQ += scale dS K

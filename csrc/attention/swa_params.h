@@ -60,36 +60,44 @@ MK_HOST_DEVICE int64_t swa_stat_index(int64_t row, int64_t seqlen, int64_t heads
   return (bi / seqlen * heads + h) * seqlen + bi % seqlen;
 }
 
-MK_HOST_DEVICE bool swa_allowed(int64_t i, int64_t j, int64_t window, int64_t sink) {
+// The window's rules on positions of one index type I: int64_t on the CPU, int in the CUDA kernels (check_inputs
+// bounds their positions, window and sink below 2^31 - 256).
+template <typename I>
+MK_HOST_DEVICE bool swa_allowed(I i, I j, I window, I sink) {
   return j <= i && (i - j < window || j < sink);
 }
 
 // Query rows [i0, i1) see keys only in [0, swa_sink_end) and [swa_window_begin, i1): two disjoint ranges,
 // so a key is never counted twice.
-MK_HOST_DEVICE int64_t swa_window_begin(int64_t i0, int64_t window) {
+template <typename I>
+MK_HOST_DEVICE I swa_window_begin(I i0, I window) {
   return i0 - window + 1 > 0 ? i0 - window + 1 : 0;
 }
 
-MK_HOST_DEVICE int64_t swa_sink_end(int64_t i0, int64_t window, int64_t sink) {
-  const int64_t begin = swa_window_begin(i0, window);
+template <typename I>
+MK_HOST_DEVICE I swa_sink_end(I i0, I window, I sink) {
+  const I begin = swa_window_begin(i0, window);
   return sink < begin ? sink : begin;
 }
 
 // Key j0's tile [j0, j1) is seen by queries in [j0, swa_query_end) only (min(j1 - 1 + window, seqlen),
 // written so that a window near INT64_MAX cannot overflow).
-MK_HOST_DEVICE int64_t swa_query_end(int64_t j1, int64_t seqlen, int64_t window, int64_t sink, int64_t j0) {
+template <typename I>
+MK_HOST_DEVICE I swa_query_end(I j1, I seqlen, I window, I sink, I j0) {
   if (j0 < sink || window >= seqlen - (j1 - 1)) return seqlen;
   return j1 - 1 + window;
 }
 
 // True when every (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: such tiles need no mask.
-MK_HOST_DEVICE bool swa_tile_full(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t window, int64_t sink) {
+template <typename I>
+MK_HOST_DEVICE bool swa_tile_full(I i0, I i1, I j0, I j1, I window, I sink) {
   return j1 - 1 <= i0 && (i1 - 1 - j0 < window || j1 <= sink);
 }
 
 // True when no (i, j) of rows [i0, i1) x keys [j0, j1) is allowed: every key lies after every row, or the
 // nearest pair (i0, j1 - 1) is outside the window and no key is a sink.
-MK_HOST_DEVICE bool swa_tile_empty(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t window, int64_t sink) {
+template <typename I>
+MK_HOST_DEVICE bool swa_tile_empty(I i0, I i1, I j0, I j1, I window, I sink) {
   return j0 > i1 - 1 || (i0 - (j1 - 1) >= window && j0 >= sink);
 }
 

@@ -62,7 +62,7 @@ struct TileLoader {
   // its rows from n on; complete after cp_async_wait_all, fence_proxy_async and a barrier. A zero row's copy names
   // the tile's row 0 (valid) and reads nothing. A full tile (n >= kR, the same for the whole CTA: most tiles) takes
   // a copy per row without the row test and address select (3 instructions a row, not 6).
-  __device__ void load(int64_t r0, int64_t n, unsigned char* tile, int64_t dh = 0) const {
+  __device__ void load(int r0, int n, unsigned char* tile, int dh = 0) const {
     const T* first = head + r0 * pitch + dh * D;
     const T* at = first + row * pitch;
     if (n >= kR) {
@@ -70,10 +70,9 @@ struct TileLoader {
       for (int k = 0; k < kR / kStep; ++k, at += kStep * pitch) cp_async_16(tile + dst + k * kStep * 128, at);
       return;
     }
-    const int rows = static_cast<int>(n);
 #pragma unroll
     for (int k = 0; k < kR / kStep; ++k, at += kStep * pitch) {
-      const bool in = row + k * kStep < rows;
+      const bool in = row + k * kStep < n;
       cp_async_16_or_zero(tile + dst + k * kStep * 128, in ? at : first, in);
     }
   }

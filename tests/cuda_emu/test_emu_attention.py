@@ -176,6 +176,23 @@ def test_backward_is_bitwise_deterministic(monkeypatch, headdim):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cc", ["90", "80"])
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_unbounded_window_and_sink_are_seqlen(emulated, monkeypatch, cc, headdim):
+    """A window and a sink of INT64_MAX give the bits of window = sink = seqlen (every earlier key), forward and
+    backward: the glue takes them to seqlen, so the kernels' 32-bit positions hold them."""
+    monkeypatch.setenv("MK_EMU_CC", cc)
+    q, k, v, dout, dlse = _inputs(1, 150, 2, 1, headdim, torch.bfloat16, seed=4)
+    results = []
+    for bound in (150, 2**63 - 1):
+        with emulated():
+            fn = lambda q, k, v: markovkit.sliding_window_attention(  # noqa: E731
+                q, k, v, bound, sink=bound, return_lse=True)
+            results.append(_run(fn, q, k, v, dout, dlse))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_misaligned_inputs_are_copied(emulated):
     """The glue clones inputs whose data is not 16-byte aligned (the kernels load 16-byte vectors)."""
     q, k, v, _, _ = _inputs(1, 40, 2, 1, 32, torch.float16, seed=3)
@@ -202,3 +219,6 @@ def test_cuda_glue_errors(emulated):
         lse = torch.zeros(1, 65536, 1)
         with pytest.raises(RuntimeError, match="q: expected batch \\* heads <= 65535 on CUDA"):
             torch.ops.markovkit.sliding_window_attention_bwd(many, None, many, one, one, many, lse, 3, 0, 1.0)
+        long = one.expand(1, 2**31, 1, 32)  # no memory behind it: the check comes first
+        with pytest.raises(RuntimeError, match="q: expected seqlen < 2\\^31 - 256 on CUDA"):
+            torch.ops.markovkit.sliding_window_attention_fwd(long, long, long, 3, 0, 1.0)
