@@ -24,6 +24,14 @@ __device__ __forceinline__ unsigned char* aligned_base(unsigned char* raw) {
   return raw + (kAlign - __cvta_generic_to_shared(raw) % kAlign) % kAlign;
 }
 
+// The warpgroup of the thread, broadcast from lane 0: the compiler then knows it is the same across the warp and
+// builds the wgmma descriptors that depend on it in uniform registers (computed per thread, each descriptor is
+// built in vector registers and moved over by R2UR: in the dK/dV kernel's pipelined step 253 -> 178 instructions
+// of issue for its 24 wgmma).
+__device__ __forceinline__ int uniform_warpgroup() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+}
+
 template <int D>
 __device__ __forceinline__ void zero(float (&acc)[D / 8][4]) {
 #pragma unroll
