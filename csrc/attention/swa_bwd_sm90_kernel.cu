@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   const int64_t L = s.seqlen;
   const int group = static_cast<int>(s.heads / s.kv_heads);
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
-  const int warp = threadIdx.x / 32, wg = uniform_warpgroup();
+  const int warp = threadIdx.x / 32, wg = warp_uniform(warp / 4);
   const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
   unsigned char* sp = held + 2 * wg * kHeldTile<T>;
   unsigned char* sds = sp + kHeldTile<T>;
@@ -105,9 +105,10 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   for (int stage = 0;; stage = (stage + 1) % kStages) {
     const bool has_tile = !tiles.done();
     const int i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
-    const unsigned char* sq = stages + 2 * stage * kTile;
+    const int stage_u = warp_uniform(stage);  // for the wgmma descriptors of the stage's tiles
+    const unsigned char* sq = stages + 2 * stage_u * kTile;
     const unsigned char* sdo = sq + kTile;
-    const unsigned char* sq_last = stages + 2 * ((stage + kStages - 1) % kStages) * kTile;  // Q(t - 1)
+    const unsigned char* sq_last = stages + 2 * ((stage_u + kStages - 1) % kStages) * kTile;  // Q(t - 1)
     float* slse = stats + 128 * stage;
     float* sdelta = slse + 64;
     next_stats.store(slse, sdelta);  // this tile's, loaded one step ago
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   const Window w(s);
   const int64_t L = s.seqlen;
   const auto [i0, bh, b, h, hk, ni] = QueryBlock(s, kRows);
-  const int warp = threadIdx.x / 32, wg = uniform_warpgroup();
+  const int warp = threadIdx.x / 32, wg = warp_uniform(warp / 4);
   const auto [g0, g1] = row_span(i0, 64 * wg, 64, ni);     // the warpgroup's rows as queries
   const auto [wi0, wi1] = row_span(i0, 16 * warp, 16, ni);  // the warp's
   unsigned char* sds = held + wg * kHeldTile<T>;

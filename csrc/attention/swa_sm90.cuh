@@ -24,13 +24,11 @@ __device__ __forceinline__ unsigned char* aligned_base(unsigned char* raw) {
   return raw + (kAlign - __cvta_generic_to_shared(raw) % kAlign) % kAlign;
 }
 
-// The warpgroup of the thread, broadcast from lane 0: the compiler then knows it is the same across the warp and
-// builds the wgmma descriptors that depend on it in uniform registers (computed per thread, each descriptor is
-// built in vector registers and moved over by R2UR: in the dK/dV kernel's pipelined step 253 -> 178 instructions
-// of issue for its 24 wgmma).
-__device__ __forceinline__ int uniform_warpgroup() {
-  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-}
+// x, the same in every lane of the warp, broadcast from lane 0: the compiler then knows it is warp-uniform and
+// builds what depends on it (the wgmma descriptors: a warpgroup's rows, a stage's tiles) in uniform registers.
+// Without it each descriptor is built in vector registers and moved over by R2UR, its constant high word
+// rematerialized for every wgmma (the dK/dV kernel's pipelined step: 253 instructions to issue its 24 wgmma).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 
 template <int D>
 __device__ __forceinline__ void zero(float (&acc)[D / 8][4]) {
