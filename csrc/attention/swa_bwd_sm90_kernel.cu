@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
     const unsigned char* sq_last = stages + 2 * ((stage_u + kStages - 1) % kStages) * kTile;  // Q(t - 1)
     float* slse = stats + 128 * stage;
     float* sdelta = slse + 64;
-    next_stats.store(slse, sdelta);  // this tile's, loaded one step ago
+    next_stats.store(slse, sdelta, scale);  // this tile's, loaded one step ago
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with step t - 1
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.q), b, L, s.heads, h).load(i0, ni, sq);
   TileLoader<T, D, kRows, kThreads>(static_cast<const T*>(p.dout), b, L, s.heads, h).load(i0, ni, sdo);
   load_stats<kRows>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
-                    slse, sdelta);
+                    slse, sdelta, scale);
   load_kv(tiles, stages);
   cp_async_wait_all();
   __syncthreads();  // Q, dO are in

@@ -293,11 +293,12 @@ __device__ __forceinline__ void softmax_step(float (&sc)[kBN / 8][4], float (&m)
 }
 
 // P (in sc) and scale * dS (in dp) of a 16 x 64 score block held as C fragments. Element (n, e) is
-// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta(row, col)
-// give its statistics. The scores must be -inf where masked (TileMask, KeyRowMask).
+// (row, col) = (16 w + g + 8 (e / 2), 8 n + 2 t + e % 2); lse2(row, col) (lse * log2 e) and delta_s(row, col)
+// (scale * delta, RowStats) give its statistics: scale dS = P (scale dP - scale delta), one FFMA and a multiply.
+// The scores must be -inf where masked (TileMask, KeyRowMask).
 template <typename Lse, typename Delta>
 __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kBN / 8][4], int warp, Lane ln,
-                                         float scale, Lse lse2, Delta delta) {
+                                         float scale, Lse lse2, Delta delta_s) {
   const float scale_log2 = scale * kLog2e;
 #pragma unroll
   for (int n = 0; n < kBN / 8; ++n) {
@@ -307,15 +308,15 @@ __device__ __forceinline__ void p_and_ds(float (&sc)[kBN / 8][4], float (&dp)[kB
       const int col = 8 * n + 2 * ln.t + (e % 2);
       const float pv = exp2f(sc[n][e] * scale_log2 - lse2(row, col));
       sc[n][e] = pv;
-      dp[n][e] = pv * (dp[n][e] - delta(row, col)) * scale;
+      dp[n][e] = pv * fmaf(dp[n][e], scale, -delta_s(row, col));
     }
   }
 }
 
 // The statistics of a thread's query row of a tile (threads < kRows, one row each) in two halves: load() reads
-// lse and delta into registers, store() writes lse * log2(e) and delta to shared memory (rows beyond the tile get
-// P = 0), later where the global loads' latency should pass behind other work (a tile's products) rather than stall
-// the warp.
+// lse and delta into registers, store() writes lse * log2(e) and scale * delta (p_and_ds) to shared memory (rows
+// beyond the tile get P = 0), later where the global loads' latency should pass behind other work (a tile's
+// products) rather than stall the warp.
 template <int kRows>
 struct RowStats {
   float lse = 0.0f, delta = 0.0f;
@@ -328,20 +329,21 @@ struct RowStats {
       delta = delta_rows[i0 + r];
     }
   }
-  __device__ void store(float* slse, float* sdelta) const {
+  __device__ void store(float* slse, float* sdelta, float scale) const {
     if (threadIdx.x < kRows) {
       slse[threadIdx.x] = in ? lse * kLog2e : INFINITY;
-      sdelta[threadIdx.x] = in ? delta : 0.0f;
+      sdelta[threadIdx.x] = in ? delta * scale : 0.0f;
     }
   }
 };
 
-// Loads lse * log2(e) and delta of rows [i0, i0 + n) into slse, sdelta (kRows each) at once.
+// Loads lse * log2(e) and scale * delta of rows [i0, i0 + n) into slse, sdelta (kRows each) at once.
 template <int kRows>
-__device__ void load_stats(const float* lse, const float* delta, int i0, int n, float* slse, float* sdelta) {
+__device__ void load_stats(const float* lse, const float* delta, int i0, int n, float* slse, float* sdelta,
+                           float scale) {
   RowStats<kRows> st;
   st.load(lse, delta, i0, n);
-  st.store(slse, sdelta);
+  st.store(slse, sdelta, scale);
 }
 
 // Calls fn(T{}) for the runtime dtype: __nv_bfloat16 for bfloat16, __half for float16 (the glue admits no other).

@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_kernel(const SwaBwdPara
   }
   while (!tiles.done()) {
     const int h = tiles.h, i0 = tiles.i0, ni = tiles.size();
-    stats.store(slse, sdelta);  // no warp reads them between the last barrier and the next
+    stats.store(slse, sdelta, scale);  // no warp reads them between the last barrier and the next
     cp_async_wait_all();
     __syncthreads();  // Q(i0), the statistics (and K, V) are in; every warp is done with the previous sdo
     load_rows<T, D>(dout, b, i0, ni, L, s.heads, h, sdo);
@@ -487,7 +487,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dq_kernel(const SwaBwdParams
   load_rows<T, D>(static_cast<const T*>(p.q), b, i0, ni, L, s.heads, h, sq);
   load_rows<T, D>(static_cast<const T*>(p.dout), b, i0, ni, L, s.heads, h, sdo);
   load_stats<kBM>(static_cast<const float*>(p.lse) + bh * L, static_cast<const float*>(p.delta) + bh * L, i0, ni,
-                  slse, sdelta);
+                  slse, sdelta, scale);
   load_rows<T, D>(v, b, tiles.j0, tiles.size(), L, s.kv_heads, hk, sv);
   float dq[D / 8][4];
 #pragma unroll
