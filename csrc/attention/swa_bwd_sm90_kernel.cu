@@ -142,7 +142,16 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
       if (!swa_tile_full(i0, i0 + ni, wk0, wk1, w.window, w.sink)) {
         KeyRowMask(i0, j0, w).apply(st, 16 * warp, ln);
       }
-      p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return slse[c]; }, [&](int, int c) { return sdelta[c]; });
+      // the statistics of the thread's 16 queries (columns 8 n + 2 t and the next): 8-byte loads
+      float2 lse_c[kBN / 8], delta_c[kBN / 8];
+#pragma unroll
+      for (int n = 0; n < kBN / 8; ++n) {
+        lse_c[n] = *reinterpret_cast<const float2*>(slse + 8 * n + 2 * ln.t);
+        delta_c[n] = *reinterpret_cast<const float2*>(sdelta + 8 * n + 2 * ln.t);
+      }
+      const auto at = [](const float2 (&v)[kBN / 8], int c) { return c % 2 == 0 ? v[c / 8].x : v[c / 8].y; };
+      p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return at(lse_c, c); },
+               [&](int, int c) { return at(delta_c, c); });
     };
     // a warp's rows of P^T, dS^T are the A rows of its own part of the held products, which its wait<0> has seen
     // done; the next step's barrier orders them before the products that read them
