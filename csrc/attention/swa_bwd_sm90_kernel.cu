@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   unsigned char* sv = sk + tile_bytes<T, D, kRows>();
   unsigned char* stages = sv + tile_bytes<T, D, kRows>();  // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
   unsigned char* held = stages + 2 * kStages * kTile;      // warpgroup w: P^T at 2 w kHeldTile, then dS^T
-  float* stats = reinterpret_cast<float*>(held + 4 * kHeldTile<T>);  // stage s: lse at 128 s, delta at 128 s + 64
+  float* stats = reinterpret_cast<float*>(held + 4 * kHeldTile<T>);  // stage s: lse2 at 128 s, scale delta + 64
 
   const SwaShape& s = p.s;
   const Window w(s);
@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   zero<D>(dk);
   zero<D>(dv);
   // Step t of (number of tiles) + 1 has S^T(t), dP^T(t) and dV += P^T(t - 1) dO(t - 1), dK += dS^T(t - 1) Q(t - 1)
-  // in flight together, and P^T(t), dS^T(t) are made while the tensor cores still work on the latter (the dQ
-  // kernel's pipeline_step), then stored to the warpgroup's sp, sds tiles as the A operands of the next step (in
+  // in flight together, and P^T(t), dS^T(t) are made while the tensor cores still work on the latter
+  // (pipeline_step), then stored to the warpgroup's sp, sds tiles as the A operands of the next step (in
   // registers they would spill at headdim 128). Stage t % kStages holds Q(t), dO(t) and their statistics; tile
   // t + 1 loads into stage (t + 1) % kStages, which the products of step t - 1 (dV, dK of tile t - 2 among them)
   // are done with.
