@@ -12,7 +12,7 @@
 # BASE_SRC: source trees of earlier markovkit commits, space-separated (outside the repo: git archive REV | tar x
 # -C DIR): each is built too (niced, beside the tests, into /tmp/base_pkg_N, N its place in the list from 0) and
 # each family's bench runs again on it after ours (bench_baseN_FAMILY.txt, its own bench code, no mamba_ssm): the
-# commits' kernels on one device in one run.
+# commits' kernels on one device in one run, side by side with the peers in one table (bench/ab_table.py).
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -148,13 +148,10 @@ for family in $families; do
   grep -vE "^('ours x'|---)" "$out/bench_$family.txt"
   grep -E "Error|error|skipped" "$out/bench_$family.err" | tail -n 3
 done
-for i in "${!bases[@]}"; do
-  echo
-  echo "== bench of BASE_SRC $i (${bases[$i]}) =="
-  for family in $families; do
-    [ -f "$out/bench_base${i}_$family.txt" ] && grep -E "^$family .*markovkit " "$out/bench_base${i}_$family.txt"
-  done
-done
+echo
+echo "== ms: ours, each BASE_SRC build's, the issue's peer =="
+for i in "${!bases[@]}"; do echo "base$i: ${bases[$i]}"; done
+"$PY" bench/ab_table.py "$out" $families
 echo
 echo "== failures =="
 grep -hE "^(FAILED|ERROR)" "$out/tests.log" "$out/tests_attention.log" | head -n 40

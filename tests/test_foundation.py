@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +48,26 @@ def test_bench_json_has_every_impl_and_consistent_speedups(tmp_path):
                       r["flops"] / data["roofline"]["matmul_flops_per_s"])
         assert r["bytes"] > 0 and abs(r["roofline_fraction"] - floor_s / (r["ms"] * 1e-3)) < 1e-9
     assert "markovkit" in result.stdout and "ours x" in result.stdout
+
+
+def test_ab_table_lines_up_ours_the_bases_and_the_peer(tmp_path):
+    """bench/ab_table.py (gpu_check.sh's last table): a case matches across runs without its parenthetical (a build
+    time that differs from run to run); ours x is the peer's time over ours; a case a base lacks shows '-'."""
+    def write(name, rows):
+        keys = ("case", "shape", "dtype", "impl", "ms")
+        (tmp_path / name).write_text(json.dumps({"rows": [dict(zip(keys, r), error="") for r in rows]}))
+
+    write("bench_scan.json", [("forward (build 5.0 ms)", "(8,16)", "bfloat16", "markovkit", 2.0),
+                              ("forward (build 5.0 ms)", "(8,16)", "bfloat16", "mamba_ssm", 3.0),
+                              ("backward", "(8,16)", "bfloat16", "markovkit", 6.0)])
+    write("bench_base0_scan.json", [("forward (build 7.5 ms)", "(8,16)", "bfloat16", "markovkit", 4.0)])
+    result = _run(str(Path(__file__).parents[1] / "bench" / "ab_table.py"), str(tmp_path), "scan")
+    assert result.returncode == 0, result.stderr
+    header, forward, backward = result.stdout.splitlines()
+    assert header.split() == ["family", "case", "shape", "dtype", "ours", "base0", "peer", "peer", "ms", "ours", "x"]
+    assert forward.split() == ["scan", "forward", "(8,16)", "bfloat16", "2.000", "4.000", "mamba_ssm", "3.000",
+                               "1.50x"]
+    assert backward.split() == ["scan", "backward", "(8,16)", "bfloat16", "6.000", "-", "-", "-", "-"]
 
 
 def test_bench_rejects_an_unknown_family():
