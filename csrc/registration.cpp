@@ -6,6 +6,7 @@
 
 #include <array>
 
+#include "build_facts.h"
 #include "common/philox.h"
 
 TORCH_LIBRARY(markovkit, m) {

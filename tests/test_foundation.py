@@ -1,5 +1,10 @@
-"""The package around the ops: the torch-version guard, `python -m markovkit info`, the bench harness."""
+"""The package around the ops: the torch-version guard, `python -m markovkit info`, the build's CUDA architectures,
+the bench harness."""
+import contextlib
+import importlib.util
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +31,44 @@ def test_info_prints_build_facts():
     assert result.returncode == 0, result.stderr
     assert f"version: {markovkit.__version__}" in result.stdout
     assert f"torch_version: {torch.__version__}" in result.stdout
+
+
+def test_build_info_names_the_cuda_architectures():
+    info = markovkit.build_info()
+    archs = info["cuda_archs"]
+    if info["cuda_emulation"]:
+        assert archs == "emulated"
+    elif info["cuda"]:  # a CMake list, "80;90a" where the default (auto) saw no GPU
+        assert all(re.fullmatch(r"\d+a?(-real|-virtual)?", a) for a in archs.split(";")), archs
+    else:
+        assert archs == ""
+
+
+def _auto_archs(monkeypatch, capabilities):
+    """What cmake/visible_archs.py (MARKOVKIT_CUDA_ARCHS=auto) prints where torch sees GPUs of these capabilities."""
+    path = Path(__file__).resolve().parents[1] / "cmake" / "visible_archs.py"
+    spec = importlib.util.spec_from_file_location("visible_archs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(capabilities))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main()
+    return out.getvalue().strip()
+
+
+def test_auto_archs_are_the_visible_gpus(monkeypatch):
+    assert _auto_archs(monkeypatch, [(9, 0)]) == "90a"
+    assert _auto_archs(monkeypatch, [(9, 0), (8, 0), (9, 0)]) == "80;90a"
+    assert _auto_archs(monkeypatch, [(12, 0), (8, 6)]) == "86;120"
+    assert _auto_archs(monkeypatch, [(7, 5), (8, 9)]) == "89"  # below 8.0: no code the kernels allow
+
+
+def test_auto_archs_without_a_gpu_cover_ampere_to_hopper(monkeypatch):
+    assert _auto_archs(monkeypatch, []) == "80;90a"
+    assert _auto_archs(monkeypatch, [(7, 0)]) == "80;90a"
 
 
 def test_bench_json_has_every_impl_and_consistent_speedups(tmp_path):

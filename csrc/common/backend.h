@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "common/cuda_device.h"
 #endif
 
 #ifdef MARKOVKIT_CUDA_EMULATION
@@ -37,9 +39,9 @@ inline int device_attribute(cudaDeviceAttr attr) {
 
 }  // namespace markovkit
 
-// MK_LAUNCH(t, cpu_call, cuda_call): cpu_call where t takes the CPU kernel, else cuda_call on t's device with
-// `stream` the current CUDA stream, then the launch check. Without CUDA only cpu_call is compiled (the CUDA
-// launchers are declared in CUDA builds only).
+// MK_LAUNCH(t, cpu_call, cuda_call): cpu_call where t takes the CPU kernel, else cuda_call on t's device (once the
+// build is known to have code for it: check_kernel_image) with `stream` the current CUDA stream, then the launch
+// check. Without CUDA only cpu_call is compiled (the CUDA launchers are declared in CUDA builds only).
 #ifdef MARKOVKIT_WITH_CUDA
 #define MK_LAUNCH(t, cpu_call, cuda_call)                                          \
   do {                                                                             \
@@ -47,6 +49,7 @@ inline int device_attribute(cudaDeviceAttr attr) {
       cpu_call;                                                                    \
     } else {                                                                       \
       const c10::cuda::CUDAGuard mk_launch_guard((t).device());                    \
+      ::markovkit::check_kernel_image();                                           \
       [[maybe_unused]] const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(); \
       cuda_call;                                                                   \
       C10_CUDA_KERNEL_LAUNCH_CHECK();                                              \

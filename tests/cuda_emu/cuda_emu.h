@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -152,6 +153,18 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
+
+// The emulated build has code for the device, unless MK_EMU_NO_KERNEL_IMAGE is set: then it has none, as a build for
+// other architectures (what the glue's device check, common/cuda_device.h, reports).
+template <typename T>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, T*) {
+  *attributes = {};
+  return std::getenv("MK_EMU_NO_KERNEL_IMAGE") == nullptr ? cudaSuccess : cudaErrorNoKernelImageForDevice;
+}
+namespace mk_emu {
+inline cudaError_t last_error() { return cudaSuccess; }  // the emulator raises where CUDA would record an error
+}  // namespace mk_emu
+#define cudaGetLastError ::mk_emu::last_error  // no libcudart behind the emulation build
 
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {

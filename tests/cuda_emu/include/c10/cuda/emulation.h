@@ -48,8 +48,15 @@ inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
     default: return cudaErrorInvalidValue;
   }
 }
+
+inline const char* error_string(cudaError_t err) {
+  return err == cudaErrorNoKernelImageForDevice ? "no kernel image is available for execution on the device"
+                                                : "an error of the CUDA emulator";
+}
 }  // namespace mk_emu
-#define cudaDeviceGetAttribute ::mk_emu::device_attribute  // no libcudart behind the emulation build
+// no libcudart behind the emulation build
+#define cudaDeviceGetAttribute ::mk_emu::device_attribute
+#define cudaGetErrorString ::mk_emu::error_string
 
 #define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, #expr, " failed in the CUDA emulator")
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
