@@ -25,7 +25,7 @@ def launch(**env):
 
 
 @pytest.mark.parametrize("cc,fix", [("80", "80"), ("86", "86"), ("90", "90a"), ("100", "100")])
-def test_a_device_without_code_names_the_rebuild(cc, fix):
+def test_error_of_a_device_without_code_names_the_rebuild(cc, fix):
     r = launch(MK_EMU_NO_KERNEL_IMAGE="1", MK_EMU_CC=cc)
     assert r.returncode != 0
     assert f"without code for cuda:0 (compute capability {int(cc) // 10}.{int(cc) % 10})" in r.stderr
@@ -34,7 +34,7 @@ def test_a_device_without_code_names_the_rebuild(cc, fix):
     assert f"MARKOVKIT_CUDA_ARCHS='{fix}' pip install" in r.stderr
 
 
-def test_a_device_below_8_0_is_named_as_such():
+def test_error_of_a_device_below_8_0_names_it():
     r = launch(MK_EMU_NO_KERNEL_IMAGE="1", MK_EMU_CC="75")
     assert r.returncode != 0
     assert "need compute capability 8.0 or newer; cuda:0 has 7.5" in r.stderr
