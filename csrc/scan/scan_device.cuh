@@ -1,6 +1,6 @@
 #pragma once
 // Device helpers shared by the selective scan's CUDA kernels (scan_kernel.cu: forward, decode step, reductions;
-// scan_bwd_kernel.cu: backward): conversions, team sums, one channel's weights as seen by one lane, the backward's
+// scan_bwd_kernel.cuh: backward): conversions, team sums, one channel's weights as seen by one lane, the backward's
 // block staging, and the dtype / lane-plan dispatch of the launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -174,5 +174,19 @@ void dispatch_lanes(int64_t dstate, F&& f) {
 template <typename acc_t, int kS>
 constexpr bool kFitsCuda = !(std::is_same_v<acc_t, double> && kS == 8);
 
+// Backward: channels per block for width = kLanes·kS states per team: 32 up to 16 states, 16 up to 64, 512 / width
+// above; halved in float64. Shared memory (BwdPlan, scan_bwd_kernel.cuh) then allows 3 blocks of 128 threads per SM
+// at 16 and 32 states in float32 (71 and 67 KB), one of 256 at 64 (122 KB). More channels per block keep the
+// per-step dB / dC partials (batch, groups, dim / groups / blk, dstate, seqlen) small.
+constexpr int64_t bwd_blk(int64_t width, bool float64) {
+  const int64_t r = width <= 16 ? 32 : width <= 64 ? 16 : 512 / width;
+  return float64 ? r / 2 : r;
+}
+
 }  // namespace scan_cuda
+
+// The backward for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu).
+template <typename in_t, typename acc_t>
+void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream);
+
 }  // namespace markovkit

@@ -11,7 +11,7 @@
 // reduce-scatter (team_sum_steps); elsewhere kV = 1. Where the channels are many (more than one round of resident
 // blocks) a team runs two neighbouring channels of one group: each B/C load and conversion then serves both, and
 // the grid is half as long; where they are few (under half a round) a team has twice the lanes with 2 states each:
-// twice the warps. The backward is in scan_bwd_kernel.cu.
+// twice the warps. The backward is in scan_bwd_kernel.cuh.
 #include <cstring>
 #include <utility>
 

@@ -15,6 +15,8 @@
 //     task's partial. Per-channel sums (dA, dD, d delta_bias, constant dB / dC) stay in registers.
 // A segment without sequence boundaries (all but the first and last of a sequence) runs without per-step checks
 // (kPlain). No atomics: deterministic.
+// Compiled once per input type (scan_bwd_<type>.cu: the types build in parallel); scan_bwd.cu picks the type.
+#pragma once
 #include "scan/scan_device.cuh"
 
 namespace markovkit {
@@ -22,15 +24,6 @@ namespace {
 using namespace scan_cuda;
 
 constexpr int kGrp = 4;  // steps per group (team sums, outputs, the block's dB / dC reduction)
-
-// Channels per block for width = kLanes·kS states per team: 32 up to 16 states, 16 up to 64, 512 / width above;
-// halved in float64. Shared memory (BwdPlan) then allows 3 blocks of 128 threads per SM at 16 and 32 states in
-// float32 (71 and 67 KB), one of 256 at 64 (122 KB). More channels per block keep the per-step dB / dC partials
-// (batch, groups, dim / groups / blk, dstate, seqlen) small.
-constexpr int64_t bwd_blk(int64_t width, bool float64) {
-  const int64_t r = width <= 16 ? 32 : width <= 64 ? 16 : 512 / width;
-  return float64 ? r / 2 : r;
-}
 
 constexpr int64_t pad_to_bank(int64_t words, int64_t bank) { return words + ((bank - words) % 32 + 32) % 32; }
 
@@ -386,32 +379,24 @@ void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64) {
-  int64_t width = 4;
-  while (width < dstate) width *= 2;
-  return bwd_blk(width, float64);
-}
-
-void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
+template <typename in_t, typename acc_t>
+void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
-  if (p.batch * p.dim == 0) return;
   const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
-  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
-    dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
-      if constexpr (kFitsCuda<acc_t, kS>) {
-        // Few channels (9 to 16 states, float accumulators): where the blocks of teams of 8 lanes with 2 states
-        // each all fit at once (2 per SM), those, twice the warps of dispatch_lanes' plan (at (2, 4096, L, 16):
-        // 256 blocks, 2 per SM of 8 warps, not of 4). Not elsewhere: wider teams of more states would need blocks
-        // of 512 threads; fewer states are rare in Mamba models.
-        if constexpr (kWideBwd<acc_t, kLanes, kS>) {
-          if (int64_t{grid} <= int64_t{p.sm_count} * BwdPlan<acc_t, 8, 2>::kMinBlocks) {
-            launch_bwd<in_t, acc_t, 8, 2>(q, grid, stream);
-            return;
-          }
+  dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
+    if constexpr (kFitsCuda<acc_t, kS>) {
+      // Few channels (9 to 16 states, float accumulators): where the blocks of teams of 8 lanes with 2 states
+      // each all fit at once (2 per SM), those, twice the warps of dispatch_lanes' plan (at (2, 4096, L, 16):
+      // 256 blocks, 2 per SM of 8 warps, not of 4). Not elsewhere: wider teams of more states would need blocks
+      // of 512 threads; fewer states are rare in Mamba models.
+      if constexpr (kWideBwd<acc_t, kLanes, kS>) {
+        if (int64_t{grid} <= int64_t{p.sm_count} * BwdPlan<acc_t, 8, 2>::kMinBlocks) {
+          launch_bwd<in_t, acc_t, 8, 2>(q, grid, stream);
+          return;
         }
-        launch_bwd<in_t, acc_t, kLanes, kS>(q, grid, stream);
       }
-    });
+      launch_bwd<in_t, acc_t, kLanes, kS>(q, grid, stream);
+    }
   });
 }
 

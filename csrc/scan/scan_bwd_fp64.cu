@@ -1,0 +1,6 @@
+// The selective scan's backward kernels for float64 inputs (scan_bwd_kernel.cuh).
+#include "scan/scan_bwd_kernel.cuh"
+
+namespace markovkit {
+template void scan_bwd_cuda_as<double, double>(const ScanBwdParams& q, cudaStream_t stream);
+}  // namespace markovkit
