@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "attention/swa_mma.cuh"  // the stand-in: element<T>, thread_queue
+#include "attention/swa_mma.cuh"  // the stand-in: element<T>, and cp_async.cuh's thread_queue
 
 namespace markovkit {
 
