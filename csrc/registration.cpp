@@ -5,6 +5,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <string>
+#include <vector>
 
 #include "build_facts.h"
 #include "common/philox.h"
@@ -55,6 +57,7 @@ TORCH_LIBRARY(markovkit, m) {
 #ifdef MARKOVKIT_CUDA_EMULATION
 namespace mk_emu {
 void set_enabled(bool on);
+std::vector<std::string> take_launches();
 }
 #endif
 
@@ -92,5 +95,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of a 128-bit counter under a 64-bit key");
 #ifdef MARKOVKIT_CUDA_EMULATION
   m.def("set_cuda_emulation", &mk_emu::set_enabled, "send CPU tensors through the CUDA kernels (emulation build)");
+  m.def("take_emulated_launches", &mk_emu::take_launches, "the kernels launched since the last call (emulation)");
 #endif
 }

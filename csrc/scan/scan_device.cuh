@@ -185,6 +185,10 @@ constexpr int64_t bwd_blk(int64_t width, bool float64) {
 
 }  // namespace scan_cuda
 
+// The forward's staged plan (scan_fwd_staged_kernel.cu): whether it takes p, and its launch.
+bool scan_fwd_staged_fits(const ScanParams& p);
+void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
+
 // The backward for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu).
 template <typename in_t, typename acc_t>
 void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream);

@@ -11,7 +11,8 @@
 // reduce-scatter (team_sum_steps); elsewhere kV = 1. Where the channels are many (more than one round of resident
 // blocks) a team runs two neighbouring channels of one group: each B/C load and conversion then serves both, and
 // the grid is half as long; where they are few (under half a round) a team has twice the lanes with 2 states each:
-// twice the warps. The backward is in scan_bwd_kernel.cuh.
+// twice the warps. Where a block of channels shares its per-step B / C and the channels fill the device, the staged
+// plan of scan_fwd_staged_kernel.cu runs instead (a thread per channel). The backward is in scan_bwd_kernel.cuh.
 #include <cstring>
 #include <utility>
 
@@ -301,6 +302,10 @@ bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   const int64_t channels = p.batch * p.dim;
   if (channels == 0) return;
+  if (scan_fwd_staged_fits(p)) {
+    scan_fwd_staged_cuda(p, stream);
+    return;
+  }
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {

@@ -29,6 +29,12 @@ def cuda_emulation():
         active = False
 
 
+def launched() -> list:
+    """The names of the kernels launched since the last call (as their launches spell them, template arguments
+    unexpanded), in order."""
+    return _C.take_emulated_launches()
+
+
 def runs_cpu_kernel(t) -> bool:
     """Whether an op given tensor t runs its CPU kernel (the glue's runs_cpu_kernel)."""
     return t.device.type == "cpu" and not active

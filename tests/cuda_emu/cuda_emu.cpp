@@ -9,6 +9,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mk_emu {
@@ -171,6 +172,16 @@ std::map<const void*, size_t>& smem_limits() {
   return limits;
 }
 
+std::map<const void*, std::string>& kernel_names() {
+  static std::map<const void*, std::string> names;
+  return names;
+}
+
+std::vector<std::string>& launches() {
+  static std::vector<std::string> log;
+  return log;
+}
+
 }  // namespace
 
 bool reverse_order() {
@@ -201,6 +212,10 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes) {
 
 void warp_done() { sync_warp(); }
 
+void name_kernel(const void* kernel, const char* name) { kernel_names().emplace(kernel, name); }
+
+std::vector<std::string> take_launches() { return std::exchange(launches(), {}); }
+
 bool set_max_dynamic_smem(const void* kernel, int bytes) {
   if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicSmem) return false;
   smem_limits()[kernel] = static_cast<size_t>(bytes);
@@ -221,6 +236,8 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
     throw std::runtime_error("cuda_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, over " +
                              "the kernel's limit of " + std::to_string(limit) +
                              " (48 KB unless cudaFuncSetAttribute raised it, 227 KB at most)");
+  const auto named = kernel_names().find(kernel);
+  launches().push_back(named == kernel_names().end() ? "?" : named->second);
   Block& b = blk();
   ensure_stacks(b, threads);
   b.body = &body;

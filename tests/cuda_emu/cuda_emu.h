@@ -22,6 +22,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
+#include <vector>
 
 #undef __shared__
 #define __shared__ static  // blocks run one at a time, so a static is the block's shared variable
@@ -62,6 +64,17 @@ template <typename F>
 const void* kernel_id(F* kernel) {
   return reinterpret_cast<const void*>(kernel);
 }
+
+// As kernel_id(kernel), naming the kernel as its launch spells it (rewrite.py) in the launch log.
+void name_kernel(const void* kernel, const char* name);
+template <typename F>
+const void* kernel_id(F* kernel, const char* name) {
+  name_kernel(kernel_id(kernel), name);
+  return kernel_id(kernel);
+}
+
+// The names of the kernels launched since the last call, in order (markovkit.cuda_emulation.launched).
+std::vector<std::string> take_launches();
 
 // cudaFuncAttributeMaxDynamicSharedMemorySize of a kernel; false (the attribute unchanged) over the device limit.
 bool set_max_dynamic_smem(const void* kernel, int bytes);

@@ -3,7 +3,8 @@ import re
 import sys
 
 # kernel<...><<<grid, block[, smem[, stream]]>>>(args);
-#   ->  mk_emu::launch(mk_emu::kernel_id(kernel<...>), grid, block, ..., [&] { kernel<...>(args); });
+#   ->  mk_emu::launch(mk_emu::kernel_id(kernel<...>, "kernel<...>"), grid, block, ...,
+#                      [&] { kernel<...>(args); });
 LAUNCH = re.compile(r"(?P<kernel>[\w:]+(?:<[^;{}]*?>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\((?P<args>[^;]*?)\)\s*;")
 # extern __shared__ [__align__(n)] T name[];  ->  T* name = static_cast<T*>(mk_emu::dynamic_smem());
 DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:\s]+?)\s+(?P<name>\w+)\[\]\s*;")
@@ -11,7 +12,7 @@ DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<
 
 def rewrite(text: str) -> str:
     text = LAUNCH.sub(
-        lambda m: f"::mk_emu::launch(::mk_emu::kernel_id({m['kernel']}), {m['config']}, "
+        lambda m: f"::mk_emu::launch(::mk_emu::kernel_id({m['kernel']}, \"{m['kernel']}\"), {m['config']}, "
         f"[&] {{ {m['kernel']}({m['args']}); }});",
         text,
     )

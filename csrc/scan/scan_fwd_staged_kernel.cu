@@ -1,0 +1,264 @@
+// Forward of the selective scan, staged plan (scan_fwd_cuda takes it where scan_fwd_staged_fits): kLanes = 1, 2 or 4
+// threads per channel (up to 16, 32, 64 states), each holding kS = 16 consecutive states in registers, and a block
+// of kThreads threads, kThreads / kLanes channels of one group of one batch row, walks time in tiles of kT steps.
+// Per tile the block
+//  1. copies the channels' Δ, u, z rows and the group's B / C rows of the tile into shared memory (cp.async,
+//     issued one tile ahead, so the copy of tile k + 1 runs behind tile k);
+//  2. makes the per-(channel, step) scalars once, Δ = softplus(δ + bias) and Δ·u, and B / C in float (prep);
+//  3. runs each thread's states over the tile's steps: no shuffles, no team sums; the kS exps of a step are
+//     independent, so the special-function unit sets the pace (run); each thread leaves its part of y;
+//  4. sums the parts of y, gates and stores out, coalesced (finish).
+// Where: per-step B and C, no cu_seqlens, float accumulators, 9 to 64 states, 16-byte aligned rows, dim / groups a
+// multiple of the block's channels and a block for every SM (fewer channels leave the team plans of scan_kernel.cu
+// more parallel work).
+#include <cstring>
+
+#include "common/cp_async.cuh"
+#include "scan/scan_device.cuh"
+
+namespace markovkit {
+namespace {
+using namespace scan_cuda;
+
+constexpr int kThreads = 128;
+constexpr int kT = 16;  // steps per tile
+constexpr int kS = 16;  // states per thread
+
+// The plan of kLanes threads per channel for input type in_t: thread (c, s) = (tid / kLanes, tid % kLanes) runs
+// states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in use, the one being
+// copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts of y (kT, kLanes,
+// kRow) and B, C (kT, kW) in float.
+template <typename in_t, int kLanes>
+struct Plan {
+  static constexpr int kCh = kThreads / kLanes;                       // channels per block
+  static constexpr int kW = kLanes * kS;                              // states per channel, padded
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
+  static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
+  static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
+  static constexpr int kIters = (kPieces + kThreads - 1) / kThreads;  // of them per thread, at most
+  // floats per step of Δ, Δ·u and a part of y, padded (2 mod 32): in prep and finish the lanes of a warp (2 or 4
+  // pieces of each of 16 or 8 channels, 8 or 4 steps apart) hit 32 distinct banks
+  static constexpr int kRow = kCh + 2;
+  static constexpr int kAct = kCh * kT, kBC = kW * kT;  // elements of an activation's tile, of B's / C's
+  static constexpr int kRaw = (3 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
+  static constexpr int kBytes =
+      2 * kRaw + ((2 + kLanes) * kT * kRow + 2 * kT * kW) * static_cast<int>(sizeof(float));
+  unsigned char* base;
+  __device__ in_t* raw(int buf, int part) const {  // part: 0 Δ, 1 u, 2 z, 3 B, 4 C
+    return reinterpret_cast<in_t*>(base + buf * kRaw) + (part < 3 ? part * kAct : 3 * kAct + (part - 3) * kBC);
+  }
+  __device__ float* dt() const { return reinterpret_cast<float*>(base + 2 * kRaw); }
+  __device__ float* dtu() const { return dt() + kT * kRow; }
+  __device__ float* y() const { return dtu() + kT * kRow; }  // part s of step t at (t·kLanes + s)·kRow
+  __device__ float* B() const { return y() + kLanes * kT * kRow; }
+  __device__ float* C() const { return B() + kT * kW; }
+};
+
+// The kVec elements of a 16-byte piece in shared memory, as floats.
+template <typename in_t, int kVec>
+__device__ __forceinline__ void load_piece(const in_t* at, float (&v)[kVec]) {
+  in_t e[kVec];
+  const uint4 raw = *reinterpret_cast<const uint4*>(at);
+  memcpy(e, &raw, sizeof(raw));
+MK_UNROLL
+  for (int i = 0; i < kVec; ++i) v[i] = to_acc(e[i]);
+}
+
+// Copies of tile t0 into raw buffer buf: each activation row's kSegs 16-byte pieces (zeros past L), B and C's kW
+// rows (zeros past dstate and L).
+template <typename P>
+__device__ void copy_tile(const ScanParams& p, const P& sm, int buf, int64_t bd0, int64_t bc_off, int64_t t0) {
+  using in_t = std::remove_pointer_t<decltype(sm.raw(0, 0))>;
+  const int64_t L = p.seqlen;
+  const void* acts[3] = {p.delta, p.u, p.z};
+MK_UNROLL
+  for (int part = 0; part < 3; ++part) {
+    if (acts[part] == nullptr) continue;  // no z
+    const in_t* src = static_cast<const in_t*>(acts[part]);
+MK_UNROLL
+    for (int j = 0; j < P::kIters; ++j) {
+      const int e = threadIdx.x + j * kThreads, r = e / P::kSegs, q = e % P::kSegs;
+      const int64_t t = t0 + q * P::kVec;
+      if (e < P::kPieces) {
+        cp_async_16_or_zero(sm.raw(buf, part) + r * kT + q * P::kVec, src + (bd0 + r) * L + (t < L ? t : 0), t < L);
+      }
+    }
+  }
+  for (int e = threadIdx.x; e < 2 * P::kW * P::kSegs; e += kThreads) {
+    const int part = e / (P::kW * P::kSegs), n = e / P::kSegs % P::kW, q = e % P::kSegs;
+    const int64_t t = t0 + q * P::kVec;
+    const bool in = n < p.dstate && t < L;
+    const in_t* src = static_cast<const in_t*>(part == 0 ? p.B : p.C) + bc_off + (in ? n * L + t : 0);
+    cp_async_16_or_zero(sm.raw(buf, 3 + part) + n * kT + q * P::kVec, src, in);
+  }
+}
+
+// States n0 + i (i < kS) of a thread into dst (N,), those below N.
+__device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int64_t N, float* dst) {
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) {
+    if (n0 + i < N) dst[n0 + i] = h[i];
+  }
+}
+
+// The block's kernel. In prep and finish a thread handles the pieces e = tid + j·kThreads (j < kIters, e < kPieces)
+// of the tile: channel e / kSegs, steps (e % kSegs)·kVec and on.
+template <typename in_t, int kLanes>
+__global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(ScanParams p) {
+  using P = Plan<in_t, kLanes>;
+  extern __shared__ __align__(16) unsigned char scan_staged_smem[];
+  const P sm{scan_staged_smem};
+  const int64_t L = p.seqlen, N = p.dstate, dim = p.dim;
+  const int64_t bd0 = static_cast<int64_t>(blockIdx.x) * P::kCh, b = bd0 / dim, d0 = bd0 % dim;
+  const int64_t bc_off = (b * p.groups + d0 / (dim / p.groups)) * N * L;
+  const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS;
+  const int64_t d = d0 + ch;
+  // the thread's states: A·log2(e) and h (zeros past dstate: they stay 0)
+  float A2[kS], h[kS];
+  const float* h0 = state_row<float>(p.h0, b, d, dim, N);
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) {
+    const int n = n0 + i;
+    A2[i] = n < N ? static_cast<const float*>(p.A)[d * N + n] * float(kLog2e) : 0.f;
+    h[i] = n < N && h0 ? h0[n] : 0.f;
+  }
+  // the channels of the thread's pieces: bias and D
+  float bias[P::kIters], Dd[P::kIters];
+MK_UNROLL
+  for (int j = 0; j < P::kIters; ++j) {
+    const int e = tid + j * kThreads;
+    const int64_t dj = d0 + (e < P::kPieces ? e / P::kSegs : 0);
+    bias[j] = p.delta_bias ? static_cast<const float*>(p.delta_bias)[dj] : 0.f;
+    Dd[j] = p.D ? static_cast<const float*>(p.D)[dj] : 0.f;
+  }
+  float* ckpt = static_cast<float*>(p.chunk_states) + (bd0 + ch) * p.n_chunks * N;
+
+  // prep: the pieces' Δ and Δ·u into dt, dtu (step-major); B and C in float (step-major, zeros past dstate)
+  const auto prep = [&](int buf) {
+MK_UNROLL
+    for (int j = 0; j < P::kIters; ++j) {
+      const int e = tid + j * kThreads, c = e / P::kSegs, t = e % P::kSegs * P::kVec;
+      if (e >= P::kPieces) continue;
+      float delta[P::kVec], u[P::kVec];
+      load_piece(sm.raw(buf, 0) + c * kT + t, delta);
+      load_piece(sm.raw(buf, 1) + c * kT + t, u);
+MK_UNROLL
+      for (int i = 0; i < P::kVec; ++i) {
+        const float x = delta[i] + bias[j];
+        const float dt = p.softplus ? softplus_thr(x) : x;
+        sm.dt()[(t + i) * P::kRow + c] = dt;
+        sm.dtu()[(t + i) * P::kRow + c] = dt * u[i];
+      }
+    }
+    for (int e = tid; e < 2 * P::kW * kT; e += kThreads) {  // lane-consecutive writes: n fastest
+      const int part = e / (P::kW * kT), t = e / P::kW % kT, n = e % P::kW;
+      (part == 0 ? sm.B() : sm.C())[t * P::kW + n] = to_acc(sm.raw(buf, 3 + part)[n * kT + t]);
+    }
+  };
+  // run: this thread's states over the tile's steps (kWhole: all kT of them)
+  const auto run = [&]<bool kWhole>(int steps) {
+MK_UNROLL
+    for (int t = 0; t < kT; ++t) {
+      if (!kWhole && t >= steps) break;
+      const float dt = sm.dt()[t * P::kRow + ch], dtu = sm.dtu()[t * P::kRow + ch];
+      const float4* Bt = reinterpret_cast<const float4*>(sm.B() + t * P::kW + n0);
+      const float4* Ct = reinterpret_cast<const float4*>(sm.C() + t * P::kW + n0);
+      float y[4];  // partial sums: four short chains, not one of kS
+MK_UNROLL
+      for (int k = 0; k < kS / 4; ++k) {
+        const float4 Bk = Bt[k], Ck = Ct[k];
+        const float Bv[4] = {Bk.x, Bk.y, Bk.z, Bk.w}, Cv[4] = {Ck.x, Ck.y, Ck.z, Ck.w};
+MK_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          const int n = 4 * k + i;
+          h[n] = exp2_of(dt * A2[n]) * h[n] + dtu * Bv[i];
+          y[i] = k == 0 ? Cv[i] * h[n] : y[i] + Cv[i] * h[n];
+        }
+      }
+      sm.y()[(t * kLanes + s) * P::kRow + ch] = (y[0] + y[1]) + (y[2] + y[3]);
+    }
+  };
+  // finish: the pieces' out = (y + D·u)·silu(z), y the sum of its kLanes parts; one 16-byte store each (pieces past
+  // L are not stored)
+  const auto finish = [&](int buf, int64_t t0) {
+MK_UNROLL
+    for (int j = 0; j < P::kIters; ++j) {
+      const int e = tid + j * kThreads, c = e / P::kSegs, t = e % P::kSegs * P::kVec;
+      if (e >= P::kPieces || t0 + t >= L) continue;
+      float u[P::kVec], z[P::kVec];
+      load_piece(sm.raw(buf, 1) + c * kT + t, u);
+      if (p.z) load_piece(sm.raw(buf, 2) + c * kT + t, z);
+      in_t o[P::kVec];
+MK_UNROLL
+      for (int i = 0; i < P::kVec; ++i) {
+        float y = Dd[j] * u[i];
+MK_UNROLL
+        for (int part = 0; part < kLanes; ++part) y += sm.y()[((t + i) * kLanes + part) * P::kRow + c];
+        if (p.z) y *= z[i] * sigmoid(z[i]);
+        o[i] = store_cast<in_t>(y);
+      }
+      uint4 v;
+      memcpy(&v, o, sizeof(v));
+      *reinterpret_cast<uint4*>(static_cast<in_t*>(p.out) + (bd0 + c) * L + t0 + t) = v;
+    }
+  };
+
+  copy_tile(p, sm, 0, bd0, bc_off, 0);
+  for (int64_t t0 = 0, k = 0; t0 < L; t0 += kT, ++k) {
+    const int buf = static_cast<int>(k % 2);
+    cp_async_wait_all();
+    __syncthreads();  // tile k is in; every thread is done with tile k - 1 (its buffer, dt, dtu, y)
+    if (t0 + kT < L) copy_tile(p, sm, 1 - buf, bd0, bc_off, t0 + kT);
+    prep(buf);
+    if (t0 % kScanChunk == 0) store_state(h, n0, N, ckpt + t0 / kScanChunk * N);  // the state before step t0
+    __syncthreads();  // dt, dtu, B, C of tile k are made
+    const int steps = L - t0 < kT ? static_cast<int>(L - t0) : kT;
+    if (steps == kT) {
+      run.template operator()<true>(steps);
+    } else {
+      run.template operator()<false>(steps);
+    }
+    __syncthreads();  // y of tile k is made
+    finish(buf, t0);
+  }
+  store_state(h, n0, N, static_cast<float*>(p.last_state) + (b * dim + d) * N);
+}
+
+// Threads per channel of the staged plan at dstate states: 1, 2 or 4 (0: the plan does not take it).
+int staged_lanes(int64_t dstate) {
+  return dstate <= 8 ? 0 : dstate <= 16 ? 1 : dstate <= 32 ? 2 : dstate <= 64 ? 4 : 0;
+}
+
+}  // namespace
+
+bool scan_fwd_staged_fits(const ScanParams& p) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const int lanes = staged_lanes(p.dstate);
+  if (lanes == 0) return false;
+  const int64_t channels = kThreads / lanes, elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
+  return p.itype != DType::kFloat64 && p.var_B && p.var_C && p.cu_seqlens == nullptr &&
+         (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count &&
+         p.seqlen * elem_bytes % 16 == 0 && aligned(p.u) && aligned(p.delta) && aligned(p.z) && aligned(p.B) &&
+         aligned(p.C) && aligned(p.out);
+}
+
+void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
+  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const auto launch = [&]<int kLanes>() {
+        constexpr int smem = Plan<in_t, kLanes>::kBytes;
+        const unsigned grid = static_cast<unsigned>(p.batch * p.dim / Plan<in_t, kLanes>::kCh);
+        cudaFuncSetAttribute(scan_fwd_staged_kernel<in_t, kLanes>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem);
+        scan_fwd_staged_kernel<in_t, kLanes><<<grid, kThreads, smem, stream>>>(p);
+      };
+      switch (staged_lanes(p.dstate)) {
+        case 1: launch.template operator()<1>(); break;
+        case 2: launch.template operator()<2>(); break;
+        default: launch.template operator()<4>(); break;
+      }
+    }
+  });
+}
+
+}  // namespace markovkit
