@@ -6,6 +6,7 @@
 
 #include <array>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "build_facts.h"
@@ -57,7 +58,7 @@ TORCH_LIBRARY(markovkit, m) {
 #ifdef MARKOVKIT_CUDA_EMULATION
 namespace mk_emu {
 void set_enabled(bool on);
-std::vector<std::string> take_launches();
+std::vector<std::pair<std::string, unsigned>> take_launches();
 }
 #endif
 

@@ -1,6 +1,7 @@
-// Forward of the selective scan, staged plan (scan_fwd_cuda takes it where scan_fwd_staged_fits): kLanes = 1, 2 or 4
-// threads per channel (up to 16, 32, 64 states), each holding kS = 16 consecutive states in registers, and a block
-// of kThreads threads, kThreads / kLanes channels of one group of one batch row, walks time in tiles of kT steps.
+// Forward of the selective scan, staged plan (scan_fwd_cuda takes it where scan_fwd_staged_fits): kLanes threads per
+// channel, each holding kS consecutive states in registers (16, with 1, 2 or 4 lanes for up to 16, 32, 64 states;
+// where that leaves fewer blocks than SMs, 4, with 4, 8 or 16 lanes), and a block of kThreads threads, kThreads /
+// kLanes channels of one group of one batch row, walks time in tiles of kT steps.
 // Per tile the block
 //  1. copies the channels' Δ, u, z rows and the group's B / C rows of the tile into shared memory (cp.async,
 //     issued one tile ahead, so the copy of tile k + 1 runs behind tile k);
@@ -9,8 +10,8 @@
 //     independent, so the special-function unit sets the pace (run); each thread leaves its part of y;
 //  4. sums the parts of y, gates and stores out, coalesced (finish).
 // Where: per-step B and C, no cu_seqlens, float accumulators, 9 to 64 states, 16-byte aligned rows, dim / groups a
-// multiple of the block's channels and a block for every SM (fewer channels leave the team plans of scan_kernel.cu
-// more parallel work).
+// multiple of the block's channels and a block for every SM (staged_plan; fewer channels leave the team plans of
+// scan_kernel.cu more parallel work).
 #include <cstring>
 
 #include "common/cp_async.cuh"
@@ -22,13 +23,13 @@ using namespace scan_cuda;
 
 constexpr int kThreads = 128;
 constexpr int kT = 16;  // steps per tile
-constexpr int kS = 16;  // states per thread
 
-// The plan of kLanes threads per channel for input type in_t: thread (c, s) = (tid / kLanes, tid % kLanes) runs
+// The plan of kLanes threads of kS states per channel for input type in_t: thread (c, s) = (tid / kLanes,
+// tid % kLanes) runs
 // states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in use, the one being
 // copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts of y (kT, kLanes,
 // kRow) and B, C (kT, kW) in float.
-template <typename in_t, int kLanes>
+template <typename in_t, int kLanes, int kS>
 struct Plan {
   static constexpr int kCh = kThreads / kLanes;                       // channels per block
   static constexpr int kW = kLanes * kS;                              // states per channel, padded
@@ -36,8 +37,8 @@ struct Plan {
   static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
   static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
   static constexpr int kIters = (kPieces + kThreads - 1) / kThreads;  // of them per thread, at most
-  // floats per step of Δ, Δ·u and a part of y, padded (2 mod 32): in prep and finish the lanes of a warp (2 or 4
-  // pieces of each of 16 or 8 channels, 8 or 4 steps apart) hit 32 distinct banks
+  // floats per step of Δ, Δ·u and a part of y, padded (2 mod 8): in prep and finish the lanes of a warp (2 or 4
+  // pieces of each of up to 16 or 8 channels, 8 or 4 steps apart) hit distinct banks
   static constexpr int kRow = kCh + 2;
   static constexpr int kAct = kCh * kT, kBC = kW * kT;  // elements of an activation's tile, of B's / C's
   static constexpr int kRaw = (3 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
@@ -94,6 +95,7 @@ MK_UNROLL
 }
 
 // States n0 + i (i < kS) of a thread into dst (N,), those below N.
+template <int kS>
 __device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int64_t N, float* dst) {
 MK_UNROLL
   for (int i = 0; i < kS; ++i) {
@@ -103,9 +105,9 @@ MK_UNROLL
 
 // The block's kernel. In prep and finish a thread handles the pieces e = tid + j·kThreads (j < kIters, e < kPieces)
 // of the tile: channel e / kSegs, steps (e % kSegs)·kVec and on.
-template <typename in_t, int kLanes>
+template <typename in_t, int kLanes, int kS>
 __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(ScanParams p) {
-  using P = Plan<in_t, kLanes>;
+  using P = Plan<in_t, kLanes, kS>;
   extern __shared__ __align__(16) unsigned char scan_staged_smem[];
   const P sm{scan_staged_smem};
   const int64_t L = p.seqlen, N = p.dstate, dim = p.dim;
@@ -224,38 +226,51 @@ MK_UNROLL
   store_state(h, n0, N, static_cast<float*>(p.last_state) + (b * dim + d) * N);
 }
 
-// Threads per channel of the staged plan at dstate states: 1, 2 or 4 (0: the plan does not take it).
-int staged_lanes(int64_t dstate) {
-  return dstate <= 8 ? 0 : dstate <= 16 ? 1 : dstate <= 32 ? 2 : dstate <= 64 ? 4 : 0;
+// The staged plan's (lanes, states per lane) for p, or (0, 0) where it does not take p: 16 states per lane where
+// that gives a block for every SM, else 4.
+struct StagedPlan {
+  int lanes, states;
+};
+
+StagedPlan staged_plan(const ScanParams& p) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
+  if (p.itype == DType::kFloat64 || !p.var_B || !p.var_C || p.cu_seqlens != nullptr || p.dstate <= 8 ||
+      p.dstate > 64 || p.seqlen * elem_bytes % 16 != 0 || !aligned(p.u) || !aligned(p.delta) || !aligned(p.z) ||
+      !aligned(p.B) || !aligned(p.C) || !aligned(p.out)) {
+    return {0, 0};
+  }
+  for (const int states : {16, 4}) {
+    int lanes = 1;
+    while (lanes * states < p.dstate) lanes *= 2;
+    const int64_t channels = kThreads / lanes;
+    if ((p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count) return {lanes, states};
+  }
+  return {0, 0};
 }
 
 }  // namespace
 
-bool scan_fwd_staged_fits(const ScanParams& p) {
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const int lanes = staged_lanes(p.dstate);
-  if (lanes == 0) return false;
-  const int64_t channels = kThreads / lanes, elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
-  return p.itype != DType::kFloat64 && p.var_B && p.var_C && p.cu_seqlens == nullptr &&
-         (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count &&
-         p.seqlen * elem_bytes % 16 == 0 && aligned(p.u) && aligned(p.delta) && aligned(p.z) && aligned(p.B) &&
-         aligned(p.C) && aligned(p.out);
-}
+bool scan_fwd_staged_fits(const ScanParams& p) { return staged_plan(p).lanes != 0; }
 
 void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
-      const auto launch = [&]<int kLanes>() {
-        constexpr int smem = Plan<in_t, kLanes>::kBytes;
-        const unsigned grid = static_cast<unsigned>(p.batch * p.dim / Plan<in_t, kLanes>::kCh);
-        cudaFuncSetAttribute(scan_fwd_staged_kernel<in_t, kLanes>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem);
-        scan_fwd_staged_kernel<in_t, kLanes><<<grid, kThreads, smem, stream>>>(p);
+      const auto launch = [&]<int kLanes, int kS>() {
+        using P = Plan<in_t, kLanes, kS>;
+        const unsigned grid = static_cast<unsigned>(p.batch * p.dim / P::kCh);
+        cudaFuncSetAttribute(scan_fwd_staged_kernel<in_t, kLanes, kS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             P::kBytes);
+        scan_fwd_staged_kernel<in_t, kLanes, kS><<<grid, kThreads, P::kBytes, stream>>>(p);
       };
-      switch (staged_lanes(p.dstate)) {
-        case 1: launch.template operator()<1>(); break;
-        case 2: launch.template operator()<2>(); break;
-        default: launch.template operator()<4>(); break;
+      const StagedPlan plan = staged_plan(p);
+      switch (plan.states * 100 + plan.lanes) {
+        case 1601: launch.template operator()<1, 16>(); break;
+        case 1602: launch.template operator()<2, 16>(); break;
+        case 1604: launch.template operator()<4, 16>(); break;
+        case 404: launch.template operator()<4, 4>(); break;
+        case 408: launch.template operator()<8, 4>(); break;
+        default: launch.template operator()<16, 4>(); break;
       }
     }
   });

@@ -30,8 +30,8 @@ def cuda_emulation():
 
 
 def launched() -> list:
-    """The names of the kernels launched since the last call (as their launches spell them, template arguments
-    unexpanded), in order."""
+    """The kernels launched since the last call, in order, as (name, blocks): the name as the launch spells it
+    (template arguments unexpanded), blocks the grid's size."""
     return _C.take_emulated_launches()
 
 

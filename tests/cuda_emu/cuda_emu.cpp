@@ -177,8 +177,8 @@ std::map<const void*, std::string>& kernel_names() {
   return names;
 }
 
-std::vector<std::string>& launches() {
-  static std::vector<std::string> log;
+std::vector<std::pair<std::string, unsigned>>& launches() {
+  static std::vector<std::pair<std::string, unsigned>> log;
   return log;
 }
 
@@ -214,7 +214,7 @@ void warp_done() { sync_warp(); }
 
 void name_kernel(const void* kernel, const char* name) { kernel_names().emplace(kernel, name); }
 
-std::vector<std::string> take_launches() { return std::exchange(launches(), {}); }
+std::vector<std::pair<std::string, unsigned>> take_launches() { return std::exchange(launches(), {}); }
 
 bool set_max_dynamic_smem(const void* kernel, int bytes) {
   if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicSmem) return false;
@@ -237,7 +237,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
                              "the kernel's limit of " + std::to_string(limit) +
                              " (48 KB unless cudaFuncSetAttribute raised it, 227 KB at most)");
   const auto named = kernel_names().find(kernel);
-  launches().push_back(named == kernel_names().end() ? "?" : named->second);
+  launches().emplace_back(named == kernel_names().end() ? "?" : named->second, grid.x * grid.y * grid.z);
   Block& b = blk();
   ensure_stacks(b, threads);
   b.body = &body;

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #undef __shared__
@@ -73,8 +74,8 @@ const void* kernel_id(F* kernel, const char* name) {
   return kernel_id(kernel);
 }
 
-// The names of the kernels launched since the last call, in order (markovkit.cuda_emulation.launched).
-std::vector<std::string> take_launches();
+// The kernels launched since the last call, in order, as (name, blocks) (markovkit.cuda_emulation.launched).
+std::vector<std::pair<std::string, unsigned>> take_launches();
 
 // cudaFuncAttributeMaxDynamicSharedMemorySize of a kernel; false (the attribute unchanged) over the device limit.
 bool set_max_dynamic_smem(const void* kernel, int bytes);

@@ -135,23 +135,27 @@ def test_forward_team_plans(emulated, monkeypatch, dtype, dstate, seqlen):
     assert torch.equal(last["132"], last["0"])
 
 
-# The forward's staged plan (scan_fwd_staged_kernel.cu: 1, 2 or 4 threads per channel of 16 states each, 9 to 64
-# states, tiles of 16 steps staged in shared memory) takes per-step B and C with 16-byte aligned rows, float
-# accumulators, no cu_seqlens, dim / groups a multiple of the block's 128 / lanes channels and at least a block per SM.
-# Each case has two groups of 128 channels and two batch rows: with as many SMs as blocks the staged plan, with one
-# more the team plans. Lengths: chunks and tiles whole (128), a partial last tile (136, 40), shorter than a tile (8),
-# one step per 16-byte piece beyond (4 in float32).
+# The forward's staged plan (scan_fwd_staged_kernel.cu: tiles of 16 steps staged in shared memory; threads of 16
+# states, 1, 2 or 4 per channel, or, where that leaves fewer blocks than SMs, of 4 states, 4, 8 or 16 per channel)
+# takes per-step B and C with 16-byte aligned rows, float accumulators, no cu_seqlens, 9 to 64 states, dim / groups a
+# multiple of the block's 128 / lanes channels and at least a block per SM. Each case has two groups of 128 channels
+# and two batch rows, run with as many SMs as the 16-state plan's blocks, one more (the 4-state plan) and one more
+# than the 4-state plan's (the team plans). Lengths: chunks and tiles whole (128), a partial last tile (136, 40),
+# shorter than a tile (8), one step per 16-byte piece beyond (4 in float32).
 STAGED_CASES = [(torch.float32, 16, 136, True), (torch.bfloat16, 16, 128, True), (torch.bfloat16, 13, 40, False),
                 (torch.float16, 9, 8, True), (torch.float32, 12, 4, False), (torch.bfloat16, 64, 136, True),
                 (torch.float32, 50, 40, False), (torch.float16, 32, 72, True), (torch.float32, 17, 136, True)]
 
 
-def staged_ran():
-    return any(k.startswith("scan_fwd_staged_kernel<") for k in cuda_emulation.launched())
+def staged_launch():
+    """The blocks of the staged forward's launch since the last call, or None."""
+    return next((n for k, n in cuda_emulation.launched() if k.startswith("scan_fwd_staged_kernel<")), None)
 
 
-def staged_blocks(batch, dim, dstate):
-    lanes = 1 if dstate <= 16 else 2 if dstate <= 32 else 4
+def staged_blocks(batch, dim, dstate, states):
+    lanes = 1
+    while lanes * states < dstate:
+        lanes *= 2
     return batch * dim * lanes // 128
 
 
@@ -159,16 +163,16 @@ def staged_blocks(batch, dim, dstate):
 def test_forward_staged_plan(emulated, monkeypatch, dtype, dstate, seqlen, options):
     x = make_inputs(batch=2, dim=256, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                     has_D=options, has_z=options, has_bias=options, has_h0=options, seed=dstate + seqlen)
-    last = {}
-    blocks = staged_blocks(2, 256, dstate)
-    for plan, sms in (("staged", blocks), ("team", blocks + 1)):
+    wide, narrow = staged_blocks(2, 256, dstate, 16), staged_blocks(2, 256, dstate, 4)
+    last = []
+    for sms, blocks in ((wide, wide), (wide + 1, narrow), (narrow + 1, None)):
         monkeypatch.setenv("MK_EMU_SMS", str(sms))
         cuda_emulation.launched()
         # outputs, and the backward from the forward's checkpoints
-        last[plan] = check_scan(emulated, x, dtype, softplus=options)[1]
-        assert staged_ran() == (plan == "staged")
+        last.append(check_scan(emulated, x, dtype, softplus=options)[1])
+        assert staged_launch() == blocks
     # the states' arithmetic is the team plans' (the sums over the states of y differ in order)
-    assert torch.equal(last["staged"], last["team"])
+    assert torch.equal(last[0], last[2]) and torch.equal(last[1], last[2])
 
 
 @pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
@@ -178,13 +182,13 @@ def test_forward_staged_plan_thread_orders(monkeypatch, dstate):
     # its barrier, would differ
     x = cast(make_inputs(batch=2, dim=256, seqlen=136, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                          seed=8), torch.bfloat16)
-    monkeypatch.setenv("MK_EMU_SMS", str(staged_blocks(2, 256, dstate)))
+    monkeypatch.setenv("MK_EMU_SMS", str(staged_blocks(2, 256, dstate, 16)))
     results = []
     for order in ("forward", "reverse"):
         monkeypatch.setenv("MK_EMU_ORDER", order)
         with cuda_emulation.cuda_emulation():
             results.append(markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True))
-            assert staged_ran()
+            assert staged_launch() == staged_blocks(2, 256, dstate, 16)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
@@ -193,8 +197,8 @@ STAGED_MISFITS = {
     "seqlen not a multiple of 8": dict(seqlen=140),
     "8 states": dict(dstate=8),
     "65 states": dict(dstate=65),
-    "64 channels per group": dict(groups=4),
-    "fewer blocks than SMs": dict(sms="5"),
+    "80 channels per group": dict(dim=160),
+    "fewer blocks than SMs": dict(sms="17"),
     "constant C": dict(C_mode="const"),
     "float64": dict(dtype=F64),
     "packed sequences": dict(cu_seqlens=True),
@@ -204,11 +208,11 @@ STAGED_MISFITS = {
 
 @pytest.mark.parametrize("case", sorted(STAGED_MISFITS))
 def test_forward_staged_plan_misfits(emulated, monkeypatch, case):
-    c = dict(dtype=torch.bfloat16, seqlen=136, dstate=16, groups=2, sms="4", C_mode="var4", cu_seqlens=False,
-             shift_u=False)
+    c = dict(dtype=torch.bfloat16, dim=256, seqlen=136, dstate=16, groups=2, sms="4", C_mode="var4",
+             cu_seqlens=False, shift_u=False)
     c.update(STAGED_MISFITS[case])
     batch, nseq = (1, 3) if c["cu_seqlens"] else (2, None)
-    x = cast(make_inputs(batch=batch, dim=256 * (2 // batch), seqlen=c["seqlen"], dstate=c["dstate"],
+    x = cast(make_inputs(batch=batch, dim=c["dim"] * (2 // batch), seqlen=c["seqlen"], dstate=c["dstate"],
                          B_mode="var4", C_mode=c["C_mode"], groups=c["groups"], nseq=nseq, seed=6), c["dtype"])
     kw = dict(cu_seqlens=torch.tensor([0, 40, 41, c["seqlen"]], dtype=torch.int32)) if c["cu_seqlens"] else {}
     if c["shift_u"]:
@@ -218,7 +222,7 @@ def test_forward_staged_plan_misfits(emulated, monkeypatch, case):
     monkeypatch.setenv("MK_EMU_SMS", c["sms"])
     with emulated():
         got = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True, **kw)
-        assert not staged_ran()
+        assert staged_launch() is None
     want = selective_scan_ref(**{k: (v.to(F64) if v is not None else None) for k, v in x.items()},
                               delta_softplus=True, return_last_state=True, **kw)
     tol = tolerance(c["dtype"])
