@@ -386,7 +386,7 @@ def test_cuda_64bit_offsets():
                                                   (4, 16, 127), (8, 32, 127)])
 def test_cuda_team_plans_match_the_cpu(batch, dstate, seqlen):
     """dim 4096, bfloat16, as the bench's shapes, on a device of 100 to 140 SMs. Rows of 16-byte multiples: the
-    forward's staged plan (scan_fwd_staged_fits), at batch 2 with threads of 4 states, at 8 of 16 (one or four per
+    forward's staged plan (staged_plan), at batch 2 with threads of 4 states, at 8 of 16 (one or four per
     channel at 16 or 64 states). Rows off them: the forward's team plans, at 16 states batch 2 the few-channel one
     (the backward's too), 4 one channel per team, at 32 states batch 8 two per team (scan_fwd_cuda, scan_bwd_cuda).
     Out, last state and every gradient against the CPU op on the same inputs."""

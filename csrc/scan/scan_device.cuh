@@ -138,6 +138,14 @@ __device__ __forceinline__ acc_t delta_at(const ScanParams& p, int64_t d, int64_
   return p.softplus ? softplus_thr(x) : x;
 }
 
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Whether the rows of per-step B and C start 16-byte aligned (base pointers and row length), as the forward's
+// loads of several steps need.
+inline bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
+  return p.seqlen * elem_bytes % 16 == 0 && aligned16(p.B) && aligned16(p.C);
+}
+
 template <typename F>
 void dispatch_itype(DType itype, F&& f) {
   switch (itype) {
@@ -185,9 +193,8 @@ constexpr int64_t bwd_blk(int64_t width, bool float64) {
 
 }  // namespace scan_cuda
 
-// The forward's staged plan (scan_fwd_staged_kernel.cu): whether it takes p, and its launch.
-bool scan_fwd_staged_fits(const ScanParams& p);
-void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
+// The forward's staged plan (scan_fwd_staged_kernel.cu) where it takes p; false (nothing launched) where not.
+bool scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
 
 // The backward for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu).
 template <typename in_t, typename acc_t>

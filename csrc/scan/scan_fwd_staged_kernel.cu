@@ -1,4 +1,4 @@
-// Forward of the selective scan, staged plan (scan_fwd_cuda takes it where scan_fwd_staged_fits): kLanes threads per
+// Forward of the selective scan, staged plan (scan_fwd_cuda takes it where staged_plan does): kLanes threads per
 // channel, each holding kS consecutive states in registers (16, with 1, 2 or 4 lanes for up to 16, 32, 64 states;
 // where that leaves fewer blocks than SMs, 4, with 4, 8 or 16 lanes), and a block of kThreads threads, kThreads /
 // kLanes channels of one group of one batch row, walks time in tiles of kT steps.
@@ -25,12 +25,12 @@ constexpr int kThreads = 128;
 constexpr int kT = 16;  // steps per tile
 
 // The plan of kLanes threads of kS states per channel for input type in_t: thread (c, s) = (tid / kLanes,
-// tid % kLanes) runs
-// states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in use, the one being
-// copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts of y (kT, kLanes,
-// kRow) and B, C (kT, kW) in float.
+// tid % kLanes) runs states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in
+// use, the one being copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts
+// of y (kT, kLanes, kRow) and B, C (kT, kW) in float.
 template <typename in_t, int kLanes, int kS>
 struct Plan {
+  using In = in_t;
   static constexpr int kCh = kThreads / kLanes;                       // channels per block
   static constexpr int kW = kLanes * kS;                              // states per channel, padded
   static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
@@ -69,7 +69,7 @@ MK_UNROLL
 // rows (zeros past dstate and L).
 template <typename P>
 __device__ void copy_tile(const ScanParams& p, const P& sm, int buf, int64_t bd0, int64_t bc_off, int64_t t0) {
-  using in_t = std::remove_pointer_t<decltype(sm.raw(0, 0))>;
+  using in_t = typename P::In;
   const int64_t L = p.seqlen;
   const void* acts[3] = {p.delta, p.u, p.z};
 MK_UNROLL
@@ -233,11 +233,10 @@ struct StagedPlan {
 };
 
 StagedPlan staged_plan(const ScanParams& p) {
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
   if (p.itype == DType::kFloat64 || !p.var_B || !p.var_C || p.cu_seqlens != nullptr || p.dstate <= 8 ||
-      p.dstate > 64 || p.seqlen * elem_bytes % 16 != 0 || !aligned(p.u) || !aligned(p.delta) || !aligned(p.z) ||
-      !aligned(p.B) || !aligned(p.C) || !aligned(p.out)) {
+      p.dstate > 64 || !rows_aligned(p, elem_bytes) || !aligned16(p.u) || !aligned16(p.delta) || !aligned16(p.z) ||
+      !aligned16(p.out)) {
     return {0, 0};
   }
   for (const int states : {16, 4}) {
@@ -251,9 +250,9 @@ StagedPlan staged_plan(const ScanParams& p) {
 
 }  // namespace
 
-bool scan_fwd_staged_fits(const ScanParams& p) { return staged_plan(p).lanes != 0; }
-
-void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
+bool scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
+  const StagedPlan plan = staged_plan(p);
+  if (plan.lanes == 0) return false;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
       const auto launch = [&]<int kLanes, int kS>() {
@@ -263,7 +262,6 @@ void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
                              P::kBytes);
         scan_fwd_staged_kernel<in_t, kLanes, kS><<<grid, kThreads, P::kBytes, stream>>>(p);
       };
-      const StagedPlan plan = staged_plan(p);
       switch (plan.states * 100 + plan.lanes) {
         case 1601: launch.template operator()<1, 16>(); break;
         case 1602: launch.template operator()<2, 16>(); break;
@@ -274,6 +272,7 @@ void scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream) {
       }
     }
   });
+  return true;
 }
 
 }  // namespace markovkit

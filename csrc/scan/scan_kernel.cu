@@ -12,7 +12,8 @@
 // blocks) a team runs two neighbouring channels of one group: each B/C load and conversion then serves both, and
 // the grid is half as long; where they are few (under half a round) a team has twice the lanes with 2 states each:
 // twice the warps. Where a block of channels shares its per-step B / C and the channels fill the device, the staged
-// plan of scan_fwd_staged_kernel.cu runs instead (a thread per channel). The backward is in scan_bwd_kernel.cuh.
+// plan of scan_fwd_staged_kernel.cu runs instead (threads of 16 or 4 states, no shuffles). The backward is in
+// scan_bwd_kernel.cuh.
 #include <cstring>
 #include <utility>
 
@@ -290,22 +291,12 @@ __global__ void scan_reduce_kernel(ScanReduceParams p) {
 
 unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
 
-// Whether the rows of per-step B and C start 16-byte aligned (base pointers and row length), as the forward's
-// loads of several steps need.
-bool rows_aligned(const ScanParams& p, int64_t elem_bytes) {
-  auto ok = [](const void* base) { return reinterpret_cast<uintptr_t>(base) % 16 == 0; };
-  return p.seqlen * elem_bytes % 16 == 0 && ok(p.B) && ok(p.C);
-}
-
 }  // namespace
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
   const int64_t channels = p.batch * p.dim;
   if (channels == 0) return;
-  if (scan_fwd_staged_fits(p)) {
-    scan_fwd_staged_cuda(p, stream);
-    return;
-  }
+  if (scan_fwd_staged_cuda(p, stream)) return;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
       if constexpr (kFitsCuda<acc_t, kS>) {
