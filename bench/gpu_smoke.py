@@ -32,14 +32,16 @@ def scan():
         D, bias, h0 = _leaf(d), _leaf(d), _leaf(b, d, n)
         out, last = markovkit.selective_scan(u, delta, A, B, C, D, z, bias, True, True, initial_state=h0)
         _backward(out, last)
-    # the forward's staged plan, a block for every SM and a partial last tile: 128 channels of one thread of 16
-    # states, then 8 channels of 16 threads of 4 states
+    # the staged plans, a block for every SM and a last chunk of two whole tiles and a partial one: forward 128
+    # channels of one thread of 16 states, then 8 channels of 16 threads of 4 states; backward 64 channels of 2
+    # threads of 8 states, then 16 of 8
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    for d, n in [(128 * sms, 16), (8 * sms, 64)]:
-        u, delta, z = (torch.randn(1, d, 40, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-        B, C = (torch.randn(1, 1, n, 40, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-        markovkit.selective_scan(u, delta, -torch.rand(d, n, device=DEV), B, C, torch.randn(d, device=DEV), z,
-                                 torch.randn(d, device=DEV), True, True, initial_state=torch.randn(1, d, n, device=DEV))
+    for d, n in [(128 * sms, 16), (16 * sms, 64)]:
+        u, delta, z = (_leaf(1, d, 40, dtype=torch.bfloat16) for _ in range(3))
+        B, C = (_leaf(1, 1, n, 40, dtype=torch.bfloat16) for _ in range(2))
+        A = (-torch.rand(d, n, device=DEV)).requires_grad_()
+        _backward(*markovkit.selective_scan(u, delta, A, B, C, _leaf(d), z, _leaf(d), True, True,
+                                            initial_state=_leaf(1, d, n)))
     u, delta = _leaf(1, 4, 90), _leaf(1, 4, 90, scale=0.5)
     A, B, C = (-torch.rand(4, 16, device=DEV)).requires_grad_(), _leaf(1, 1, 16, 90), _leaf(1, 1, 16, 90)
     cu = torch.tensor([0, 17, 17, 90], device=DEV, dtype=torch.int32)

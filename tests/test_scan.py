@@ -382,14 +382,16 @@ def test_cuda_64bit_offsets():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("batch,dstate,seqlen", [(2, 16, 128), (8, 16, 128), (8, 64, 128), (2, 16, 127),
-                                                  (4, 16, 127), (8, 32, 127)])
+@pytest.mark.parametrize("batch,dstate,seqlen", [(2, 16, 128), (8, 16, 128), (8, 64, 128), (8, 32, 136),
+                                                  (2, 16, 127), (4, 16, 127), (8, 32, 127)])
 def test_cuda_team_plans_match_the_cpu(batch, dstate, seqlen):
     """dim 4096, bfloat16, as the bench's shapes, on a device of 100 to 140 SMs. Rows of 16-byte multiples: the
-    forward's staged plan (staged_plan), at batch 2 with threads of 4 states, at 8 of 16 (one or four per
-    channel at 16 or 64 states). Rows off them: the forward's team plans, at 16 states batch 2 the few-channel one
-    (the backward's too), 4 one channel per team, at 32 states batch 8 two per team (scan_fwd_cuda, scan_bwd_cuda).
-    Out, last state and every gradient against the CPU op on the same inputs."""
+    forward's staged plan (staged_plan), at batch 2 with threads of 4 states, at 8 of 16 (one, two or four per
+    channel at 16, 32 or 64 states); the backward's staged plan at batch 8 (2, 4 or 8 threads of 8 states per
+    channel), its team plans at batch 2 (fewer blocks than SMs: the few-channel one). Rows off them: the forward's
+    team plans, at 16 states batch 2 the few-channel one (the backward's too), 4 one channel per team, at 32 states
+    batch 8 two per team (scan_fwd_cuda, scan_bwd_cuda). Out, last state and every gradient against the CPU op on
+    the same inputs."""
     x = make_inputs(batch=batch, dim=4096, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", seed=batch)
     acts = {"u", "delta", "z", "B", "C"}
     x = {k: v.to(torch.bfloat16 if k in acts else torch.float32) for k, v in x.items()}

@@ -176,17 +176,22 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
     check_arg(*dlast_state, "dlast_state", u, wtype);
     check_shape(*dlast_state, "dlast_state", {f.nseq, f.dim, f.dstate});
   }
-#ifdef MARKOVKIT_WITH_CUDA
-  const int64_t blk = runs_cpu_kernel(u) ? kCpuBlk : scan_bwd_cuda_blk(f.dstate, f.itype == DType::kFloat64);
-#else
-  const int64_t blk = kCpuBlk;
-#endif
-  const int64_t dpg = f.dim / f.groups, nblk = (dpg + blk - 1) / blk;
   const int64_t N = f.dstate, L = f.seqlen;
   const auto wopts = u.options().dtype(wtype);
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
   at::Tensor dz = z ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor dh0 = at::empty({f.nseq, f.dim, N}, wopts);
+  ScanBwdParams q{f, dout.data_ptr(), ptr_or_null(dlast_state), kCpuBlk, 0, du.data_ptr(), ddelta.data_ptr(),
+                  z ? dz.data_ptr() : nullptr, dh0.data_ptr()};
+#ifdef MARKOVKIT_WITH_CUDA
+  if (!runs_cpu_kernel(u)) {
+    const c10::cuda::CUDAGuard guard(u.device());
+    q.f.sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
+    q.blk = scan_bwd_cuda_blk(q);
+  }
+#endif
+  const int64_t dpg = f.dim / f.groups, blk = q.blk, nblk = (dpg + blk - 1) / blk;
+  q.nblk = nblk;
   at::Tensor dA_part = at::empty({f.batch, f.dim, N}, wopts);
   at::Tensor dD_part = at::empty({f.batch, f.dim}, wopts), dbias_part = at::empty({f.batch, f.dim}, wopts);
   // per-step partials, every element written once: time-major on the CPU
@@ -196,12 +201,12 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                       : at::empty({f.batch, f.groups, nblk, N, L}, wopts);
   };
   at::Tensor dB_part = BC_part(f.var_B), dC_part = BC_part(f.var_C);
-  ScanBwdParams q{f, dout.data_ptr(), ptr_or_null(dlast_state), blk, nblk,
-                  du.data_ptr(), ddelta.data_ptr(), z ? dz.data_ptr() : nullptr, dh0.data_ptr(),
-                  dA_part.data_ptr(), dD_part.data_ptr(), dbias_part.data_ptr(), dB_part.data_ptr(),
-                  dC_part.data_ptr()};
-  MK_LAUNCH(u, scan_bwd_cpu(q),
-            (q.f.sm_count = device_attribute(cudaDevAttrMultiProcessorCount), scan_bwd_cuda(q, stream)));
+  q.dA_part = dA_part.data_ptr();
+  q.dD_part = dD_part.data_ptr();
+  q.dbias_part = dbias_part.data_ptr();
+  q.dB_part = dB_part.data_ptr();
+  q.dC_part = dC_part.data_ptr();
+  MK_LAUNCH(u, scan_bwd_cpu(q), scan_bwd_cuda(q, stream));
 
   at::Tensor dA = at::empty_like(A), dD = at::empty({f.dim}, wopts), dbias = at::empty({f.dim}, wopts);
   reduce_into(dA_part, dA, 1, f.batch, f.dim * N);

@@ -196,6 +196,11 @@ constexpr int64_t bwd_blk(int64_t width, bool float64) {
 // The forward's staged plan (scan_fwd_staged_kernel.cu) where it takes p; false (nothing launched) where not.
 bool scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
 
+// The backward's staged plan (scan_bwd_staged_kernel.cu) where it takes q; false (nothing launched) where not. Its
+// channels per block (the partials' blk) where it takes q, else 0.
+bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream);
+int64_t scan_bwd_staged_blk(const ScanBwdParams& q);
+
 // The backward for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu).
 template <typename in_t, typename acc_t>
 void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream);

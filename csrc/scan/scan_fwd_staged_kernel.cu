@@ -12,17 +12,11 @@
 // Where: per-step B and C, no cu_seqlens, float accumulators, 9 to 64 states, 16-byte aligned rows, dim / groups a
 // multiple of the block's channels and a block for every SM (staged_plan; fewer channels leave the team plans of
 // scan_kernel.cu more parallel work).
-#include <cstring>
-
-#include "common/cp_async.cuh"
-#include "scan/scan_device.cuh"
+#include "scan/scan_staged.cuh"
 
 namespace markovkit {
 namespace {
 using namespace scan_cuda;
-
-constexpr int kThreads = 128;
-constexpr int kT = 16;  // steps per tile
 
 // The plan of kLanes threads of kS states per channel for input type in_t: thread (c, s) = (tid / kLanes,
 // tid % kLanes) runs states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in
@@ -55,16 +49,6 @@ struct Plan {
   __device__ float* C() const { return B() + kT * kW; }
 };
 
-// The kVec elements of a 16-byte piece in shared memory, as floats.
-template <typename in_t, int kVec>
-__device__ __forceinline__ void load_piece(const in_t* at, float (&v)[kVec]) {
-  in_t e[kVec];
-  const uint4 raw = *reinterpret_cast<const uint4*>(at);
-  memcpy(e, &raw, sizeof(raw));
-MK_UNROLL
-  for (int i = 0; i < kVec; ++i) v[i] = to_acc(e[i]);
-}
-
 // Copies of tile t0 into raw buffer buf: each activation row's kSegs 16-byte pieces (zeros past L), B and C's kW
 // rows (zeros past dstate and L).
 template <typename P>
@@ -94,15 +78,6 @@ MK_UNROLL
   }
 }
 
-// States n0 + i (i < kS) of a thread into dst (N,), those below N.
-template <int kS>
-__device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int64_t N, float* dst) {
-MK_UNROLL
-  for (int i = 0; i < kS; ++i) {
-    if (n0 + i < N) dst[n0 + i] = h[i];
-  }
-}
-
 // The block's kernel. In prep and finish a thread handles the pieces e = tid + j·kThreads (j < kIters, e < kPieces)
 // of the tile: channel e / kSegs, steps (e % kSegs)·kVec and on.
 template <typename in_t, int kLanes, int kS>
@@ -115,24 +90,13 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(ScanParams p)
   const int64_t bc_off = (b * p.groups + d0 / (dim / p.groups)) * N * L;
   const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS;
   const int64_t d = d0 + ch;
-  // the thread's states: A·log2(e) and h (zeros past dstate: they stay 0)
+  // the thread's states: A·log2(e) and h
   float A2[kS], h[kS];
-  const float* h0 = state_row<float>(p.h0, b, d, dim, N);
-MK_UNROLL
-  for (int i = 0; i < kS; ++i) {
-    const int n = n0 + i;
-    A2[i] = n < N ? static_cast<const float*>(p.A)[d * N + n] * float(kLog2e) : 0.f;
-    h[i] = n < N && h0 ? h0[n] : 0.f;
-  }
+  load_a2(p, d, n0, A2);
+  load_state(state_row<float>(p.h0, b, d, dim, N), n0, N, h);
   // the channels of the thread's pieces: bias and D
   float bias[P::kIters], Dd[P::kIters];
-MK_UNROLL
-  for (int j = 0; j < P::kIters; ++j) {
-    const int e = tid + j * kThreads;
-    const int64_t dj = d0 + (e < P::kPieces ? e / P::kSegs : 0);
-    bias[j] = p.delta_bias ? static_cast<const float*>(p.delta_bias)[dj] : 0.f;
-    Dd[j] = p.D ? static_cast<const float*>(p.D)[dj] : 0.f;
-  }
+  piece_weights<P::kIters, P::kPieces, P::kSegs>(p, d0, bias, Dd);
   float* ckpt = static_cast<float*>(p.chunk_states) + (bd0 + ch) * p.n_chunks * N;
 
   // prep: the pieces' Δ and Δ·u into dt, dtu (step-major); B and C in float (step-major, zeros past dstate)

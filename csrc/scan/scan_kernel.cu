@@ -13,7 +13,7 @@
 // the grid is half as long; where they are few (under half a round) a team has twice the lanes with 2 states each:
 // twice the warps. Where a block of channels shares its per-step B / C and the channels fill the device, the staged
 // plan of scan_fwd_staged_kernel.cu runs instead (threads of 16 or 4 states, no shuffles). The backward is in
-// scan_bwd_kernel.cuh.
+// scan_bwd_kernel.cuh (team plans) and scan_bwd_staged_kernel.cu (where the forward's staged plan would run).
 #include <cstring>
 #include <utility>
 

@@ -144,8 +144,9 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream);
 void scan_bwd_cuda(const ScanBwdParams& p, cudaStream_t stream);
 void scan_step_cuda(const ScanStepParams& p, cudaStream_t stream);
 void scan_reduce_cuda(const ScanReduceParams& p, cudaStream_t stream);
-// channels per backward task on CUDA (the glue sizes the partial buffers with it)
-int64_t scan_bwd_cuda_blk(int64_t dstate, bool float64);
+// channels per backward task on CUDA for q (its f.sm_count set; blk, nblk and the partials not read): the glue
+// sizes the partial buffers with it
+int64_t scan_bwd_cuda_blk(const ScanBwdParams& q);
 #endif
 
 }  // namespace markovkit

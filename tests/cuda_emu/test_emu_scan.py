@@ -231,6 +231,79 @@ def test_forward_staged_plan_misfits(emulated, monkeypatch, case):
         torch.testing.assert_close(a.to(F64), b, rtol=tol["rtol"], atol=atol)
 
 
+# The backward's staged plan (scan_bwd_staged_kernel.cu: threads of 8 states, 2, 4 or 8 per channel, 64, 32 or 16
+# channels per block; each chunk's tiles walked, then reversed in segments of 4 steps) takes what the forward's
+# staged plan takes (dout and the gradients 16-byte aligned too). Each case runs with as many SMs as its blocks and
+# with one more (the team plans). Lengths: whole chunks (128); a last chunk of one partial tile (136), of three
+# whole tiles and a partial one (184: three walks before the reverses), of two whole and a partial (40), one
+# partial tile (8), 4 steps (float32); 80: a last chunk of one whole tile.
+BWD_STAGED_CASES = [(torch.float32, 16, 136, True), (torch.bfloat16, 16, 184, True), (torch.bfloat16, 13, 40, False),
+                    (torch.float16, 9, 8, True), (torch.float32, 12, 4, False), (torch.bfloat16, 64, 136, True),
+                    (torch.float32, 50, 80, False), (torch.float16, 32, 184, True), (torch.float32, 17, 128, True)]
+
+
+def bwd_staged_launch():
+    """The blocks of the staged backward's launch since the last call, or None."""
+    return next((n for k, n in cuda_emulation.launched() if k.startswith("scan_bwd_staged_kernel<")), None)
+
+
+def bwd_staged_blocks(batch, dim, dstate):
+    lanes = 2 if dstate <= 16 else 4 if dstate <= 32 else 8
+    return batch * dim * lanes // 128
+
+
+@pytest.mark.parametrize("dtype,dstate,seqlen,options", BWD_STAGED_CASES)
+def test_backward_staged_plan(emulated, monkeypatch, dtype, dstate, seqlen, options):
+    x = make_inputs(batch=2, dim=256, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
+                    has_D=options, has_z=options, has_bias=options, has_h0=options, seed=dstate + seqlen)
+    blocks = bwd_staged_blocks(2, 256, dstate)
+    for sms, want in ((blocks, blocks), (blocks + 1, None)):
+        monkeypatch.setenv("MK_EMU_SMS", str(sms))
+        cuda_emulation.launched()
+        check_scan(emulated, x, dtype, softplus=options, with_last=options)
+        assert bwd_staged_launch() == want
+
+
+@pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
+@pytest.mark.parametrize("dstate", [16, 64])
+def test_backward_staged_plan_thread_orders(monkeypatch, dstate):
+    # threads in reverse order and each cp.async done when issued: a tile copied over one still read, parts or
+    # warp sums read before their barrier, would differ
+    x = cast(make_inputs(batch=2, dim=256, seqlen=184, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
+                         seed=9), torch.bfloat16)
+    g, gl = upstream(x)
+    monkeypatch.setenv("MK_EMU_SMS", str(bwd_staged_blocks(2, 256, dstate)))
+    results = []
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("MK_EMU_ORDER", order)
+        with cuda_emulation.cuda_emulation():
+            cuda_emulation.launched()
+            results.append(run(markovkit.selective_scan, x, True, g, gl)[2])
+            assert bwd_staged_launch() == bwd_staged_blocks(2, 256, dstate)
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_backward_staged_plan_misaligned_dout(emulated, monkeypatch):
+    """dout off a 16-byte boundary: the team plans run, with the partials sized for them (the glue asks the plan)."""
+    x = cast(make_inputs(batch=2, dim=256, seqlen=136, dstate=16, B_mode="var4", C_mode="var4", groups=2, seed=4),
+             torch.bfloat16)
+    args = [x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True, None, None]
+    monkeypatch.setenv("MK_EMU_SMS", str(bwd_staged_blocks(2, 256, 16)))
+    dout = torch.randn(x["u"].shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    shifted = torch.empty(dout.numel() + 1, dtype=dout.dtype)[1:].view(dout.shape).copy_(dout)
+    assert shifted.data_ptr() % 16 != 0
+    grads = []
+    with emulated():
+        _, _, chunk_states = torch.ops.markovkit.selective_scan_fwd(*args)
+        for g, want in ((dout, bwd_staged_blocks(2, 256, 16)), (shifted, None)):
+            cuda_emulation.launched()
+            grads.append(torch.ops.markovkit.selective_scan_bwd(*args, chunk_states, g, None))
+            assert bwd_staged_launch() == want
+    for a, b in zip(*grads):
+        if a.numel():
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
+
+
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
                                           (torch.bfloat16, 64), (F64, 16)])
 def test_varlen_aligned_rows(emulated, dtype, dstate):

@@ -1,0 +1,91 @@
+#pragma once
+// Pieces shared by the staged plans of the selective scan (scan_fwd_staged_kernel.cu, scan_bwd_staged_kernel.cu): a
+// block of kThreads threads walks time in tiles of kT steps, each tile's rows copied into shared memory with
+// cp.async (16-byte pieces; copy_rows, the backward's) and read back as floats.
+#include <cstring>
+
+#include "common/cp_async.cuh"
+#include "scan/scan_device.cuh"
+
+namespace markovkit {
+namespace scan_cuda {
+
+constexpr int kThreads = 128;  // threads per block
+constexpr int kT = 16;         // steps per tile
+
+// Copies of the steps [t0, t0 + kT) of kRows rows (length L, src's row r at r·L) into dst (kRows, kT): 16-byte
+// pieces, zeros past L and in rows r >= valid (every thread of the block calls it).
+template <typename in_t, int kRows>
+__device__ __forceinline__ void copy_rows(in_t* dst, const in_t* src, int64_t valid, int64_t L, int64_t t0) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(in_t)), kSegs = kT / kVec;
+  constexpr int kPieces = kRows * kSegs;
+MK_UNROLL
+  for (int j = 0; j < (kPieces + kThreads - 1) / kThreads; ++j) {
+    const int e = threadIdx.x + j * kThreads, r = e / kSegs, q = e % kSegs;
+    const int64_t t = t0 + q * kVec;
+    const bool in = r < valid && t < L;
+    if (e < kPieces) cp_async_16_or_zero(dst + r * kT + q * kVec, src + (in ? r * L + t : 0), in);
+  }
+}
+
+// The kVec elements of a 16-byte piece in shared memory, as floats.
+template <typename in_t, int kVec>
+__device__ __forceinline__ void load_piece(const in_t* at, float (&v)[kVec]) {
+  in_t e[kVec];
+  const uint4 raw = *reinterpret_cast<const uint4*>(at);
+  memcpy(e, &raw, sizeof(raw));
+MK_UNROLL
+  for (int i = 0; i < kVec; ++i) v[i] = to_acc(e[i]);
+}
+
+// kVec floats stored as one 16-byte piece of in_t at `at` (global memory).
+template <typename in_t, int kVec>
+__device__ __forceinline__ void store_piece(const float (&v)[kVec], in_t* at) {
+  in_t o[kVec];
+MK_UNROLL
+  for (int i = 0; i < kVec; ++i) o[i] = store_cast<in_t>(v[i]);
+  uint4 raw;
+  memcpy(&raw, o, sizeof(raw));
+  *reinterpret_cast<uint4*>(at) = raw;
+}
+
+// States n0 + i (i < kS) of row src (N,) into v: zeros past N or where src is null.
+template <int kS>
+__device__ __forceinline__ void load_state(const float* src, int n0, int64_t N, float (&v)[kS]) {
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) v[i] = n0 + i < N && src ? src[n0 + i] : 0.f;
+}
+
+// A·log2(e) of channel d's states n0 + i (i < kS; zeros past dstate: those states stay 0).
+template <int kS>
+__device__ __forceinline__ void load_a2(const ScanParams& p, int64_t d, int n0, float (&A2)[kS]) {
+  const int64_t N = p.dstate;
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) A2[i] = n0 + i < N ? static_cast<const float*>(p.A)[d * N + n0 + i] * float(kLog2e) : 0.f;
+}
+
+// delta_bias and D of the channels of a thread's pieces e = tid + j·kThreads (j < kIters): channel e / kSegs of the
+// block's, from d0 on (the first where e >= kPieces).
+template <int kIters, int kPieces, int kSegs>
+__device__ __forceinline__ void piece_weights(const ScanParams& p, int64_t d0, float (&bias)[kIters],
+                                              float (&Dd)[kIters]) {
+MK_UNROLL
+  for (int j = 0; j < kIters; ++j) {
+    const int e = threadIdx.x + j * kThreads;
+    const int64_t dj = d0 + (e < kPieces ? e / kSegs : 0);
+    bias[j] = p.delta_bias ? static_cast<const float*>(p.delta_bias)[dj] : 0.f;
+    Dd[j] = p.D ? static_cast<const float*>(p.D)[dj] : 0.f;
+  }
+}
+
+// States n0 + i (i < kS) of a thread into dst (N,), those below N.
+template <int kS>
+__device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int64_t N, float* dst) {
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) {
+    if (n0 + i < N) dst[n0 + i] = h[i];
+  }
+}
+
+}  // namespace scan_cuda
+}  // namespace markovkit
