@@ -130,6 +130,14 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
+#ifdef MARKOVKIT_WITH_CUDA
+// What the CUDA launchers plan with, of the current device.
+void set_device_facts(ScanParams& p) {
+  p.sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
+  p.smem_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+#endif
+
 // Returns (out, last_state, chunk_states).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
@@ -144,8 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr();
   p.chunk_states = chunk_states.data_ptr();
-  MK_LAUNCH(u, scan_fwd_cpu(p),
-            (p.sm_count = device_attribute(cudaDevAttrMultiProcessorCount), scan_fwd_cuda(p, stream)));
+  MK_LAUNCH(u, scan_fwd_cpu(p), (set_device_facts(p), scan_fwd_cuda(p, stream)));
   return {out, last_state, chunk_states};
 }
 
@@ -186,8 +193,12 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 #ifdef MARKOVKIT_WITH_CUDA
   if (!runs_cpu_kernel(u)) {
     const c10::cuda::CUDAGuard guard(u.device());
-    q.f.sm_count = device_attribute(cudaDevAttrMultiProcessorCount);
-    q.blk = scan_bwd_cuda_blk(q);
+    set_device_facts(q.f);
+    const ScanBwdLaunch launch = scan_bwd_cuda_launch(q);
+    TORCH_CHECK(launch.smem <= q.f.smem_optin, "selective_scan backward on CUDA: dstate ", N, " with ",
+                u.scalar_type(), " inputs needs ", (launch.smem + 1023) / 1024,
+                " KB of shared memory per block; this GPU allows ", q.f.smem_optin / 1024, " KB");
+    q.blk = launch.blk;
   }
 #endif
   const int64_t dpg = f.dim / f.groups, blk = q.blk, nblk = (dpg + blk - 1) / blk;

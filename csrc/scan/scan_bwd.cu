@@ -4,12 +4,19 @@
 
 namespace markovkit {
 
-int64_t scan_bwd_cuda_blk(const ScanBwdParams& q) {
-  const int64_t staged = scan_bwd_staged_blk(q);
-  if (staged > 0) return staged;
+ScanBwdLaunch scan_bwd_cuda_launch(const ScanBwdParams& q) {
+  const ScanBwdLaunch staged = scan_bwd_staged_launch(q);
+  if (staged.blk > 0) return staged;
   int64_t width = 4;
   while (width < q.f.dstate) width *= 2;
-  return scan_cuda::bwd_blk(width, q.f.itype == DType::kFloat64);
+  ScanBwdParams team = q;
+  team.blk = scan_cuda::bwd_blk(width, q.f.itype == DType::kFloat64);
+  team.nblk = (q.f.dim / q.f.groups + team.blk - 1) / team.blk;
+  ScanBwdLaunch launch{0, 0};
+  scan_cuda::dispatch_itype(q.f.itype, [&]<typename in_t, typename acc_t>() {
+    launch = scan_bwd_cuda_team_as<in_t, acc_t>(team);
+  });
+  return launch;
 }
 
 void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {

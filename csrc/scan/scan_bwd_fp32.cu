@@ -3,4 +3,5 @@
 
 namespace markovkit {
 template void scan_bwd_cuda_as<float, float>(const ScanBwdParams& q, cudaStream_t stream);
+template ScanBwdLaunch scan_bwd_cuda_team_as<float, float>(const ScanBwdParams& q);
 }  // namespace markovkit

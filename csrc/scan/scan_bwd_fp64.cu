@@ -3,4 +3,5 @@
 
 namespace markovkit {
 template void scan_bwd_cuda_as<double, double>(const ScanBwdParams& q, cudaStream_t stream);
+template ScanBwdLaunch scan_bwd_cuda_team_as<double, double>(const ScanBwdParams& q);
 }  // namespace markovkit

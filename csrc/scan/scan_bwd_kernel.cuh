@@ -33,10 +33,13 @@ constexpr int64_t pad_to_bank(int64_t words, int64_t bank) { return words + ((ba
 // Bank-conflict free: a team's lanes read one step of different B rows (kRow odd) and the teams of a warp one
 // step of their own Δ, u, dy (kAct odd); the teams' segment starts begin kLanes banks apart and their dB / dC
 // kLanes·(kGrp + 1) apart, so lane l of team r hits bank r·kLanes + l (times kGrp + 1).
-template <typename acc_t, int kLanes, int kS>
+// kDiv: bwd_blk's channels per block divided by it, for GPUs with less shared memory per block (with_bwd_plan).
+template <typename acc_t, int kLanes_, int kS_, int kDiv = 1>
 struct BwdPlan {
+  using Acc = acc_t;
+  static constexpr int kLanes = kLanes_, kS = kS_, kDivide = kDiv;
   static constexpr int kW = kLanes * kS;
-  static constexpr int kR = static_cast<int>(bwd_blk(kW, sizeof(acc_t) == 8));
+  static constexpr int kR = static_cast<int>(bwd_blk(kW, sizeof(acc_t) == 8)) / kDiv;
   static constexpr int kThreads = kR * kLanes;
   static constexpr int kRow = kScanChunk + 1;
   static constexpr int kAct = 3 * kScanChunk + 1;
@@ -59,10 +62,10 @@ struct BwdPlan {
 // Stages the chunk [t0, t0 + clen) (every thread of the block calls it): the group's per-step B / C rows into sB /
 // sC where per step, each team's Δ, u, dy into act (R, kAct); zeros past clen, past dstate and for the dy of the
 // channels past the group's end.
-template <typename in_t, typename acc_t, int kLanes, int kS>
+template <typename in_t, typename acc_t, int kLanes, int kS, int kDiv>
 __device__ void stage_chunk(const ScanBwdParams& q, int64_t b, int64_t g, int64_t d0, int64_t t0, int clen,
                             acc_t* sB, acc_t* sC, acc_t* act) {
-  using Plan = BwdPlan<acc_t, kLanes, kS>;
+  using Plan = BwdPlan<acc_t, kLanes, kS, kDiv>;
   const ScanParams& p = q.f;
   const int64_t L = p.seqlen, dpg = p.dim / p.groups;
   __syncthreads();  // every thread is done with the previous chunk
@@ -95,9 +98,9 @@ MK_UNROLL
 // Sums the R channels' per-step dB / dC contributions of the steps [t, t + len) (staged in sd: dB (R, kSd), then
 // dC where per step) in channel order into the task's partials at var_off (dstate, seqlen). A thread sums one
 // (n, step) element. Every thread of the block calls it.
-template <typename acc_t, int kLanes, int kS>
+template <typename acc_t, int kLanes, int kS, int kDiv>
 __device__ void reduce_group(const ScanBwdParams& q, const acc_t* sd, int64_t var_off, int64_t t, int len) {
-  using Plan = BwdPlan<acc_t, kLanes, kS>;
+  using Plan = BwdPlan<acc_t, kLanes, kS, kDiv>;
   const ScanParams& p = q.f;
   const int N = static_cast<int>(p.dstate), per = len * N;
   const int total = per * ((p.var_B ? 1 : 0) + (p.var_C ? 1 : 0));
@@ -115,10 +118,10 @@ MK_UNROLL
 }
 
 // kVarBC: B and C both per step (else each as p.var_B, p.var_C say).
-template <typename in_t, typename acc_t, int kLanes, int kS, bool kVarBC>
-__global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS>::kThreads, BwdPlan<acc_t, kLanes, kS>::kMinBlocks)
-    scan_bwd_kernel(ScanBwdParams q) {
-  using Plan = BwdPlan<acc_t, kLanes, kS>;
+template <typename in_t, typename acc_t, int kLanes, int kS, int kDiv, bool kVarBC>
+__global__ void __launch_bounds__(BwdPlan<acc_t, kLanes, kS, kDiv>::kThreads,
+                                  BwdPlan<acc_t, kLanes, kS, kDiv>::kMinBlocks) scan_bwd_kernel(ScanBwdParams q) {
+  using Plan = BwdPlan<acc_t, kLanes, kS, kDiv>;
   constexpr int kW = Plan::kW, kSeg = Plan::kSeg;
   extern __shared__ __align__(16) unsigned char scan_smem[];
   const ScanParams& p = q.f;
@@ -173,7 +176,7 @@ MK_UNROLL
   for (int64_t c = p.n_chunks - 1; c >= 0; --c) {
     const int64_t t0 = c * kScanChunk;
     const int clen = static_cast<int>(L - t0 < kScanChunk ? L - t0 : kScanChunk);
-    stage_chunk<in_t, acc_t, kLanes, kS>(q, b, g, d0, t0, clen, sB, sC, act_all);
+    stage_chunk<in_t, acc_t, kLanes, kS, kDiv>(q, b, g, d0, t0, clen, sB, sC, act_all);
     // the sequence holding step t0 + i (s holds it or a later step)
     auto seq_of = [&](int i) {
       int64_t sf = s;
@@ -313,7 +316,7 @@ MK_UNROLL
           int jj;
           if (writes(m, jj)) write_step(i0 + gr * kGrp + jj, pdt[v], pdu[v], py[v], in[m]);
         }
-        if (var_B || var_C) reduce_group<acc_t, kLanes, kS>(q, sd, var_off, t0 + i0 + gr * kGrp, len);
+        if (var_B || var_C) reduce_group<acc_t, kLanes, kS, kDiv>(q, sd, var_off, t0 + i0 + gr * kGrp, len);
       }
     };
     // the lane's states at the segment starts, from the checkpoint
@@ -358,46 +361,86 @@ MK_UNROLL
 template <typename acc_t, int kLanes, int kS>
 constexpr bool kWideBwd = std::is_same_v<acc_t, float> && kLanes == 4 && kS == 4;
 
-// The backward with teams of kLanes lanes and kS states each (the block's channels, so the grid and the partials,
-// depend on kLanes·kS only: scan_bwd_cuda_blk).
-template <typename in_t, typename acc_t, int kLanes, int kS>
-void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
-  using Plan = BwdPlan<acc_t, kLanes, kS>;
-  const ScanParams& p = q.f;
+// Dynamic shared memory of a block of Plan for p, in bytes.
+template <typename Plan>
+int64_t bwd_smem(const ScanParams& p) {
   const int nvar = (p.var_B ? 1 : 0) + (p.var_C ? 1 : 0);
-  const int smem = static_cast<int>(Plan::words(nvar) * static_cast<int64_t>(sizeof(acc_t)));
+  return Plan::words(nvar) * static_cast<int64_t>(sizeof(typename Plan::Acc));
+}
+
+// The backward of Plan (the block's channels, so the grid and the partials, depend on Plan::kR only:
+// scan_bwd_cuda_launch).
+template <typename in_t, typename Plan>
+void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
+  const ScanParams& p = q.f;
+  const int smem = static_cast<int>(bwd_smem<Plan>(p));
   auto run = [&](auto kernel) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     kernel<<<grid, Plan::kThreads, smem, stream>>>(q);
   };
+  using acc_t = typename Plan::Acc;
   if (p.var_B && p.var_C) {
-    run(scan_bwd_kernel<in_t, acc_t, kLanes, kS, true>);
+    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, true>);
   } else {
-    run(scan_bwd_kernel<in_t, acc_t, kLanes, kS, false>);
+    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, false>);
   }
 }
 
-}  // namespace
+// The least kDiv (2 or 4) whose blocks of the plan (kLanes, kS) fit 99 KB, the shared memory per block of the GPUs
+// with the least (sm_86, sm_89), where those of kDiv 1 do not; 0 where none does or none is needed.
+template <typename acc_t, int kLanes, int kS>
+constexpr int small_div() {
+  constexpr int64_t kSmall = 99 * 1024;
+  if (BwdPlan<acc_t, kLanes, kS>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 0;
+  if (BwdPlan<acc_t, kLanes, kS, 2>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 2;
+  if (BwdPlan<acc_t, kLanes, kS, 4>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 4;
+  return 0;
+}
 
-template <typename in_t, typename acc_t>
-void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream) {
+// Calls f.template operator()<Plan>() with the team plan of q: dispatch_lanes' lanes, the few-channel plan below,
+// or, where the device's shared memory per block is less than the plan needs, fewer channels per block
+// (small_div; where none fits, the plan that does not: the glue refuses q).
+template <typename acc_t, typename F>
+void with_bwd_plan(const ScanBwdParams& q, F&& f) {
   const ScanParams& p = q.f;
-  const unsigned grid = static_cast<unsigned>(p.batch * p.groups * q.nblk);
   dispatch_lanes(p.dstate, [&]<int kLanes, int kS>() {
     if constexpr (kFitsCuda<acc_t, kS>) {
+      using Full = BwdPlan<acc_t, kLanes, kS>;
       // Few channels (9 to 16 states, float accumulators): where the blocks of teams of 8 lanes with 2 states
       // each all fit at once (2 per SM), those, twice the warps of dispatch_lanes' plan (at (2, 4096, L, 16):
       // 256 blocks, 2 per SM of 8 warps, not of 4). Not elsewhere: wider teams of more states would need blocks
       // of 512 threads; fewer states are rare in Mamba models.
       if constexpr (kWideBwd<acc_t, kLanes, kS>) {
-        if (int64_t{grid} <= int64_t{p.sm_count} * BwdPlan<acc_t, 8, 2>::kMinBlocks) {
-          launch_bwd<in_t, acc_t, 8, 2>(q, grid, stream);
+        if (p.batch * p.groups * q.nblk <= int64_t{p.sm_count} * BwdPlan<acc_t, 8, 2>::kMinBlocks) {
+          f.template operator()<BwdPlan<acc_t, 8, 2>>();
           return;
         }
       }
-      launch_bwd<in_t, acc_t, kLanes, kS>(q, grid, stream);
+      constexpr int kDiv = small_div<acc_t, kLanes, kS>();
+      if constexpr (kDiv > 0) {
+        if (bwd_smem<Full>(p) > p.smem_optin) {
+          f.template operator()<BwdPlan<acc_t, kLanes, kS, kDiv>>();
+          return;
+        }
+      }
+      f.template operator()<Full>();
     }
   });
+}
+
+}  // namespace
+
+template <typename in_t, typename acc_t>
+ScanBwdLaunch scan_bwd_cuda_team_as(const ScanBwdParams& q) {
+  ScanBwdLaunch launch{0, 0};
+  with_bwd_plan<acc_t>(q, [&]<typename Plan>() { launch = {Plan::kR, bwd_smem<Plan>(q.f)}; });
+  return launch;
+}
+
+template <typename in_t, typename acc_t>
+void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(q.f.batch * q.f.groups * q.nblk);
+  with_bwd_plan<acc_t>(q, [&]<typename Plan>() { launch_bwd<in_t, Plan>(q, grid, stream); });
 }
 
 }  // namespace markovkit

@@ -383,8 +383,29 @@ MK_UNROLL
   }
 }
 
+// Calls f.template operator()<kLanes>() for lanes = 2, 4 or 8.
+template <typename F>
+void with_lanes(int lanes, F&& f) {
+  switch (lanes) {
+    case 2: f.template operator()<2>(); break;
+    case 4: f.template operator()<4>(); break;
+    default: f.template operator()<8>(); break;
+  }
+}
+
+// Dynamic shared memory of a block of the plan with `lanes` threads per channel for p's input type, in bytes.
+int64_t staged_bwd_bytes(const ScanParams& p, int lanes) {
+  int64_t bytes = 0;
+  dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      with_lanes(lanes, [&]<int kLanes>() { bytes = BwdPlan<in_t, kLanes>::kBytes; });
+    }
+  });
+  return bytes;
+}
+
 // Lanes per channel of the staged plan for q, or 0 where it does not take q: the forward's staged conditions (with
-// threads of 8 states), dout and the gradients' rows 16-byte aligned too.
+// threads of 8 states), dout and the gradients' rows 16-byte aligned too, and its shared memory within the device's.
 int staged_bwd_lanes(const ScanBwdParams& q) {
   const ScanParams& p = q.f;
   const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
@@ -395,14 +416,17 @@ int staged_bwd_lanes(const ScanBwdParams& q) {
   }
   const int lanes = p.dstate <= 16 ? 2 : p.dstate <= 32 ? 4 : 8;
   const int64_t channels = kThreads / lanes;
-  return (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count ? lanes : 0;
+  const bool fits = (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count &&
+                    staged_bwd_bytes(p, lanes) <= p.smem_optin;
+  return fits ? lanes : 0;
 }
 
 }  // namespace
 
-int64_t scan_bwd_staged_blk(const ScanBwdParams& q) {
+ScanBwdLaunch scan_bwd_staged_launch(const ScanBwdParams& q) {
   const int lanes = staged_bwd_lanes(q);
-  return lanes == 0 ? 0 : kThreads / lanes;
+  if (lanes == 0) return {0, 0};
+  return {kThreads / lanes, staged_bwd_bytes(q.f, lanes)};
 }
 
 bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream) {
@@ -411,18 +435,13 @@ bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   if (lanes == 0) return false;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
-      const auto launch = [&]<int kLanes>() {
+      with_lanes(lanes, [&]<int kLanes>() {
         using P = BwdPlan<in_t, kLanes>;
         const unsigned grid = static_cast<unsigned>(p.batch * p.dim / P::kCh);
         cudaFuncSetAttribute(scan_bwd_staged_kernel<in_t, kLanes>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              P::kBytes);
         scan_bwd_staged_kernel<in_t, kLanes><<<grid, kThreads, P::kBytes, stream>>>(q);
-      };
-      switch (lanes) {
-        case 2: launch.template operator()<2>(); break;
-        case 4: launch.template operator()<4>(); break;
-        default: launch.template operator()<8>(); break;
-      }
+      });
     }
   });
   return true;

@@ -197,12 +197,15 @@ constexpr int64_t bwd_blk(int64_t width, bool float64) {
 bool scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
 
 // The backward's staged plan (scan_bwd_staged_kernel.cu) where it takes q; false (nothing launched) where not. Its
-// channels per block (the partials' blk) where it takes q, else 0.
+// launch (channels per block: the partials' blk; shared memory) where it takes q, else {0, 0}.
 bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream);
-int64_t scan_bwd_staged_blk(const ScanBwdParams& q);
+ScanBwdLaunch scan_bwd_staged_launch(const ScanBwdParams& q);
 
-// The backward for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu).
+// The backward's team plans for one input type (scan_bwd_kernel.cuh, instantiated by scan_bwd_<type>.cu): the
+// launch, and its channels per block and dynamic shared memory per block in bytes (q.nblk for bwd_blk's channels).
 template <typename in_t, typename acc_t>
 void scan_bwd_cuda_as(const ScanBwdParams& q, cudaStream_t stream);
+template <typename in_t, typename acc_t>
+ScanBwdLaunch scan_bwd_cuda_team_as(const ScanBwdParams& q);
 
 }  // namespace markovkit

@@ -38,6 +38,8 @@ struct Plan {
   static constexpr int kRaw = (3 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
   static constexpr int kBytes =
       2 * kRaw + ((2 + kLanes) * kT * kRow + 2 * kT * kW) * static_cast<int>(sizeof(float));
+  // within the 99 KB per block of the GPUs with the least (sm_86, sm_89): no device needs another plan
+  static_assert(kBytes <= 99 * 1024, "a block's shared memory fits every sm_80+ GPU");
   unsigned char* base;
   __device__ in_t* raw(int buf, int part) const {  // part: 0 Δ, 1 u, 2 z, 3 B, 4 C
     return reinterpret_cast<in_t*>(base + buf * kRaw) + (part < 3 ? part * kAct : 3 * kAct + (part - 3) * kBC);

@@ -52,7 +52,8 @@ struct ScanParams {
   void* out;              // (batch, dim, seqlen)
   void* last_state;       // (nseq, dim, dstate)
   void* chunk_states;     // (batch, dim, n_chunks, dstate)
-  int sm_count;           // CUDA: multiprocessors of the device (the team plans of both passes depend on it)
+  int sm_count;           // CUDA: multiprocessors of the device (the plans of both passes depend on it)
+  int smem_optin;         // CUDA: the most dynamic shared memory a block may have, in bytes (the backward's plans)
 };
 
 // The backward writes per-task partial sums (accumulator type = the weight type); the glue reduces them
@@ -144,9 +145,13 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream);
 void scan_bwd_cuda(const ScanBwdParams& p, cudaStream_t stream);
 void scan_step_cuda(const ScanStepParams& p, cudaStream_t stream);
 void scan_reduce_cuda(const ScanReduceParams& p, cudaStream_t stream);
-// channels per backward task on CUDA for q (its f.sm_count set; blk, nblk and the partials not read): the glue
-// sizes the partial buffers with it
-int64_t scan_bwd_cuda_blk(const ScanBwdParams& q);
+// The backward's launch on CUDA for q (its f.sm_count and f.smem_optin set; blk, nblk and the partials not read):
+// channels per task (the glue sizes the partial buffers with it) and the dynamic shared memory of a block in bytes
+// (over f.smem_optin where no plan fits the device: the glue refuses q).
+struct ScanBwdLaunch {
+  int64_t blk, smem;
+};
+ScanBwdLaunch scan_bwd_cuda_launch(const ScanBwdParams& q);
 #endif
 
 }  // namespace markovkit

@@ -17,7 +17,6 @@ namespace {
 
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kDefaultDynamicSmem = 48 << 10;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
-constexpr size_t kMaxDynamicSmem = 227 << 10;     // H100 opt-in limit per block
 constexpr unsigned kMaxThreads = 1024;
 
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
@@ -216,8 +215,13 @@ void name_kernel(const void* kernel, const char* name) { kernel_names().emplace(
 
 std::vector<std::pair<std::string, unsigned>> take_launches() { return std::exchange(launches(), {}); }
 
+size_t max_dynamic_smem() {
+  const char* n = std::getenv("MK_EMU_SMEM");
+  return n == nullptr ? 227 << 10 : std::strtoul(n, nullptr, 10);
+}
+
 bool set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || static_cast<size_t>(bytes) > kMaxDynamicSmem) return false;
+  if (bytes < 0 || static_cast<size_t>(bytes) > max_dynamic_smem()) return false;
   smem_limits()[kernel] = static_cast<size_t>(bytes);
   return true;
 }
@@ -235,7 +239,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
   if (smem_bytes > limit)
     throw std::runtime_error("cuda_emu: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory, over " +
                              "the kernel's limit of " + std::to_string(limit) +
-                             " (48 KB unless cudaFuncSetAttribute raised it, 227 KB at most)");
+                             " (48 KB unless cudaFuncSetAttribute raised it, at most the device's opt-in limit)");
   const auto named = kernel_names().find(kernel);
   launches().emplace_back(named == kernel_names().end() ? "?" : named->second, grid.x * grid.y * grid.z);
   Block& b = blk();

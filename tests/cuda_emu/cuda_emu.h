@@ -77,6 +77,9 @@ const void* kernel_id(F* kernel, const char* name) {
 // The kernels launched since the last call, in order, as (name, blocks) (markovkit.cuda_emulation.launched).
 std::vector<std::pair<std::string, unsigned>> take_launches();
 
+// The device's opt-in limit of dynamic shared memory per block: 227 KB (an H100's), or MK_EMU_SMEM bytes.
+size_t max_dynamic_smem();
+
 // cudaFuncAttributeMaxDynamicSharedMemorySize of a kernel; false (the attribute unchanged) over the device limit.
 bool set_max_dynamic_smem(const void* kernel, int bytes);
 

@@ -304,6 +304,32 @@ def test_backward_staged_plan_misaligned_dout(emulated, monkeypatch):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
 
 
+def test_backward_on_a_99_kb_device(emulated, monkeypatch):
+    """With the 99 KB of shared memory per block of sm_86 / sm_89 the staged backward runs where its blocks fit
+    (bfloat16: 87 KB at 16 states), elsewhere the team plans (float32: 106 KB staged, 70 KB team); team plans of
+    more (float32 at 33 to 128 states, float64 at 33 to 64) with fewer channels per block (the partials sized for
+    them); where none fits (float32 at 256 states: the B / C rows of a chunk alone take 133 KB) q is refused with what
+    it needs."""
+    monkeypatch.setenv("MK_EMU_SMEM", "101376")
+    monkeypatch.setenv("MK_EMU_SMS", "4")
+    x = make_inputs(batch=2, dim=256, seqlen=136, dstate=16, B_mode="var4", C_mode="var4", groups=2, seed=5)
+    for dtype, staged in ((torch.bfloat16, bwd_staged_blocks(2, 256, 16)), (torch.float32, None)):
+        cuda_emulation.launched()
+        check_scan(emulated, x, dtype)
+        assert bwd_staged_launch() == staged
+    for dtype, dstate, blocks in ((torch.float32, 64, 8), (torch.float32, 100, 24), (F64, 50, 24)):
+        # 2 batch rows of 2 groups of 12 channels: bwd_blk's 16, 4 and 8 channels per block halved, halved and
+        # quartered (2, 6 and 6 blocks per group, not 1, 3 and 2)
+        x = make_inputs(batch=2, dim=24, seqlen=70, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=6)
+        cuda_emulation.launched()
+        check_scan(emulated, x, dtype)
+        assert [n for k, n in cuda_emulation.launched() if k == "kernel"] == [blocks]
+    x = cast(make_inputs(batch=1, dim=2, seqlen=10, dstate=256, B_mode="var4", C_mode="var4", seed=1), torch.float32)
+    with emulated(), pytest.raises(RuntimeError, match="selective_scan backward on CUDA: dstate 256 with Float inputs "
+                                                       "needs 184 KB of shared memory per block; this GPU allows 99 KB"):
+        run(markovkit.selective_scan, x, True, *upstream(x))
+
+
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
                                           (torch.bfloat16, 64), (F64, 16)])
 def test_varlen_aligned_rows(emulated, dtype, dstate):

@@ -39,9 +39,13 @@ inline int multiprocessors() {
   return n == nullptr ? 132 : std::atoi(n);
 }
 
+// The opt-in limit of dynamic shared memory per block: 227 KB, or MK_EMU_SMEM bytes (cuda_emu.cpp; e.g. 101376,
+// the 99 KB of sm_86 / sm_89).
+size_t max_dynamic_smem();
+
 inline cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = 227 << 10; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(max_dynamic_smem()); return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *value = multiprocessors(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = compute_capability() / 10; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = compute_capability() % 10; return cudaSuccess;
