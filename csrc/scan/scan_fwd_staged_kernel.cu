@@ -51,8 +51,8 @@ struct Plan {
   __device__ float* C() const { return B() + kT * kW; }
 };
 
-// Copies of tile t0 into raw buffer buf: each activation row's kSegs 16-byte pieces (zeros past L), B and C's kW
-// rows (zeros past dstate and L).
+// Copies of tile t0 into raw buffer buf: Δ, u, z rows of the block's channels, B and C's kW rows (zeros past
+// dstate and L).
 template <typename P>
 __device__ void copy_tile(const ScanParams& p, const P& sm, int buf, int64_t bd0, int64_t bc_off, int64_t t0) {
   using in_t = typename P::In;
@@ -60,24 +60,12 @@ __device__ void copy_tile(const ScanParams& p, const P& sm, int buf, int64_t bd0
   const void* acts[3] = {p.delta, p.u, p.z};
 MK_UNROLL
   for (int part = 0; part < 3; ++part) {
-    if (acts[part] == nullptr) continue;  // no z
-    const in_t* src = static_cast<const in_t*>(acts[part]);
-MK_UNROLL
-    for (int j = 0; j < P::kIters; ++j) {
-      const int e = threadIdx.x + j * kThreads, r = e / P::kSegs, q = e % P::kSegs;
-      const int64_t t = t0 + q * P::kVec;
-      if (e < P::kPieces) {
-        cp_async_16_or_zero(sm.raw(buf, part) + r * kT + q * P::kVec, src + (bd0 + r) * L + (t < L ? t : 0), t < L);
-      }
+    if (acts[part] != nullptr) {  // no z
+      copy_rows<in_t, P::kCh>(sm.raw(buf, part), static_cast<const in_t*>(acts[part]) + bd0 * L, P::kCh, L, t0);
     }
   }
-  for (int e = threadIdx.x; e < 2 * P::kW * P::kSegs; e += kThreads) {
-    const int part = e / (P::kW * P::kSegs), n = e / P::kSegs % P::kW, q = e % P::kSegs;
-    const int64_t t = t0 + q * P::kVec;
-    const bool in = n < p.dstate && t < L;
-    const in_t* src = static_cast<const in_t*>(part == 0 ? p.B : p.C) + bc_off + (in ? n * L + t : 0);
-    cp_async_16_or_zero(sm.raw(buf, 3 + part) + n * kT + q * P::kVec, src, in);
-  }
+  copy_rows<in_t, P::kW>(sm.raw(buf, 3), static_cast<const in_t*>(p.B) + bc_off, p.dstate, L, t0);
+  copy_rows<in_t, P::kW>(sm.raw(buf, 4), static_cast<const in_t*>(p.C) + bc_off, p.dstate, L, t0);
 }
 
 // The block's kernel. In prep and finish a thread handles the pieces e = tid + j·kThreads (j < kIters, e < kPieces)

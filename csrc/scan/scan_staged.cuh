@@ -1,7 +1,7 @@
 #pragma once
 // Pieces shared by the staged plans of the selective scan (scan_fwd_staged_kernel.cu, scan_bwd_staged_kernel.cu): a
 // block of kThreads threads walks time in tiles of kT steps, each tile's rows copied into shared memory with
-// cp.async (16-byte pieces; copy_rows, the backward's) and read back as floats.
+// cp.async (16-byte pieces: copy_rows) and read back as floats.
 #include <cstring>
 
 #include "common/cp_async.cuh"
