@@ -178,10 +178,7 @@ MK_UNROLL
         if (full) sm.act(2)[at] = p.z ? g[i] * (z[i] * sigmoid(z[i])) : g[i];
       }
     }
-    for (int e = tid; e < (full ? 2 : 1) * P::kW * kT; e += kThreads) {  // n fastest
-      const int part = e / (P::kW * kT), t = e / P::kW % kT, n = e % P::kW;
-      (part == 0 ? sm.B() : sm.C())[t * P::kW + n] = to_acc(sm.raw(buf, 4 + part)[n * kT + t]);
-    }
+    bc_to_float<in_t, P::kW>(sm.raw(buf, 4), sm.B(), full ? 2 : 1);
   };
   // the B (or C) values of the thread's states at step t
   const auto bc_at = [&](const float* X, int t, float (&v)[kS]) {
@@ -408,17 +405,11 @@ int64_t staged_bwd_bytes(const ScanParams& p, int lanes) {
 // threads of 8 states), dout and the gradients' rows 16-byte aligned too, and its shared memory within the device's.
 int staged_bwd_lanes(const ScanBwdParams& q) {
   const ScanParams& p = q.f;
-  const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
-  if (p.itype == DType::kFloat64 || !p.var_B || !p.var_C || p.cu_seqlens != nullptr || p.dstate <= 8 ||
-      p.dstate > 64 || !rows_aligned(p, elem_bytes) || !aligned16(p.u) || !aligned16(p.delta) || !aligned16(p.z) ||
-      !aligned16(q.dout) || !aligned16(q.du) || !aligned16(q.ddelta) || !aligned16(q.dz)) {
+  if (!staged_inputs(p) || !aligned16(q.dout) || !aligned16(q.du) || !aligned16(q.ddelta) || !aligned16(q.dz)) {
     return 0;
   }
   const int lanes = p.dstate <= 16 ? 2 : p.dstate <= 32 ? 4 : 8;
-  const int64_t channels = kThreads / lanes;
-  const bool fits = (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count &&
-                    staged_bwd_bytes(p, lanes) <= p.smem_optin;
-  return fits ? lanes : 0;
+  return staged_blocks(p, kThreads / lanes) && staged_bwd_bytes(p, lanes) <= p.smem_optin ? lanes : 0;
 }
 
 }  // namespace

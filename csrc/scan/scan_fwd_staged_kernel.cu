@@ -106,10 +106,7 @@ MK_UNROLL
         sm.dtu()[(t + i) * P::kRow + c] = dt * u[i];
       }
     }
-    for (int e = tid; e < 2 * P::kW * kT; e += kThreads) {  // lane-consecutive writes: n fastest
-      const int part = e / (P::kW * kT), t = e / P::kW % kT, n = e % P::kW;
-      (part == 0 ? sm.B() : sm.C())[t * P::kW + n] = to_acc(sm.raw(buf, 3 + part)[n * kT + t]);
-    }
+    bc_to_float<in_t, P::kW>(sm.raw(buf, 3), sm.B(), 2);
   };
   // run: this thread's states over the tile's steps (kWhole: all kT of them)
   const auto run = [&]<bool kWhole>(int steps) {
@@ -144,18 +141,16 @@ MK_UNROLL
       float u[P::kVec], z[P::kVec];
       load_piece(sm.raw(buf, 1) + c * kT + t, u);
       if (p.z) load_piece(sm.raw(buf, 2) + c * kT + t, z);
-      in_t o[P::kVec];
+      float o[P::kVec];
 MK_UNROLL
       for (int i = 0; i < P::kVec; ++i) {
         float y = Dd[j] * u[i];
 MK_UNROLL
         for (int part = 0; part < kLanes; ++part) y += sm.y()[((t + i) * kLanes + part) * P::kRow + c];
         if (p.z) y *= z[i] * sigmoid(z[i]);
-        o[i] = store_cast<in_t>(y);
+        o[i] = y;
       }
-      uint4 v;
-      memcpy(&v, o, sizeof(v));
-      *reinterpret_cast<uint4*>(static_cast<in_t*>(p.out) + (bd0 + c) * L + t0 + t) = v;
+      store_piece(o, static_cast<in_t*>(p.out) + (bd0 + c) * L + t0 + t);
     }
   };
 
@@ -187,17 +182,11 @@ struct StagedPlan {
 };
 
 StagedPlan staged_plan(const ScanParams& p) {
-  const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
-  if (p.itype == DType::kFloat64 || !p.var_B || !p.var_C || p.cu_seqlens != nullptr || p.dstate <= 8 ||
-      p.dstate > 64 || !rows_aligned(p, elem_bytes) || !aligned16(p.u) || !aligned16(p.delta) || !aligned16(p.z) ||
-      !aligned16(p.out)) {
-    return {0, 0};
-  }
+  if (!staged_inputs(p) || !aligned16(p.out)) return {0, 0};
   for (const int states : {16, 4}) {
     int lanes = 1;
     while (lanes * states < p.dstate) lanes *= 2;
-    const int64_t channels = kThreads / lanes;
-    if ((p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count) return {lanes, states};
+    if (staged_blocks(p, kThreads / lanes)) return {lanes, states};
   }
   return {0, 0};
 }

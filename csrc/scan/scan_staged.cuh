@@ -28,6 +28,16 @@ MK_UNROLL
   }
 }
 
+// The first `parts` of B, C (raw: kW rows of kT steps each, in_t) into dst (kT steps of kW, float, C after B):
+// lane-consecutive writes, n fastest (every thread of the block calls it).
+template <typename in_t, int kW>
+__device__ __forceinline__ void bc_to_float(const in_t* raw, float* dst, int parts) {
+  for (int e = threadIdx.x; e < parts * kW * kT; e += kThreads) {
+    const int part = e / (kW * kT), t = e / kW % kT, n = e % kW;
+    (part == 0 ? dst : dst + kT * kW)[t * kW + n] = to_acc((part == 0 ? raw : raw + kW * kT)[n * kT + t]);
+  }
+}
+
 // The kVec elements of a 16-byte piece in shared memory, as floats.
 template <typename in_t, int kVec>
 __device__ __forceinline__ void load_piece(const in_t* at, float (&v)[kVec]) {
@@ -85,6 +95,20 @@ MK_UNROLL
   for (int i = 0; i < kS; ++i) {
     if (n0 + i < N) dst[n0 + i] = h[i];
   }
+}
+
+// Whether the staged plans take p's inputs (each plan checks its outputs' alignment too): per-step B and C, no
+// cu_seqlens, float accumulators, 9 to 64 states, 16-byte aligned rows of u, delta, z, B and C.
+inline bool staged_inputs(const ScanParams& p) {
+  const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
+  return p.itype != DType::kFloat64 && p.var_B && p.var_C && p.cu_seqlens == nullptr && p.dstate > 8 &&
+         p.dstate <= 64 && rows_aligned(p, elem_bytes) && aligned16(p.u) && aligned16(p.delta) && aligned16(p.z);
+}
+
+// Whether blocks of `channels` channels of one group tile dim / groups and give a block for every SM (fewer
+// channels leave the team plans more parallel work).
+inline bool staged_blocks(const ScanParams& p, int64_t channels) {
+  return (p.dim / p.groups) % channels == 0 && p.batch * p.dim / channels >= p.sm_count;
 }
 
 }  // namespace scan_cuda
