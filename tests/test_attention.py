@@ -275,6 +275,17 @@ def test_merge_with_empty_sources():
     assert torch.equal(out, empty_o) and torch.equal(out_lse, empty_lse)
 
 
+@pytest.mark.parametrize("batch,seqlen", [(2, 0), (0, 9)])
+def test_empty_inputs(device, batch, seqlen):
+    """No queries: out, lse and the gradients are empty tensors of their shapes (no kernel launch of zero blocks)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = [t.requires_grad_() for t in _inputs((batch, seqlen, 4, 2, 64, 16, 0), dtype, device)]
+    out, lse = markovkit.sliding_window_attention(q, k, v, 16, return_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (batch, 4, seqlen)
+    (out.sum() + lse.sum()).backward()
+    assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
 def test_gradcheck_float64():
     q, k, v = [t.requires_grad_() for t in _inputs((1, 11, 2, 1, 32, 0, 0), torch.float64, "cpu")]
 

@@ -91,6 +91,21 @@ def test_float64_lengths_and_groups(device, seqlen):
     assert_all_close(got, want, TOL64["rtol"], atol=TOL64["atol"])
 
 
+@pytest.mark.parametrize("batch,seqlen,B_mode", [(2, 0, "var4"), (2, 0, "const"), (0, 7, "var4")])
+def test_empty_inputs(device, batch, seqlen, B_mode):
+    """No steps or no rows: out is (batch, dim, seqlen), the last state is the initial state and its gradient the
+    last state's; no other input reaches a step, so their gradients are zeros."""
+    x = make_inputs(batch=batch, dim=4, seqlen=seqlen, dstate=5, B_mode=B_mode, C_mode="var4", groups=2,
+                    device=device)
+    g, gl = upstream(x)
+    out, last, grads = run(markovkit.selective_scan, x, True, g, gl)
+    assert out.shape == (batch, 4, seqlen)
+    torch.testing.assert_close(last, x["initial_state"], rtol=0, atol=0)
+    for k, v in grads.items():
+        want = gl if k == "initial_state" else torch.zeros_like(x[k])
+        torch.testing.assert_close(v.cpu(), want.cpu(), rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
 def test_float64_long_multichunk():
     """19 chunks of 64 with an uneven tail, dstate 16, constant B and per-step C."""
     x = make_inputs(batch=1, dim=3, seqlen=1134, dstate=16, B_mode="const", C_mode="var3")

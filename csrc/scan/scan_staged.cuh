@@ -97,12 +97,14 @@ MK_UNROLL
   }
 }
 
-// Whether the staged plans take p's inputs (each plan checks its outputs' alignment too): per-step B and C, no
-// cu_seqlens, float accumulators, 9 to 64 states, 16-byte aligned rows of u, delta, z, B and C.
+// Whether the staged plans take p's inputs (each plan checks its outputs' alignment too): steps (the first tile's
+// copy comes before any test of them), per-step B and C, no cu_seqlens, float accumulators, 9 to 64 states, 16-byte
+// aligned rows of u, delta, z, B and C.
 inline bool staged_inputs(const ScanParams& p) {
   const int64_t elem_bytes = p.itype == DType::kFloat32 ? 4 : 2;
-  return p.itype != DType::kFloat64 && p.var_B && p.var_C && p.cu_seqlens == nullptr && p.dstate > 8 &&
-         p.dstate <= 64 && rows_aligned(p, elem_bytes) && aligned16(p.u) && aligned16(p.delta) && aligned16(p.z);
+  return p.seqlen > 0 && p.itype != DType::kFloat64 && p.var_B && p.var_C && p.cu_seqlens == nullptr &&
+         p.dstate > 8 && p.dstate <= 64 && rows_aligned(p, elem_bytes) && aligned16(p.u) && aligned16(p.delta) &&
+         aligned16(p.z);
 }
 
 // Whether blocks of `channels` channels of one group tile dim / groups and give a block for every SM (fewer

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <exception>
 #include <map>
@@ -56,13 +57,21 @@ void ensure_stacks(Block& b, unsigned threads) {
   b.stack_threads = threads;
 }
 
+std::vector<void (*)(bool)>& exit_hooks() {
+  static std::vector<void (*)(bool)> hooks;
+  return hooks;
+}
+
 void fiber_main() {
   Block& b = blk();
+  bool completed = true;
   try {
     (*b.body)();
   } catch (...) {
+    completed = false;
     if (!b.error) b.error = std::current_exception();
   }
+  for (void (*fn)(bool) : exit_hooks()) fn(completed);
   b.current->state = State::kDone;
   swapcontext(&b.current->ctx, &b.scheduler);
 }
@@ -199,6 +208,11 @@ unsigned lane() { return blk().current->linear % 32; }
 void* dynamic_smem() { return blk().smem.data(); }
 
 void sync_block() { wait(State::kBlockBarrier); }
+
+void at_thread_exit(void (*fn)(bool completed)) {
+  std::vector<void (*)(bool)>& hooks = exit_hooks();
+  if (std::find(hooks.begin(), hooks.end(), fn) == hooks.end()) hooks.push_back(fn);
+}
 void sync_warp() { wait(State::kWarpBarrier); }
 
 const unsigned char* warp_exchange(const void* mine, size_t bytes) {

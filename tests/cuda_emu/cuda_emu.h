@@ -86,6 +86,11 @@ bool set_max_dynamic_smem(const void* kernel, int bytes);
 void sync_block();
 void sync_warp();
 
+// Once registered (again: ignored), fn(completed) runs in every thread as it exits: a thread's asynchronous copies
+// still pending are done then, as the GPU completes them before a block retires (completed: the thread ran to its
+// end; false after an error, when they are dropped).
+void at_thread_exit(void (*fn)(bool completed));
+
 constexpr size_t kSlotBytes = 64;  // the largest value a lane can publish to its warp
 
 // All lanes of the calling warp publish `mine`; returns the warp's 32 slots, kSlotBytes apart (readable until the

@@ -193,6 +193,19 @@ def test_unbounded_window_and_sink_are_seqlen(emulated, monkeypatch, cc, headdim
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cc", ["90", "80"])
+@pytest.mark.parametrize("batch,seqlen", [(2, 0), (0, 9)])
+def test_empty_inputs(emulated, monkeypatch, cc, batch, seqlen):
+    """No queries: empty out, lse and gradients, and no launch (a grid of zero blocks is a launch error)."""
+    monkeypatch.setenv("MK_EMU_CC", cc)
+    q, k, v = [torch.randn(batch, seqlen, h, 64).to(torch.bfloat16).requires_grad_() for h in (4, 2, 2)]
+    with emulated():
+        out, lse = markovkit.sliding_window_attention(q, k, v, 16, return_lse=True)
+        (out.float().sum() + lse.sum()).backward()
+    assert out.shape == q.shape and lse.shape == (batch, 4, seqlen)
+    assert [t.grad.shape for t in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
 def test_misaligned_inputs_are_copied(emulated):
     """The glue clones inputs whose data is not 16-byte aligned (the kernels load 16-byte vectors)."""
     q, k, v, _, _ = _inputs(1, 40, 2, 1, 32, torch.float16, seed=3)

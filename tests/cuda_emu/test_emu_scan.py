@@ -283,6 +283,27 @@ def test_backward_staged_plan_thread_orders(monkeypatch, dstate):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+@pytest.mark.parametrize("dstate", [16, 64])
+def test_empty_sequence_at_staged_shapes(emulated, monkeypatch, dstate):
+    """seqlen 0 where the staged plans would take the shapes: no staged kernel runs (nothing to stage; the backward's
+    first copy would read a tile before the rows), the last state is the initial state, d initial_state the last
+    state's gradient, the other gradients zeros."""
+    x = cast(make_inputs(batch=2, dim=256, seqlen=0, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=2),
+             torch.bfloat16)
+    g, gl = upstream(x)
+    monkeypatch.setenv("MK_EMU_SMS", str(bwd_staged_blocks(2, 256, dstate)))
+    cuda_emulation.launched()
+    with emulated():
+        out, last, grads = run(markovkit.selective_scan, x, True, g, gl)
+    launched = [k for k, _ in cuda_emulation.launched()]
+    assert launched and not any(k.startswith(("scan_fwd_staged_kernel<", "scan_bwd_staged_kernel<")) for k in launched)
+    assert out.shape == (2, 256, 0)
+    torch.testing.assert_close(last, x["initial_state"], rtol=0, atol=0)
+    for k, v in grads.items():
+        want = gl.float() if k == "initial_state" else torch.zeros_like(x[k])
+        torch.testing.assert_close(v, want, rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
 def test_backward_staged_plan_misaligned_dout(emulated, monkeypatch):
     """dout off a 16-byte boundary: the team plans run, with the partials sized for them (the glue asks the plan)."""
     x = cast(make_inputs(batch=2, dim=256, seqlen=136, dstate=16, B_mode="var4", C_mode="var4", groups=2, seed=4),

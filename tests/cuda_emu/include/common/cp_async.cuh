@@ -5,9 +5,9 @@
 
 namespace markovkit {
 
-// cp.async: each thread's copies are queued and done at its cp_async_wait_all, so a kernel that reads a tile
-// before the wait and the barrier after it reads stale or poisoned shared memory here too; with MK_EMU_ORDER=reverse
-// they are done when issued, so one that overwrites a tile still in use reads the new data.
+// cp.async: each thread's copies are queued and done at its cp_async_wait_all (or its exit), so a kernel that reads a
+// tile before the wait and the barrier after it reads stale or poisoned shared memory here too; with
+// MK_EMU_ORDER=reverse they are done when issued, so one that overwrites a tile still in use reads the new data.
 namespace emu_detail {
 
 struct PendingCopy {
@@ -33,9 +33,20 @@ std::vector<Op>& thread_queue() {
   return per_thread[id];
 }
 
+// At a thread's exit its copies still queued are done (or, after an error, dropped), not left to the next block.
+inline void finish_copies(bool completed) {
+  std::vector<PendingCopy>& mine = thread_queue<PendingCopy>();
+  if (completed) {
+    for (const PendingCopy& c : mine) copy_16(c);
+  }
+  mine.clear();
+}
+
 }  // namespace emu_detail
 
 inline void cp_async_16_or_zero(void* smem, const void* gmem, bool copy) {
+  static const bool finished_at_exit = (mk_emu::at_thread_exit(&emu_detail::finish_copies), true);
+  (void)finished_at_exit;
   const emu_detail::PendingCopy c{smem, copy ? gmem : nullptr};
   if (mk_emu::reverse_order()) {
     emu_detail::copy_16(c);
