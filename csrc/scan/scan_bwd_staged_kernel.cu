@@ -1,19 +1,20 @@
 // Backward of the selective scan, staged plan (scan_bwd_cuda takes it where staged_bwd_lanes does; the layout of the
 // forward's staged plan): kLanes threads per channel (2, 4 or 8 for up to 16, 32, 64 states), each holding kS = 8
-// consecutive states in registers; a block of kThreads threads, kCh = kThreads / kLanes channels of one group of
-// one batch row, walks the chunks last first, each chunk's tiles (kT steps) in visits:
+// consecutive states in registers (in a lane's own order: state_order); a block of kThreads threads, kCh = kThreads /
+// kLanes channels of one group of one batch row, walks the chunks last first, each chunk's tiles (kT steps) in visits:
 //  - walks W(0) .. W(nt - 2): the tile's state at its start is kept (shared memory, the thread's own), then the
 //    thread's states run over the tile (the chunk starts at its checkpoint);
 //  - reverses R(nt - 1) .. R(0): from the tile's start the states at its segments' starts (kSeg steps apart) are
 //    kept (shared memory, the thread's own); per segment, last first, its steps' h_prev and ā are recomputed into
-//    registers and the reverse recurrence runs over them. Per step the thread's 2·kS contributions to dB and dC are summed over the warp's
-//    channels (a reduce-scatter of shuffles: each lane keeps kKeep sums) into shared memory; per segment the lanes'
-//    parts of a step's dΔ, du (and y, for dz) are summed over the channel's lanes (team_sum_steps). After the tile
-//    the warps' dB / dC sums are added in warp order into the block's partial, and the per-(channel, step) outputs
-//    are made and stored coalesced (finish).
+//    registers and the reverse recurrence runs over them. Per step the thread's 2·kS contributions to dB and dC are
+//    summed over the warp's channels (warp_sum_scatter: each lane keeps kKeep sums) into shared memory; per segment
+//    the lanes' parts of a step's dΔ, du (and y, for dz) are summed over the channel's lanes (team_sum_steps). After
+//    the tile the warps' dB / dC sums are added in warp order into the block's partial, and the per-(channel, step)
+//    outputs are made and stored coalesced (finish).
 // Each visit's rows (Δ, u, B; for reverses also z, dout, C) are copied into shared memory with cp.async one visit
-// ahead and made into floats once (prep: Δ = softplus(δ + bias), Δ·u, dy = dout·silu(z), B, C). The same
-// conditions as the forward's staged plan (no cu_seqlens: one sequence per batch row). No atomics: deterministic.
+// ahead and made into floats once (prep: Δ = softplus(δ + bias), Δ·u, dy = dout·silu(z), B and C in each of the
+// lanes' state orders). The same conditions as the forward's staged plan (no cu_seqlens: one sequence per batch
+// row). No atomics: deterministic.
 #include "scan/scan_staged.cuh"
 
 namespace markovkit {
@@ -30,18 +31,22 @@ static_assert(4 % kSeg == 0, "a tile's steps are a multiple of kSeg");
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
 // The plan of kLanes threads per channel for input type in_t: thread (c, s) = (tid / kLanes, tid % kLanes) runs
-// states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the visit's, the next's), each
-// δ, u, z, dout (kCh, kT) and B, C (kW, kT) in in_t; then in float Δ, Δ·u, dy and the summed parts of dΔ (gA),
-// du (gB), y (kT, kRow each); B, C (kT, kW); the chunk's tiles' start states (kTiles, kS, kThreads) and the
-// tile's segments' (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
+// states s·kS + (i ^ pm) (i < kS, pm: state_order) of the block's channel c. Shared memory: two raw tiles (the
+// visit's, the next's), each δ, u, z, dout (kCh, kT) and B, C (kW, kT) in in_t; then in float Δ, Δ·u, dy and the
+// summed parts of dΔ (gA), du (gB), y (kT, kRow each); B, C (kT, kW) in kCopies orders (copy k: state n at
+// n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
+// (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
 template <typename in_t, int kLanes>
 struct BwdPlan {
   using In = in_t;
   static constexpr int kCh = kThreads / kLanes;                       // channels per block
   static constexpr int kW = kLanes * kS;                              // states per channel, padded
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kLevels = log2_of(32 / kLanes);                // halvings over the warp's channels
+  static constexpr int kLevels = log2_of(32 / kLanes);                // halvings over the warp's channels: 4, 3, 2
+  static constexpr int kStateLevels = kLevels < 3 ? kLevels : 3;      // of them halving the states (log2(kS))
   static constexpr int kKeep = 2 * kS >> kLevels;                     // dB / dC sums a lane keeps per step
+  // the low two bits of pm take 1 << kStateLevels - 1 values, multiples of 1 << kCopyShift
+  static constexpr int kCopies = 1 << (kStateLevels - 1), kCopyShift = 3 - kStateLevels;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
   static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
   static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
@@ -51,7 +56,7 @@ struct BwdPlan {
   static constexpr int kAct = kCh * kT, kBC = kW * kT;
   static constexpr int kRaw = (4 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
   static constexpr int kFloats =
-      6 * kT * kRow + 2 * kT * kW + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
+      6 * kT * kRow + 2 * kCopies * kT * kW + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
   static constexpr int kBytes = 2 * kRaw + kFloats * static_cast<int>(sizeof(float));
   // two blocks per SM (as the launch bounds' registers): at most 113 KB each of an sm_80 / sm_90 SM's 228 KB
   static_assert(kBytes <= 113 * 1024, "two blocks fit an SM's shared memory");
@@ -62,38 +67,75 @@ struct BwdPlan {
   __device__ float* act(int k) const {  // k: 0 Δ, 1 Δ·u, 2 dy, 3 gA, 4 gB, 5 y; step t of channel c at t·kRow + c
     return reinterpret_cast<float*>(base + 2 * kRaw) + k * kT * kRow;
   }
-  __device__ float* B() const { return act(6); }
-  __device__ float* C() const { return B() + kT * kW; }
-  __device__ float* start() const { return C() + kT * kW; }  // state i of tile k of thread x: (k·kS + i)·kThreads + x
+  __device__ float* B(int copy) const { return act(6) + copy * 2 * kT * kW; }
+  __device__ float* C(int copy) const { return B(copy) + kT * kW; }
+  __device__ float* start() const { return B(kCopies); }  // state i of tile k of thread x: (k·kS + i)·kThreads + x
   __device__ float* seg() const { return start() + kTiles * kS * kThreads; }  // likewise, of segment k
   __device__ float* red() const { return seg() + kSegsPerTile * kS * kThreads; }  // ((w·2 + v)·kW + n)·kRed + t
 };
 
-// Sums over the warp's channels (lanes lane ^ (kLanes << m), m < kLevels) of the 2·kS values v: at each halving a
-// lane keeps the half its bit m picks (upper where set), adds the partner's of it and hands over the other. Lane
-// `lane` ends with the sums of values q = rank·kKeep + i in v[i] (i < kKeep), rank = its channel-in-warp bits
-// reversed (kept_rank).
+// The order of a thread's states: slot i holds state n0 + (i ^ pm), pm's bit 4 >> m set where the lane's bit
+// kLanes << m is (m < kStateLevels): at halving m of warp_sum_scatter a lane and its partner then keep the same slots
+// (the lower half) for different states, with no selects.
+template <int kLanes, int kStateLevels>
+__device__ __forceinline__ int state_order(int lane) {
+  int pm = 0;
+MK_UNROLL
+  for (int m = 0; m < kStateLevels; ++m) pm |= (lane & kLanes << m) != 0 ? kS / 2 >> m : 0;
+  return pm;
+}
+
+// Sums over the warp's channels (lanes lane ^ (kLanes << m), m < kLevels) of the thread's dB parts vb and dC parts
+// vc (slot i: state n0 + (i ^ pm)). Halvings m < kStateLevels: each lane keeps slots below kS >> (m + 1) and adds the
+// partner's upper ones (the same states). Then, at 16 states (kLevels 4), a last one over lane bit 16 keeps dC where
+// it is set, dB where not, in vb[0]. Lane `lane` ends with the sums of vb, vc at slots j < kS >> kStateLevels (states
+// n0 + (pm | j)), or at kLevels 4 the one in vb[0].
 template <int kLanes, int kLevels>
-__device__ __forceinline__ void warp_sum_scatter(float (&v)[2 * kS], int lane) {
+__device__ __forceinline__ void warp_sum_scatter(float (&vb)[kS], float (&vc)[kS], int lane) {
+  constexpr int kStateLevels = kLevels < 3 ? kLevels : 3;
 MK_UNROLL
-  for (int m = 0; m < kLevels; ++m) {
-    const int o = kLanes << m, half = kS >> m;
-    const bool upper = (lane & o) != 0;
+  for (int m = 0; m < kStateLevels; ++m) {
+    const int o = kLanes << m, half = kS >> (m + 1);
 MK_UNROLL
-    for (int i = 0; i < kS; ++i) {  // i < half (a bound the unroller sees)
-      if (i >= half) break;
-      const float keep = upper ? v[i + half] : v[i], give = upper ? v[i] : v[i + half];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, give, o);
+    for (int i = 0; i < half; ++i) {
+      vb[i] += __shfl_xor_sync(0xffffffffu, vb[i + half], o);
+      vc[i] += __shfl_xor_sync(0xffffffffu, vc[i + half], o);
     }
+  }
+  if constexpr (kLevels > kStateLevels) {
+    static_assert(kLevels == 4, "one halving over dB / dC");
+    const bool upper = (lane & kLanes << 3) != 0;
+    const float keep = upper ? vc[0] : vb[0], give = upper ? vb[0] : vc[0];
+    vb[0] = keep + __shfl_xor_sync(0xffffffffu, give, kLanes << 3);
   }
 }
 
-template <int kLanes, int kLevels>
-__device__ __forceinline__ int kept_rank(int lane) {
-  int rank = 0;
+// States n0 + (i ^ pm) of row src (N,) into slots i (i < kS): zeros past N or where src is null.
+__device__ __forceinline__ void load_slots(const float* src, int n0, int pm, int64_t N, float (&v)[kS]) {
 MK_UNROLL
-  for (int m = 0; m < kLevels; ++m) rank = 2 * rank + ((lane / kLanes) >> m & 1);
-  return rank;
+  for (int i = 0; i < kS; ++i) v[i] = n0 + (i ^ pm) < N && src ? src[n0 + (i ^ pm)] : 0.f;
+}
+
+// Slots i (i < kS) into states n0 + (i ^ pm) of dst (N,), those below N.
+__device__ __forceinline__ void store_slots(const float (&v)[kS], int n0, int pm, int64_t N, float* dst) {
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) {
+    if (n0 + (i ^ pm) < N) dst[n0 + (i ^ pm)] = v[i];
+  }
+}
+
+// The first `parts` of B, C in raw (kW rows of kT steps each, in_t) as floats into each copy k of the plan's (step t,
+// state n at t·kW + (n ^ k << kCopyShift); every thread of the block calls it).
+template <typename P>
+__device__ __forceinline__ void bc_to_copies(const P& sm, const typename P::In* raw, int parts) {
+  for (int e = threadIdx.x; e < parts * P::kW * kT; e += kThreads) {
+    const int part = e / (P::kW * kT), t = e / P::kW % kT, n = e % P::kW;
+    const float x = to_acc(raw[part * P::kW * kT + n * kT + t]);
+MK_UNROLL
+    for (int k = 0; k < P::kCopies; ++k) {
+      (part == 0 ? sm.B(k) : sm.C(k))[t * P::kW + (n ^ k << P::kCopyShift)] = x;
+    }
+  }
 }
 
 // Copies of the visit's tile t0 into raw buffer buf: δ, u (and z, dout where full) rows of the block's channels,
@@ -145,11 +187,15 @@ __global__ void __launch_bounds__(kThreads, 2) scan_bwd_staged_kernel(ScanBwdPar
   const int64_t bc_off = (b * p.groups + d0 / dpg) * N * L;
   const int64_t var_off = ((b * p.groups + d0 / dpg) * q.nblk + d0 % dpg / P::kCh) * N * L;
   const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS, lane = tid % 32;
+  // the thread's state order (slot i: state n0 + (i ^ pm)) and the copy of B, C in it
+  const int pm = state_order<kLanes, P::kStateLevels>(lane), copy = (pm & 3) >> P::kCopyShift;
   const int64_t d = d0 + ch, bd = bd0 + ch;
   // the thread's states: A·log2(e), the reverse's carry (from d last_state), dA; h the walks' state
   float A2[kS], carry[kS], dA[kS] = {}, h[kS];
-  load_a2(p, d, n0, A2);
-  load_state(state_row<float>(q.dlast, b, d, dim, N), n0, N, carry);
+  load_slots(static_cast<const float*>(p.A) + d * N, n0, pm, N, A2);
+MK_UNROLL
+  for (int i = 0; i < kS; ++i) A2[i] *= float(kLog2e);
+  load_slots(state_row<float>(q.dlast, b, d, dim, N), n0, pm, N, carry);
   // the channels of the thread's pieces: bias, D and the pieces' parts of dD, d delta_bias
   float bias[P::kIters], Dd[P::kIters], dD[P::kIters] = {}, dbias[P::kIters] = {};
   piece_weights<P::kIters, P::kPieces, P::kSegs>(p, d0, bias, Dd);
@@ -178,14 +224,14 @@ MK_UNROLL
         if (full) sm.act(2)[at] = p.z ? g[i] * (z[i] * sigmoid(z[i])) : g[i];
       }
     }
-    bc_to_float<in_t, P::kW>(sm.raw(buf, 4), sm.B(), full ? 2 : 1);
+    bc_to_copies(sm, sm.raw(buf, 4), full ? 2 : 1);
   };
-  // the B (or C) values of the thread's states at step t
+  // the B (or C) values of the thread's slots at step t (X: the thread's copy)
   const auto bc_at = [&](const float* X, int t, float (&v)[kS]) {
     const float4* at = reinterpret_cast<const float4*>(X + t * P::kW + n0);
 MK_UNROLL
     for (int k = 0; k < kS / 4; ++k) {
-      const float4 x = at[k];
+      const float4 x = at[k ^ pm / 4];
       v[4 * k] = x.x;
       v[4 * k + 1] = x.y;
       v[4 * k + 2] = x.z;
@@ -196,7 +242,7 @@ MK_UNROLL
   const auto advance = [&](int t, float (&x)[kS], float* hp, float* a) {
     const float dt = sm.act(0)[t * P::kRow + ch], dtu = sm.act(1)[t * P::kRow + ch];
     float Bt[kS];
-    bc_at(sm.B(), t, Bt);
+    bc_at(sm.B(copy), t, Bt);
 MK_UNROLL
     for (int i = 0; i < kS; ++i) {
       const float ai = exp2_of(dt * A2[i]);
@@ -207,37 +253,41 @@ MK_UNROLL
       x[i] = ai * x[i] + dtu * Bt[i];
     }
   };
-  // reverse of one step t of the tile (h_prev hp, ā a): the carry moves to step t - 1, dA grows; the warp's dB / dC
-  // sums of the step go to red; returns the thread's parts of the step's gA = Σ dh·ā·h_prev·A2, gB = Σ dh·B and y
+  // reverse of one step t of the tile (h_prev hp, ā a, h ht): the carry moves to step t - 1, dA grows; the warp's
+  // dB / dC sums of the step go to red; returns the thread's parts of the step's gA = Σ dh·ā·h_prev·A2, gB = Σ dh·B
+  // and y
   struct Parts {
     float gA, gB, y;
   };
-  const auto reverse_step = [&](int t, const float (&hp)[kS], const float (&a)[kS]) {
+  const auto reverse_step = [&](int t, const float (&hp)[kS], const float (&a)[kS], const float (&ht)[kS]) {
     const float dt = sm.act(0)[t * P::kRow + ch], dtu = sm.act(1)[t * P::kRow + ch];
     const float dy = sm.act(2)[t * P::kRow + ch];
-    float Bt[kS], Ct[kS], v[2 * kS];
-    bc_at(sm.B(), t, Bt);
-    bc_at(sm.C(), t, Ct);
-    Parts r{0.f, 0.f, 0.f};
+    float Bt[kS], Ct[kS], vb[kS], vc[kS];
+    bc_at(sm.B(copy), t, Bt);
+    bc_at(sm.C(copy), t, Ct);
+    Parts r{-0.f, -0.f, -0.f};  // x + -0 is x for every x: the first terms' adds fold away
 MK_UNROLL
     for (int i = 0; i < kS; ++i) {
-      const float ht = a[i] * hp[i] + dtu * Bt[i];
-      r.y += Ct[i] * ht;
+      r.y += Ct[i] * ht[i];
       const float dh = Ct[i] * dy + carry[i];
-      v[i] = dh * dtu;
-      v[kS + i] = dy * ht;
+      vb[i] = dh * dtu;
+      vc[i] = dy * ht[i];
       carry[i] = a[i] * dh;
       const float ah = carry[i] * hp[i];
       dA[i] += ah * dt;
       r.gA += ah * A2[i];
       r.gB += dh * Bt[i];
     }
-    warp_sum_scatter<kLanes, P::kLevels>(v, lane);
-    const int rank = kept_rank<kLanes, P::kLevels>(lane), w = tid / 32;
+    warp_sum_scatter<kLanes, P::kLevels>(vb, vc, lane);
+    float* red = sm.red() + (tid / 32 * 2 * P::kW + n0 + pm) * P::kRed + t;  // ((w·2 + var)·kW + n)·kRed + t
+    if constexpr (P::kKeep == 1) {
+      red[(lane & kLanes << 3 ? P::kW : 0) * P::kRed] = vb[0];
+    } else {
 MK_UNROLL
-    for (int i = 0; i < P::kKeep; ++i) {
-      const int qv = rank * P::kKeep + i, var = qv / kS;
-      sm.red()[((w * 2 + var) * P::kW + n0 + qv % kS) * P::kRed + t] = v[i];
+      for (int j = 0; j < P::kKeep / 2; ++j) {
+        red[j * P::kRed] = vb[j];
+        red[(P::kW + j) * P::kRed] = vc[j];
+      }
     }
     return r;
   };
@@ -266,8 +316,8 @@ MK_UNROLL
       for (int j = 0; j < kSeg; ++j) advance(t0 + j, cur, hp[j], a[j]);
       float pA[kSeg], pB[kSeg], py[kSeg];
 MK_UNROLL
-      for (int j = kSeg - 1; j >= 0; --j) {
-        const Parts r = reverse_step(t0 + j, hp[j], a[j]);
+      for (int j = kSeg - 1; j >= 0; --j) {  // the state after step j: h_prev of step j + 1, after the last cur
+        const Parts r = reverse_step(t0 + j, hp[j], a[j], j + 1 < kSeg ? hp[j + 1] : cur);
         pA[j] = r.gA;
         pB[j] = r.gB;
         py[j] = r.y;
@@ -344,7 +394,7 @@ MK_UNROLL
     if (next.c >= 0) copy_visit(q, sm, 1 - buf, !next.walk(), bd0, bc_off, next.c * kScanChunk + next.tile() * kT);
     prep(buf, !vis.walk());
     if (vis.v == 0) {  // the chunk's checkpoint: the state before its first step
-      load_state(ckpt + vis.c * N, n0, N, h);
+      load_slots(ckpt + vis.c * N, n0, pm, N, h);
     }
     __syncthreads();  // act, B, C of the visit are made
     float* start = sm.start() + tile * kS * kThreads + tid;
@@ -367,8 +417,8 @@ MK_UNROLL
     finish(buf, t0, steps);
   }
   // per thread: dA and d initial_state of its states; per channel the sums of its pieces' parts of dD, d delta_bias
-  store_state(dA, n0, N, static_cast<float*>(q.dA_part) + bd * N);
-  store_state(carry, n0, N, static_cast<float*>(q.dh0) + bd * N);
+  store_slots(dA, n0, pm, N, static_cast<float*>(q.dA_part) + bd * N);
+  store_slots(carry, n0, pm, N, static_cast<float*>(q.dh0) + bd * N);
 MK_UNROLL
   for (int j = 0; j < P::kIters; ++j) {
     const int e = tid + j * kThreads;
