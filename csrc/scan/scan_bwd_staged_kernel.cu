@@ -34,7 +34,7 @@ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 // states s·kS + (i ^ pm) (i < kS, pm: state_order) of the block's channel c. Shared memory: two raw tiles (the
 // visit's, the next's), each δ, u, z, dout (kCh, kT) and B, C (kW, kT) in in_t; then in float Δ, Δ·u, dy and the
 // summed parts of dΔ (gA), du (gB), y (kT, kRow each); B, C (kT, kW) in kCopies orders (copy k: state n at
-// n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
+// n ^ (k << kCopyShift); kCopy floats apart); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
 // (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
 template <typename in_t, int kLanes>
 struct BwdPlan {
@@ -47,6 +47,9 @@ struct BwdPlan {
   static constexpr int kKeep = 2 * kS >> kLevels;                     // dB / dC sums a lane keeps per step
   // the low two bits of pm take 1 << kStateLevels - 1 values, multiples of 1 << kCopyShift
   static constexpr int kCopies = 1 << (kStateLevels - 1), kCopyShift = 3 - kStateLevels;
+  // floats from one copy of B, C to the next: 16 banks apart from the copy after next, which a quarter warp's lanes
+  // read together at 16 states (each LDS.128 then one wavefront, not two)
+  static constexpr int kCopy = 2 * kT * kW + 8;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
   static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
   static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
@@ -56,7 +59,7 @@ struct BwdPlan {
   static constexpr int kAct = kCh * kT, kBC = kW * kT;
   static constexpr int kRaw = (4 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
   static constexpr int kFloats =
-      6 * kT * kRow + 2 * kCopies * kT * kW + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
+      6 * kT * kRow + kCopies * kCopy + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
   static constexpr int kBytes = 2 * kRaw + kFloats * static_cast<int>(sizeof(float));
   // two blocks per SM (as the launch bounds' registers): at most 113 KB each of an sm_80 / sm_90 SM's 228 KB
   static_assert(kBytes <= 113 * 1024, "two blocks fit an SM's shared memory");
@@ -67,7 +70,7 @@ struct BwdPlan {
   __device__ float* act(int k) const {  // k: 0 Δ, 1 Δ·u, 2 dy, 3 gA, 4 gB, 5 y; step t of channel c at t·kRow + c
     return reinterpret_cast<float*>(base + 2 * kRaw) + k * kT * kRow;
   }
-  __device__ float* B(int copy) const { return act(6) + copy * 2 * kT * kW; }
+  __device__ float* B(int copy) const { return act(6) + copy * kCopy; }
   __device__ float* C(int copy) const { return B(copy) + kT * kW; }
   __device__ float* start() const { return B(kCopies); }  // state i of tile k of thread x: (k·kS + i)·kThreads + x
   __device__ float* seg() const { return start() + kTiles * kS * kThreads; }  // likewise, of segment k
@@ -76,12 +79,14 @@ struct BwdPlan {
 
 // The order of a thread's states: slot i holds state n0 + (i ^ pm), pm's bit 4 >> m set where the lane's bit
 // kLanes << m is (m < kStateLevels): at halving m of warp_sum_scatter a lane and its partner then keep the same slots
-// (the lower half) for different states, with no selects.
+// (the lower half) for different states, with no selects. At 64 states (8 lanes a channel) the bit 4 is flipped
+// where the lane's bit 2 is set too (partners share it): lanes s and s + 4 of a channel, 32 floats apart in a row of
+// B or C, read its float4 halves in opposite orders (their LDS.128 and their dB / dC stores hit distinct banks).
 template <int kLanes, int kStateLevels>
 __device__ __forceinline__ int state_order(int lane) {
-  int pm = 0;
+  int pm = kLanes == 8 && (lane & 4) != 0 ? kS / 2 : 0;
 MK_UNROLL
-  for (int m = 0; m < kStateLevels; ++m) pm |= (lane & kLanes << m) != 0 ? kS / 2 >> m : 0;
+  for (int m = 0; m < kStateLevels; ++m) pm ^= (lane & kLanes << m) != 0 ? kS / 2 >> m : 0;
   return pm;
 }
 
