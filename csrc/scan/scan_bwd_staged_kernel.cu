@@ -34,8 +34,8 @@ constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 // states s·kS + (i ^ pm) (i < kS, pm: state_order) of the block's channel c. Shared memory: two raw tiles (the
 // visit's, the next's), each δ, u, z, dout (kCh, kT) and B, C (kW, kT) in in_t; then in float Δ, Δ·u, dy and the
 // summed parts of dΔ (gA), du (gB), y (kT, kRow each); B, C (kT, kW) in kCopies orders (copy k: state n at
-// n ^ (k << kCopyShift); kCopy floats apart); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
-// (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
+// n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments' (kSegsPerTile,
+// kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
 template <typename in_t, int kLanes>
 struct BwdPlan {
   using In = in_t;
@@ -47,9 +47,6 @@ struct BwdPlan {
   static constexpr int kKeep = 2 * kS >> kLevels;                     // dB / dC sums a lane keeps per step
   // the low two bits of pm take 1 << kStateLevels - 1 values, multiples of 1 << kCopyShift
   static constexpr int kCopies = 1 << (kStateLevels - 1), kCopyShift = 3 - kStateLevels;
-  // floats from one copy of B, C to the next: 16 banks apart from the copy after next, which a quarter warp's lanes
-  // read together at 16 states (each LDS.128 then one wavefront, not two)
-  static constexpr int kCopy = 2 * kT * kW + 8;
   static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
   static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
   static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
@@ -59,7 +56,7 @@ struct BwdPlan {
   static constexpr int kAct = kCh * kT, kBC = kW * kT;
   static constexpr int kRaw = (4 * kAct + 2 * kBC) * static_cast<int>(sizeof(in_t));  // bytes of a raw tile
   static constexpr int kFloats =
-      6 * kT * kRow + kCopies * kCopy + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
+      6 * kT * kRow + 2 * kCopies * kT * kW + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
   static constexpr int kBytes = 2 * kRaw + kFloats * static_cast<int>(sizeof(float));
   // two blocks per SM (as the launch bounds' registers): at most 113 KB each of an sm_80 / sm_90 SM's 228 KB
   static_assert(kBytes <= 113 * 1024, "two blocks fit an SM's shared memory");
@@ -70,37 +67,47 @@ struct BwdPlan {
   __device__ float* act(int k) const {  // k: 0 Δ, 1 Δ·u, 2 dy, 3 gA, 4 gB, 5 y; step t of channel c at t·kRow + c
     return reinterpret_cast<float*>(base + 2 * kRaw) + k * kT * kRow;
   }
-  __device__ float* B(int copy) const { return act(6) + copy * kCopy; }
+  __device__ float* B(int copy) const { return act(6) + copy * 2 * kT * kW; }
   __device__ float* C(int copy) const { return B(copy) + kT * kW; }
   __device__ float* start() const { return B(kCopies); }  // state i of tile k of thread x: (k·kS + i)·kThreads + x
   __device__ float* seg() const { return start() + kTiles * kS * kThreads; }  // likewise, of segment k
   __device__ float* red() const { return seg() + kSegsPerTile * kS * kThreads; }  // ((w·2 + v)·kW + n)·kRed + t
 };
 
-// The order of a thread's states: slot i holds state n0 + (i ^ pm), pm's bit 4 >> m set where the lane's bit
-// kLanes << m is (m < kStateLevels): at halving m of warp_sum_scatter a lane and its partner then keep the same slots
-// (the lower half) for different states, with no selects. At 64 states (8 lanes a channel) the bit 4 is flipped
-// where the lane's bit 2 is set too (partners share it): lanes s and s + 4 of a channel, 32 floats apart in a row of
-// B or C, read its float4 halves in opposite orders (their LDS.128 and their dB / dC stores hit distinct banks).
-template <int kLanes, int kStateLevels>
+// The lane bit of halving m of the warp's channels that splits the states (m < 3): the channel bits from kLanes up;
+// at 16 states (kLevels 4) from 2·kLanes up, the lowest going to the dB / dC halving last, so lanes 2 apart read the
+// same B and C (the shared-memory unit then packs their LDS.128: two wavefronts, not four).
+template <int kLanes, int kLevels>
+constexpr int state_halving_bit(int m) {
+  return kLanes << (kLevels > 3 ? m + 1 : m);
+}
+
+// The order of a thread's states: slot i holds state n0 + (i ^ pm), pm's bit 4 >> m set where the lane's
+// state_halving_bit(m) is: at halving m of warp_sum_scatter a lane and its partner then keep the same slots (the lower
+// half) for different states, with no selects. At 64 states (8 lanes a channel) the bit 4 is flipped where the
+// lane's bit 2 is set too (partners share it): lanes s and s + 4 of a channel, 32 floats apart in a row of B or C,
+// read its float4 halves in opposite orders (their LDS.128 hit distinct banks).
+template <int kLanes, int kLevels>
 __device__ __forceinline__ int state_order(int lane) {
   int pm = kLanes == 8 && (lane & 4) != 0 ? kS / 2 : 0;
 MK_UNROLL
-  for (int m = 0; m < kStateLevels; ++m) pm ^= (lane & kLanes << m) != 0 ? kS / 2 >> m : 0;
+  for (int m = 0; m < (kLevels < 3 ? kLevels : 3); ++m) {
+    pm ^= (lane & state_halving_bit<kLanes, kLevels>(m)) != 0 ? kS / 2 >> m : 0;
+  }
   return pm;
 }
 
-// Sums over the warp's channels (lanes lane ^ (kLanes << m), m < kLevels) of the thread's dB parts vb and dC parts
-// vc (slot i: state n0 + (i ^ pm)). Halvings m < kStateLevels: each lane keeps slots below kS >> (m + 1) and adds the
-// partner's upper ones (the same states). Then, at 16 states (kLevels 4), a last one over lane bit 16 keeps dC where
-// it is set, dB where not, in vb[0]. Lane `lane` ends with the sums of vb, vc at slots j < kS >> kStateLevels (states
-// n0 + (pm | j)), or at kLevels 4 the one in vb[0].
+// Sums over the warp's channels (the lanes differing in the channel bits, kLanes up) of the thread's dB parts vb and
+// dC parts vc (slot i: state n0 + (i ^ pm)). Halvings m < 3 (or kLevels) over state_halving_bit(m): each lane keeps
+// slots below kS >> (m + 1) and adds the partner's upper ones (the same states). Then, at 16 states (kLevels 4), a
+// last one over lane bit kLanes keeps dC where it is set, dB where not, in vb[0]. Lane `lane` ends with the sums of
+// vb, vc at slots j < kS >> kLevels (states n0 + (pm | j)), or at kLevels 4 the one in vb[0].
 template <int kLanes, int kLevels>
 __device__ __forceinline__ void warp_sum_scatter(float (&vb)[kS], float (&vc)[kS], int lane) {
   constexpr int kStateLevels = kLevels < 3 ? kLevels : 3;
 MK_UNROLL
   for (int m = 0; m < kStateLevels; ++m) {
-    const int o = kLanes << m, half = kS >> (m + 1);
+    const int o = state_halving_bit<kLanes, kLevels>(m), half = kS >> (m + 1);
 MK_UNROLL
     for (int i = 0; i < half; ++i) {
       vb[i] += __shfl_xor_sync(0xffffffffu, vb[i + half], o);
@@ -109,9 +116,9 @@ MK_UNROLL
   }
   if constexpr (kLevels > kStateLevels) {
     static_assert(kLevels == 4, "one halving over dB / dC");
-    const bool upper = (lane & kLanes << 3) != 0;
+    const bool upper = (lane & kLanes) != 0;
     const float keep = upper ? vc[0] : vb[0], give = upper ? vb[0] : vc[0];
-    vb[0] = keep + __shfl_xor_sync(0xffffffffu, give, kLanes << 3);
+    vb[0] = keep + __shfl_xor_sync(0xffffffffu, give, kLanes);
   }
 }
 
@@ -193,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_bwd_staged_kernel(ScanBwdPar
   const int64_t var_off = ((b * p.groups + d0 / dpg) * q.nblk + d0 % dpg / P::kCh) * N * L;
   const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS, lane = tid % 32;
   // the thread's state order (slot i: state n0 + (i ^ pm)) and the copy of B, C in it
-  const int pm = state_order<kLanes, P::kStateLevels>(lane), copy = (pm & 3) >> P::kCopyShift;
+  const int pm = state_order<kLanes, P::kLevels>(lane), copy = (pm & 3) >> P::kCopyShift;
   const int64_t d = d0 + ch, bd = bd0 + ch;
   // the thread's states: A·log2(e), the reverse's carry (from d last_state), dA; h the walks' state
   float A2[kS], carry[kS], dA[kS] = {}, h[kS];
@@ -286,7 +293,7 @@ MK_UNROLL
     warp_sum_scatter<kLanes, P::kLevels>(vb, vc, lane);
     float* red = sm.red() + (tid / 32 * 2 * P::kW + n0 + pm) * P::kRed + t;  // ((w·2 + var)·kW + n)·kRed + t
     if constexpr (P::kKeep == 1) {
-      red[(lane & kLanes << 3 ? P::kW : 0) * P::kRed] = vb[0];
+      red[(lane & kLanes ? P::kW : 0) * P::kRed] = vb[0];
     } else {
 MK_UNROLL
       for (int j = 0; j < P::kKeep / 2; ++j) {
