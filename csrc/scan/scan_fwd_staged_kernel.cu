@@ -18,10 +18,10 @@ namespace markovkit {
 namespace {
 using namespace scan_cuda;
 
-// The plan of kLanes threads of kS states per channel for input type in_t: thread (c, s) = (tid / kLanes,
-// tid % kLanes) runs states s·kS + i (i < kS) of the block's channel c. Shared memory: two raw tiles (the one in
-// use, the one being copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts
-// of y (kT, kLanes, kRow) and B, C (kT, kW) in float.
+// The plan of kLanes threads of kS states per channel for input type in_t: thread (c, s) runs states s·kS + i
+// (i < kS) of the block's channel c (thread_of). Shared memory: two raw tiles (the one in use, the one being
+// copied), each Δ, u, z (kCh, kT) and B, C (kW, kT) in in_t; then Δ, Δ·u (kT, kRow), the parts of y (kT, kLanes,
+// kRow) and B, C (kT, kW) in float.
 template <typename in_t, int kLanes, int kS>
 struct Plan {
   using In = in_t;
@@ -51,6 +51,19 @@ struct Plan {
   __device__ float* C() const { return B() + kT * kW; }
 };
 
+// The channel of the block and the lane of the channel (s) of thread tid: a warp holds kChW = 32 / kLanes channels,
+// lane l of it channel l % kChW (of the warp's) and lane l / kChW of it. Lanes next to each other then read the same B
+// and C (one s): a quarter warp's LDS.128 of a step's B or C reads kLanes / 4 16-byte pieces or one, side by side,
+// where channel-major lanes read up to 8 (at 64 states 4, 32 floats apart: 2-way bank conflicts), and the
+// shared-memory unit packs lanes 1 apart: two wavefronts a warp, not four to eight.
+template <int kLanes>
+__device__ __forceinline__ void thread_of(int tid, int& ch, int& s) {
+  constexpr int kChW = 32 / kLanes;
+  const int lane = tid % 32;
+  ch = tid / 32 * kChW + lane % kChW;
+  s = lane / kChW;
+}
+
 // Copies of tile t0 into raw buffer buf: Δ, u, z rows of the block's channels, B and C's kW rows (zeros past
 // dstate and L).
 template <typename P>
@@ -78,7 +91,10 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(ScanParams p)
   const int64_t L = p.seqlen, N = p.dstate, dim = p.dim;
   const int64_t bd0 = static_cast<int64_t>(blockIdx.x) * P::kCh, b = bd0 / dim, d0 = bd0 % dim;
   const int64_t bc_off = (b * p.groups + d0 / (dim / p.groups)) * N * L;
-  const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS;
+  const int tid = threadIdx.x;
+  int ch, s;
+  thread_of<kLanes>(tid, ch, s);
+  const int n0 = s * kS;
   const int64_t d = d0 + ch;
   // the thread's states: A·log2(e) and h
   float A2[kS], h[kS];
