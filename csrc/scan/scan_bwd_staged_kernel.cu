@@ -30,12 +30,15 @@ static_assert(4 % kSeg == 0, "a tile's steps are a multiple of kSeg");
 
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
+// Of `levels` halvings over a warp's channels, those that halve a thread's states (log2(kS) at most).
+constexpr int state_levels(int levels) { return levels < 3 ? levels : 3; }
+
 // The plan of kLanes threads per channel for input type in_t: thread (c, s) = (tid / kLanes, tid % kLanes) runs
 // states s·kS + (i ^ pm) (i < kS, pm: state_order) of the block's channel c. Shared memory: two raw tiles (the
 // visit's, the next's), each δ, u, z, dout (kCh, kT) and B, C (kW, kT) in in_t; then in float Δ, Δ·u, dy and the
 // summed parts of dΔ (gA), du (gB), y (kT, kRow each); B, C (kT, kW) in kCopies orders (copy k: state n at
-// n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments' (kSegsPerTile,
-// kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
+// n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
+// (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
 template <typename in_t, int kLanes>
 struct BwdPlan {
   using In = in_t;
@@ -43,7 +46,7 @@ struct BwdPlan {
   static constexpr int kW = kLanes * kS;                              // states per channel, padded
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kLevels = log2_of(32 / kLanes);                // halvings over the warp's channels: 4, 3, 2
-  static constexpr int kStateLevels = kLevels < 3 ? kLevels : 3;      // of them halving the states (log2(kS))
+  static constexpr int kStateLevels = state_levels(kLevels);
   static constexpr int kKeep = 2 * kS >> kLevels;                     // dB / dC sums a lane keeps per step
   // the low two bits of pm take 1 << kStateLevels - 1 values, multiples of 1 << kCopyShift
   static constexpr int kCopies = 1 << (kStateLevels - 1), kCopyShift = 3 - kStateLevels;
@@ -91,20 +94,20 @@ template <int kLanes, int kLevels>
 __device__ __forceinline__ int state_order(int lane) {
   int pm = kLanes == 8 && (lane & 4) != 0 ? kS / 2 : 0;
 MK_UNROLL
-  for (int m = 0; m < (kLevels < 3 ? kLevels : 3); ++m) {
+  for (int m = 0; m < state_levels(kLevels); ++m) {
     pm ^= (lane & state_halving_bit<kLanes, kLevels>(m)) != 0 ? kS / 2 >> m : 0;
   }
   return pm;
 }
 
 // Sums over the warp's channels (the lanes differing in the channel bits, kLanes up) of the thread's dB parts vb and
-// dC parts vc (slot i: state n0 + (i ^ pm)). Halvings m < 3 (or kLevels) over state_halving_bit(m): each lane keeps
-// slots below kS >> (m + 1) and adds the partner's upper ones (the same states). Then, at 16 states (kLevels 4), a
-// last one over lane bit kLanes keeps dC where it is set, dB where not, in vb[0]. Lane `lane` ends with the sums of
-// vb, vc at slots j < kS >> kLevels (states n0 + (pm | j)), or at kLevels 4 the one in vb[0].
+// dC parts vc (slot i: state n0 + (i ^ pm)). Halvings m < state_levels(kLevels) over state_halving_bit(m): each lane
+// keeps slots below kS >> (m + 1) and adds the partner's upper ones (the same states). Then, at 16 states (kLevels
+// 4), a last one over lane bit kLanes keeps dC where it is set, dB where not, in vb[0]. Lane `lane` ends with the
+// sums of vb, vc at slots j < kS >> kLevels (states n0 + (pm | j)), or at kLevels 4 the one in vb[0].
 template <int kLanes, int kLevels>
 __device__ __forceinline__ void warp_sum_scatter(float (&vb)[kS], float (&vc)[kS], int lane) {
-  constexpr int kStateLevels = kLevels < 3 ? kLevels : 3;
+  constexpr int kStateLevels = state_levels(kLevels);
 MK_UNROLL
   for (int m = 0; m < kStateLevels; ++m) {
     const int o = state_halving_bit<kLanes, kLevels>(m), half = kS >> (m + 1);
