@@ -3,7 +3,8 @@
 # compute-sanitizer runs every kernel (bench/gpu_smoke.py; memcheck: out-of-bounds and misaligned accesses;
 # racecheck: shared-memory races); the bench, one family at a time (each family's table streams out as it is
 # measured); Nsight Compute on the scan's and attention's main kernels if time is left (sections, stall reasons,
-# the SASS lines with the most stall samples: ncu_top.txt); a summary last.
+# pipe utilization, shared-memory wavefronts and bank conflicts, the SASS lines with the most stall samples:
+# ncu_top.txt); a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
 # FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
@@ -121,10 +122,11 @@ start=$(date +%s)
 # instructions with the most stall samples per kernel (bench/ncu_top.py; the raw page in ncu_sass.csv)
 rm -f /tmp/mk_prof.ncu-rep
 bounded 100 ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
-  --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+  --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+  --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
   --metrics regex:'smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' -o /tmp/mk_prof \
-  -k regex:'scan_(fwd|bwd)_kernel|swa_(fwd|bwd_dq|bwd_dkdv)(_sm90)?_kernel' -c 5 "$PY" bench/gpu_profile.py \
-  >"$out/ncu_run.log" 2>&1
+  -k regex:'scan_(fwd|bwd)(_staged)?_kernel|swa_(fwd|bwd_dq|bwd_dkdv)(_sm90)?_kernel' -c 5 \
+  "$PY" bench/gpu_profile.py >"$out/ncu_run.log" 2>&1
 ncu_rc=$?
 if [ -f /tmp/mk_prof.ncu-rep ]; then
   bounded 30 ncu -i /tmp/mk_prof.ncu-rep --print-details all >"$out/ncu.txt" 2>&1
@@ -135,8 +137,8 @@ ncu_s=$(secs $start)
 
 echo
 echo "== ncu (rc=$ncu_rc): duration, throughput, occupancy =="
-grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per" \
-  "$out/ncu.txt" | head -n 40
+grep -E "^  [a-z_]+.*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|\
+Issue Slots Busy|highest-utilized|Shared (Load|Store)|[Bb]ank" "$out/ncu.txt" | head -n 60
 grep -E "^  [a-z_]+.*\(|issue_stalled_(long_scoreboard|short_scoreboard|wait|barrier|math_pipe_throttle|mio_throttle|\
 lg_throttle|not_selected|dispatch_stall|branch_resolving|no_instruction)_" "$out/ncu.txt" | head -n 70
 echo
