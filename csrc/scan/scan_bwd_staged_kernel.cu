@@ -125,20 +125,6 @@ MK_UNROLL
   }
 }
 
-// States n0 + (i ^ pm) of row src (N,) into slots i (i < kS): zeros past N or where src is null.
-__device__ __forceinline__ void load_slots(const float* src, int n0, int pm, int64_t N, float (&v)[kS]) {
-MK_UNROLL
-  for (int i = 0; i < kS; ++i) v[i] = n0 + (i ^ pm) < N && src ? src[n0 + (i ^ pm)] : 0.f;
-}
-
-// Slots i (i < kS) into states n0 + (i ^ pm) of dst (N,), those below N.
-__device__ __forceinline__ void store_slots(const float (&v)[kS], int n0, int pm, int64_t N, float* dst) {
-MK_UNROLL
-  for (int i = 0; i < kS; ++i) {
-    if (n0 + (i ^ pm) < N) dst[n0 + (i ^ pm)] = v[i];
-  }
-}
-
 // The first `parts` of B, C in raw (kW rows of kT steps each, in_t) as floats into each copy k of the plan's (step t,
 // state n at t·kW + (n ^ k << kCopyShift); every thread of the block calls it).
 template <typename P>
@@ -207,10 +193,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_bwd_staged_kernel(ScanBwdPar
   const int64_t d = d0 + ch, bd = bd0 + ch;
   // the thread's states: A·log2(e), the reverse's carry (from d last_state), dA; h the walks' state
   float A2[kS], carry[kS], dA[kS] = {}, h[kS];
-  load_slots(static_cast<const float*>(p.A) + d * N, n0, pm, N, A2);
-MK_UNROLL
-  for (int i = 0; i < kS; ++i) A2[i] *= float(kLog2e);
-  load_slots(state_row<float>(q.dlast, b, d, dim, N), n0, pm, N, carry);
+  load_a2(p, d, n0, pm, A2);
+  load_state(state_row<float>(q.dlast, b, d, dim, N), n0, pm, N, carry);
   // the channels of the thread's pieces: bias, D and the pieces' parts of dD, d delta_bias
   float bias[P::kIters], Dd[P::kIters], dD[P::kIters] = {}, dbias[P::kIters] = {};
   piece_weights<P::kIters, P::kPieces, P::kSegs>(p, d0, bias, Dd);
@@ -409,7 +393,7 @@ MK_UNROLL
     if (next.c >= 0) copy_visit(q, sm, 1 - buf, !next.walk(), bd0, bc_off, next.c * kScanChunk + next.tile() * kT);
     prep(buf, !vis.walk());
     if (vis.v == 0) {  // the chunk's checkpoint: the state before its first step
-      load_slots(ckpt + vis.c * N, n0, pm, N, h);
+      load_state(ckpt + vis.c * N, n0, pm, N, h);
     }
     __syncthreads();  // act, B, C of the visit are made
     float* start = sm.start() + tile * kS * kThreads + tid;
@@ -432,8 +416,8 @@ MK_UNROLL
     finish(buf, t0, steps);
   }
   // per thread: dA and d initial_state of its states; per channel the sums of its pieces' parts of dD, d delta_bias
-  store_slots(dA, n0, pm, N, static_cast<float*>(q.dA_part) + bd * N);
-  store_slots(carry, n0, pm, N, static_cast<float*>(q.dh0) + bd * N);
+  store_state(dA, n0, pm, N, static_cast<float*>(q.dA_part) + bd * N);
+  store_state(carry, n0, pm, N, static_cast<float*>(q.dh0) + bd * N);
 MK_UNROLL
   for (int j = 0; j < P::kIters; ++j) {
     const int e = tid + j * kThreads;

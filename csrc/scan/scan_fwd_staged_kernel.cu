@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kThreads) scan_fwd_staged_kernel(ScanParams p)
   const int64_t d = d0 + ch;
   // the thread's states: A·log2(e) and h
   float A2[kS], h[kS];
-  load_a2(p, d, n0, A2);
-  load_state(state_row<float>(p.h0, b, d, dim, N), n0, N, h);
+  load_a2(p, d, n0, 0, A2);
+  load_state(state_row<float>(p.h0, b, d, dim, N), n0, 0, N, h);
   // the channels of the thread's pieces: bias and D
   float bias[P::kIters], Dd[P::kIters];
   piece_weights<P::kIters, P::kPieces, P::kSegs>(p, d0, bias, Dd);
@@ -177,7 +177,7 @@ MK_UNROLL
     __syncthreads();  // tile k is in; every thread is done with tile k - 1 (its buffer, dt, dtu, y)
     if (t0 + kT < L) copy_tile(p, sm, 1 - buf, bd0, bc_off, t0 + kT);
     prep(buf);
-    if (t0 % kScanChunk == 0) store_state(h, n0, N, ckpt + t0 / kScanChunk * N);  // the state before step t0
+    if (t0 % kScanChunk == 0) store_state(h, n0, 0, N, ckpt + t0 / kScanChunk * N);  // the state before step t0
     __syncthreads();  // dt, dtu, B, C of tile k are made
     const int steps = L - t0 < kT ? static_cast<int>(L - t0) : kT;
     if (steps == kT) {
@@ -188,7 +188,7 @@ MK_UNROLL
     __syncthreads();  // y of tile k is made
     finish(buf, t0);
   }
-  store_state(h, n0, N, static_cast<float*>(p.last_state) + (b * dim + d) * N);
+  store_state(h, n0, 0, N, static_cast<float*>(p.last_state) + (b * dim + d) * N);
 }
 
 // The staged plan's (lanes, states per lane) for p, or (0, 0) where it does not take p: 16 states per lane where

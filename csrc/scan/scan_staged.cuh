@@ -59,19 +59,23 @@ MK_UNROLL
   *reinterpret_cast<uint4*>(at) = raw;
 }
 
-// States n0 + i (i < kS) of row src (N,) into v: zeros past N or where src is null.
+// A thread's kS states are n0 + (i ^ order) in its slots i (order 0: in order; the staged backward's lanes each have
+// their own, state_order).
+
+// States of row src (N,) into the slots v: zeros past N or where src is null.
 template <int kS>
-__device__ __forceinline__ void load_state(const float* src, int n0, int64_t N, float (&v)[kS]) {
+__device__ __forceinline__ void load_state(const float* src, int n0, int order, int64_t N, float (&v)[kS]) {
 MK_UNROLL
-  for (int i = 0; i < kS; ++i) v[i] = n0 + i < N && src ? src[n0 + i] : 0.f;
+  for (int i = 0; i < kS; ++i) v[i] = n0 + (i ^ order) < N && src ? src[n0 + (i ^ order)] : 0.f;
 }
 
-// A·log2(e) of channel d's states n0 + i (i < kS; zeros past dstate: those states stay 0).
+// A·log2(e) of channel d's states into the slots A2 (zeros past dstate: those states stay 0).
 template <int kS>
-__device__ __forceinline__ void load_a2(const ScanParams& p, int64_t d, int n0, float (&A2)[kS]) {
+__device__ __forceinline__ void load_a2(const ScanParams& p, int64_t d, int n0, int order, float (&A2)[kS]) {
   const int64_t N = p.dstate;
+  const float* A = static_cast<const float*>(p.A) + d * N;
 MK_UNROLL
-  for (int i = 0; i < kS; ++i) A2[i] = n0 + i < N ? static_cast<const float*>(p.A)[d * N + n0 + i] * float(kLog2e) : 0.f;
+  for (int i = 0; i < kS; ++i) A2[i] = n0 + (i ^ order) < N ? A[n0 + (i ^ order)] * float(kLog2e) : 0.f;
 }
 
 // delta_bias and D of the channels of a thread's pieces e = tid + j·kThreads (j < kIters): channel e / kSegs of the
@@ -88,12 +92,12 @@ MK_UNROLL
   }
 }
 
-// States n0 + i (i < kS) of a thread into dst (N,), those below N.
+// The slots h into their states of dst (N,), those below N.
 template <int kS>
-__device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int64_t N, float* dst) {
+__device__ __forceinline__ void store_state(const float (&h)[kS], int n0, int order, int64_t N, float* dst) {
 MK_UNROLL
   for (int i = 0; i < kS; ++i) {
-    if (n0 + i < N) dst[n0 + i] = h[i];
+    if (n0 + (i ^ order) < N) dst[n0 + (i ^ order)] = h[i];
   }
 }
 
