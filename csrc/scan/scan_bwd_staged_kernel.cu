@@ -125,20 +125,6 @@ MK_UNROLL
   }
 }
 
-// The first `parts` of B, C in raw (kW rows of kT steps each, in_t) as floats into each copy k of the plan's (step t,
-// state n at t·kW + (n ^ k << kCopyShift); every thread of the block calls it).
-template <typename P>
-__device__ __forceinline__ void bc_to_copies(const P& sm, const typename P::In* raw, int parts) {
-  for (int e = threadIdx.x; e < parts * P::kW * kT; e += kThreads) {
-    const int part = e / (P::kW * kT), t = e / P::kW % kT, n = e % P::kW;
-    const float x = to_acc(raw[part * P::kW * kT + n * kT + t]);
-MK_UNROLL
-    for (int k = 0; k < P::kCopies; ++k) {
-      (part == 0 ? sm.B(k) : sm.C(k))[t * P::kW + (n ^ k << P::kCopyShift)] = x;
-    }
-  }
-}
-
 // Copies of the visit's tile t0 into raw buffer buf: δ, u (and z, dout where full) rows of the block's channels,
 // B (and C where full) rows of its group.
 template <typename P>
@@ -223,7 +209,7 @@ MK_UNROLL
         if (full) sm.act(2)[at] = p.z ? g[i] * (z[i] * sigmoid(z[i])) : g[i];
       }
     }
-    bc_to_copies(sm, sm.raw(buf, 4), full ? 2 : 1);
+    bc_to_float<in_t, P::kW, P::kCopies, P::kCopyShift>(sm.raw(buf, 4), sm.B(0), full ? 2 : 1);
   };
   // the B (or C) values of the thread's slots at step t (X: the thread's copy)
   const auto bc_at = [&](const float* X, int t, float (&v)[kS]) {

@@ -122,7 +122,7 @@ MK_UNROLL
         sm.dtu()[(t + i) * P::kRow + c] = dt * u[i];
       }
     }
-    bc_to_float<in_t, P::kW>(sm.raw(buf, 3), sm.B(), 2);
+    bc_to_float<in_t, P::kW, 1, 0>(sm.raw(buf, 3), sm.B(), 2);
   };
   // run: this thread's states over the tile's steps (kWhole: all kT of them)
   const auto run = [&]<bool kWhole>(int steps) {

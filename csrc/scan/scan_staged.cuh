@@ -28,13 +28,16 @@ MK_UNROLL
   }
 }
 
-// The first `parts` of B, C (raw: kW rows of kT steps each, in_t) into dst (kT steps of kW, float, C after B):
-// lane-consecutive writes, n fastest (every thread of the block calls it).
-template <typename in_t, int kW>
+// The first `parts` of B, C (raw: kW rows of kT steps each, in_t) into dst (kT steps of kW, float, C after B) in
+// kCopies copies, copy k 2·kT·kW floats on with state n at n ^ (k << kShift) (the staged backward's lanes' state
+// orders; the forward makes one): lane-consecutive writes, n fastest (every thread of the block calls it).
+template <typename in_t, int kW, int kCopies, int kShift>
 __device__ __forceinline__ void bc_to_float(const in_t* raw, float* dst, int parts) {
   for (int e = threadIdx.x; e < parts * kW * kT; e += kThreads) {
     const int part = e / (kW * kT), t = e / kW % kT, n = e % kW;
-    (part == 0 ? dst : dst + kT * kW)[t * kW + n] = to_acc((part == 0 ? raw : raw + kW * kT)[n * kT + t]);
+    const float x = to_acc((part == 0 ? raw : raw + kW * kT)[n * kT + t]);
+MK_UNROLL
+    for (int k = 0; k < kCopies; ++k) (dst + k * 2 * kT * kW + part * kT * kW)[t * kW + (n ^ k << kShift)] = x;
   }
 }
 
