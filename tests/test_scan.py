@@ -415,6 +415,31 @@ def test_cuda_team_plans_match_the_cpu(batch, dstate, seqlen):
     assert_all_close(got, run(markovkit.selective_scan, x, True, g, gl), *TOL_LOW[torch.bfloat16])
 
 
+
+_BAD_CU_SCRIPT = """
+import torch, markovkit
+u = torch.randn(1, 4, 10, device="cuda")
+B = torch.randn(1, 1, 4, 10, device="cuda")
+out = markovkit.selective_scan(u, torch.rand_like(u), -torch.rand(4, 4, device="cuda"), B, B,
+                               cu_seqlens=torch.tensor([0, 12, 10], dtype=torch.int32, device="cuda"))
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_checks_cu_seqlens_on_the_device():
+    # offsets past seqlen fail as a device-side assert that prints the bad entry (scan_check_kernel.cu); the
+    # assert ends the process's CUDA context, so it runs in a fresh process
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BAD_CU_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no error" not in run.stdout
+    assert "cu_seqlens: expected non-decreasing offsets, got 12 then 10 at index 2" in run.stdout + run.stderr
+    assert "device-side assert" in run.stderr
+
 def test_bad_input_errors():
     x = make_inputs(batch=2, dim=4, seqlen=10, dstate=3, B_mode="var4", C_mode="var4", groups=2)
     args = _op_args("cpu", torch.float32, seqlen=10)

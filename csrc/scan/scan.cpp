@@ -99,7 +99,8 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
     TORCH_CHECK(batch == 1, "u: expected batch 1 with cu_seqlens (sequences packed along seqlen), got batch ",
                 batch);
     nseq = cu_seqlens->size(0) - 1;
-    if (runs_cpu_kernel(u)) check_cu_seqlens_values(*cu_seqlens, L);  // on CUDA, unchecked: no host sync
+    // on CUDA the passes check the values on the device (scan_check_kernel.cu): no host sync
+    if (runs_cpu_kernel(u)) check_cu_seqlens_values(*cu_seqlens, L);
   }
   if (initial_state) {
     check_arg(*initial_state, "initial_state", u, wtype);

@@ -20,6 +20,7 @@ ScanBwdLaunch scan_bwd_cuda_launch(const ScanBwdParams& q) {
 }
 
 void scan_bwd_cuda(const ScanBwdParams& q, cudaStream_t stream) {
+  if (q.f.cu_seqlens) scan_check_cu_seqlens_cuda(q.f, stream);
   if (q.f.batch * q.f.dim == 0 || scan_bwd_staged_cuda(q, stream)) return;
   scan_cuda::dispatch_itype(q.f.itype,
                            [&]<typename in_t, typename acc_t>() { scan_bwd_cuda_as<in_t, acc_t>(q, stream); });

@@ -193,6 +193,9 @@ constexpr int64_t bwd_blk(int64_t width, bool float64) {
 
 }  // namespace scan_cuda
 
+// Checks p.cu_seqlens on the device (scan_check_kernel.cu): bad offsets fail as a device-side assert.
+void scan_check_cu_seqlens_cuda(const ScanParams& p, cudaStream_t stream);
+
 // The forward's staged plan (scan_fwd_staged_kernel.cu) where it takes p; false (nothing launched) where not.
 bool scan_fwd_staged_cuda(const ScanParams& p, cudaStream_t stream);
 

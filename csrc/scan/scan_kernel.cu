@@ -294,6 +294,7 @@ unsigned grid_of(int64_t n, int64_t per_block) { return static_cast<unsigned>((n
 }  // namespace
 
 void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
+  if (p.cu_seqlens) scan_check_cu_seqlens_cuda(p, stream);
   const int64_t channels = p.batch * p.dim;
   if (channels == 0) return;
   if (scan_fwd_staged_cuda(p, stream)) return;

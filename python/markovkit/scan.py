@@ -49,8 +49,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     initial_state: (nseq, dim, dstate), the state before the first step (0 when None); differentiable.
     cu_seqlens: int32 (nseq + 1,) offsets of sequences packed along seqlen (batch must be 1): the state
-    restarts at each sequence start, from initial_state[s] or 0. Checked on CPU; on CUDA it must hold
-    0 = cu[0] <= cu[1] <= ... <= cu[nseq] = seqlen (checking would cost a host sync).
+    restarts at each sequence start, from initial_state[s] or 0; 0 = cu[0] <= cu[1] <= ... <= cu[nseq] =
+    seqlen. On CUDA the kernels check that on the device (no host sync): a bad offset fails as a
+    device-side assert ("CUDA error: device-side assert triggered" at the next sync, the offending entry
+    printed), as torch's indexing ops do.
     Returns out (batch, dim, seqlen), and with return_last_state also last_state (nseq, dim, dstate)
     (nseq = batch without cu_seqlens), which carries gradient.
     """

@@ -24,7 +24,8 @@ foreach(cu ${emu_cu_sources})
   target_sources(_C PRIVATE ${out})
 endforeach()
 target_sources(_C PRIVATE ${emu_dir}/cuda_emu.cpp)
-# before csrc and torch: the stand-ins replace c10/cuda/*.h, attention/swa_mma.cuh and attention/swa_wgmma.cuh;
+# before csrc and torch: the stand-ins of include/ replace their namesakes (c10/cuda/*.h, attention/swa_mma.cuh and
+# swa_wgmma.cuh, common/cp_async.cuh and device_check.cuh);
 # then the rewritten headers
 target_include_directories(_C BEFORE PRIVATE ${emu_dir}/include ${emu_dir} ${emu_out})
 target_include_directories(_C PRIVATE ${MARKOVKIT_CUDA_INCLUDE})

@@ -451,6 +451,32 @@ def test_varlen(emulated, B_mode, has_h0):
     check_scan(emulated, x, F64, cu_seqlens=cu, nseq=nseq)
 
 
+
+@pytest.mark.parametrize("cu_list,match", [
+    ([0, 4, 12], "cu_seqlens: expected to start at 0 and end at seqlen = 10, got 0 and 12"),
+    ([2, 4, 10], "cu_seqlens: expected to start at 0 and end at seqlen = 10, got 2 and 10"),
+    ([0, 6, 4, 10], "cu_seqlens: expected non-decreasing offsets, got 6 then 4 at index 2"),
+    ([0, 3, -1, 10], "cu_seqlens: expected non-decreasing offsets, got 3 then -1 at index 2"),
+    ([0, 12, 10], "cu_seqlens: expected non-decreasing offsets, got 12 then 10 at index 2")])
+def test_varlen_offsets_checked_on_the_device(emulated, cu_list, match):
+    # the CUDA glue cannot read cu_seqlens without a host sync: the forward and the backward check it on the device
+    # first (a device-side assert on a GPU; the emulator raises its message), before kernels that would index out of
+    # bounds with it
+    nseq = len(cu_list) - 1
+    x = cast(make_inputs(batch=1, dim=2, seqlen=10, dstate=4, B_mode="var4", C_mode="var4", nseq=nseq, seed=3),
+             torch.float32)
+    good = torch.tensor([10 * s // nseq for s in range(nseq + 1)], dtype=torch.int32)
+    bad = torch.tensor(cu_list, dtype=torch.int32)
+    args = lambda cu: [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [  # noqa: E731
+        True, x["initial_state"], cu]
+    with emulated():
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.markovkit.selective_scan_fwd(*args(bad))
+        out, _, chunks = torch.ops.markovkit.selective_scan_fwd(*args(good))
+        torch.ops.markovkit.selective_scan_bwd(*args(good), chunks, torch.ones_like(out), None)
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.markovkit.selective_scan_bwd(*args(bad), chunks, torch.ones_like(out), None)
+
 def _step_inputs(dtype, batch=2, dim=130, dstate=16, groups=2, has_D=True, has_z=True, has_bias=True, seed=5):
     # dim 130: the decode kernel's second block of 128 channels is partial
     g = torch.Generator().manual_seed(seed)
