@@ -415,7 +415,6 @@ def test_cuda_team_plans_match_the_cpu(batch, dstate, seqlen):
     assert_all_close(got, run(markovkit.selective_scan, x, True, g, gl), *TOL_LOW[torch.bfloat16])
 
 
-
 _BAD_CU_SCRIPT = """
 import torch, markovkit
 u = torch.randn(1, 4, 10, device="cuda")
@@ -439,6 +438,7 @@ def test_cuda_checks_cu_seqlens_on_the_device():
     assert run.returncode != 0 and "no error" not in run.stdout
     assert "cu_seqlens: expected non-decreasing offsets, got 12 then 10 at index 2" in run.stdout + run.stderr
     assert "device-side assert" in run.stderr
+
 
 def test_bad_input_errors():
     x = make_inputs(batch=2, dim=4, seqlen=10, dstate=3, B_mode="var4", C_mode="var4", groups=2)

@@ -451,7 +451,6 @@ def test_varlen(emulated, B_mode, has_h0):
     check_scan(emulated, x, F64, cu_seqlens=cu, nseq=nseq)
 
 
-
 @pytest.mark.parametrize("cu_list,match", [
     ([0, 4, 12], "cu_seqlens: expected to start at 0 and end at seqlen = 10, got 0 and 12"),
     ([2, 4, 10], "cu_seqlens: expected to start at 0 and end at seqlen = 10, got 2 and 10"),
@@ -467,8 +466,10 @@ def test_varlen_offsets_checked_on_the_device(emulated, cu_list, match):
              torch.float32)
     good = torch.tensor([10 * s // nseq for s in range(nseq + 1)], dtype=torch.int32)
     bad = torch.tensor(cu_list, dtype=torch.int32)
-    args = lambda cu: [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [  # noqa: E731
-        True, x["initial_state"], cu]
+
+    def args(cu):  # the ops' inputs up to cu_seqlens (delta_softplus on)
+        return [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")] + [True, x["initial_state"], cu]
+
     with emulated():
         with pytest.raises(RuntimeError, match=match):
             torch.ops.markovkit.selective_scan_fwd(*args(bad))
@@ -476,6 +477,7 @@ def test_varlen_offsets_checked_on_the_device(emulated, cu_list, match):
         torch.ops.markovkit.selective_scan_bwd(*args(good), chunks, torch.ones_like(out), None)
         with pytest.raises(RuntimeError, match=match):
             torch.ops.markovkit.selective_scan_bwd(*args(bad), chunks, torch.ones_like(out), None)
+
 
 def _step_inputs(dtype, batch=2, dim=130, dstate=16, groups=2, has_D=True, has_z=True, has_bias=True, seed=5):
     # dim 130: the decode kernel's second block of 128 channels is partial
