@@ -1,8 +1,10 @@
-// The fiber scheduler behind cuda_emu.h: one ucontext per CUDA thread of the running block.
+// The fiber scheduler behind cuda_emu.h: one fiber (a stack and a saved context) per CUDA thread of the running block.
 #include "cuda_emu.h"
 
 #include <sys/mman.h>
+#if !defined(__x86_64__) || defined(__SANITIZE_ADDRESS__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -16,6 +18,79 @@
 namespace mk_emu {
 namespace {
 
+void fiber_main();
+
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+// A switch pushes the callee-saved registers (System V x86-64: rbp, rbx, r12-r15, the MXCSR and the x87 control
+// word) on the running stack, stores the stack pointer in *from, loads to and pops the same from there. glibc's
+// swapcontext also saves the signal mask with a system call every switch: two thirds of the emulator's time.
+extern "C" __attribute__((visibility("hidden"))) void mk_emu_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl mk_emu_switch
+  .hidden mk_emu_switch
+  .type mk_emu_switch, @function
+mk_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mk_emu_switch, . - mk_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+void switch_context(Context& from, const Context& to) { mk_emu_switch(&from.sp, to.sp); }
+
+// A context that starts fiber_main on stack[0, bytes): the frame mk_emu_switch pops, returning into fiber_main as if
+// called (a null return address above: fiber_main never returns).
+void start_context(Context& c, char* stack, size_t bytes) {
+  auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpcw));
+  top[-1] = 0;
+  top[-2] = reinterpret_cast<uint64_t>(&fiber_main);
+  std::fill(top - 8, top - 2, uint64_t{0});  // r15 .. rbp
+  top[-9] = mxcsr | uint64_t{fpcw} << 32;
+  c.sp = top - 9;
+}
+#else
+// Elsewhere (and under AddressSanitizer, which follows swapcontext's stack switches): ucontext.
+struct Context {
+  ucontext_t uc;
+};
+
+void switch_context(Context& from, const Context& to) { swapcontext(&from.uc, &to.uc); }
+
+void start_context(Context& c, char* stack, size_t bytes) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, fiber_main, 0);
+}
+#endif
+
 constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kDefaultDynamicSmem = 48 << 10;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 constexpr unsigned kMaxThreads = 1024;
@@ -23,7 +98,7 @@ constexpr unsigned kMaxThreads = 1024;
 enum class State { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   State state;
   dim3 idx;
   unsigned linear;
@@ -31,7 +106,7 @@ struct Fiber {
 
 struct Block {
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
@@ -73,7 +148,7 @@ void fiber_main() {
   }
   for (void (*fn)(bool) : exit_hooks()) fn(completed);
   b.current->state = State::kDone;
-  swapcontext(&b.current->ctx, &b.scheduler);
+  switch_context(b.current->ctx, b.scheduler);
 }
 
 // Back to the scheduler until the barrier this fiber waits at is released.
@@ -81,7 +156,7 @@ void wait(State s) {
   Block& b = blk();
   Fiber* f = b.current;
   f->state = s;
-  swapcontext(&f->ctx, &b.scheduler);
+  switch_context(f->ctx, b.scheduler);
 }
 
 std::string describe(const Block& b) {
@@ -136,7 +211,7 @@ bool run_warp(Block& b, size_t w, bool reverse) {
       Fiber& f = b.fibers[begin + (reverse ? n - 1 - k : k)];
       if (f.state != State::kRunnable) continue;
       b.current = &f;
-      swapcontext(&b.scheduler, &f.ctx);
+      switch_context(b.scheduler, f.ctx);
       ran = true;
     }
   } while (!b.error && release_warp(b, w));
@@ -154,11 +229,7 @@ void run_block(Block& b, unsigned threads, bool reverse) {
     f.linear = i;
     f.idx = dim3(i % b.block_dim.x, i / b.block_dim.x % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
     f.state = State::kRunnable;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = b.stacks + i * kStackBytes;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    start_context(f.ctx, b.stacks + i * kStackBytes, kStackBytes);
   }
   const size_t warps = (threads + 31) / 32;
   for (;;) {
