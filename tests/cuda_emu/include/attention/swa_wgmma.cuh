@@ -24,8 +24,9 @@ namespace emu_detail {
 // The descriptor's start address holds the offset from the block's dynamic shared memory (14 bits of 16 bytes).
 inline unsigned char* smem_base() { return static_cast<unsigned char*>(mk_emu::dynamic_smem()); }
 
-inline void wgmma_check(bool ok, const std::string& what) {
-  if (!ok) throw std::runtime_error("cuda_emu wgmma: " + what);
+// what: a literal (a std::string parameter would build one per call, and the element reads call this)
+inline void wgmma_check(bool ok, const char* what) {
+  if (!ok) throw std::runtime_error(std::string("cuda_emu wgmma: ") + what);
 }
 
 struct Desc {
