@@ -2,8 +2,12 @@
 #include "cuda_emu.h"
 
 #include <sys/mman.h>
-#if !defined(__x86_64__) || defined(__SANITIZE_ADDRESS__)
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 #include <algorithm>
@@ -20,7 +24,7 @@ namespace {
 
 void fiber_main();
 
-#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__x86_64__)
 // A switch pushes the callee-saved registers (System V x86-64: rbp, rbx, r12-r15, the MXCSR and the x87 control
 // word) on the running stack, stores the stack pointer in *from, loads to and pops the same from there. glibc's
 // swapcontext also saves the signal mask with a system call every switch: two thirds of the emulator's time.
@@ -57,13 +61,41 @@ mk_emu_switch:
 
 struct Context {
   void* sp = nullptr;
+  const void* stack = nullptr;  // its stack, for AddressSanitizer (the scheduler's learned at its first switch)
+  size_t stack_bytes = 0;
+  void* fake_stack = nullptr;  // AddressSanitizer's fake frames of the context while switched away
 };
 
-void switch_context(Context& from, const Context& to) { mk_emu_switch(&from.sp, to.sp); }
+Context* g_left = nullptr;  // the context the last switch left
+
+// AddressSanitizer follows a stack switch only when told: before, the stack entered and where to keep the fake
+// frames of the one left (none when it ends); after, the fake frames of the one entered, and the bounds of the one
+// left (how the scheduler's become known).
+void entered(void* fake_stack) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake_stack, &g_left->stack, &g_left->stack_bytes);
+#else
+  (void)fake_stack;
+#endif
+}
+
+void switch_context(Context& from, const Context& to, bool from_ends = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(from_ends ? nullptr : &from.fake_stack, to.stack, to.stack_bytes);
+#else
+  (void)from_ends;
+#endif
+  g_left = &from;
+  mk_emu_switch(&from.sp, to.sp);
+  entered(from.fake_stack);
+}
 
 // A context that starts fiber_main on stack[0, bytes): the frame mk_emu_switch pops, returning into fiber_main as if
 // called (a null return address above: fiber_main never returns).
 void start_context(Context& c, char* stack, size_t bytes) {
+#if defined(__SANITIZE_ADDRESS__)
+  __asan_unpoison_memory_region(stack, bytes);  // the redzones of the frames an earlier fiber left here
+#endif
   auto* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t{15});
   uint32_t mxcsr;
   uint16_t fpcw;
@@ -72,15 +104,17 @@ void start_context(Context& c, char* stack, size_t bytes) {
   top[-2] = reinterpret_cast<uint64_t>(&fiber_main);
   std::fill(top - 8, top - 2, uint64_t{0});  // r15 .. rbp
   top[-9] = mxcsr | uint64_t{fpcw} << 32;
-  c.sp = top - 9;
+  c = Context{top - 9, stack, bytes};
 }
 #else
-// Elsewhere (and under AddressSanitizer, which follows swapcontext's stack switches): ucontext.
+// Elsewhere: ucontext (AddressSanitizer intercepts swapcontext).
 struct Context {
   ucontext_t uc;
 };
 
-void switch_context(Context& from, const Context& to) { swapcontext(&from.uc, &to.uc); }
+void entered(void*) {}
+
+void switch_context(Context& from, const Context& to, bool = false) { swapcontext(&from.uc, &to.uc); }
 
 void start_context(Context& c, char* stack, size_t bytes) {
   getcontext(&c.uc);
@@ -113,8 +147,6 @@ struct Block {
   dim3 block_idx, block_dim, grid_dim;
   alignas(16) unsigned char exchange[kMaxThreads / 32][32][kSlotBytes];
   std::vector<unsigned char> smem;
-  char* stacks = nullptr;
-  size_t stack_threads = 0;
 };
 
 Block& blk() {
@@ -122,14 +154,16 @@ Block& blk() {
   return b;
 }
 
-void ensure_stacks(Block& b, unsigned threads) {
-  if (b.stack_threads >= threads) return;
-  if (b.stacks) munmap(b.stacks, b.stack_threads * kStackBytes);
-  void* p = mmap(nullptr, threads * kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                 -1, 0);
-  if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
-  b.stacks = static_cast<char*>(p);
-  b.stack_threads = threads;
+// The fibers' stacks, kMaxThreads of them, mapped once (pages are backed as touched) and never unmapped: memory
+// that had been a stack keeps AddressSanitizer's poison of the frames left on it.
+char* stacks() {
+  static char* const base = [] {
+    void* p = mmap(nullptr, kMaxThreads * kStackBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map fiber stacks");
+    return static_cast<char*>(p);
+  }();
+  return base;
 }
 
 std::vector<void (*)(bool)>& exit_hooks() {
@@ -138,6 +172,7 @@ std::vector<void (*)(bool)>& exit_hooks() {
 }
 
 void fiber_main() {
+  entered(nullptr);
   Block& b = blk();
   bool completed = true;
   try {
@@ -148,7 +183,7 @@ void fiber_main() {
   }
   for (void (*fn)(bool) : exit_hooks()) fn(completed);
   b.current->state = State::kDone;
-  switch_context(b.current->ctx, b.scheduler);
+  switch_context(b.current->ctx, b.scheduler, true);
 }
 
 // Back to the scheduler until the barrier this fiber waits at is released.
@@ -229,7 +264,7 @@ void run_block(Block& b, unsigned threads, bool reverse) {
     f.linear = i;
     f.idx = dim3(i % b.block_dim.x, i / b.block_dim.x % b.block_dim.y, i / (b.block_dim.x * b.block_dim.y));
     f.state = State::kRunnable;
-    start_context(f.ctx, b.stacks + i * kStackBytes, kStackBytes);
+    start_context(f.ctx, stacks() + i * kStackBytes, kStackBytes);
   }
   const size_t warps = (threads + 31) / 32;
   for (;;) {
@@ -328,7 +363,6 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
   const auto named = kernel_names().find(kernel);
   launches().emplace_back(named == kernel_names().end() ? "?" : named->second, grid.x * grid.y * grid.z);
   Block& b = blk();
-  ensure_stacks(b, threads);
   b.body = &body;
   b.error = nullptr;
   b.block_dim = block;
