@@ -136,6 +136,7 @@ struct Fiber {
   State state;
   dim3 idx;
   unsigned linear;
+  unsigned exchanges = 0;  // warp exchanges so far: their parity picks the set of slots
 };
 
 struct Block {
@@ -145,7 +146,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
   dim3 block_idx, block_dim, grid_dim;
-  alignas(16) unsigned char exchange[kMaxThreads / 32][32][kSlotBytes];
+  alignas(16) unsigned char exchange[2][kMaxThreads / 32][32][kSlotBytes];  // two sets of slots per warp
   std::vector<unsigned char> smem;
 };
 
@@ -323,13 +324,11 @@ void sync_warp() { wait(State::kWarpBarrier); }
 
 const unsigned char* warp_exchange(const void* mine, size_t bytes) {
   Block& b = blk();
-  const unsigned l = b.current->linear;
-  std::memcpy(b.exchange[l / 32][l % 32], mine, bytes);
+  const unsigned l = b.current->linear, set = b.current->exchanges++ % 2;
+  std::memcpy(b.exchange[set][l / 32][l % 32], mine, bytes);
   sync_warp();
-  return &b.exchange[l / 32][0][0];
+  return &b.exchange[set][l / 32][0][0];
 }
-
-void warp_done() { sync_warp(); }
 
 void name_kernel(const void* kernel, const char* name) { kernel_names().emplace(kernel, name); }
 

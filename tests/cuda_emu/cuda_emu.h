@@ -93,15 +93,14 @@ void at_thread_exit(void (*fn)(bool completed));
 
 constexpr size_t kSlotBytes = 64;  // the largest value a lane can publish to its warp
 
-// All lanes of the calling warp publish `mine`; returns the warp's 32 slots, kSlotBytes apart (readable until the
-// lane's next warp operation). With warp_done, two warp barriers.
+// All lanes of the calling warp publish `mine`; returns the warp's 32 slots, kSlotBytes apart, readable until the
+// lane's next exchange. One warp barrier: the warp has two sets of slots, used in turn, and a set is written again
+// only at the exchange after next, which no lane starts before every lane has come to the next one.
 const unsigned char* warp_exchange(const void* mine, size_t bytes);
-void warp_done();  // every lane of the warp has read
 
 template <typename T>
 struct WarpView {
   const unsigned char* slots;
-  ~WarpView() { warp_done(); }
   T operator[](unsigned l) const {
     T v;
     std::memcpy(&v, slots + kSlotBytes * l, sizeof(T));
