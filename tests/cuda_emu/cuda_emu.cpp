@@ -143,6 +143,8 @@ struct Block {
   std::vector<Fiber> fibers;
   Context scheduler;
   Fiber* current = nullptr;
+  size_t pass_begin = 0, pass_lanes = 0;  // the warp pass running: its first fiber, its lanes
+  bool reverse = false;                    // lanes (and warps) in reverse order
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
   dim3 block_idx, block_dim, grid_dim;
@@ -172,6 +174,19 @@ std::vector<void (*)(bool)>& exit_hooks() {
   return hooks;
 }
 
+// The context a lane that stops switches to: the next runnable lane of the warp's pass (made current), or the
+// scheduler when none is left. One switch per lane, not one there and one back.
+Context& next_context(Block& b) {
+  const size_t k = b.current->linear - b.pass_begin, n = b.pass_lanes;
+  for (size_t j = (b.reverse ? n - 1 - k : k) + 1; j < n; ++j) {
+    Fiber& f = b.fibers[b.pass_begin + (b.reverse ? n - 1 - j : j)];
+    if (f.state != State::kRunnable) continue;
+    b.current = &f;
+    return f.ctx;
+  }
+  return b.scheduler;
+}
+
 void fiber_main() {
   entered(nullptr);
   Block& b = blk();
@@ -183,16 +198,17 @@ void fiber_main() {
     if (!b.error) b.error = std::current_exception();
   }
   for (void (*fn)(bool) : exit_hooks()) fn(completed);
-  b.current->state = State::kDone;
-  switch_context(b.current->ctx, b.scheduler, true);
+  Fiber* f = b.current;
+  f->state = State::kDone;
+  switch_context(f->ctx, next_context(b), true);
 }
 
-// Back to the scheduler until the barrier this fiber waits at is released.
+// Away (to the next lane of the warp pass, or the scheduler) until the barrier this fiber waits at is released.
 void wait(State s) {
   Block& b = blk();
   Fiber* f = b.current;
   f->state = s;
-  switch_context(f->ctx, b.scheduler);
+  switch_context(f->ctx, next_context(b));
 }
 
 std::string describe(const Block& b) {
@@ -239,16 +255,18 @@ bool release_block(Block& b) {
 
 // Runs warp w as far as it goes: its lanes up to their next barrier, through every warp operation, until they
 // wait at the block barrier or exit. True when a lane ran.
-bool run_warp(Block& b, size_t w, bool reverse) {
-  const size_t begin = w * 32, n = std::min(b.fibers.size(), begin + 32) - begin;
+bool run_warp(Block& b, size_t w) {
+  b.pass_begin = w * 32;
+  b.pass_lanes = std::min(b.fibers.size(), b.pass_begin + 32) - b.pass_begin;
   bool ran = false;
   do {
-    for (size_t k = 0; k < n; ++k) {
-      Fiber& f = b.fibers[begin + (reverse ? n - 1 - k : k)];
+    for (size_t k = 0; k < b.pass_lanes; ++k) {  // the first runnable lane: it and the rest run (next_context)
+      Fiber& f = b.fibers[b.pass_begin + (b.reverse ? b.pass_lanes - 1 - k : k)];
       if (f.state != State::kRunnable) continue;
       b.current = &f;
       switch_context(b.scheduler, f.ctx);
       ran = true;
+      break;
     }
   } while (!b.error && release_warp(b, w));
   return ran;
@@ -257,7 +275,7 @@ bool run_warp(Block& b, size_t w, bool reverse) {
 // Warp by warp (in reverse order, the last first): each runs through its warp operations up to the block
 // barrier before the next starts, so data one warp writes and another reads without a block barrier between
 // shows, whatever warp operations the two pass.
-void run_block(Block& b, unsigned threads, bool reverse) {
+void run_block(Block& b, unsigned threads) {
   b.fibers.assign(threads, Fiber{});
   std::fill(b.smem.begin(), b.smem.end(), 0xff);
   for (unsigned i = 0; i < threads; ++i) {
@@ -270,7 +288,7 @@ void run_block(Block& b, unsigned threads, bool reverse) {
   const size_t warps = (threads + 31) / 32;
   for (;;) {
     bool ran = false;
-    for (size_t k = 0; k < warps && !b.error; ++k) ran = run_warp(b, reverse ? warps - 1 - k : k, reverse) || ran;
+    for (size_t k = 0; k < warps && !b.error; ++k) ran = run_warp(b, b.reverse ? warps - 1 - k : k) || ran;
     if (b.error) std::rethrow_exception(b.error);
     if (ran || release_block(b)) continue;
     bool all_done = true;
@@ -369,12 +387,12 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
   // allocated to its size at each launch: a vector kept from a larger launch has room past the end, where
   // AddressSanitizer would not see a kernel read or write past its shared memory
   b.smem = std::vector<unsigned char>(smem_bytes, 0xff);
-  const bool reverse = reverse_order();
+  b.reverse = reverse_order();
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         b.block_idx = dim3(x, y, z);
-        run_block(b, threads, reverse);
+        run_block(b, threads);
       }
 }
 
