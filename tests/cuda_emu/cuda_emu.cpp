@@ -174,17 +174,23 @@ std::vector<void (*)(bool)>& exit_hooks() {
   return hooks;
 }
 
+// The first runnable lane at or after position j of the warp pass (in its order), or null.
+Fiber* runnable_from(Block& b, size_t j) {
+  for (const size_t n = b.pass_lanes; j < n; ++j) {
+    Fiber& f = b.fibers[b.pass_begin + (b.reverse ? n - 1 - j : j)];
+    if (f.state == State::kRunnable) return &f;
+  }
+  return nullptr;
+}
+
 // The context a lane that stops switches to: the next runnable lane of the warp's pass (made current), or the
 // scheduler when none is left. One switch per lane, not one there and one back.
 Context& next_context(Block& b) {
-  const size_t k = b.current->linear - b.pass_begin, n = b.pass_lanes;
-  for (size_t j = (b.reverse ? n - 1 - k : k) + 1; j < n; ++j) {
-    Fiber& f = b.fibers[b.pass_begin + (b.reverse ? n - 1 - j : j)];
-    if (f.state != State::kRunnable) continue;
-    b.current = &f;
-    return f.ctx;
-  }
-  return b.scheduler;
+  const size_t k = b.current->linear - b.pass_begin;
+  Fiber* f = runnable_from(b, (b.reverse ? b.pass_lanes - 1 - k : k) + 1);
+  if (f == nullptr) return b.scheduler;
+  b.current = f;
+  return f->ctx;
 }
 
 void fiber_main() {
@@ -260,13 +266,10 @@ bool run_warp(Block& b, size_t w) {
   b.pass_lanes = std::min(b.fibers.size(), b.pass_begin + 32) - b.pass_begin;
   bool ran = false;
   do {
-    for (size_t k = 0; k < b.pass_lanes; ++k) {  // the first runnable lane: it and the rest run (next_context)
-      Fiber& f = b.fibers[b.pass_begin + (b.reverse ? b.pass_lanes - 1 - k : k)];
-      if (f.state != State::kRunnable) continue;
-      b.current = &f;
-      switch_context(b.scheduler, f.ctx);
+    if (Fiber* f = runnable_from(b, 0)) {  // it, then the rest of the pass (next_context)
+      b.current = f;
+      switch_context(b.scheduler, f->ctx);
       ran = true;
-      break;
     }
   } while (!b.error && release_warp(b, w));
   return ran;
