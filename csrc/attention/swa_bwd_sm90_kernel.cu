@@ -249,13 +249,14 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
       ss_ax<T, D>(dq, sds, sk_last);  // dQ += scale dS K
       wgmma_commit();
     };
-    // masked only where the window cuts the tiles, as full tiles: keys beyond nj are zero rows of K (dQ gains
-    // nothing from them), queries beyond ni have P = 0 (lse = inf)
+    // masked where the window cuts the tiles or the tile has fewer than kBN keys: the zero rows of K beyond nj
+    // have S = 0, so P = e^-lse, which overflows dS (stored as T) where lse is very negative (inf times their zero
+    // K rows is NaN); queries beyond ni have P = 0 (lse = inf)
     const auto make_ds = [&] {
       fence_operands(sc);
       fence_operands(dp);
-      if (!swa_tile_full(wi0, wi1, j0, j0 + nj, w.window, w.sink)) {
-        TileMask(i0, j0, kBN, w).apply(sc, 16 * warp, ln);
+      if (nj < kBN || !swa_tile_full(wi0, wi1, j0, j0 + nj, w.window, w.sink)) {
+        TileMask(i0, j0, nj, w).apply(sc, 16 * warp, ln);
       }
       p_and_ds(sc, dp, warp, ln, scale, [&](int r, int) { return slse[r]; }, [&](int r, int) { return sdelta[r]; });
     };

@@ -135,6 +135,30 @@ def test_scores_rising_along_the_keys(emulated, monkeypatch, cc, headdim):
         _assert_within(g, w, GRAD_TOL[dtype], name)
 
 
+@pytest.mark.parametrize("cc", ["90", "80"])
+@pytest.mark.parametrize("headdim,seqlen,window,sink", [(64, 200, 8, 2), (128, 145, 100, 0), (64, 145, 100, 0)])
+def test_negative_scores(emulated, monkeypatch, cc, headdim, seqlen, window, sink):
+    """Every score about -32 (q near -2, k near +2 in each component): lse about -30, where e^-lse overflows
+    float16. Tiles of fewer keys than the kernel's tile (a sink of 2, the sequence's last keys) hold zero rows of K,
+    whose P must be masked to 0, not e^-lse (dS inf, then inf times 0 = NaN in dq). Against float64."""
+    monkeypatch.setenv("MK_EMU_CC", cc)
+    dtype = torch.float16
+    q, k, v, dout, dlse = _inputs(1, seqlen, 2, 1, headdim, dtype, seed=6)
+    scale = math.sqrt(32.0 / math.sqrt(headdim))  # q.k / sqrt(headdim) about -32 at every headdim
+    q = (-scale + 0.05 * q.double()).to(dtype)
+    k = (scale + 0.05 * k.double()).to(dtype)
+    with emulated():
+        got = _run(lambda q, k, v: markovkit.sliding_window_attention(q, k, v, window, sink=sink, return_lse=True),
+                   q, k, v, dout, dlse)
+    want = _run(lambda q, k, v: reference.sliding_window_attention(q, k, v, window, sink),
+                q.double(), k.double(), v.double(), dout, dlse)
+    assert want[1].max() < -25
+    _assert_within(got[0], want[0], OUT_TOL[dtype], "out")
+    _assert_within(got[1], want[1], LSE_TOL, "lse")
+    for name, g, w in zip(("dq", "dk", "dv"), got[2:], want[2:]):
+        _assert_within(g, w, GRAD_TOL[dtype], name)
+
+
 def test_backward_without_lse_gradient(emulated):
     """Only out reaches the loss: the backward gets no dlse (delta = rowsum(dout * out) alone)."""
     q, k, v, dout, _ = _inputs(1, 100, 2, 1, 64, torch.float16, seed=4)
