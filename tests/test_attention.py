@@ -1,5 +1,7 @@
 """Sliding-window attention: values, lse and gradients against a float64 dense masked reference; merge of
 attention results; op contract (opcheck, fake kernels, torch.compile); errors on bad input."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,6 +277,96 @@ def test_merge_with_empty_sources():
     assert torch.equal(out, empty_o) and torch.equal(out_lse, empty_lse)
 
 
+def _merge_reference(outs, lses):
+    """Attention over the union of the sources, in float64 from the definition: lse = log Σ_s e^lse_s,
+    out = Σ_s e^(lse_s - lse) out_s, leaving out empty sources (lse = -inf), of the gradients too. Every row
+    needs a non-empty source."""
+    lse_s = torch.stack(lses)  # (sources, batch, heads, seqlen)
+    present = ~torch.isneginf(lse_s)
+    e = torch.where(present, torch.exp(torch.where(present, lse_s, 0)), 0)
+    w = (e / e.sum(0)).transpose(2, 3).unsqueeze(-1)  # (sources, batch, seqlen, heads, 1)
+    return (w * torch.stack(outs)).sum(0), torch.log(e.sum(0))
+
+
+def _merge3_sources():
+    """Three float64 sources (out, lse), out: (2, 7, 3, 8), lse: (2, 3, 7): a and b empty on some rows each
+    and both on others, c never empty."""
+    g = torch.Generator().manual_seed(6)
+    sources = []
+    for empty_rows in ([0, 1, 2, 3], [2, 3, 4], []):  # positions; a and b are both empty at 2 and 3
+        out = torch.randn(2, 7, 3, 8, generator=g, dtype=torch.float64)
+        lse = 3 * torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+        out[:, empty_rows], lse[:, :, empty_rows] = 0, float("-inf")
+        sources.append((out, lse))
+    return sources
+
+
+MERGE_ORDERS = {
+    "(a, b), c": lambda a, b, c: markovkit.merge_attention(*markovkit.merge_attention(*a, *b), *c),
+    "c, (b, a)": lambda a, b, c: markovkit.merge_attention(*c, *markovkit.merge_attention(*b, *a)),
+    "(a, c), b": lambda a, b, c: markovkit.merge_attention(*markovkit.merge_attention(*a, *c), *b),
+}
+
+
+@pytest.mark.parametrize("order", MERGE_ORDERS)
+def test_merge_gradients_with_empty_sources(order):
+    """Chained merges where a row is empty in both inner sources (an inner lse of -inf, log(0)): values and
+    gradients of <out, dout> + <lse, dlse> as the float64 reference's, finite, zero for the empty sources."""
+    sources = _merge3_sources()
+    g = torch.Generator().manual_seed(7)
+    dout = torch.randn(2, 7, 3, 8, generator=g, dtype=torch.float64)
+    dlse = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (MERGE_ORDERS[order], lambda *s: _merge_reference(*zip(*s))):
+        inputs = [tuple(t.clone().requires_grad_() for t in source) for source in sources]
+        out, lse = fn(*inputs)
+        grads = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), [t for s in inputs for t in s])
+        results.append((out, lse, *grads))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TOL[torch.float64])
+    grads = results[0][2:]  # d out_a, d lse_a, d out_b, d lse_b, ...
+    assert all(torch.isfinite(d).all() for d in grads)
+    assert torch.equal(grads[1][:, :, :4], torch.zeros(2, 3, 4, dtype=torch.float64))
+    assert torch.equal(grads[3][:, :, 2:5], torch.zeros(2, 3, 3, dtype=torch.float64))
+
+
+def test_merge_of_two_empty_sources_has_zero_gradients():
+    o, lse = torch.zeros(1, 5, 2, 32, requires_grad=True), torch.full((1, 2, 5), float("-inf"), requires_grad=True)
+    o2, lse2 = [t.detach().clone().requires_grad_() for t in (o, lse)]
+    out, out_lse = markovkit.merge_attention(o, lse, o2, lse2)
+    g = torch.Generator().manual_seed(8)
+    loss = (out * torch.randn(out.shape, generator=g)).sum() + (out_lse * torch.randn(lse.shape, generator=g)).sum()
+    for grad, t in zip(torch.autograd.grad(loss, (o, lse, o2, lse2)), (o, lse, o2, lse2)):
+        assert torch.equal(grad, torch.zeros_like(t))
+
+
+def _merge_args(**changes):
+    """Valid merge arguments out_a (2, 5, 3, 8), lse_a (2, 3, 5), out_b, lse_b, with some replaced by a
+    function of the valid tensor."""
+    g = torch.Generator().manual_seed(9)
+    args = dict(out_a=torch.randn(2, 5, 3, 8, generator=g), lse_a=torch.randn(2, 3, 5, generator=g),
+                out_b=torch.randn(2, 5, 3, 8, generator=g), lse_b=torch.randn(2, 3, 5, generator=g))
+    return [changes[name](t) if name in changes else t for name, t in args.items()]
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lse_b=lambda t: t[:, :, :1]),
+     "lse_b: expected shape [2, 3, 5] (batch, heads, seqlen of out_a), got [2, 3, 1]"),
+    (dict(out_b=lambda t: t[:, :1]), "out_b: expected shape [2, 5, 3, 8] (the shape of out_a), got [2, 1, 3, 8]"),
+    (dict(out_a=lambda t: t[:, :1], lse_a=lambda t: t[:, :, :1]),
+     "out_b: expected shape [2, 1, 3, 8] (the shape of out_a), got [2, 5, 3, 8]"),
+    (dict(lse_a=lambda t: t.transpose(1, 2)), "lse_a: expected shape [2, 3, 5] (batch, heads, seqlen of out_a), "
+                                              "got [2, 5, 3]"),
+    (dict(out_a=lambda t: t[0], out_b=lambda t: t[0]), "out_a: expected 4 dims (batch, seqlen, heads, headdim), "
+                                                        "got shape [5, 3, 8]"),
+    (dict(lse_b=lambda t: t.to("meta")), "lse_b: expected a tensor on cpu (the device of out_a), got one on meta"),
+    (dict(out_a=lambda t: t.to("meta")), "lse_a: expected a tensor on meta (the device of out_a), got one on cpu"),
+])
+def test_merge_rejects_mismatched_inputs(changes, message):
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        markovkit.merge_attention(*_merge_args(**changes))
+
+
 @pytest.mark.parametrize("batch,seqlen", [(2, 0), (0, 9)])
 def test_empty_inputs(device, batch, seqlen):
     """No queries: out, lse and the gradients are empty tensors of their shapes (no kernel launch of zero blocks)."""
@@ -307,7 +399,10 @@ def test_opcheck(device):
                               (dout, dl, q, k, v, out, lse, 9, 2, 0.2))
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_fullgraph(device, dynamic):
+    """Forward and backward under torch.compile, with static and with symbolic sizes (the fake kernel's
+    shape checks on SymInts)."""
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     q, k, v = [t.requires_grad_() for t in _inputs((1, 80, 4, 2, 64, 0, 0), dtype, device)]
 
@@ -316,7 +411,7 @@ def test_compile_fullgraph(device):
         return (out.float() ** 2).sum() + lse.sum()
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
     loss = compiled(q, k, v)
     grads = torch.autograd.grad(loss, (q, k, v))
     expected_loss = f(q, k, v)
@@ -343,22 +438,74 @@ def test_bad_input_errors():
         swa(q, k, v, 3, sink=-1)
     with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
         swa(q, k, v, 2.7)
-    with pytest.raises(RuntimeError, match="k: expected kv_heads dividing heads = 4, got 3"):
-        swa(q, k[:, :, :1].expand(1, 10, 3, 32), v[:, :, :1].expand(1, 10, 3, 32), 3)
     with pytest.raises(RuntimeError, match="q: expected headdim 32, 64, 96, 128 or 256, got 16"):
         swa(q[..., :16], k[..., :16], v[..., :16], 3)
-    with pytest.raises(RuntimeError, match=r"k: expected shape \[1, 10, 2, 32\], got \[1, 9, 2, 32\]"):
-        swa(q, k[:, :9], v[:, :9], 3)
-    with pytest.raises(RuntimeError, match=r"v: expected shape \[1, 10, 2, 32\], got \[1, 10, 1, 32\]"):
-        swa(q, k, v[:, :, :1], 3)
-    with pytest.raises(RuntimeError, match="k: expected dtype Float"):
-        swa(q, k.double(), v, 3)
-    with pytest.raises(RuntimeError, match="q: expected 4 dims"):
-        swa(q[0], k[0], v[0], 3)
     with pytest.raises(RuntimeError, match="q: expected dtype Float or Double, got Int"):
         swa(q.int(), k.int(), v.int(), 3)
     with pytest.raises(RuntimeError, match="softmax_scale: expected a finite positive number"):
         swa(q, k, v, 3, softmax_scale=-1.0)
+    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, 3, 0, 1.0)
+    with pytest.raises(RuntimeError, match="dlse: expected dtype Float, got Half"):
+        torch.ops.markovkit.sliding_window_attention_bwd(out, lse.half(), q, k, v, out, lse, 3, 0, 1.0)
+
+
+# (q, k, v) -> arguments; the error, the same from the CPU kernel and the meta device's fake kernel
+SHAPE_ERRORS = [
+    (lambda q, k, v: (q, k[:, :, :1].expand(1, 10, 3, 32), v[:, :, :1].expand(1, 10, 3, 32)),
+     "k: expected kv_heads dividing heads = 4, got 3"),
+    (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), "k: expected kv_heads dividing heads = 4, got 0"),
+    (lambda q, k, v: (q, k[:, :9], v[:, :9]), "k: expected shape [1, 10, 2, 32], got [1, 9, 2, 32]"),
+    (lambda q, k, v: (q, k[..., :16], v[..., :16]), "k: expected shape [1, 10, 2, 32], got [1, 10, 2, 16]"),
+    (lambda q, k, v: (q, k, v[:, :, :1]), "v: expected shape [1, 10, 2, 32], got [1, 10, 1, 32]"),
+    (lambda q, k, v: (q, k, v[0]), "v: expected shape [1, 10, 2, 32], got [10, 2, 32]"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "q: expected 4 dims (batch, seqlen, heads, headdim), got shape [10, 4, 32]"),
+    (lambda q, k, v: (q, k[0], v[0]), "k: expected 4 dims (batch, seqlen, kv_heads, headdim), got shape [10, 2, 32]"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SHAPE_ERRORS)))
+@pytest.mark.parametrize("device_type", ["cpu", "meta"])
+def test_shape_errors(device_type, case):
+    make_args, message = SHAPE_ERRORS[case]
+    q, k, v = _inputs((1, 10, 4, 2, 32, 0, 0), torch.float32, device_type)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        markovkit.sliding_window_attention(*make_args(q, k, v), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_meta_tensors_give_shapes_and_dtypes(dtype):
+    q, k, v = _inputs((2, 10, 4, 2, 64, 0, 0), dtype, "meta")
+    out, lse = markovkit.sliding_window_attention(q, k, v, 3, return_lse=True)
+    assert out.device.type == lse.device.type == "meta"
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (2, 4, 10) and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtypes,message", [
+    ((torch.float16, torch.float32, torch.float32),
+     "k: expected dtype torch.float16 (the dtype of q), got torch.float32"),
+    ((torch.bfloat16, torch.float16, torch.float16),
+     "k: expected dtype torch.bfloat16 (the dtype of q), got torch.float16"),
+    ((torch.float16, torch.float16, torch.bfloat16),
+     "v: expected dtype torch.float16 (the dtype of q), got torch.bfloat16"),
+    ((torch.float32, torch.float64, torch.float32),
+     "k: expected dtype torch.float32 (the dtype of q), got torch.float64"),
+])
+def test_mixed_dtypes_rejected(device, dtypes, message):
+    """One error on every device, before the CPU's upcast of half dtypes to float32 could hide the mismatch."""
+    q, k, v = [t.to(dt) for t, dt in zip(_inputs((1, 10, 4, 2, 32, 0, 0), torch.float64, device), dtypes)]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        markovkit.sliding_window_attention(q, k, v, 3)
+
+
+@pytest.mark.parametrize("devices,message", [
+    (("cpu", "meta", "meta"), "k: expected a tensor on cpu (the device of q), got one on meta"),
+    (("meta", "meta", "cpu"), "v: expected a tensor on meta (the device of q), got one on cpu"),
+])
+def test_mixed_devices_rejected(devices, message):
+    q, k, v = [t.to(d) for t, d in zip(_inputs((1, 10, 4, 2, 32, 0, 0), torch.float32, "cpu"), devices)]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        markovkit.sliding_window_attention(q, k, v, 3)
 
 
 def test_batch_split_gives_the_same_bits(device):

@@ -1,4 +1,8 @@
-"""markovkit.nn.SlidingWindowAttention against the same computation on the float64 dense reference."""
+"""markovkit.nn.SlidingWindowAttention against the same computation on the float64 dense reference; its checks of
+the configuration at construction."""
+import re
+
+import pytest
 import torch
 
 import markovkit.nn
@@ -18,21 +22,29 @@ def test_rotary_scores_depend_on_relative_position():
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
 
 
-def test_module_matches_reference(device):
+# (dim, heads, kv_heads, headdim): headdim from dim // heads, or given with dim not a multiple of heads
+CONFIGS = [(128, 4, 2, None), (100, 3, 1, 32)]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_module_matches_reference(device, config):
+    dim, heads, kv_heads, given_headdim = config
+    headdim = given_headdim or dim // heads
     torch.manual_seed(0)
     dtype = torch.float64 if device.type == "cpu" else torch.bfloat16
-    layer = markovkit.nn.SlidingWindowAttention(128, 4, 9, kv_heads=2, sink=2, device=device, dtype=dtype)
-    x = torch.randn(2, 75, 128, device=device, dtype=dtype, requires_grad=True)
+    layer = markovkit.nn.SlidingWindowAttention(dim, heads, 9, kv_heads=kv_heads, headdim=given_headdim, sink=2,
+                                                device=device, dtype=dtype)
+    x = torch.randn(2, 75, dim, device=device, dtype=dtype, requires_grad=True)
     y = layer(x)
 
     def expected(x):
         x, w = x.double(), {n: p.double() for n, p in layer.named_parameters()}
-        q = (x @ w["q_proj.weight"].T).view(2, 75, 4, 32)
-        k = (x @ w["k_proj.weight"].T).view(2, 75, 2, 32)
-        v = (x @ w["v_proj.weight"].T).view(2, 75, 2, 32)
+        q = (x @ w["q_proj.weight"].T).view(2, 75, heads, headdim)
+        k = (x @ w["k_proj.weight"].T).view(2, 75, kv_heads, headdim)
+        v = (x @ w["v_proj.weight"].T).view(2, 75, kv_heads, headdim)
         q, k = markovkit.nn.rotary_embedding(q), markovkit.nn.rotary_embedding(k)
         out = reference.sliding_window_attention(q, k, v, 9, 2)[0]
-        return out.reshape(2, 75, 128) @ w["out_proj.weight"].T
+        return out.reshape(2, 75, heads * headdim) @ w["out_proj.weight"].T
 
     tol = TOL[dtype]
     torch.testing.assert_close(y.double(), expected(x), rtol=tol["rtol"], atol=tol["atol"])
@@ -41,3 +53,19 @@ def test_module_matches_reference(device):
     expected(xd).sum().backward()
     torch.testing.assert_close(x.grad.double(), xd.grad, rtol=tol["rtol"], atol=10 * tol["atol"])
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("args,kwargs,message", [
+    ((100, 3, 8), {}, "dim: expected a multiple of heads = 3 (headdim = dim // heads), got 100"),
+    ((96, 2, 8), {}, "headdim: expected one of (32, 64, 96, 128, 256), got 48 (dim // heads = 96 // 2)"),
+    ((64, 2, 8), dict(headdim=40), "headdim: expected one of (32, 64, 96, 128, 256), got 40"),
+    ((64, 0, 8), {}, "heads: expected >= 1, got 0"),
+    ((64, 2, 8), dict(kv_heads=0), "kv_heads: expected a positive divisor of heads = 2, got 0"),
+    ((64, 2, 8), dict(kv_heads=-1), "kv_heads: expected a positive divisor of heads = 2, got -1"),
+    ((64, 2, 8), dict(kv_heads=3), "kv_heads: expected a positive divisor of heads = 2, got 3"),
+    ((64, 2, 0), {}, "window: expected >= 1 (positions seen including self), got 0"),
+    ((64, 2, 8), dict(sink=-1), "sink: expected >= 0, got -1"),
+])
+def test_bad_configuration_fails_at_construction(args, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        markovkit.nn.SlidingWindowAttention(*args, **kwargs)

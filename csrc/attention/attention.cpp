@@ -112,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> swa_bwd(const at::Tensor& dout_in
   if (dlse.has_value()) {
     check_same_device(*dlse, "dlse", q_in, "q");
     check_shape(*dlse, "dlse", {s.batch, s.heads, s.seqlen});
-    dlse_dense = dlse->to(st).contiguous();
+    check_dtype(*dlse, "dlse", {st});
+    dlse_dense = dlse->contiguous();
   }
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   const at::Tensor o = dense(out), dout = dense(dout_in), lse = lse_in.contiguous();

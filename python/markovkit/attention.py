@@ -14,6 +14,7 @@ import torch
 from . import cuda_emulation
 
 _STAT_DTYPES = {torch.float64: torch.float64}
+HEADDIMS = (32, 64, 96, 128, 256)  # the head dims the kernels take
 
 
 def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_scale=None, return_lse: bool = False):
@@ -21,13 +22,16 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
 
     q: (batch, seqlen, heads, headdim); k, v: (batch, seqlen, kv_heads, headdim), heads % kv_heads == 0
     (query head h reads kv head h // (heads // kv_heads)). headdim in {32, 64, 96, 128, 256}.
-    softmax_scale defaults to headdim ** -0.5. dtypes: float32/float64 on CPU (bfloat16/float16 are computed
-    in float32 there), float16/bfloat16 on CUDA with float32 accumulation.
+    softmax_scale defaults to headdim ** -0.5. q, k, v share one device and one dtype: float32/float64 on CPU
+    (bfloat16/float16 are computed in float32 there), float16/bfloat16 on CUDA with float32 accumulation.
 
     Returns out: like q, and if `return_lse`, lse: (batch, heads, seqlen) = log Σ_j exp(scale q_i·k_j) over the
     visible keys (natural log; float32, float64 for float64 inputs). Both are differentiable; with the lse,
     results over disjoint key sets combine exactly with :func:`merge_attention`.
     """
+    for t, name in ((k, "k"), (v, "v")):  # before the CPU's upcast of half dtypes hides a mismatch
+        _check_device(t, name, q, "q")
+        _check_dtype(t, name, q, "q")
     scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
     dtype = q.dtype
     if cuda_emulation.runs_cpu_kernel(q) and dtype in (torch.bfloat16, torch.float16):
@@ -40,26 +44,72 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
 def merge_attention(out_a, lse_a, out_b, lse_b):
     """Exact attention over the union of two disjoint key sets from the results over each.
 
-    out_*: (batch, seqlen, heads, headdim), lse_*: (batch, heads, seqlen). Returns (out, lse) with
-    lse = logaddexp(lse_a, lse_b) and out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b; the weights are
-    computed in float32 (float64 for float64 lse). An empty source (lse = -inf, out = 0) has weight 0;
-    two empty sources give lse = -inf, out = 0. Associative and commutative; differentiable.
+    out_*: (batch, seqlen, heads, headdim), lse_*: (batch, heads, seqlen), all on one device. Returns (out, lse)
+    with lse = logaddexp(lse_a, lse_b) and out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b; the weights are
+    computed in float32 (float64 for float64 lse). An empty source (lse = -inf, out = 0) has weight 0, in the
+    gradients too; two empty sources give lse = -inf, out = 0. Associative and commutative; differentiable.
     """
+    _check_merge_inputs(out_a, lse_a, out_b, lse_b)
     wdtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
     lse_a, lse_b = lse_a.to(wdtype), lse_b.to(wdtype)
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # both empty: no -inf - -inf
-    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    total = w_a + w_b
-    lse = m + torch.log(total)
-    total = torch.where(total == 0, torch.ones_like(total), total)
+    m = torch.maximum(lse_a, lse_b)  # (batch, heads, seqlen)
+    empty = torch.isneginf(m)  # both sources empty
+    m = torch.where(empty, 0, m)  # no -inf - -inf
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)  # weights relative to the larger source, 1 for it
+    total = torch.where(empty, 1, w_a + w_b)  # no log(0) (its backward is 0 * inf) and no 0 / 0
+    lse = torch.where(empty, float("-inf"), m + torch.log(total))
     w_a, w_b = (w_a / total).transpose(1, 2).unsqueeze(-1), (w_b / total).transpose(1, 2).unsqueeze(-1)
     out = w_a * out_a.to(wdtype) + w_b * out_b.to(wdtype)
     return out.to(torch.promote_types(out_a.dtype, out_b.dtype)), lse
 
 
+def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
+    """out_a, out_b: (batch, seqlen, heads, headdim); lse_a, lse_b: (batch, heads, seqlen); one device."""
+    if out_a.dim() != 4:
+        raise RuntimeError(f"out_a: expected 4 dims (batch, seqlen, heads, headdim), got shape {list(out_a.shape)}")
+    batch, seqlen, heads, _ = out_a.shape
+    _check_shape(out_b, "out_b", list(out_a.shape), "the shape of out_a")
+    for t, name in ((lse_a, "lse_a"), (lse_b, "lse_b")):
+        _check_shape(t, name, [batch, heads, seqlen], "batch, heads, seqlen of out_a")
+    for t, name in ((lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
+        _check_device(t, name, out_a, "out_a")
+
+
+def _check_shape(t, name, expected, what):
+    if list(t.shape) != expected:
+        raise RuntimeError(f"{name}: expected shape {expected} ({what}), got {list(t.shape)}")
+
+
+def _check_device(t, name, ref, ref_name):
+    if t.device != ref.device:
+        raise RuntimeError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
+                           f"got one on {t.device}")
+
+
+def _check_dtype(t, name, ref, ref_name):
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
+
+
+def _check_fake_shapes(q, k, v):
+    """The kernels' shape checks, in their order and words, as torch._check (sizes may be symbolic under
+    torch.compile): q: (batch, seqlen, heads, headdim); k, v: (batch, seqlen, kv_heads, headdim), kv_heads | heads."""
+    for t, name, dims in ((q, "q", "heads"), (k, "k", "kv_heads")):
+        torch._check(t.dim() == 4,
+                     lambda: f"{name}: expected 4 dims (batch, seqlen, {dims}, headdim), got shape {list(t.shape)}")
+    batch, seqlen, heads, headdim = q.shape
+    kv_heads = k.shape[2]
+    for t, name, expected in ((v, "v", k.shape), (k, "k", (batch, seqlen, kv_heads, headdim))):
+        torch._check(t.dim() == 4, lambda: f"{name}: expected shape {list(expected)}, got {list(t.shape)}")
+        for size, want in zip(t.shape, expected):
+            torch._check(size == want, lambda: f"{name}: expected shape {list(expected)}, got {list(t.shape)}")
+    torch._check(kv_heads >= 1 and heads % kv_heads == 0,
+                 lambda: f"k: expected kv_heads dividing heads = {heads}, got {kv_heads}")
+
+
 @torch.library.register_fake("markovkit::sliding_window_attention_fwd")
 def _(q, k, v, window, sink, softmax_scale):
+    _check_fake_shapes(q, k, v)
     batch, seqlen, heads, _ = q.shape
     lse = q.new_empty((batch, heads, seqlen), dtype=_STAT_DTYPES.get(q.dtype, torch.float32))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse

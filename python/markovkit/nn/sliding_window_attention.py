@@ -3,7 +3,7 @@ output projection."""
 import torch
 from torch import nn
 
-from markovkit.attention import sliding_window_attention
+from markovkit.attention import HEADDIMS, sliding_window_attention
 
 
 def rotary_embedding(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -20,20 +20,39 @@ def rotary_embedding(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def _head_dim(dim, heads, kv_heads, headdim):
+    """The head dim, given or dim // heads, after checking it and the head counts against what the op takes."""
+    if heads < 1:
+        raise ValueError(f"heads: expected >= 1, got {heads}")
+    if kv_heads < 1 or heads % kv_heads != 0:
+        raise ValueError(f"kv_heads: expected a positive divisor of heads = {heads}, got {kv_heads}")
+    derived = ""
+    if headdim is None:
+        if dim % heads != 0:
+            raise ValueError(f"dim: expected a multiple of heads = {heads} (headdim = dim // heads), got {dim}")
+        headdim, derived = dim // heads, f" (dim // heads = {dim} // {heads})"
+    if headdim not in HEADDIMS:  # all even, as rotary's channel pairs need
+        raise ValueError(f"headdim: expected one of {HEADDIMS}, got {headdim}{derived}")
+    return headdim
+
+
 class SlidingWindowAttention(nn.Module):
     """Causal self-attention of each position over its last `window` positions (and the first `sink`).
 
     x: (batch, seqlen, dim) -> (batch, seqlen, dim). heads query heads share kv_heads key/value heads
-    (GQA; default kv_heads = heads); headdim defaults to dim // heads and must be 32, 64, 96, 128 or 256.
+    (GQA; default kv_heads = heads); headdim defaults to dim // heads (dim a multiple of heads) and must be 32,
+    64, 96, 128 or 256; window >= 1, sink >= 0. A bad configuration raises ValueError here, not in forward.
     """
 
     def __init__(self, dim: int, heads: int, window: int, *, kv_heads=None, headdim=None, sink: int = 0,
                  rotary: bool = True, rotary_base: float = 10000.0, bias: bool = False, device=None, dtype=None):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
-        headdim = dim // heads if headdim is None else headdim
-        if heads % kv_heads != 0:
-            raise ValueError(f"kv_heads: expected a divisor of heads = {heads}, got {kv_heads}")
+        headdim = _head_dim(dim, heads, kv_heads, headdim)
+        if window < 1:
+            raise ValueError(f"window: expected >= 1 (positions seen including self), got {window}")
+        if sink < 0:
+            raise ValueError(f"sink: expected >= 0, got {sink}")
         self.heads, self.kv_heads, self.headdim = heads, kv_heads, headdim
         self.window, self.sink, self.rotary, self.rotary_base = window, sink, rotary, rotary_base
         factory = dict(device=device, dtype=dtype)
