@@ -2,6 +2,7 @@
 // next to their glue (csrc/<family>/<family>.cpp). The pybind11 module _C carries the build facts.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <array>
@@ -53,6 +54,19 @@ TORCH_LIBRARY(markovkit, m) {
         "int seed, int process_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, int seed, "
         "int process_offset=0) -> Tensor");
+}
+
+// The ops without a derivative (the backward ops, the decode step, the samplers): where an input requires grad,
+// their floating outputs get a node that raises "derivative for markovkit::<op> is not implemented" when a
+// backward reaches it (a double backward of the scan, the attention or the MA-fBM step; a loss through the decode
+// step), in place of PyTorch's fallback, which only warns and leaves those gradients zero or None. It also refuses
+// the decode step's in-place update of a leaf state that requires grad.
+TORCH_LIBRARY_IMPL(markovkit, Autograd, m) {
+  for (const char* op : {"philox_uniform", "philox_normal", "selective_scan_bwd", "selective_state_update",
+                         "sliding_window_attention_bwd", "mafbm_step_backward", "mafbm_simulate",
+                         "mafbm_simulate_backward", "mjp_ctmc_grid", "mjp_ctmc_events", "mjp_reactions_grid"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 #ifdef MARKOVKIT_CUDA_EMULATION

@@ -262,6 +262,9 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   check_dtype(state, "state", {wtype});
   check_contiguous(state, "state");
   check_shape(state, "state", {batch, dim, N});
+  TORCH_CHECK(!(state.requires_grad() && at::GradMode::is_enabled()),
+              "state: expected a tensor that does not require grad (the decode step updates it in place and has no "
+              "derivative: pass state.detach() or step under torch.no_grad()), got one that requires grad");
   check_same_device(dt, "dt", x, "x");
   check_dtype(dt, "dt", {itype});
   check_contiguous(dt, "dt");
@@ -294,6 +297,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
                    dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), ptr_or_null(D), ptr_or_null(z),
                    ptr_or_null(dt_bias), out.data_ptr()};
   MK_LAUNCH(x, scan_step_cpu(p), scan_step_cuda(p, stream));
+  state.unsafeGetTensorImpl()->bump_version();  // as torch's in-place ops: earlier saves of state are stale now
   return out;
 }
 

@@ -1,0 +1,96 @@
+"""Ops without a derivative (the backward ops, the decode step): a backward that reaches them raises, instead of
+PyTorch's fallback warning and zero or missing gradients; the in-place decode step bumps its state's version."""
+import pytest
+import torch
+
+import markovkit
+
+F64 = torch.float64
+
+
+def _leaves(*shapes, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return [(scale * torch.randn(*s, generator=g, dtype=F64)).requires_grad_() for s in shapes]
+
+
+def _scan(u, delta, B, C):
+    # u, delta: (batch, dim, seqlen); A: (dim, dstate); B, C: (batch, dstate, seqlen)
+    A = -torch.linspace(0.5, 1.5, 3 * 4, dtype=F64).view(3, 4)
+    return markovkit.selective_scan(u, delta.abs(), A, B, C)
+
+
+def _attention(q, k, v):
+    # q, k, v: (batch, seqlen, heads, headdim)
+    return markovkit.sliding_window_attention(q, k, v, 3)
+
+
+def _mafbm(x, drift, diffusion, y):
+    # x, drift, diffusion: (paths, dims); y: (paths, dims, K)
+    omega = torch.tensor([0.5, 1.0], dtype=F64)
+    noise = torch.ones(*x.shape, 1, dtype=F64)
+    x_next, y_next, _ = markovkit.mafbm_step(x, y, drift, diffusion ** 2, omega, [1.0, 3.0], 0.1, noise=noise)
+    return x_next * y_next.sum(-1)
+
+
+CASES = {
+    "selective_scan_bwd": (_scan, [(2, 3, 9), (2, 3, 9), (2, 4, 9), (2, 4, 9)]),
+    "sliding_window_attention_bwd": (_attention, [(1, 7, 2, 32)] * 3),
+    "mafbm_step_backward": (_mafbm, [(4, 2), (4, 2), (4, 2), (4, 2, 2)]),
+}
+
+
+@pytest.mark.parametrize("backward_op", CASES)
+def test_double_backward_raises(backward_op):
+    """First derivatives with create_graph=True are those without it; the second derivative through the backward op
+    raises (it has no derivative) rather than coming out as zero."""
+    fn, shapes = CASES[backward_op]
+    inputs = _leaves(*shapes)
+    out = fn(*inputs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=F64).view(out.shape)
+    first = torch.autograd.grad((out * weights).sum(), inputs, create_graph=True)
+    plain = torch.autograd.grad((fn(*inputs) * weights).sum(), inputs)
+    for a, b in zip(first, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    penalty = sum((g ** 2).sum() for g in first)
+    with pytest.raises(RuntimeError, match=f"derivative for markovkit::{backward_op} is not implemented"):
+        penalty.backward()
+
+
+def _decode_step(batch=2, dim=3, dstate=4):
+    # x, dt, z: (batch, dim); A: (dim, dstate); B, C: (batch, dstate)
+    x, dt, B, C = _leaves((batch, dim), (batch, dim), (batch, dstate), (batch, dstate), seed=1)
+    A = -torch.ones(dim, dstate, dtype=F64)
+    return x, dt, A, B, C
+
+
+def test_decode_step_backward_raises():
+    state = torch.zeros(2, 3, 4, dtype=F64)
+    out = markovkit.selective_state_update(state, *_decode_step())
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="derivative for markovkit::selective_state_update is not implemented"):
+        out.sum().backward()
+
+
+def test_decode_step_bumps_the_state_version():
+    """A backward through a value the decode step has since overwritten fails (as for torch's in-place ops)."""
+    base = torch.ones(2, 3, 4, dtype=F64, requires_grad=True)
+    state = base * 2  # state: (batch, dim, dstate)
+    saved = (state ** 2).sum()  # pow saves state
+    version = state._version
+    with torch.no_grad():
+        markovkit.selective_state_update(state, *[t.detach() for t in _decode_step()])
+    assert state._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_decode_step_refuses_a_state_that_requires_grad(leaf):
+    """Autograd could not follow the in-place update: a state it tracks is refused (leaf or not), not under no_grad."""
+    base = torch.zeros(2, 3, 4, dtype=F64, requires_grad=True)
+    state = base if leaf else base * 1
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad" if leaf else "state: expected a tensor "
+                                                                                          "that does not require grad"):
+        markovkit.selective_state_update(state, *_decode_step())
+    with torch.no_grad():
+        markovkit.selective_state_update(state, *_decode_step())
