@@ -344,6 +344,22 @@ def test_state_update_huge_dt_matches_reference():
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol_frac * b.abs().max().item())
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_state_update_keeps_nan(sign):
+    """A NaN in A (either sign bit: x86's default NaN has it set) comes out as NaN in that state and the outs it
+    reaches, as in the float64 reference, not as a finite value or inf."""
+    state, step = _step_inputs("cpu")
+    step[2][1, 3] = sign * float("nan")  # A: (dim, dstate)
+    ref_state = state.double()
+    ref = selective_state_update_ref(ref_state, *[t.double() if isinstance(t, torch.Tensor) else t for t in step])
+    out = markovkit.selective_state_update(state, *step)
+    assert state.isnan().sum() == state.shape[0] and out.isnan().sum() == out.shape[0]
+    rtol, atol_frac = TOL_LOW[torch.float32]
+    for a, b in ((state, ref_state), (out, ref)):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol_frac * b.nan_to_num().abs().max().item(),
+                                   equal_nan=True)
+
+
 def test_decode_steps_equal_the_scan(device):
     x = make_inputs(batch=2, dim=6, seqlen=20, dstate=8, B_mode="var4", C_mode="var4", groups=3, device=device)
     out, last = markovkit.selective_scan(**x, delta_softplus=True, return_last_state=True)

@@ -386,15 +386,18 @@ void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
   }
 }
 
-// The least kDiv (2 or 4) whose blocks of the plan (kLanes, kS) fit 99 KB, the shared memory per block of the GPUs
-// with the least (sm_86, sm_89), where those of kDiv 1 do not; 0 where none does or none is needed.
+// The plan with fewer channels per block (kDiv 2 or 4) for devices whose shared memory per block the plan (kLanes,
+// kS) exceeds: the least kDiv whose blocks fit 99 KB, the least of any GPU (sm_86, sm_89); where none does, the
+// largest that leaves a channel per block (the least shared memory; it fits the 163 KB of sm_80 at 256 states,
+// float64 128); 0 where the full plan fits 99 KB.
 template <typename acc_t, int kLanes, int kS>
 constexpr int small_div() {
   constexpr int64_t kSmall = 99 * 1024;
+  constexpr int kR = BwdPlan<acc_t, kLanes, kS>::kR;
   if (BwdPlan<acc_t, kLanes, kS>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 0;
-  if (BwdPlan<acc_t, kLanes, kS, 2>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 2;
-  if (BwdPlan<acc_t, kLanes, kS, 4>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 4;
-  return 0;
+  if (kR % 2 == 0 && BwdPlan<acc_t, kLanes, kS, 2>::words(2) * int64_t{sizeof(acc_t)} <= kSmall) return 2;
+  if (kR % 4 == 0) return 4;
+  return kR % 2 == 0 ? 2 : 0;
 }
 
 // Calls f.template operator()<Plan>() with the team plan of q: dispatch_lanes' lanes, the few-channel plan below,

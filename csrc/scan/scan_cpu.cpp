@@ -27,10 +27,11 @@ namespace {
 // (floating compares would not be if-converted under the default -ftrapping-math): |x| saturated at 100 on its bit
 // pattern, x = k ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^k from exponent bits with k
 // clamped to [-127, 128] (2^-127 -> 0, 2^128 -> inf). Relative error a few ulp; results below 2^-126 flush
-// to 0 and above 2^127 overflow to inf; NaN comes out as 0 or inf.
+// to 0 and above 2^127 overflow to inf; NaN gives NaN (as the scan's exp does).
 inline float cpu_exp(float x) {
   const int32_t bits = std::bit_cast<int32_t>(x);
   int32_t mag = bits & 0x7fffffff;
+  const int32_t nan = mag > 0x7f800000 ? 0x7fc00000 : 0;
   mag = mag < 0x42c80000 ? mag : 0x42c80000;  // 100.0f
   x = std::bit_cast<float>((bits & static_cast<int32_t>(0x80000000u)) | mag);
   const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
@@ -44,7 +45,7 @@ inline float cpu_exp(float x) {
   p = p * (r * r) + r + 1.0f;
   int32_t ki = static_cast<int32_t>(k);  // |k| <= 145
   ki = ki < -127 ? -127 : (ki > 128 ? 128 : ki);
-  return p * std::bit_cast<float>((ki + 127) << 23);
+  return std::bit_cast<float>(std::bit_cast<int32_t>(p * std::bit_cast<float>((ki + 127) << 23)) | nan);
 }
 inline double cpu_exp(double x) { return std::exp(x); }
 

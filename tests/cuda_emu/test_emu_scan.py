@@ -330,7 +330,7 @@ def test_backward_on_a_99_kb_device(emulated, monkeypatch):
     (bfloat16: 91 KB at 16 states), elsewhere the team plans (float32: 109 KB staged, 70 KB team); team plans of
     more (float32 at 33 to 128 states, float64 at 33 to 64) with fewer channels per block (the partials sized for
     them); where none fits (float32 at 256 states: the B / C rows of a chunk alone take 133 KB) q is refused with what
-    it needs."""
+    the plan of the least shared memory (one channel per block) needs."""
     monkeypatch.setenv("MK_EMU_SMEM", "101376")
     monkeypatch.setenv("MK_EMU_SMS", "4")
     x = make_inputs(batch=2, dim=256, seqlen=136, dstate=16, B_mode="var4", C_mode="var4", groups=2, seed=5)
@@ -347,8 +347,20 @@ def test_backward_on_a_99_kb_device(emulated, monkeypatch):
         assert [n for k, n in cuda_emulation.launched() if k == "kernel"] == [blocks]
     x = cast(make_inputs(batch=1, dim=2, seqlen=10, dstate=256, B_mode="var4", C_mode="var4", seed=1), torch.float32)
     with emulated(), pytest.raises(RuntimeError, match="selective_scan backward on CUDA: dstate 256 with Float inputs "
-                                                       "needs 184 KB of shared memory per block; this GPU allows 99 KB"):
+                                                       "needs 157 KB of shared memory per block; this GPU allows 99 KB"):
         run(markovkit.selective_scan, x, True, *upstream(x))
+
+
+@pytest.mark.parametrize("dtype,dstate", [(torch.float32, 256), (torch.bfloat16, 200), (F64, 128), (F64, 65)])
+def test_backward_on_a_163_kb_device(emulated, monkeypatch, dtype, dstate):
+    """The 163 KB per block of sm_80: the team plans of 129 to 256 states (float64: 65 to 128) need 184 / 185 KB with
+    their 2 channels per block, so blocks of one channel (157 KB: 4 blocks per group of 4 channels, not 2)."""
+    monkeypatch.setenv("MK_EMU_SMEM", "166912")
+    monkeypatch.setenv("MK_EMU_SMS", "4")
+    x = make_inputs(batch=1, dim=8, seqlen=70, dstate=dstate, B_mode="var4", C_mode="var4", groups=2, seed=7)
+    cuda_emulation.launched()
+    check_scan(emulated, x, dtype)
+    assert [n for k, n in cuda_emulation.launched() if k == "kernel"] == [8]
 
 
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 4), (torch.float32, 32), (torch.bfloat16, 8),
