@@ -497,6 +497,10 @@ def bad_input_cases():
         (lambda: simulate_ctmc(Q, x0, grid.expand(3, 5), seed=0), r"t_grid: expected 1 processes in dim 0"),
         (lambda: simulate_ctmc(Q, x0, grid.expand(1, 3, 5), seed=0), r"t_grid: expected 4 paths in dim 1"),
         (lambda: simulate_ctmc(inf_q, x0, grid, seed=0), r"Q: expected finite off-diagonal rates, got inf"),
+        (lambda: simulate_ctmc(torch.full((6, 6), 1e308, dtype=torch.float64), x0, grid, seed=0), r"Q: expected a finite exit rate \(the off-diagonal sum "
+         r"of a row\), got inf \(weights too large to add in float64\)"),
+        (lambda: simulate_ctmc(Q, None, grid, p0=torch.full((6,), 1e308, dtype=torch.float64), paths=3, seed=0),
+         r"p0: expected a finite sum, got inf"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.zeros(6), paths=3, seed=0),
          r"p0: expected every distribution to have a positive sum"),
         (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=-1), r"process_offset: expected"),
@@ -507,6 +511,13 @@ def bad_input_cases():
         (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events"), r"record='events' needs max_events"),
         (lambda: simulate_ctmc(Q, x0, -1.0, seed=0, record="events", max_events=3), r"t_end: expected a horizon >= 0"),
         (lambda: simulate_ctmc(Q, x0, grid, seed=0, record="jumps"), r"record must be 'grid' or 'events'"),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, record="events", max_events=3),
+         r"t_grid: with record='events', expected the horizon t_end \(a float or a one-element tensor\), got a "
+         r"tensor of shape \(5,\)"),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=2**63), r"simulate_ctmc: seed: expected an int in "
+         r"\[-2\*\*63, 2\*\*63\) \(the 64-bit Philox key\), got 9223372036854775808"),
+        (lambda: simulate_ctmc(Q, x0, 1.0, seed=-2**63 - 1, record="events", max_events=3),
+         r"simulate_ctmc: seed: expected"),
         (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, x0, torch.ones(6), grid, 1, 4, 0),
          r"x0, p0: expected exactly one"),
         (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, None, torch.ones(6), grid, 1, 2**32, 0), r"paths: expected"),
@@ -526,6 +537,8 @@ def bad_input_cases():
         (lambda: simulate_reactions(torch.ones(129, 1, dtype=torch.long), torch.ones(129, 1, dtype=torch.long),
                                     torch.ones(129), torch.ones(1, 2, 1, dtype=torch.long), grid, seed=0),
          r"reactants: expected shape \(reactions, species\) with at most 128 reactions"),
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([1.0]), ones, grid,
+                                    seed=2**64), r"simulate_reactions: seed: expected an int in \[-2\*\*63, 2\*\*63\)"),
     ]
 
 
@@ -533,6 +546,19 @@ def test_bad_input_errors():
     for fn, message in bad_input_cases():
         with pytest.raises((RuntimeError, ValueError), match=message):
             fn()
+
+
+def test_seed_range_ends_and_a_tensor_horizon_are_accepted():
+    """Seeds -2**63 and 2**63 - 1 (the int64 ends) run and give different paths; record='events' takes a
+    one-element tensor as its horizon, the same as the float."""
+    Q, x0, grid = systems.flashing_ratchet(1.0), torch.zeros(1, 50, dtype=torch.long), torch.linspace(0, 5, 6)
+    low, high = (simulate_ctmc(Q, x0, grid, seed=s) for s in (-2**63, 2**63 - 1))
+    assert not torch.equal(low, high)
+    counts = simulate_reactions(*one_hot_network(Q[None]), torch.nn.functional.one_hot(x0, 6), grid, seed=-2**63)
+    assert torch.equal(counts.argmax(-1), low.long())
+    events = simulate_ctmc(Q, x0, torch.tensor([2.0]), seed=3, record="events", max_events=20)
+    for got, want in zip(events, simulate_ctmc(Q, x0, 2.0, seed=3, record="events", max_events=20)):
+        assert torch.equal(got, want)
 
 
 def test_reference_reaction_direct_method_is_poisson():

@@ -1,4 +1,6 @@
-"""The FIM-MJP data generator: layout, priors' invariants, noise rate, chunking invariance, CLI."""
+"""The FIM-MJP data generator: layout, priors' invariants, noise rate, chunking invariance, CLI, config checks."""
+import math
+
 import pytest
 import scipy.stats
 import torch
@@ -75,7 +77,7 @@ def test_parameter_choices_follow_their_weights():
         assert sum(counts) == N
         expected = [N * w / sum(weights) for w in weights]
         assert scipy.stats.chisquare(counts, expected).pvalue > 1e-4, key
-    p0 = params["p0"][(params["num_states"] == 6) & ~_is_stationary_start(params)]
+    p0 = params["p0"][(params["num_states"] == 6) & ~params["stationary"]]
     z = (p0[:, 0].mean() - 1 / 6) / (p0[:, 0].std() / len(p0) ** 0.5)
     assert abs(float(z)) < 4.5
     head = fim.sample_parameters(10, config, seed=4)
@@ -83,25 +85,143 @@ def test_parameter_choices_follow_their_weights():
         assert torch.equal(head[key], params[key][:10]), key
 
 
-def _is_stationary_start(params):
-    """p0 equals the limit distribution of Q (the stationary-start branch)."""
-    limit = fim._limit_distribution(params["rates"], params["num_states"])
-    return (params["p0"] - limit).abs().amax(-1) < 1e-12
-
-
 def test_stationary_start_is_the_stationary_distribution():
-    Q = torch.stack([systems.flashing_ratchet(1.0), systems.generator(torch.ones(6, 6)) * 0.1])
-    Q[1, 4:] = Q[1, :, 4:] = 0  # a 4-state process padded to 6
-    Q[1] = systems.generator(Q[1])
-    limit = fim._limit_distribution(Q, torch.tensor([6, 4]))
-    torch.testing.assert_close(limit[0], systems.stationary_distribution(Q[0]), rtol=0, atol=1e-9)
-    torch.testing.assert_close(limit[1], torch.tensor([0.25] * 4 + [0.0] * 2, dtype=torch.float64), rtol=0, atol=1e-9)
+    """The exact solve, also for a slowly mixing chain (relaxation time 3e4, which expm(1e3 Q) did not reach)."""
+    Q = torch.zeros(3, 6, 6, dtype=torch.float64)
+    Q[0] = systems.flashing_ratchet(1.0)
+    Q[1, :4, :4] = systems.generator(torch.ones(4, 4, dtype=torch.float64)) * 0.1  # 4 states padded to 6
+    Q[2, :2, :2] = systems.generator(torch.tensor([[0, 1e-5], [2e-5, 0]], dtype=torch.float64))
+    pi = fim._stationary_distribution(Q, torch.arange(6) < torch.tensor([[6], [4], [2]]))
+    torch.testing.assert_close(pi[0], systems.stationary_distribution(Q[0]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(pi[1], torch.tensor([0.25] * 4 + [0.0] * 2, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(pi[2], torch.tensor([2 / 3, 1 / 3] + [0.0] * 4, dtype=torch.float64), rtol=0,
+                               atol=1e-15)
+
+
+def test_no_absorbing_state_and_exact_stationary_starts():
+    """No state of a process is absorbing (so no Q == 0); p0 sums to 1 and is positive on the process's states
+    (never one-hot); the stationary starts are exactly stationary, given w.p. stationary_start to the irreducible
+    processes and to no other."""
+    N, config = 6000, fim.FimConfig()
+    params = fim.sample_parameters(N, config, seed=8)
+    Q, n, p0, stationary = params["rates"], params["num_states"], params["p0"], params["stationary"]
+    inside = torch.arange(6) < n.unsqueeze(1)  # (N, 6)
+    exit_rate = -Q.diagonal(dim1=-2, dim2=-1)  # (N, 6)
+    assert bool((exit_rate[inside] > 0).all()) and bool((exit_rate[~inside] == 0).all())
+    assert torch.allclose(p0.sum(-1), torch.ones(N, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert bool((p0[inside] > 0).all()) and bool((p0[~inside] == 0).all())
+    residual = (p0.unsqueeze(1) @ Q).squeeze(1).abs().amax(-1) / Q.abs().flatten(1).amax(-1)  # (N,)
+    assert float(residual[stationary].max()) < 1e-12
+    assert float(residual[~stationary].min()) > 1e-6  # the Dirichlet starts are not stationary
+    irreducible = torch.tensor([_reaches_all(Q[i] != 0, int(n[i])) for i in range(N)])
+    assert not bool((stationary & ~irreducible).any())
+    share = scipy.stats.binomtest(int(stationary.sum()), int(irreducible.sum()), config.stationary_start)
+    assert share.pvalue > 1e-4
+
+
+def test_a_stranded_state_keeps_a_link_to_a_uniform_other_state():
+    """With no link surviving, each state has exactly one, to the state `shift` (1 .. n - 1) further, uniformly."""
+    config = fim.FimConfig(states=(2, 5), state_weights=(1, 1), fully_connected=0.0, p_survival=0.0)
+    params = fim.sample_parameters(4000, config, seed=6)
+    n = params["num_states"]
+    links = (params["rates"] != 0) & ~torch.eye(6, dtype=torch.bool)  # (N, 6, 6)
+    inside = torch.arange(6) < n.unsqueeze(1)
+    assert bool((links.sum(-1) == inside.long()).all())
+    five = n == 5
+    shift = (links[five].int().argmax(-1) - torch.arange(6)) % 5  # (N5, 6)
+    counts = torch.bincount(shift[:, :5].flatten(), minlength=5)
+    assert counts[0] == 0 and scipy.stats.chisquare(counts[1:].numpy()).pvalue > 1e-4
+
+
+def _reaches_all(links: torch.Tensor, k: int) -> bool:
+    """Brute force: depth-first search from every state of the first k over the links (S, S) bool."""
+    for start in range(k):
+        seen, todo = {start}, [start]
+        while todo:
+            i = todo.pop()
+            for j in range(k):
+                if bool(links[i, j]) and j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+        if len(seen) < k:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("S", [2, 6, 9])
+def test_irreducibility_check_matches_brute_force(S):
+    """Random links of random density, and (second half) a directed cycle through the states in random order
+    (distances up to n - 1) plus or minus one random link."""
+    g = torch.Generator().manual_seed(S)
+    N = 600
+    n = torch.randint(1, S + 1, (N,), generator=g)
+    links = torch.rand(N, S, S, generator=g) < torch.rand(N, 1, 1, generator=g)
+    for i in range(N // 2, N):
+        order = torch.randperm(int(n[i]), generator=g)
+        links[i] = False
+        links[i, order, order.roll(-1)] = True
+        links[i].view(-1)[torch.randint(0, S * S, (1,), generator=g)] ^= True
+    inside = torch.arange(S) < n.unsqueeze(1)
+    links &= inside.unsqueeze(2) & inside.unsqueeze(1)
+    expected = torch.tensor([_reaches_all(links[i], int(n[i])) for i in range(N)])
+    assert 0.1 < expected.float().mean() < 0.9
+    assert torch.equal(fim._irreducible(links, inside), expected)
 
 
 def test_chunking_does_not_change_the_data(data):
     other = fim.generate(60, fim.FimConfig(paths=200), seed=3, chunk=17)
     for name in ("rates", "states", "observations", "mask"):
         assert torch.equal(other[name], data[name]), name
+
+
+def test_no_processes_give_empty_tensors(data):
+    empty = fim.generate(0, fim.FimConfig(paths=200), seed=3)
+    for name, value in data.items():
+        if isinstance(value, torch.Tensor):
+            shape = value.shape if name == "times" else (0,) + value.shape[1:]
+            assert empty[name].shape == shape and empty[name].dtype == value.dtype, name
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("states", (2, 3, 4, 5, 6, 7), r"states: expected a non-empty tuple of integers in \[2, max_states=6\]"),
+    ("states", (1, 3), r"states: expected"),
+    ("states", (), r"states: expected"),
+    ("states", (2.5,), r"states: expected"),
+    ("max_states", 4, r"states: expected a non-empty tuple of integers in \[2, max_states=4\], got \(2, 3, 4, 5, 6\)"),
+    ("state_weights", (1, 1), r"state_weights: expected 5 weights >= 0"),
+    ("state_weights", (1, 1, -1, 1, 1), r"state_weights: expected"),
+    ("state_weights", (0,) * 5, r"state_weights: expected"),
+    ("paths", 0, r"paths: expected an integer >= 1, got 0"),
+    ("grid_points", 0, r"grid_points: expected an integer >= 1"),
+    ("t_max", 0.0, r"t_max: expected a finite time > 0, got 0.0"),
+    ("t_max", math.inf, r"t_max: expected"),
+    ("fully_connected", 1.5, r"fully_connected: expected a probability in \[0, 1\], got 1.5"),
+    ("p_survival", -0.1, r"p_survival: expected a probability"),
+    ("stationary_start", math.nan, r"stationary_start: expected a probability"),
+    ("noise", 2.0, r"noise: expected a probability"),
+    ("beta_a", (0.0, 1.0), r"beta_a: expected a range \(low, high\) with 0 < low <= high < inf, got \(0.0, 1.0\)"),
+    ("beta_b", (2.0, 1.0), r"beta_b: expected a range"),
+    ("beta_b", (1.0,), r"beta_b: expected a range"),
+    ("grid", "regular", r"grid: expected 'reg', 'rand' or 'mixed', got 'regular'"),
+    ("strides", (0, 2), r"strides: expected a non-empty tuple of integers >= 1, got \(0, 2\)"),
+    ("strides", (), r"strides: expected"),
+    ("keep_probs", (0.0, 0.5), r"keep_probs: expected a non-empty tuple of probabilities in \(0, 1\]"),
+    ("keep_probs", (1.5,), r"keep_probs: expected"),
+])
+def test_config_is_checked(field, value, message):
+    with pytest.raises(ValueError, match=f"FimConfig: {message}"):
+        fim.FimConfig(**{field: value})
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: fim.generate(1, seed=2**63), r"generate: seed: expected an int in \[-2\*\*63, 2\*\*63\)"),
+    (lambda: fim.generate(1, seed=-2**63 - 1), r"generate: seed: expected"),
+    (lambda: fim.generate(-1), r"sample_parameters: processes: expected >= 0, got -1"),
+    (lambda: fim.generate(1, chunk=0), r"generate: chunk: expected >= 1"),
+])
+def test_generate_arguments_are_checked(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_cli_writes_a_dataset(tmp_path, capsys):

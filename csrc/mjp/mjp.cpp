@@ -76,6 +76,15 @@ void check_weights(ValueChecks& checks, const at::Tensor& w, const char* name, c
   checks.add(w < 0, [=] { return c10::str(name, ": expected ", what, " >= 0, got ", w.min().item<double>()); });
 }
 
+// Finite sums over the last dim of finite weights (rates of 1e308 each can sum to inf: a path would then stop its
+// clock, or pick the last destination every time).
+void check_finite_sums(ValueChecks& checks, const at::Tensor& w, const char* name, const char* what) {
+  const at::Tensor sums = w.sum(-1);
+  checks.add(at::isinf(sums), [=] {
+    return c10::str(name, ": expected a finite ", what, ", got inf (weights too large to add in float64)");
+  });
+}
+
 // The observation times as fp64 with their strides in (process, path, k).
 struct Grid {
   at::Tensor values;
@@ -122,6 +131,7 @@ std::pair<at::Tensor, at::Tensor> prepare_rates(ValueChecks& checks, const at::T
   const at::Tensor diag = at::eye(S, Q.options().dtype(at::kBool));
   at::Tensor rates = Q.to(at::kDouble).masked_fill(diag, 0.0).contiguous();
   check_weights(checks, rates, "Q", "off-diagonal rates");
+  check_finite_sums(checks, rates, "Q", "exit rate (the off-diagonal sum of a row)");
   p.n_q = Q.dim() == 2 ? 1 : B;
   at::Tensor exit = at::empty({p.n_q, S}, rates.options());
   p.rates = rates.data_ptr<double>();
@@ -157,6 +167,7 @@ at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>&
               "p0: expected shape (", p.S, ",) or (", p.B, ", ", p.S, "), got ", p0->sizes());
   at::Tensor w = p0->to(at::kDouble).contiguous();
   check_weights(checks, w, "p0", "probabilities");
+  check_finite_sums(checks, w, "p0", "sum");
   checks.add(w.sum(-1) <= 0, [] {
     return std::string("p0: expected every distribution to have a positive sum, got a zero row");
   });

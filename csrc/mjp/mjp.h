@@ -158,6 +158,12 @@ MK_HOST_DEVICE double mjp_jump_time(double t, double e, double q) {
   return q > 0.0 ? t + e / q : std::numeric_limits<double>::infinity();
 }
 
+// Events mode: whether the jump at t_next is recorded: at or before t_end, and finite (e / q overflows to +inf for
+// an exit rate q below about 5e-309: no jump, as for q = 0).
+MK_HOST_DEVICE bool mjp_event_recorded(double t_next, double t_end) {
+  return t_next <= t_end && t_next < std::numeric_limits<double>::infinity();
+}
+
 // Time of the next jump after t at exit rate q (+inf when q = 0), and the destination uniform.
 MK_HOST_DEVICE double mjp_next_time(uint64_t seed, uint64_t draw, uint64_t hi, double t, double q,
                                     double* u_dest) {
@@ -333,7 +339,7 @@ class CtmcEventsPath {
     double u_dest = 0.0;
     const double q = exit_[x_];
     const double t_next = mjp_next_time(seed_, draw_, hi_, t_, q, &u_dest);
-    const bool jumps = q > 0.0 && t_next <= t_end_;
+    const bool jumps = mjp_event_recorded(t_next, t_end_);
     if (jumps && n_ < M_) {
       x_ = mjp_pick(rates_ + x_ * S_, S_, x_, u_dest * q);
       t_ = t_next;

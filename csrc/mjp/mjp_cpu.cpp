@@ -103,7 +103,7 @@ struct EventsRecord {
     Out* states = mjp_states<Out>(p.states, lane.path * M);
     const double q = lane.exit[lane.x];
     const double t_next = mjp_jump_time(lane.t, e, q);
-    const bool jumps = q > 0.0 && t_next <= p.t_end;
+    const bool jumps = mjp_event_recorded(t_next, p.t_end);
     if (jumps && lane.k < M) {
       lane_jump(lane, p.S, t_next, u_dest, q);
       times[lane.k] = lane.t;

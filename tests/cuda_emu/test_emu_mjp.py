@@ -117,6 +117,19 @@ def test_ctmc_events_equal_the_cpu_kernel(emulated, size):
         assert cpu.counts[0, 0] == 0 and not cpu.overflow[0, 0] and bool(torch.isinf(cpu.times[0, 0]).all())
 
 
+def test_ctmc_events_of_a_subnormal_exit_rate(emulated):
+    """Exit rate 1e-310: the holding time e / q overflows to +inf, which is no jump (as for q = 0) even with no
+    horizon, on both kernels: no event at time inf, no overflow."""
+    Q = torch.tensor([[0.0, 1e-310], [1.0, 0.0]], dtype=torch.float64)
+    x0 = torch.zeros(1, 3, dtype=torch.long)
+    kwargs = dict(record="events", max_events=4, seed=0)
+    cpu = simulate_ctmc(Q, x0, math.inf, **kwargs)
+    with emulated():
+        cuda = simulate_ctmc(Q, x0, math.inf, **kwargs)
+    assert_events_equal(cuda, cpu)
+    assert bool((cpu.counts == 0).all()) and not bool(cpu.overflow.any()) and bool((cpu.states == 0).all())
+
+
 def test_ctmc_batch_split_and_empty_shapes(emulated):
     """Two halves (process_offset) equal the whole under emulation, and the whole equals the CPU kernel; zero
     paths, zero grid points and max_events = 0 launch nothing or write nothing."""

@@ -42,6 +42,11 @@ class CtmcEvents(NamedTuple):
     overflow: torch.Tensor
 
 
+def _check_seed(fn: str, seed: int) -> None:
+    if not -2**63 <= seed < 2**63:
+        raise ValueError(f"{fn}: seed: expected an int in [-2**63, 2**63) (the 64-bit Philox key), got {seed}")
+
+
 def _processes(Q, x0, p0, t_grid) -> int:
     if Q.dim() == 3:
         return Q.shape[0]
@@ -64,8 +69,9 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
     x0: (processes, paths) integer initial states; or None and p0: (processes, S) or (S,) initial
         distributions (non-negative weights, normalised internally) with ``paths`` paths per process.
     t_grid: record="grid": observation times >= 0, non-decreasing, shape (L,), (processes, L) or
-        (processes, paths, L). record="events": the horizon t_end (a float; ``math.inf`` records exactly
-        ``max_events`` jumps per path, or until absorption).
+        (processes, paths, L). record="events": the horizon t_end (a float or a one-element tensor;
+        ``math.inf`` records exactly ``max_events`` jumps per path, or until absorption).
+    seed: an int in [-2**63, 2**63), the 64-bit Philox key (a negative seed is its two's complement).
     Returns record="grid": states (processes, paths, L) in ``state_dtype(S)``; record="events": CtmcEvents.
     """
     if x0 is None and p0 is None:
@@ -74,6 +80,7 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
         raise ValueError(f"simulate_ctmc: paths={paths} but x0 has shape {tuple(x0.shape)}")
     if x0 is None and paths is None:
         raise ValueError("simulate_ctmc: with p0, give the number of paths per process (paths=...)")
+    _check_seed("simulate_ctmc", seed)
     processes = _processes(Q, x0, p0, t_grid)
     paths = x0.shape[-1] if x0 is not None else paths
     Q = Q.detach()
@@ -82,6 +89,9 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
     if record == "events":
         if max_events is None:
             raise ValueError("simulate_ctmc: record='events' needs max_events (the output is padded to it)")
+        if isinstance(t_grid, torch.Tensor) and t_grid.numel() != 1:
+            raise ValueError("simulate_ctmc: t_grid: with record='events', expected the horizon t_end (a float or "
+                             f"a one-element tensor), got a tensor of shape {tuple(t_grid.shape)}")
         out = torch.ops.markovkit.mjp_ctmc_events(Q, x0, p0, float(t_grid), processes, paths, max_events, seed,
                                                   process_offset)
         return CtmcEvents(*out)
@@ -98,10 +108,12 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
         k_r prod_s binomial(x_s, reactants[r, s]) (Gillespie's convention: 2A -> B fires at k x (x - 1) / 2).
     x0: (processes, paths, species) integer initial counts.
     t_grid: (L,), (processes, L) or (processes, paths, L) observation times >= 0, non-decreasing.
+    seed: an int in [-2**63, 2**63), the 64-bit Philox key (a negative seed is its two's complement).
     Returns counts (processes, paths, L, species) int64. A CTMC is the network with one-hot species and one
     reaction S_i -> S_j per nonzero rate Q_ij; listed in row-major (i, j) order it gives the same paths as
     simulate_ctmc for the same seed.
     """
+    _check_seed("simulate_reactions", seed)
     return torch.ops.markovkit.mjp_reactions_grid(reactants, products, rates.detach(), x0, t_grid, seed,
                                                   process_offset)
 
