@@ -242,7 +242,8 @@ def test_compile_fullgraph(device):
     g, gl = g.to(device), gl.to(device)
 
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
-        out, last = markovkit.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, True, True, initial_state)
+        out, last = markovkit.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, True, True,
+                                                initial_state=initial_state)
         return (out * g).sum() + (last * gl).sum()
 
     torch._dynamo.reset()

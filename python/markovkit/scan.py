@@ -39,7 +39,7 @@ def _as(t, dtype, name):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, cu_seqlens=None):
+                   return_last_state=False, *, initial_state=None, cu_seqlens=None):
     """The selective scan; same arguments, shapes and results as mamba_ssm's ``selective_scan_fn``.
 
     u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real, dstate <= 256; B, C: (dim, dstate) constant
