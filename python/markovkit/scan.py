@@ -7,7 +7,9 @@ Recurrence (per batch b, channel d, state n; see csrc/scan/scan_params.h):
     y_t = Σ_n C_nt h_t + D_d u_t;  out_t = y_t · silu(z_t) (or y_t)
 Math is float32 (float64 for float64 inputs). The backward sums over batch and channels in a fixed order
 (per-task partials, no atomics): two runs give bitwise-equal gradients, on CPU and on CUDA; this is the only
-mode, it costs one extra small reduction pass.
+mode, it costs one extra small reduction pass. On CUDA the kernels' plan also depends on whether B, C and dout
+rows are 16-byte aligned (the staged kernels need it), so the same values at differently aligned addresses
+(e.g. a slice one element in) can differ in the last bits; the allocator's tensors are always aligned.
 """
 import torch
 
