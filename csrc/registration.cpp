@@ -27,9 +27,9 @@ TORCH_LIBRARY(markovkit, m) {
         "Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens, "
         "Tensor chunk_states, Tensor dout, Tensor? dlast_state) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // one decode step; updates state in place and returns out
+  // one decode step; updates state (its rows state_batch_indices, when given) in place and returns out
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
-        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+        "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
   // --- attention: sliding-window attention (csrc/attention) ---
   m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, int sink, float softmax_scale) "
         "-> (Tensor out, Tensor lse)");

@@ -234,6 +234,8 @@ def test_opcheck(device, dtype, varlen):
 def test_opcheck_state_update(device):
     state, step = _step_inputs(device)
     torch.library.opcheck(torch.ops.markovkit.selective_state_update, (state, *step))
+    rows = torch.tensor([2, -1, 0], device=device)
+    torch.library.opcheck(torch.ops.markovkit.selective_state_update, (state, *step, rows))
 
 
 def test_compile_fullgraph(device):
@@ -343,6 +345,28 @@ def test_state_update_huge_dt_matches_reference():
     rtol, atol_frac = TOL_LOW[torch.float32]
     for a, b in ((state, ref_state), (out, ref)):
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol_frac * b.abs().max().item())
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_state_update_with_batch_indices(device, index_dtype):
+    """Continuous batching: batch element b steps row rows[b] of a cache of 6 rows, -1 is a padding slot (out 0).
+    The stepped rows equal a plain step of those rows bitwise (and the float64 reference); the others are
+    untouched."""
+    state, step = _step_inputs(device)  # batch 3
+    cache = torch.randn(6, *state.shape[1:], generator=torch.Generator().manual_seed(9)).to(device)
+    rows = torch.tensor([4, -1, 0], dtype=index_dtype, device=device)
+    before = cache.clone()
+    out = markovkit.selective_state_update(cache, *step, state_batch_indices=rows)
+    live = [0, 2]
+    plain_state = before[[4, 0]]
+    plain = markovkit.selective_state_update(plain_state, *[t[live] if t.dim() > 1 and t.shape[0] == 3 else t
+                                                            for t in step[:-1]], step[-1])
+    assert torch.equal(out[live], plain) and torch.equal(cache[[4, 0]], plain_state)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(cache[[1, 2, 3, 5]], before[[1, 2, 3, 5]])
+    ref_cache = before.double()
+    ref = selective_state_update_ref(ref_cache, *[t.double() for t in step[:-1]], step[-1], state_batch_indices=rows)
+    torch.testing.assert_close(cache.double(), ref_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -491,6 +515,15 @@ def test_bad_input_errors():
     with pytest.raises(RuntimeError, match="state: expected dtype Float, got Double"):
         state, step = _step_inputs("cpu")
         markovkit.selective_state_update(state.double(), *step)
+    for rows, match in [([3, 0, 1], r"state_batch_indices: expected rows < 3 \(state.size\(0\)\), got 3"),
+                        ([1, -1, 1], "state_batch_indices: expected distinct rows, got 1 at indices 0 and 2"),
+                        ([0.0, 1.0, 2.0], "state_batch_indices: expected dtype Int or Long, got Float"),
+                        ([0, 1], r"state_batch_indices: expected shape \[3\], got \[2\]")]:
+        with pytest.raises(RuntimeError, match=match):
+            markovkit.selective_state_update(state, *step, state_batch_indices=torch.tensor(rows))
+    with pytest.raises(RuntimeError, match=r"state: expected shape \(rows, dim, dstate\) = \(rows, 8, 16\)"):
+        rows = torch.tensor([0, 1, 2])
+        markovkit.selective_state_update(state[..., :4].contiguous(), *step, state_batch_indices=rows)
     with pytest.raises(TypeError, match="A: expected a real floating tensor"):
         markovkit.selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
     # the Python wrapper promotes mixed activations instead of failing (fp32 params with bf16 activations)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 #include "common/backend.h"
 #include "common/torch_checks.h"
@@ -52,6 +53,22 @@ void check_cu_seqlens_values(const at::Tensor& cu, int64_t L) {
   for (int64_t i = 1; i < n; ++i) {
     TORCH_CHECK(c[i] >= c[i - 1], "cu_seqlens: expected non-decreasing offsets, got ", c[i - 1], " then ", c[i],
                 " at index ", i);
+  }
+}
+
+// The decode step's state_batch_indices on the CPU (CUDA checks them on the device): rows < state_rows, the
+// non-negative ones distinct.
+template <typename index_t>
+void check_state_rows(const at::Tensor& rows, int64_t state_rows) {
+  const index_t* r = rows.data_ptr<index_t>();
+  std::vector<int64_t> first(state_rows, -1);  // the batch element that took each row
+  for (int64_t b = 0; b < rows.numel(); ++b) {
+    const int64_t row = r[b];
+    if (row < 0) continue;
+    TORCH_CHECK(row < state_rows, "state_batch_indices: expected rows < ", state_rows, " (state.size(0)), got ", row);
+    TORCH_CHECK(first[row] < 0, "state_batch_indices: expected distinct rows, got ", row, " at indices ", first[row],
+                " and ", b);
+    first[row] = b;
   }
 }
 
@@ -241,11 +258,13 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   return {du, ddelta, dA, dB, dC, dD, dz, dbias, dh0};
 }
 
-// One decode step: state (batch, dim, dstate) updated in place; returns out (batch, dim).
+// One decode step: state (batch, dim, dstate), or (rows, dim, dstate) with state_batch_indices (batch,), updated in
+// place; returns out (batch, dim).
 at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, const at::Tensor& dt,
                                   const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                   const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                  const std::optional<at::Tensor>& dt_bias, bool dt_softplus) {
+                                  const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+                                  const std::optional<at::Tensor>& state_batch_indices) {
   TORCH_CHECK(x.dim() == 2, "x: expected shape (batch, dim), got ", x.sizes());
   dtype_of(x, "x");
   check_contiguous(x, "x");
@@ -261,7 +280,21 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   check_same_device(state, "state", x, "x");
   check_dtype(state, "state", {wtype});
   check_contiguous(state, "state");
-  check_shape(state, "state", {batch, dim, N});
+  const std::optional<at::Tensor>& rows = state_batch_indices;
+  if (rows) {
+    check_same_device(*rows, "state_batch_indices", x, "x");
+    check_dtype(*rows, "state_batch_indices", {at::kInt, at::kLong});
+    check_contiguous(*rows, "state_batch_indices");
+    check_shape(*rows, "state_batch_indices", {batch});
+    TORCH_CHECK(state.dim() == 3 && state.size(1) == dim && state.size(2) == N,
+                "state: expected shape (rows, dim, dstate) = (rows, ", dim, ", ", N, "), got ", state.sizes());
+    if (runs_cpu_kernel(x)) {  // on CUDA the step kernels check them on the device: no host sync
+      rows->scalar_type() == at::kInt ? check_state_rows<int32_t>(*rows, state.size(0))
+                                      : check_state_rows<int64_t>(*rows, state.size(0));
+    }
+  } else {
+    check_shape(state, "state", {batch, dim, N});
+  }
   TORCH_CHECK(!(state.requires_grad() && at::GradMode::is_enabled()),
               "state: expected a tensor that does not require grad (the decode step updates it in place and has no "
               "derivative: pass state.detach() or step under torch.no_grad()), got one that requires grad");
@@ -293,9 +326,9 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
     check_shape(*z, "z", x.sizes());
   }
   at::Tensor out = at::empty_like(x);
-  ScanStepParams p{batch, dim, N, groups, dtype_of(x, "x"), dt_softplus, state.data_ptr(), x.data_ptr(),
-                   dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), ptr_or_null(D), ptr_or_null(z),
-                   ptr_or_null(dt_bias), out.data_ptr()};
+  ScanStepParams p{batch, dim, N, groups, dtype_of(x, "x"), dt_softplus, state.data_ptr(), ptr_or_null(rows),
+                   rows && rows->scalar_type() == at::kLong, state.size(0), x.data_ptr(), dt.data_ptr(), A.data_ptr(),
+                   B.data_ptr(), C.data_ptr(), ptr_or_null(D), ptr_or_null(z), ptr_or_null(dt_bias), out.data_ptr()};
   MK_LAUNCH(x, scan_step_cpu(p), scan_step_cuda(p, stream));
   state.unsafeGetTensorImpl()->bump_version();  // as torch's in-place ops: earlier saves of state are stale now
   return out;

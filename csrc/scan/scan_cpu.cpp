@@ -86,7 +86,9 @@ struct CpuStepOps {
 template <typename in_t, typename acc_t>
 void step_op(const ScanStepParams& p) {
   at::parallel_for(0, p.batch * p.dim, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) scan_step_channel<in_t, acc_t, CpuStepOps<in_t, acc_t>>(p, i);
+    for (int64_t i = begin; i < end; ++i) {
+      scan_step_channel<in_t, acc_t, CpuStepOps<in_t, acc_t>>(p, i, scan_step_row(p, i / p.dim));
+    }
   });
 }
 

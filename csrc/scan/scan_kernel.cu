@@ -17,6 +17,7 @@
 #include <cstring>
 #include <utility>
 
+#include "common/device_check.cuh"
 #include "scan/scan_device.cuh"
 #include "scan/scan_step.h"
 
@@ -269,11 +270,29 @@ struct CudaStepOps {
   __device__ __forceinline__ static acc_t exp(acc_t v) { return mk_exp(v); }
 };
 
+// One thread per (b, d) channel. With state_batch_indices its row is checked on the device (the host could read it
+// only after a sync); distinct rows are checked once per step by scan_step_check_rows_kernel.
 template <typename in_t, typename acc_t>
 __global__ void scan_step_kernel(ScanStepParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= p.batch * p.dim) return;
-  scan_step_channel<in_t, acc_t, CudaStepOps<in_t, acc_t>>(p, i);
+  const int64_t row = scan_step_row(p, i / p.dim);
+  MK_DEVICE_CHECK(row < p.state_rows, "state_batch_indices: expected rows < %lld (state.size(0)), got %lld",
+                  static_cast<long long>(p.state_rows), static_cast<long long>(row));
+  scan_step_channel<in_t, acc_t, CudaStepOps<in_t, acc_t>>(p, i, row);
+}
+
+// No two batch elements share a non-negative state row (their updates would race): each thread compares its
+// elements with the later ones (batch^2 / 2 compares in one block: decode batches are small).
+__global__ void scan_step_check_rows_kernel(ScanStepParams p) {
+  for (int64_t b = threadIdx.x; b < p.batch; b += blockDim.x) {
+    const int64_t row = scan_step_row(p, b);
+    for (int64_t c = b + 1; c < p.batch && row >= 0; ++c) {
+      MK_DEVICE_CHECK(scan_step_row(p, c) != row,
+                      "state_batch_indices: expected distinct rows, got %lld at indices %lld and %lld",
+                      static_cast<long long>(row), static_cast<long long>(b), static_cast<long long>(c));
+    }
+  }
 }
 
 template <typename acc_t, typename out_t>
@@ -341,6 +360,7 @@ void scan_fwd_cuda(const ScanParams& p, cudaStream_t stream) {
 
 void scan_step_cuda(const ScanStepParams& p, cudaStream_t stream) {
   if (p.batch * p.dim == 0) return;
+  if (p.rows) scan_step_check_rows_kernel<<<1, 256, 0, stream>>>(p);
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     scan_step_kernel<in_t, acc_t><<<grid_of(p.batch * p.dim, 128), 128, 0, stream>>>(p);
   });

@@ -81,7 +81,11 @@ struct ScanStepParams {
   int64_t batch, dim, dstate, groups;
   DType itype;            // x, dt, z, B, C, out
   bool softplus;
-  void* state;            // (batch, dim, dstate) weight type
+  void* state;            // (batch, dim, dstate) weight type, or (state_rows, dim, dstate) with rows
+  const void* rows;       // (batch,) int32 / int64 (rows64): the state row of batch element b, negative: a padding
+                          // slot (out 0, no state touched); or null (row b)
+  bool rows64;
+  int64_t state_rows;
   const void* x;          // (batch, dim)
   const void* dt;         // (batch, dim)
   const void* A;          // (dim, dstate)

@@ -97,8 +97,15 @@ def selective_scan_materialized_ref(u, delta, A, B, C, D=None, z=None, delta_bia
     return (out, h) if return_last_state else out
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step; updates state in place and returns out (x: (batch, dim); B, C: (batch, [groups,] dstate))."""
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               state_batch_indices=None):
+    """One decode step; updates state in place and returns out (x: (batch, dim); B, C: (batch, [groups,] dstate));
+    with state_batch_indices (batch,), element b steps state row state_batch_indices[b] (negative: out 0)."""
+    if state_batch_indices is not None:
+        rows = state_batch_indices.long()
+        live = rows >= 0
+        cache = state
+        state = cache[rows.clamp_min(0)]
     f = state.dtype
     dim = x.shape[1]
     dt = dt.to(f)
@@ -115,6 +122,9 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         y = y + D.to(f) * xf
     if z is not None:
         y = y * torch.nn.functional.silu(z.to(f))
+    if state_batch_indices is not None:
+        cache[rows[live]] = state[live]
+        y = torch.where(live[:, None], y, 0)
     return y.to(x.dtype)
 
 # --- attention -----------------------------------------------------------------------------------------

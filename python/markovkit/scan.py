@@ -76,13 +76,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 selective_scan_fn = selective_scan
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *,
+                           state_batch_indices=None):
     """One decode step of the scan: updates ``state`` in place and returns out.
 
     state: (batch, dim, dstate) float32 (float64 with float64 inputs), contiguous; x, dt, z: (batch, dim);
     A: (dim, dstate); B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
     state <- state * exp(Δ A) + Δ B x with Δ = softplus(dt + dt_bias) (same threshold as the scan);
     out = (Σ_n C state + D x) · silu(z). L steps from h0 equal ``selective_scan(..., initial_state=h0)``.
+    Continuous batching: with state_batch_indices (batch,) int32/int64, state is a cache (rows, dim, dstate) and
+    batch element b steps row state_batch_indices[b]; a negative index is a padding slot (out 0, no row touched).
+    The non-negative indices must be distinct and < rows (checked; on CUDA by a device-side assert).
+    No derivative: a state that autograd tracks is refused (update it under torch.no_grad()).
     """
     itype = _itype(x, dt, z, B, C)
     wtype = _wtype(itype)
@@ -93,7 +98,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return torch.ops.markovkit.selective_state_update(
         state, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
         _as(C, itype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"), _as(dt_bias, wtype, "dt_bias"),
-        bool(dt_softplus))
+        bool(dt_softplus), state_batch_indices)
 
 
 def _nseq(u, cu_seqlens):
@@ -123,7 +128,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seq
 
 
 @torch.library.register_fake("markovkit::selective_state_update")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -527,6 +527,26 @@ def test_state_update(emulated, dtype, has_D, has_z, has_bias, softplus):
         torch.testing.assert_close(a.to(F64), c.to(F64), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_state_update_with_batch_indices(emulated, index_dtype):
+    """Rows of a cache of 5 (a padding slot -1 among them) against the CPU kernel; rows out of range and rows
+    named twice fail the device-side checks (the emulator raises their messages)."""
+    state, step = _step_inputs(torch.float32, has_D=True, has_z=True, has_bias=True)  # batch 2
+    cache = torch.randn(5, *state.shape[1:], generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([3, -1], dtype=index_dtype)
+    cpu_cache, emu_cache = cache.clone(), cache.clone()
+    cpu = markovkit.selective_state_update(cpu_cache, *step, dt_softplus=True, state_batch_indices=rows)
+    with emulated():
+        got = markovkit.selective_state_update(emu_cache, *step, dt_softplus=True, state_batch_indices=rows)
+        for bad, match in [([5, 0], r"state_batch_indices: expected rows < 5 \(state.size\(0\)\), got 5"),
+                           ([2, 2], "state_batch_indices: expected distinct rows, got 2 at indices 0 and 1")]:
+            with pytest.raises(RuntimeError, match=match):
+                markovkit.selective_state_update(cache.clone(), *step, state_batch_indices=torch.tensor(bad))
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(emu_cache[[0, 1, 2, 4]], cache[[0, 1, 2, 4]])
+    torch.testing.assert_close(emu_cache, cpu_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, cpu, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_decode_steps_equal_the_scan(emulated, dtype):
     L = 20
