@@ -119,7 +119,7 @@ def test_step_gradcheck(device, scheme, given_noise):
 
     def f(x, y, drift, diffusion, omega, control):
         return markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.05, control=control, noise=noise,
-                                    seed=11, step=4, scheme=scheme)
+                                    seed=None if given_noise else 11, step=4, scheme=scheme)
 
     torch.autograd.gradcheck(f, (x, y, drift, diffusion, omega, control))
     # outputs left unused (None gradients) and no control
@@ -193,6 +193,58 @@ def test_compile_fullgraph(device):
         xg = x.clone().requires_grad_()
         compiled(xg, y)[0].sum().backward()
     torch.testing.assert_close(xg.grad, torch.ones_like(xg))
+
+
+def test_compile_checks_constant_gamma_and_dt():
+    """torch.compile(fullgraph=True): a list gamma works (bit for bit the eager step) and the eager checks run
+    while tracing; the bias warning names the line that calls the compiled function."""
+    x, y, drift, diffusion, _ = _inputs(4, 2, 3, F64, "cpu")
+    gamma, w = fbm.gamma_grid(3, 20).tolist(), torch.ones(3, dtype=F64)
+
+    def f(x, y, gamma, dt, scheme):
+        return markovkit.mafbm_step(x, y, drift, diffusion, w, gamma, dt, seed=3, scheme=scheme)
+
+    def compiled(*args):
+        torch._dynamo.reset()
+        return torch.compile(f, backend="eager", fullgraph=True)(x, y, *args)
+
+    for a, b in zip(compiled(gamma, 0.05, "exact"), f(x, y, gamma, 0.05, "exact")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.warns(UserWarning) as record:
+        compiled(gamma, 0.0311, "euler")
+    bias = [r for r in record if "gamma_max*dt = 0.622 > 0.5" in str(r.message)]
+    assert len(bias) == 1 and bias[0].filename == __file__
+    # a ValueError raised while tracing reaches the caller as dynamo's Unsupported, with the message
+    for args, message in [((gamma, 0.5, "euler"), r"Euler-Maruyama is unstable for gamma_max\*dt >= 2"),
+                          (([-g for g in gamma], 0.05, "exact"), "gamma: expected non-negative rates"),
+                          ((gamma, -0.05, "exact"), "dt: expected a positive time step, got -0.05")]:
+        with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=message):
+            compiled(*args)
+
+
+def test_step_coefficients_cannot_change_the_steps_cache():
+    """In-place edits of what step_coefficients returns leave later steps alone (y' = e^{−γ dt} y at z = 0)."""
+    x, y, drift, diffusion, _ = _inputs(3, 2, 5, F64, "cpu")
+    z = torch.zeros(3, 2, 5, dtype=F64)
+    run = lambda: markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.0123, noise=z,  # noqa: E731
+                                       scheme="exact")[1]
+    before = run()
+    torch.testing.assert_close(before, y * torch.exp(-GAMMA * 0.0123), **TOL[F64])
+    for c in markovkit.step_coefficients(GAMMA, 0.0123, "exact", dtype=F64):
+        c.mul_(0)
+    torch.testing.assert_close(run(), before, rtol=0, atol=0)
+
+
+def test_euler_bias_warning_points_at_the_callers_line():
+    """The warning names this file. Each call has its own dt: the step warns once per memoised (gamma, dt)."""
+    x, y, drift, diffusion, _ = _inputs(2, 1, 5, F64, "cpu")
+    calls = [lambda: markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.0321, seed=0),
+             lambda: markovkit.step_coefficients(GAMMA, 0.0322, dtype=F64),
+             lambda: markovkit.mafbm_simulate(torch.zeros(2), 2, 0.0323, OMEGA_II, GAMMA, seed=0, scheme="euler")]
+    for call, gamma_dt in zip(calls, ["0.642", "0.644", "0.646"]):
+        with pytest.warns(UserWarning, match=rf"gamma_max\*dt = {gamma_dt} > 0.5") as record:
+            call()
+        assert [r.filename for r in record] == [__file__]
 
 
 # --- the simulator -------------------------------------------------------------------------------------
@@ -374,6 +426,8 @@ def test_bad_input_errors():
         step(x, y, drift, diffusion, w, -GAMMA, 0.01, seed=0)
     with pytest.raises(ValueError, match="seed: expected an int seed when noise is not given"):
         step(x, y, drift, diffusion, w, GAMMA, 0.01)
+    with pytest.raises(ValueError, match=r"seed: expected None when noise is given \(.*\), got 3"):
+        step(x, y, drift, diffusion, w, GAMMA, 0.01, noise=torch.zeros(4, 2, 1), seed=3)
     with pytest.raises(ValueError, match="scheme: expected 'euler' or 'exact'"):
         step(x, y, drift, diffusion, w, GAMMA, 0.01, seed=0, scheme="heun")
     with pytest.raises(ValueError, match=r"Euler-Maruyama is unstable for gamma_max\*dt >= 2"):
@@ -389,3 +443,21 @@ def test_bad_input_errors():
         markovkit.mafbm_simulate(x0, 10, 0.01, OMEGA_II, GAMMA, seed=0, kind="mvn")
     with pytest.raises(ValueError, match="gamma: expected positive rates"):
         markovkit.mafbm_simulate(x0, 10, 0.01, torch.ones(1), torch.zeros(1), seed=0, kind="I")
+
+
+def test_omega_and_seed_errors_name_the_argument():
+    x, y, drift, diffusion, _ = _inputs(4, 2, 5, F64, "cpu")
+    step = lambda omega, seed: markovkit.mafbm_step(x, y, drift, diffusion, omega, GAMMA, 0.01, seed=seed)  # noqa: E731
+    simulate = lambda omega, seed: markovkit.mafbm_simulate(torch.zeros(4), 3, 0.01, omega, GAMMA,  # noqa: E731
+                                                            seed=seed)
+    for run in [step, simulate]:
+        with pytest.raises(ValueError, match=r"omega: expected shape \(5,\), one weight per rate of gamma "
+                                             r"\(len\(gamma\) = 5\), got shape \(4,\)"):
+            run(OMEGA_II[:4], 0)
+        for seed in [2**63, -(2**63) - 1]:
+            with pytest.raises(ValueError, match=rf"seed: expected an int in \[-2\*\*63, 2\*\*63\), got {seed}"):
+                run(OMEGA_II, seed)
+        with pytest.raises(TypeError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*63\), got float 1.5"):
+            run(OMEGA_II, 1.5)
+        # the ends of the range are seeds like any other: different streams
+        assert not torch.equal(run(OMEGA_II, 2**63 - 1)[0], run(OMEGA_II, -(2**63))[0])

@@ -39,3 +39,16 @@ def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
     with pytest.raises(ValueError, match="times: expected multiples of dt"):
         model.elbo(torch.zeros(1, 1, 1), torch.tensor([0.105]), dt=0.01, obs_std=1.0)
+
+
+def test_elbo_and_sample_check_x0_and_obs():
+    model = FractionalSDE(1, K=3, hidden=4, hurst=0.4)
+    obs, times = torch.randn(4, 2, 1), torch.tensor([0.1, 0.2])
+    elbo = lambda x0: model.elbo(obs, times, dt=0.05, obs_std=0.5, samples=8, x0=x0)  # noqa: E731
+    with pytest.raises(ValueError, match=r"x0: expected shape \(32, 1\) = \(batch\*samples, dims\), got \(1, 1\)"):
+        elbo(torch.zeros(1, 1))
+    assert elbo(torch.zeros(32, 1)).item() == elbo(None).item()
+    with pytest.raises(ValueError, match=r"x0: expected shape \(5, 1\) = \(paths, dims\), got \(1, 1\)"):
+        model.sample(5, 2, 0.05, x0=torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"obs: expected shape \(batch, n_obs, 1\), got \(4, 2, 2\)"):
+        model.elbo(torch.zeros(4, 2, 2), times, dt=0.05, obs_std=0.5)

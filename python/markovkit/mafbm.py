@@ -8,6 +8,9 @@ Schemes (Itô; b, σ, u held at their start-of-step values): "euler" (Euler-Maru
 """
 import functools
 import math
+import numbers
+import os
+import sys
 import warnings
 
 import torch
@@ -15,11 +18,32 @@ import torch
 from markovkit import fbm
 
 _SCHEMES = ("euler", "exact")
+# frames in these folders are not the user's: a warning is attributed to the first frame outside them
+_INTERNAL_DIRS = tuple(os.path.join(os.path.dirname(m.__file__), "") for m in (fbm, torch))
 
 
 def _check_scheme(scheme: str) -> None:
     if scheme not in _SCHEMES:
         raise ValueError(f"scheme: expected 'euler' or 'exact', got {scheme!r}")
+
+
+def _check_dt(dt: float) -> None:
+    if not dt > 0:
+        raise ValueError(f"dt: expected a positive time step, got {dt}")
+
+
+def _warn_at_caller(message: str) -> None:
+    """warnings.warn attributed to the first frame outside markovkit and torch: the user's line."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, stacklevel=level)
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: dynamo cannot trace warnings.warn
+def _warn_euler_bias(gamma_dt: float) -> None:
+    _warn_at_caller(f"gamma_max*dt = {gamma_dt:.3g} > 0.5: the Euler step inflates the fast modes' variance "
+                    "(by 2/(2 - gamma*dt)); consider scheme='exact'")
 
 
 def _check_euler(gamma_max: float, dt: float) -> None:
@@ -28,8 +52,39 @@ def _check_euler(gamma_max: float, dt: float) -> None:
         raise ValueError(f"dt: Euler-Maruyama is unstable for gamma_max*dt >= 2, got {gamma_max}*{dt} = "
                          f"{gamma_max * dt:.3g}; use a smaller dt or scheme='exact'")
     if gamma_max * dt > 0.5:
-        warnings.warn(f"gamma_max*dt = {gamma_max * dt:.3g} > 0.5: the Euler step inflates the fast modes' "
-                      "variance (by 2/(2 - gamma*dt)); consider scheme='exact'", stacklevel=3)
+        _warn_euler_bias(gamma_max * dt)
+
+
+def _check_step_constants(rates: tuple, dt: float, scheme: str) -> None:
+    """Rates >= 0, dt > 0 and the Euler limits, on Python numbers: run eagerly and while torch.compile traces."""
+    if not all(r >= 0 for r in rates):
+        raise ValueError(f"gamma: expected non-negative rates, got {list(rates)}")
+    _check_dt(dt)
+    if scheme == "euler":
+        _check_euler(max(rates), dt)
+
+
+def _as_seed(seed) -> int:
+    """The Philox key: an int in [-2**63, 2**63) (the op's int64)."""
+    if not isinstance(seed, (int, numbers.Integral, torch.SymInt)):  # int first: a fast exact match
+        raise TypeError(f"seed: expected an int in [-2**63, 2**63), got {type(seed).__name__} {seed!r}")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: expected an int in [-2**63, 2**63), got {seed}")
+    return seed
+
+
+def _check_omega(omega: torch.Tensor, K: int) -> None:
+    if omega.shape != (K,):
+        raise ValueError(f"omega: expected shape ({K},), one weight per rate of gamma (len(gamma) = {K}), "
+                         f"got shape {tuple(omega.shape)}")
+
+
+def _as_rates(gamma) -> torch.Tensor:
+    """gamma as a (K,) tensor; a tensor is used as it is (as_tensor costs a µs a step)."""
+    g = gamma if isinstance(gamma, torch.Tensor) else torch.tensor(gamma, dtype=torch.float64)
+    if g.dim() != 1 or g.shape[0] < 1:
+        raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(g.shape)}")
+    return g
 
 
 def _step_coefficients(gamma: torch.Tensor, dt: float, scheme: str):
@@ -49,35 +104,37 @@ def _step_coefficients(gamma: torch.Tensor, dt: float, scheme: str):
 
 @functools.lru_cache(maxsize=64)
 def _cached_coefficients(gamma: tuple, dt: float, scheme: str, dtype: torch.dtype, device: torch.device):
+    _check_step_constants(gamma, dt, scheme)
     g = torch.tensor(gamma, dtype=torch.float64)
-    if not bool((g >= 0).all()):
-        raise ValueError(f"gamma: expected non-negative rates, got {list(gamma)}")
-    if not dt > 0:
-        raise ValueError(f"dt: expected a positive time step, got {dt}")
-    if scheme == "euler":
-        _check_euler(max(gamma), dt)
     # contiguous: "exact"'s factor inherits the column-major strides of eigh, which the op would copy every call
     return tuple(c.to(dtype=dtype, device=device, memory_format=torch.contiguous_format)
                  for c in _step_coefficients(g, dt, scheme))
+
+
+def _coefficients(gamma, dt: float, scheme: str, dtype, device):
+    """(drop, phi, factor) for mafbm_step; eager calls return the memoised tensors themselves (read-only)."""
+    _check_scheme(scheme)
+    if not isinstance(device, torch.device):
+        device = torch.device("cpu") if device is None else torch.device(device)
+    g = _as_rates(gamma)
+    if not torch.compiler.is_compiling():
+        return _cached_coefficients(tuple(g.tolist()), float(dt), scheme, dtype, device)
+    # traced: a list or tuple gamma is a constant of the trace, checked as in eager; a tensor's values are unknown
+    if isinstance(gamma, torch.Tensor):
+        _check_dt(dt)
+    else:
+        _check_step_constants(tuple(gamma), dt, scheme)
+    return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(g, dt, scheme))
 
 
 def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.float32, device=None):
     """(drop (K,), phi (K,), factor (K, R)) of `mafbm_step`: y' = y − drop·y + phi·u + factor @ z.
 
     R = 1 for "euler", R = K for "exact" (an eigen-root of Σ(dt)); `noise` given to `mafbm_step` has shape
-    (paths, dims, R). Eager calls are memoised on (gamma, dt, scheme, dtype, device).
+    (paths, dims, R). Returns new tensors: the ones `mafbm_step` memoises on (gamma, dt, scheme, dtype, device)
+    cannot be changed through them.
     """
-    _check_scheme(scheme)
-    if not isinstance(device, torch.device):
-        device = torch.device("cpu") if device is None else torch.device(device)
-    if torch.compiler.is_compiling():
-        return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(gamma, dt, scheme))
-    if not isinstance(gamma, torch.Tensor):  # a tensor's values are read as they are (as_tensor costs a µs a step)
-        gamma = torch.as_tensor(gamma, dtype=torch.float64)
-    rates = tuple(gamma.tolist()) if gamma.dim() == 1 else ()
-    if not rates:
-        raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(gamma.shape)}")
-    return _cached_coefficients(rates, float(dt), scheme, dtype, device)
+    return tuple(c.clone() for c in _coefficients(gamma, dt, scheme, dtype, device))
 
 
 def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None, noise=None, seed=None,
@@ -86,18 +143,22 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
 
     x, drift, diffusion, control: (paths, dims); y: (paths, dims, K); omega: (K,) (differentiable);
     gamma: (K,) non-negative rates (a constant: no gradient); kl = ½ dt Σ_dims u².
-    Noise: `noise` (paths, dims, R) standard normals (R = 1 for "euler", K for "exact"), or drawn from the
-    Philox stream of `seed` at (path, dim, step) (see csrc/mafbm/mafbm_step.h for the counter layout).
-    Gradients: x, y, drift, diffusion, control, omega. float32 or float64, CPU or CUDA.
+    Noise: either `noise` (paths, dims, R) standard normals (R = 1 for "euler", K for "exact"), or `seed`, an int
+    in [-2**63, 2**63): drawn from its Philox stream at (path, dim, step) (see csrc/mafbm/mafbm_step.h for the
+    counter layout). Gradients: x, y, drift, diffusion, control, omega. float32 or float64, CPU or CUDA.
+    Under torch.compile, gamma and dt are checked when they are Python numbers (a list gamma, a float dt); the
+    values of a tensor gamma are not known while tracing and go unchecked there.
     """
-    if noise is None and seed is None:
-        raise ValueError("seed: expected an int seed when noise is not given, got None")
-    drop, phi, factor = step_coefficients(gamma, dt, scheme, dtype=x.dtype, device=x.device)
+    if (noise is None) == (seed is None):
+        raise ValueError("seed: expected an int seed when noise is not given, got None" if noise is None else
+                         f"seed: expected None when noise is given (the noise is used as it is), got {seed}")
+    drop, phi, factor = _coefficients(gamma, dt, scheme, x.dtype, x.device)
+    _check_omega(omega, drop.shape[0])
     if omega.dtype != x.dtype:
         omega = omega.to(x.dtype)
     # the overload itself: the packet's overload resolution costs host time on every step
     return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
-                                                  noise, 0 if seed is None else seed, step)
+                                                  noise, 0 if seed is None else _as_seed(seed), step)
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
@@ -105,19 +166,24 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     """Whole fractional OU paths dX = θ(μ − X) dt + σ dB̂ in one kernel -> (paths, n_steps // save_every + 1).
 
     x0: (paths,) float32/float64 (CPU or CUDA); column j is X at step j·save_every. θ = 0, σ = 1 gives
-    MA-fBM paths. kind "I" starts Y from its stationary law N(0, 1/(γ_i + γ_j)), "II" from 0.
+    MA-fBM paths. omega, gamma: (K,); seed: an int in [-2**63, 2**63). kind "I" starts Y from its stationary law
+    N(0, 1/(γ_i + γ_j)), "II" from 0.
     "exact" draws r ≤ K normals per step (the low-rank root of Σ(dt) accurate to 1e-6 on diag Σ and ωᵀΣω).
     The drift term is an Euler step in X; the noise of X is exact in distribution for "exact".
     Differentiable in x0 and in theta, mu, sigma when given as scalar tensors: the backward re-runs the paths
     with forward tangents (same draws), so its memory is O(paths), not paths x steps x K.
+    omega (hence H) gets no gradient here: omega is detached. To learn H, step with `mafbm_step`, which is
+    differentiable in omega, with omega = fbm.omega(H, ...) of a tensor H (as markovkit.nn.FractionalSDE does).
     """
     _check_scheme(scheme)
     fbm._check_kind(kind)
-    w = torch.as_tensor(omega, dtype=torch.float64).detach().cpu()
-    drop, _, factor = fbm.ou_transition(gamma, dt, scheme, omega=w)
+    g = fbm._as_gamma(gamma, zero_ok=True)
+    w = fbm._as_omega(omega, len(g))
+    seed = _as_seed(seed)
+    drop, _, factor = fbm.ou_transition(g, dt, scheme, omega=w)
     if scheme == "euler":
-        _check_euler(float(torch.as_tensor(gamma).max()), dt)
-    factor0 = fbm.stationary_factor(gamma, w) if kind == "I" else None
+        _check_euler(float(g.max()), dt)
+    factor0 = fbm.stationary_factor(g, w) if kind == "I" else None
     consts = (w, drop, factor, factor0, int(n_steps), float(dt), int(save_every), int(seed))
     params = [p if isinstance(p, torch.Tensor) else torch.tensor(float(p), dtype=torch.float64)
               for p in (theta, mu, sigma)]

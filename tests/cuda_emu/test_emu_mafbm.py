@@ -50,7 +50,7 @@ def _step_grads(dtype, K, scheme, with_control, given_noise):
                _rand(PATHS, gen=gen, dtype=dtype)]
     leaves = [t.requires_grad_() for t in (x, y, drift, diffusion, control, omega)]
     out = markovkit.mafbm_step(x, y, drift, diffusion, omega, _gamma(K), DT, control=control if with_control else None,
-                               noise=noise, seed=2**35 + 7, step=3, scheme=scheme)
+                               noise=noise, seed=None if given_noise else 2**35 + 7, step=3, scheme=scheme)
     loss = sum((w * o).sum() for w, o in zip(weights, out))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     expected = None

@@ -9,6 +9,11 @@ import markovkit
 from markovkit import fbm
 
 
+def _check_x0(x0: torch.Tensor, paths: int, dims: int, paths_is: str) -> None:
+    if x0.shape != (paths, dims):
+        raise ValueError(f"x0: expected shape ({paths}, {dims}) = ({paths_is}, dims), got {tuple(x0.shape)}")
+
+
 def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
                          nn.Linear(hidden, n_out))
@@ -90,9 +95,13 @@ class FractionalSDE(nn.Module):
     @torch.no_grad()
     def sample(self, paths: int, n_steps: int, dt: float, *, x0=None, seed: int = 0, posterior: bool = False,
                context_fn=None) -> torch.Tensor:
-        """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device."""
+        """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device.
+
+        x0: (paths, dims) or None (zeros).
+        """
         if x0 is None:
             x0 = torch.zeros(paths, self.dims, device=self.control[0].weight.device)
+        _check_x0(x0, paths, self.dims, "paths")
         return self._run(x0, n_steps, dt, seed, posterior, context_fn)[0]
 
     def elbo(self, obs: torch.Tensor, times: torch.Tensor, *, dt: float, obs_std: float, samples: int = 16,
@@ -103,6 +112,8 @@ class FractionalSDE(nn.Module):
         (paths = batch·samples, sequence-major). x0: (batch·samples, dims) or None (zeros). context_fn(n, x)
         -> (paths, context_dims) feeds the control. Returns the mean over sequences (a scalar).
         """
+        if obs.dim() != 3 or obs.shape[2] != self.dims:
+            raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
         batch, n_obs, dims = obs.shape
         idx = torch.round(torch.as_tensor(times, dtype=torch.float64) / dt).long()
         if not torch.allclose(idx.double() * dt, torch.as_tensor(times, dtype=torch.float64), atol=1e-9):
@@ -110,6 +121,7 @@ class FractionalSDE(nn.Module):
         paths = batch * samples
         if x0 is None:
             x0 = obs.new_zeros(paths, dims)
+        _check_x0(x0, paths, self.dims, "batch*samples")
         xs, kl = self._run(x0, int(idx.max()), dt, seed, True, context_fn)
         target = obs.repeat_interleave(samples, 0)  # (paths, n_obs, dims)
         resid = (xs[:, idx.to(xs.device)] - target) / obs_std
