@@ -481,6 +481,35 @@ def test_cuda_checks_cu_seqlens_on_the_device():
     assert "device-side assert" in run.stderr
 
 
+_BAD_ROWS_SCRIPT = """
+import torch, markovkit
+x = torch.randn(3, 4, device="cuda")
+B = torch.randn(3, 2, device="cuda")
+rows = torch.tensor({rows}, device="cuda")
+markovkit.selective_state_update(torch.zeros(5, 4, 2, device="cuda"), x, x, -torch.ones(4, 2, device="cuda"), B, B,
+                                 state_batch_indices=rows)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("rows,message", [([4, 5, -1], "state_batch_indices: expected rows < 5 (state.size(0)), got 5"),
+                                          ([2, -1, 2], "state_batch_indices: expected distinct rows, got 2 at indices "
+                                                       "0 and 2")])
+def test_cuda_checks_state_batch_indices_on_the_device(rows, message):
+    # as cu_seqlens: a device-side assert that prints the bad row (scan_kernel.cu), in a fresh process
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BAD_ROWS_SCRIPT.format(rows=rows)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode != 0 and "no error" not in run.stdout
+    assert message in run.stdout + run.stderr
+    assert "device-side assert" in run.stderr
+
+
 def test_bad_input_errors():
     x = make_inputs(batch=2, dim=4, seqlen=10, dstate=3, B_mode="var4", C_mode="var4", groups=2)
     args = _op_args("cpu", torch.float32, seqlen=10)
