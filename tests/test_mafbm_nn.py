@@ -39,6 +39,16 @@ def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
     with pytest.raises(ValueError, match="times: expected multiples of dt"):
         model.elbo(torch.zeros(1, 1, 1), torch.tensor([0.105]), dt=0.01, obs_std=1.0)
+    with pytest.raises(ValueError, match=r"times: expected multiples of dt = 0.1, >= 0, got tensor\(\[ 0.3000, -0.1"):
+        model.elbo(torch.zeros(1, 2, 1), torch.tensor([0.3, -0.1]), dt=0.1, obs_std=1.0)
+
+
+def test_float64_module_samples_from_default_x0():
+    model = FractionalSDE(2, K=3, hurst=0.3, hidden=8).double()
+    paths = model.sample(4, 3, 0.1, seed=0)
+    assert paths.dtype == torch.float64 and paths.shape == (4, 4, 2)
+    torch.testing.assert_close(paths, model.sample(4, 3, 0.1, seed=0, x0=torch.zeros(4, 2, dtype=torch.float64)),
+                               rtol=0, atol=0)
 
 
 def test_elbo_and_sample_check_x0_and_obs():

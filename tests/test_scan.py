@@ -573,6 +573,27 @@ def test_mamba_block_step_equals_forward(device):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
 
 
+def test_mamba_block_init_flags_and_step_checks():
+    """mamba_ssm's constructor arguments and parameter flags: dt_init / dt_scale set dt_proj's weight, a fractional
+    expand rounds down, A_log and D carry _no_weight_decay and the dt bias _no_reinit (optimizer grouping and
+    re-initialisation code read them). step() takes one token, records no graph, and allocate_inference_cache has
+    mamba_ssm's (batch_size, max_seqlen, dtype) signature."""
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(d_model=32, d_state=4, expand=1.5, dt_init="constant", dt_scale=0.5)
+    assert block.d_inner == 48 and block.dt_rank == 2
+    torch.testing.assert_close(block.dt_proj.weight, torch.full((48, 2), 0.5 * 2 ** -0.5))
+    assert block.A_log._no_weight_decay and block.D._no_weight_decay and block.dt_proj.bias._no_reinit
+    with pytest.raises(ValueError, match="dt_init: expected 'random' or 'constant', got 'zeros'"):
+        markovkit.nn.Mamba(d_model=32, dt_init="zeros")
+    conv_state, ssm_state = block.allocate_inference_cache(3, 128, dtype=torch.float64)
+    assert conv_state.shape == (3, 48, 4) and conv_state.dtype == F64 and ssm_state.dtype == torch.float32
+    conv_state = conv_state.float()
+    with pytest.raises(ValueError, match=r"hidden: expected shape \(batch, 1, d_model\), one token, got \(3, 2, 32\)"):
+        block.step(torch.randn(3, 2, 32), conv_state, ssm_state)
+    out = block.step(torch.randn(3, 1, 32), conv_state, ssm_state)
+    assert not out.requires_grad and not conv_state.requires_grad
+
+
 def test_mamba_block_float64_matches_the_reference_scan():
     """A float64 block (A_log, D and the dt bias in float64 too) computes in float64: output and parameter
     gradients equal the same block on the float64 reference scan."""

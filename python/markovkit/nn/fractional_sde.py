@@ -100,7 +100,8 @@ class FractionalSDE(nn.Module):
         x0: (paths, dims) or None (zeros).
         """
         if x0 is None:
-            x0 = torch.zeros(paths, self.dims, device=self.control[0].weight.device)
+            w = self.control[0].weight
+            x0 = torch.zeros(paths, self.dims, device=w.device, dtype=w.dtype)
         _check_x0(x0, paths, self.dims, "paths")
         return self._run(x0, n_steps, dt, seed, posterior, context_fn)[0]
 
@@ -115,9 +116,10 @@ class FractionalSDE(nn.Module):
         if obs.dim() != 3 or obs.shape[2] != self.dims:
             raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
         batch, n_obs, dims = obs.shape
-        idx = torch.round(torch.as_tensor(times, dtype=torch.float64) / dt).long()
-        if not torch.allclose(idx.double() * dt, torch.as_tensor(times, dtype=torch.float64), atol=1e-9):
-            raise ValueError(f"times: expected multiples of dt = {dt}, got {times}")
+        t = torch.as_tensor(times, dtype=torch.float64)
+        idx = torch.round(t / dt).long()
+        if not (bool((t >= 0).all()) and torch.allclose(idx.double() * dt, t, atol=1e-9)):
+            raise ValueError(f"times: expected multiples of dt = {dt}, >= 0, got {times}")
         paths = batch * samples
         if x0 is None:
             x0 = obs.new_zeros(paths, dims)

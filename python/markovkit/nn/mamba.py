@@ -12,35 +12,45 @@ class Mamba(nn.Module):
     """in_proj -> causal depthwise conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj -> selective scan with
     D skip and SiLU(z) gate -> out_proj. Parameters and initialisation follow the Mamba paper's block:
     A = -exp(A_log) with A_log = log(1..d_state) per channel, D = 1, dt_proj bias = softplus^-1(dt) for dt
-    log-uniform in [dt_min, dt_max] (floored at dt_init_floor), dt_proj weight uniform in ±dt_rank^-0.5.
+    log-uniform in [dt_min, dt_max] (floored at dt_init_floor), dt_proj weight uniform in ±dt_scale·dt_rank^-0.5
+    (dt_init "random") or constant dt_scale·dt_rank^-0.5 ("constant"). As in mamba_ssm, A_log and D are marked
+    ``_no_weight_decay`` and dt_proj.bias ``_no_reinit`` (for optimizer grouping and re-initialisation code).
 
     forward(hidden: (batch, seqlen, d_model)) -> (batch, seqlen, d_model).
     step(hidden: (batch, 1, d_model), conv_state, ssm_state) -> (batch, 1, d_model), updating both states
-    in place; ``allocate_inference_cache(batch)`` gives zero states. Decoding token by token from zero states
-    equals ``forward`` on the whole sequence.
+    in place, without autograd (the decode op has no derivative); ``allocate_inference_cache(batch_size)`` gives
+    zero states. Decoding token by token from zero states equals ``forward`` on the whole sequence.
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
-                 dt_init_floor=1e-4, conv_bias=True, bias=False, device=None, dtype=None):
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, device=None,
+                 dtype=None):
         super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
-        self.d_inner = expand * d_model
+        self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1,
                                 bias=conv_bias, **kw)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **kw)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **kw)
-        std = self.dt_rank ** -0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        std = dt_scale * self.dt_rank ** -0.5
+        if dt_init == "random":
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        else:
+            nn.init.constant_(self.dt_proj.weight, std)
         dt = torch.exp(torch.rand(self.d_inner, **kw) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_proj.bias._no_reinit = True
         A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
 
     def _A(self):
@@ -61,17 +71,20 @@ class Mamba(nn.Module):
                            z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
 
-    def allocate_inference_cache(self, batch, device=None):
-        """Zero (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) float32, or
-        float64 for a float64 module)."""
+    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None):
+        """Zero (conv_state (batch_size, d_inner, d_conv) in dtype (default the conv weight's), ssm_state
+        (batch_size, d_inner, d_state) float32, or float64 for a float64 module), on the module's device.
+        max_seqlen is unused (the states do not grow), as in mamba_ssm's signature."""
         w = self.conv1d.weight
-        device = device or w.device
         ssm_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-        return (torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=w.dtype),
-                torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=ssm_dtype))
+        return (torch.zeros(batch_size, self.d_inner, self.d_conv, device=w.device, dtype=dtype or w.dtype),
+                torch.zeros(batch_size, self.d_inner, self.d_state, device=w.device, dtype=ssm_dtype))
 
+    @torch.no_grad()
     def step(self, hidden, conv_state, ssm_state):
         """One token: hidden (batch, 1, d_model); conv_state and ssm_state are updated in place."""
+        if hidden.dim() != 3 or hidden.shape[1] != 1:
+            raise ValueError(f"hidden: expected shape (batch, 1, d_model), one token, got {tuple(hidden.shape)}")
         x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)               # (batch, d_inner) each
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
