@@ -119,6 +119,31 @@ def test_bench_rejects_an_unknown_family():
     assert "unknown family ['nope']" in result.stderr
 
 
+def test_bench_rejects_a_bad_device_and_an_unwritable_json_path_before_timing(tmp_path):
+    result = _run("-m", "markovkit.bench", "--quick", "--device", "gpu")
+    assert result.returncode == 2 and "invalid choice: 'gpu'" in result.stderr
+    result = _run("-m", "markovkit.bench", "--quick", "--family", "philox", "--json", str(tmp_path / "no" / "x.json"))
+    assert result.returncode != 0 and "No such file or directory" in result.stderr
+    assert "device:" not in result.stdout  # nothing was timed
+    if not torch.cuda.is_available():
+        result = _run("-m", "markovkit.bench", "--quick", "--device", "cuda")
+        assert result.returncode == 2 and "--device cuda: torch sees no CUDA device" in result.stderr
+
+
+def test_bench_json_has_null_for_a_failed_impl(tmp_path):
+    """A failed impl's NaN figures go to JSON as null (NaN is not JSON), and its row shows '-' for ours x."""
+    from markovkit.bench.__main__ import _strict, print_rows
+
+    nan = float("nan")
+    row = {"family": "f", "case": "c", "shape": "(2,)", "dtype": "float32", "impl": "peer", "ms": nan,
+           "error": "", "rate": "", "speedup_of_ours": nan, "roofline_fraction": None}
+    assert json.loads(json.dumps(_strict(row), allow_nan=False)) == dict(row, ms=None, speedup_of_ours=None)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_rows([dict(row, ms=2.0)])
+    assert out.getvalue().split()[-1] == "-"
+
+
 def test_bench_cases_of_each_shape_run_that_shape(monkeypatch):
     """Every case's callables compute the case's own shape (the cases are all built before any is timed, so a
     callable that closed over a loop variable would run the last shape)."""

@@ -6,8 +6,8 @@ from markovkit._build_config import TORCH_VERSION as _BUILT_AGAINST
 if torch.__version__ != _BUILT_AGAINST:
     raise ImportError(
         f"markovkit was built against torch {_BUILT_AGAINST} but torch {torch.__version__} is installed; "
-        "rebuild it with this torch: pip install --no-build-isolation --force-reinstall markovkit "
-        "(from the source tree: pip install --no-build-isolation .)"
+        "rebuild it against this torch from the source tree: pip install --no-build-isolation --no-deps "
+        "--force-reinstall ."
     )
 
 from markovkit import _C  # noqa: E402  (loads the library: registers torch.ops.markovkit)

@@ -16,7 +16,7 @@ def info() -> None:
             p = torch.cuda.get_device_properties(i)
             print(f"{'cuda:' + str(i):>14}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB")
     else:
-        print(f"{'cuda':>14}: no device visible")
+        print(f"{'devices':>14}: no CUDA device visible")
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """`python -m markovkit.bench`: time every registered case against its peers on the best device present."""
 import argparse
 import json
+import math
 import platform
 import sys
 
@@ -105,7 +106,8 @@ def print_rows(rows) -> None:
             print(_line([r["family"], r["case"], r["shape"], r["dtype"], r["impl"], "failed", r["error"]]))
             continue
         roof_txt = "" if r["roofline_fraction"] is None else f"{100 * r['roofline_fraction']:.1f}%"
-        ours_x = "" if r["impl"] == "markovkit" else f"{r['speedup_of_ours']:.2f}x"
+        speedup = r["speedup_of_ours"]
+        ours_x = "" if r["impl"] == "markovkit" else ("-" if math.isnan(speedup) else f"{speedup:.2f}x")
         print(_line([r["family"], r["case"], r["shape"], r["dtype"], r["impl"], f"{r['ms']:.3f}", r["rate"],
                      ours_x, roof_txt]))
     sys.stdout.flush()
@@ -116,19 +118,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, eager peers only (seconds on a CPU)")
     parser.add_argument("--json", metavar="PATH", help="write every figure to PATH")
     parser.add_argument("--family", action="append", help="only this family (repeatable)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when present")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd reference")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     all_cases = select_cases(device, args.quick, args.family)
+    out = open(args.json, "w") if args.json else None  # an unwritable path fails now, not after the timing
     roof = roofline(device, args.quick)
     name = _device_name(device)
     print_header(roof, name)
     rows = run(all_cases, device, roof, args.quick, compiled=not (args.quick or args.no_compile), emit=print_rows)
-    if args.json:
-        with open(args.json, "w") as f:
+    if out is not None:
+        with out:
             json.dump({"device": name, "torch": torch.__version__, "quick": args.quick, "roofline": roof,
-                       "rows": rows}, f, indent=1)
+                       "rows": [_strict(r) for r in rows]}, out, indent=1, allow_nan=False)
+
+
+def _strict(row: dict) -> dict:
+    """The row with None for a failed impl's NaN figures (NaN is not JSON)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 if __name__ == "__main__":
