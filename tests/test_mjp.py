@@ -497,8 +497,9 @@ def bad_input_cases():
         (lambda: simulate_ctmc(Q, x0, grid.expand(3, 5), seed=0), r"t_grid: expected 1 processes in dim 0"),
         (lambda: simulate_ctmc(Q, x0, grid.expand(1, 3, 5), seed=0), r"t_grid: expected 4 paths in dim 1"),
         (lambda: simulate_ctmc(inf_q, x0, grid, seed=0), r"Q: expected finite off-diagonal rates, got inf"),
-        (lambda: simulate_ctmc(torch.full((6, 6), 1e308, dtype=torch.float64), x0, grid, seed=0), r"Q: expected a finite exit rate \(the off-diagonal sum "
-         r"of a row\), got inf \(weights too large to add in float64\)"),
+        (lambda: simulate_ctmc(torch.full((6, 6), 1e308, dtype=torch.float64), x0, grid, seed=0),
+         r"Q: expected a finite exit rate \(the off-diagonal sum of a row\), got inf \(weights too large to add in "
+         r"float64\)"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.full((6,), 1e308, dtype=torch.float64), paths=3, seed=0),
          r"p0: expected a finite sum, got inf"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.zeros(6), paths=3, seed=0),
@@ -523,6 +524,11 @@ def bad_input_cases():
         (lambda: torch.ops.markovkit.mjp_ctmc_grid(Q, None, torch.ones(6), grid, 1, 2**32, 0), r"paths: expected"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([-1.0]),
                                     ones, grid, seed=0), r"rates: expected rate constants >= 0"),
+        # A -> 2A at 1e307: the propensity passes float64's largest value after ~18 firings, within the first grid
+        # interval: the path has no next event time (the clock would stop; the kernel flags it)
+        (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[2]]),
+                                    torch.tensor([1e307], dtype=torch.float64), ones, grid, seed=0),
+         r"rates: expected finite propensities, got a path whose total propensity overflowed to inf"),
         (lambda: simulate_reactions(torch.tensor([[-1]]), torch.tensor([[0]]), torch.tensor([1.0]),
                                     ones, grid, seed=0), r"reactants: expected stoichiometric"),
         (lambda: simulate_reactions(torch.tensor([[1]]), torch.tensor([[0, 1]]), torch.tensor([1.0]),

@@ -288,11 +288,16 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
   const Grid grid = prepare_grid(checks, t_grid, B, P, x0, "x0");
   checks.run();
   at::Tensor out = at::empty({B, P, grid.L, N}, x.options());
+  at::Tensor exploded = at::zeros({1}, x.options().dtype(at::kInt));
   const ReactionParams p{alpha.data_ptr<int32_t>(), nu.data_ptr<int32_t>(), affects.data_ptr<uint8_t>(),
                          k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
                          grid.values.data_ptr<double>(), grid.b_stride, grid.p_stride, grid.L,
-                         out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset};
+                         out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset,
+                         exploded.data_ptr<int32_t>()};
   MK_LAUNCH(x0, reactions_grid_cpu(p), reactions_grid_cuda(p, stream));
+  TORCH_CHECK(exploded.item<int32_t>() == 0,
+              "rates: expected finite propensities, got a path whose total propensity overflowed to inf (rate "
+              "constants times the counts' binomials beyond float64: its next event time is undefined)");
   return out;
 }
 

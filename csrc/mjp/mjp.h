@@ -69,6 +69,7 @@ struct ReactionParams {
   int64_t B, P, R, N;
   uint64_t seed;
   int64_t process_offset;    // as in CtmcParams
+  int32_t* exploded;         // (1,) set to 1 where a path's total propensity overflowed to inf (the glue raises)
 };
 
 MK_HOST_DEVICE uint64_t mjp_counter_hi(int64_t b, int64_t path) {
@@ -372,6 +373,15 @@ class CtmcEventsPath {
   int64_t n_ = 0;      // jumps recorded
 };
 
+// *flag = 1 from any number of threads at once (the same value: no order needed).
+MK_HOST_DEVICE void mjp_set_flag(int32_t* flag) {
+#ifdef __CUDA_ARCH__
+  *flag = 1;
+#else
+  __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+#endif
+}
+
 // Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (m + 1).
 MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64_t* x, int64_t n_species) {
   double a = k;
@@ -403,6 +413,13 @@ MK_HOST_DEVICE void reaction_grid_path(const ReactionParams& p, const int32_t* a
   int64_t step = 0;
   for (uint64_t draw = 1;; ++draw) {
     const double a0 = mjp_row_sum(a, R, -1);
+    if (!(a0 < std::numeric_limits<double>::infinity())) {  // no next event time: -1 from here, flagged
+      for (; step < L; ++step) {
+        for (int64_t s = 0; s < N; ++s) out[step * N + s] = -1;
+      }
+      mjp_set_flag(p.exploded);
+      return;
+    }
     double u_dest = 0.0;
     const double t_next = mjp_next_time(seed, draw, hi, t, a0, &u_dest);
     int64_t end = step;
