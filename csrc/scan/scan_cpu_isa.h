@@ -131,8 +131,8 @@ acc_t* align32(void* p) {
 
 // dst (Np,) <- src (N,) and zero padding, or all zero when src is null.
 template <typename src_t, typename acc_t>
-void load_padded(const src_t* src, int64_t N, int64_t Np, acc_t* dst) {
-  for (int64_t n = 0; n < Np; ++n) dst[n] = src && n < N ? static_cast<acc_t>(src[n]) : acc_t(0);
+void load_padded(const src_t* src, int64_t N, int64_t Np, acc_t* dst, acc_t pad = acc_t(0)) {
+  for (int64_t n = 0; n < Np; ++n) dst[n] = src && n < N ? static_cast<acc_t>(src[n]) : pad;
 }
 
 template <typename acc_t>
@@ -176,7 +176,9 @@ struct Channel {
     z = p.z ? static_cast<const in_t*>(p.z) + row : nullptr;
     Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
     bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-    load_padded(static_cast<const acc_t*>(p.A) + d * N, N, Np, rows);
+    // padding states (B = C = h0 = 0) decay with A = -1: exp(Δ·0) would be NaN for Δ = inf, and its NaN would
+    // reach every earlier step's gradient
+    load_padded(static_cast<const acc_t*>(p.A) + d * N, N, Np, rows, acc_t(-1));
     A = reinterpret_cast<const Vec<acc_t>*>(rows);
     if (!p.var_B) load_padded(static_cast<const acc_t*>(p.B) + d * N, N, Np, rows + Np);
     if (!p.var_C) load_padded(static_cast<const acc_t*>(p.C) + d * N, N, Np, rows + 2 * Np);

@@ -57,7 +57,7 @@ MK_UNROLL
     for (int k = 0; k < kS; ++k) {
       const int64_t n = lane + k * kLanes;
       const bool ok = n < N;
-      A2[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] * acc_t(kLog2e) : acc_t(0);
+      A2[k] = ok ? static_cast<const acc_t*>(p.A)[d * N + n] * acc_t(kLog2e) : acc_t(-1);  // padding: as the CPU's
       Bc[k] = ok && !p.var_B ? static_cast<const acc_t*>(p.B)[d * N + n] : acc_t(0);
       Cc[k] = ok && !p.var_C ? static_cast<const acc_t*>(p.C)[d * N + n] : acc_t(0);
     }

@@ -72,13 +72,14 @@ MK_UNROLL
   for (int i = 0; i < kS; ++i) v[i] = n0 + (i ^ order) < N && src ? src[n0 + (i ^ order)] : 0.f;
 }
 
-// A·log2(e) of channel d's states into the slots A2 (zeros past dstate: those states stay 0).
+// A·log2(e) of channel d's states into the slots A2 (-1 past dstate: those states stay 0, and decay, so that
+// exp2(Δ·A2) is 0, not NaN, for Δ = inf).
 template <int kS>
 __device__ __forceinline__ void load_a2(const ScanParams& p, int64_t d, int n0, int order, float (&A2)[kS]) {
   const int64_t N = p.dstate;
   const float* A = static_cast<const float*>(p.A) + d * N;
 MK_UNROLL
-  for (int i = 0; i < kS; ++i) A2[i] = n0 + (i ^ order) < N ? A[n0 + (i ^ order)] * float(kLog2e) : 0.f;
+  for (int i = 0; i < kS; ++i) A2[i] = n0 + (i ^ order) < N ? A[n0 + (i ^ order)] * float(kLog2e) : -1.f;
 }
 
 // delta_bias and D of the channels of a thread's pieces e = tid + j·kThreads (j < kIters): channel e / kSegs of the

@@ -325,6 +325,38 @@ def test_backward_staged_plan_misaligned_dout(emulated, monkeypatch):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.float().abs().max().item())
 
 
+@pytest.mark.parametrize("dstate,dim,staged", [(12, 4, False), (200, 4, False), (13, 256, True)])
+def test_infinite_delta_leaves_earlier_gradients_finite(emulated, monkeypatch, dstate, dim, staged):
+    """One Δ = +inf (an overflowed float16 delta) at step 30 of channel 1: exp(Δ A) = 0 there, so the gradients of
+    the earlier steps stay finite, as in the float64 reference. The states that pad dstate to the team / vector width
+    (A = 0 before: exp(inf * 0) = NaN) made them NaN, on the CPU and on CUDA (team plans; staged with 256 channels
+    on 4 SMs)."""
+    monkeypatch.setenv("MK_EMU_SMS", "4")
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, dim, 40, generator=g)
+    delta = torch.rand(1, dim, 40, generator=g) * 0.5
+    delta[0, 1, 30] = float("inf")
+    A = -0.5 * torch.rand(dim, dstate, generator=g) - 0.1
+    B, C = torch.randn(1, 1, dstate, 40, generator=g), torch.randn(1, 1, dstate, 40, generator=g)
+    dout = torch.randn(1, dim, 40, generator=g)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (u, delta)]
+        out = fn(*leaves, A.to(dtype), B.to(dtype), C.to(dtype), delta_softplus=True)
+        return torch.autograd.grad((out.double() * dout.double()).sum(), leaves)
+
+    want = grads(selective_scan_ref, F64)
+    cpu = grads(markovkit.selective_scan, torch.float32)
+    cuda_emulation.launched()
+    with emulated():
+        got = grads(markovkit.selective_scan, torch.float32)
+    assert (bwd_staged_launch() is not None) == staged
+    for ours in (cpu, got):
+        for a, b in zip(ours, want):
+            assert torch.isfinite(b[0, 1, :30]).all()
+            torch.testing.assert_close(a[0, 1, :30].double(), b[0, 1, :30], rtol=1e-4, atol=1e-4)
+
+
 def test_backward_on_a_99_kb_device(emulated, monkeypatch):
     """With the 99 KB of shared memory per block of sm_86 / sm_89 the staged backward runs where its blocks fit
     (bfloat16: 91 KB at 16 states), elsewhere the team plans (float32: 109 KB staged, 70 KB team); team plans of
