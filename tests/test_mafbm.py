@@ -455,9 +455,11 @@ def test_omega_and_seed_errors_name_the_argument():
                                              r"\(len\(gamma\) = 5\), got shape \(4,\)"):
             run(OMEGA_II[:4], 0)
         for seed in [2**63, -(2**63) - 1]:
-            with pytest.raises(ValueError, match=rf"seed: expected an int in \[-2\*\*63, 2\*\*63\), got {seed}"):
+            with pytest.raises(ValueError, match=rf"seed: expected an int in \[-2\*\*63, 2\*\*63\) \(the 64-bit "
+                                                 rf"Philox key\), got {seed}"):
                 run(OMEGA_II, seed)
-        with pytest.raises(TypeError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*63\), got float 1.5"):
+        with pytest.raises(TypeError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*63\) \(the 64-bit Philox "
+                                            r"key\), got float 1.5"):
             run(OMEGA_II, 1.5)
         # the ends of the range are seeds like any other: different streams
         assert not torch.equal(run(OMEGA_II, 2**63 - 1)[0], run(OMEGA_II, -(2**63))[0])

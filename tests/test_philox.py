@@ -138,6 +138,11 @@ def test_bad_input_errors():
         markovkit.philox_uniform((3,), 0, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="offset: expected a non-negative"):
         markovkit.philox_normal((3,), 0, -1)
+    with pytest.raises(ValueError, match=r"philox_uniform: seed: expected an int in \[-2\*\*63, 2\*\*63\) \(the "
+                                         r"64-bit Philox key\), got 18446744073709551616"):
+        markovkit.philox_uniform((3,), 2**64)
+    with pytest.raises(TypeError, match=r"philox_normal: seed: expected an int .*, got float 0.5"):
+        markovkit.philox_normal((3,), 0.5)
 
 
 @pytest.mark.parametrize("name", ["philox_uniform", "philox_normal"])

@@ -8,7 +8,6 @@ Schemes (Itô; b, σ, u held at their start-of-step values): "euler" (Euler-Maru
 """
 import functools
 import math
-import numbers
 import os
 import sys
 import warnings
@@ -16,6 +15,7 @@ import warnings
 import torch
 
 from markovkit import fbm
+from markovkit.philox import check_seed
 
 _SCHEMES = ("euler", "exact")
 # frames in these folders are not the user's: a warning is attributed to the first frame outside them
@@ -62,15 +62,6 @@ def _check_step_constants(rates: tuple, dt: float, scheme: str) -> None:
     _check_dt(dt)
     if scheme == "euler":
         _check_euler(max(rates), dt)
-
-
-def _as_seed(seed) -> int:
-    """The Philox key: an int in [-2**63, 2**63) (the op's int64)."""
-    if not isinstance(seed, (int, numbers.Integral, torch.SymInt)):  # int first: a fast exact match
-        raise TypeError(f"seed: expected an int in [-2**63, 2**63), got {type(seed).__name__} {seed!r}")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"seed: expected an int in [-2**63, 2**63), got {seed}")
-    return seed
 
 
 def _check_omega(omega: torch.Tensor, K: int) -> None:
@@ -158,7 +149,7 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
         omega = omega.to(x.dtype)
     # the overload itself: the packet's overload resolution costs host time on every step
     return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
-                                                  noise, 0 if seed is None else _as_seed(seed), step)
+                                                  noise, 0 if seed is None else check_seed(seed, "mafbm_step"), step)
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
@@ -179,7 +170,7 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     fbm._check_kind(kind)
     g = fbm._as_gamma(gamma, zero_ok=True)
     w = fbm._as_omega(omega, len(g))
-    seed = _as_seed(seed)
+    seed = check_seed(seed, "mafbm_simulate")
     drop, _, factor = fbm.ou_transition(g, dt, scheme, omega=w)
     if scheme == "euler":
         _check_euler(float(g.max()), dt)

@@ -27,7 +27,8 @@ import torch
 
 import markovkit
 from markovkit._progress import Progress
-from markovkit.mjp.ops import _check_seed, simulate_ctmc, state_dtype
+from markovkit.mjp.ops import simulate_ctmc, state_dtype
+from markovkit.philox import check_seed
 
 _NOISE_KEY = 0x5DEECE66D  # xor'ed into the seed for the mask / noise stream (kept apart from the paths' stream)
 _PARAM_KEY = 0x2545F4914F6CDD1D  # likewise for the parameters' stream
@@ -239,7 +240,7 @@ def generate(processes: int, config: FimConfig = FimConfig(), seed: int = 0, dev
     times (L,) float32 normalised to [0, 1] (multiply by time_scale), time_scale, states (N, paths, L) uint8
     (clean), observations (N, paths, L) int16 (noisy), mask (N, paths, L) bool (observed grid points).
     """
-    _check_seed("generate", seed)
+    check_seed(seed, "generate")
     if chunk < 1:
         raise ValueError(f"generate: chunk: expected >= 1 processes per call, got {chunk}")
     params = sample_parameters(processes, config, seed, device)

@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from markovkit.philox import check_seed
+
 
 def state_dtype(num_states: int) -> torch.dtype:
     """The smallest integer dtype holding the states 0..num_states-1: uint8, int16 or int32."""
@@ -40,11 +42,6 @@ class CtmcEvents(NamedTuple):
     states: torch.Tensor
     counts: torch.Tensor
     overflow: torch.Tensor
-
-
-def _check_seed(fn: str, seed: int) -> None:
-    if not -2**63 <= seed < 2**63:
-        raise ValueError(f"{fn}: seed: expected an int in [-2**63, 2**63) (the 64-bit Philox key), got {seed}")
 
 
 def _processes(Q, x0, p0, t_grid) -> int:
@@ -80,7 +77,7 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
         raise ValueError(f"simulate_ctmc: paths={paths} but x0 has shape {tuple(x0.shape)}")
     if x0 is None and paths is None:
         raise ValueError("simulate_ctmc: with p0, give the number of paths per process (paths=...)")
-    _check_seed("simulate_ctmc", seed)
+    check_seed(seed, "simulate_ctmc")
     processes = _processes(Q, x0, p0, t_grid)
     paths = x0.shape[-1] if x0 is not None else paths
     Q = Q.detach()
@@ -113,7 +110,7 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
     reaction S_i -> S_j per nonzero rate Q_ij; listed in row-major (i, j) order it gives the same paths as
     simulate_ctmc for the same seed.
     """
-    _check_seed("simulate_reactions", seed)
+    check_seed(seed, "simulate_reactions")
     return torch.ops.markovkit.mjp_reactions_grid(reactants, products, rates.detach(), x0, t_grid, seed,
                                                   process_offset)
 
