@@ -77,12 +77,13 @@ void check_weights(ValueChecks& checks, const at::Tensor& w, const char* name, c
 }
 
 // Finite sums over the last dim of finite weights (rates of 1e308 each can sum to inf: a path would then stop its
-// clock, or pick the last destination every time).
-void check_finite_sums(ValueChecks& checks, const at::Tensor& w, const char* name, const char* what) {
-  const at::Tensor sums = w.sum(-1);
+// clock, or pick the last destination every time); returns the sums.
+at::Tensor check_finite_sums(ValueChecks& checks, const at::Tensor& w, const char* name, const char* what) {
+  at::Tensor sums = w.sum(-1);
   checks.add(at::isinf(sums), [=] {
     return c10::str(name, ": expected a finite ", what, ", got inf (weights too large to add in float64)");
   });
+  return sums;
 }
 
 // The observation times as fp64 with their strides in (process, path, k).
@@ -167,8 +168,7 @@ at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>&
               "p0: expected shape (", p.S, ",) or (", p.B, ", ", p.S, "), got ", p0->sizes());
   at::Tensor w = p0->to(at::kDouble).contiguous();
   check_weights(checks, w, "p0", "probabilities");
-  check_finite_sums(checks, w, "p0", "sum");
-  checks.add(w.sum(-1) <= 0, [] {
+  checks.add(check_finite_sums(checks, w, "p0", "sum") <= 0, [] {
     return std::string("p0: expected every distribution to have a positive sum, got a zero row");
   });
   p.p0 = w.data_ptr<double>();

@@ -171,6 +171,11 @@ def _beta(draws: _Draws, region: int, a: torch.Tensor, b: torch.Tensor) -> torch
     return x / (x + _gamma(draws, region + 2 * _GAMMA_ROUNDS + 1, b))
 
 
+def _other_state(state: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A state of 0..k-1 other than `state`, uniformly chosen by the uniforms u (shapes broadcast)."""
+    return (state + 1 + (u * (k - 1)).long()) % k
+
+
 def _links(draws: _Draws, n: torch.Tensor, inside: torch.Tensor, config: FimConfig) -> torch.Tensor:
     """The links (N, S, S) bool of processes with n (N,) states, inside (N, S) = state < n: all w.p.
     fully_connected, else each w.p. p_survival; a state left without outgoing links keeps the one to a uniformly
@@ -181,7 +186,7 @@ def _links(draws: _Draws, n: torch.Tensor, inside: torch.Tensor, config: FimConf
     links = inside.unsqueeze(2) & inside.unsqueeze(1) & ~torch.eye(S, dtype=torch.bool, device=n.device)
     full = draws.uniform(1, (N,)) < config.fully_connected
     links &= full.view(N, 1, 1) | (draws.uniform(2, (N, S, S)) < config.p_survival)
-    other = (state + 1 + (draws.uniform(10, (N, S)) * (k - 1)).long()) % k  # (N, S): uniform among the others
+    other = _other_state(state, draws.uniform(10, (N, S)), k)  # (N, S)
     stranded = inside & ~links.any(-1)  # (N, S)
     return links | (stranded.unsqueeze(2) & (state == other.unsqueeze(2)))
 
@@ -226,8 +231,7 @@ def _observe(states, params, first: int, config: FimConfig, seed: int):
     regular = (torch.arange(L, device=device) % stride == 0).expand(n, paths, L)
     mask = torch.where(params["is_rand"].view(n, 1, 1), u[..., 0] < keep, regular)
     k = params["num_states"].view(n, 1, 1)
-    shift = 1 + (u[..., 2] * (k - 1)).long()  # a uniformly chosen other state
-    flipped = (states.long() + shift) % k
+    flipped = _other_state(states.long(), u[..., 2], k)
     observations = torch.where(u[..., 1] < config.noise, flipped, states.long()).to(torch.int16)
     return observations, mask
 
