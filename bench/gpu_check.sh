@@ -7,7 +7,7 @@
 # ncu_top.txt); a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
-# FAMILIES (default "scan attention mafbm mjp philox"): the bench's families, in order (fewer leave time for ncu).
+# FAMILIES (default "scan attention hybrid mafbm mjp philox"): the bench's families, in order (fewer: time for ncu).
 # MAMBA_SRC: if set to a mamba source checkout (kept outside the repo), its selective scan is built for sm_90
 # (bench/build_mamba_peer.py, niced, beside the tests) and the scan bench compares against it.
 # BASE_SRC: source trees of earlier markovkit commits, space-separated (outside the repo: git archive REV | tar x
@@ -21,7 +21,7 @@ out="$(realpath -m "${1:-gpu_check_out}")"
 mkdir -p "$out"
 PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
-families="${FAMILIES:-scan attention mafbm mjp philox}"
+families="${FAMILIES:-scan attention hybrid mafbm mjp philox}"
 t0=$(date +%s)
 export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90a}" PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"

@@ -17,7 +17,7 @@ from markovkit.philox import philox_normal, philox_uniform  # noqa: E402
 from markovkit.scan import selective_scan, selective_scan_fn, selective_state_update  # noqa: E402
 
 # --- attention ---
-from markovkit.attention import merge_attention, sliding_window_attention  # noqa: E402
+from markovkit.attention import bmojo_f_attention, merge_attention, sliding_window_attention  # noqa: E402
 
 # --- mafbm ---
 from markovkit import fbm  # noqa: E402

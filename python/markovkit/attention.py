@@ -63,6 +63,34 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     return out.to(torch.promote_types(out_a.dtype, out_b.dtype)), lse
 
 
+def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, return_lse: bool = False):
+    """B'MOJO-F attention (Zancato et al. 2024, the fading-memory variant): one softmax over the last `window`
+    in-context keys and, before those, `window` fading keys (keys and values computed from an SSM's output).
+
+    Query i sees (k_j, v_j) for i - window < j <= i and (kf_j, vf_j) for i - 2 window < j <= i - window: the
+    window result and a window of the same size over (kf, vf) shifted by `window` positions, merged exactly by
+    their lse (:func:`merge_attention`); seqlen <= window is sliding-window attention.
+    q: (batch, seqlen, heads, headdim); k, v, kf, vf: (batch, seqlen, kv_heads, headdim); one device and dtype,
+    as :func:`sliding_window_attention` takes them. Rotary embeddings go in before the call, at absolute positions
+    (so fading keys sit at distances window .. 2 window - 1). Returns out like q and, if `return_lse`,
+    lse: (batch, heads, seqlen) over both key sets; differentiable in q, k, v, kf and vf.
+    """
+    window = operator.index(window)
+    for t, name in ((kf, "kf"), (vf, "vf")):
+        _check_shape(t, name, list(k.shape), "the shape of k")
+        _check_device(t, name, k, "k")
+        _check_dtype(t, name, k, "k")
+    out, lse = sliding_window_attention(q, k, v, window, softmax_scale=softmax_scale, return_lse=True)
+    seqlen = q.shape[1]
+    if seqlen > window:  # queries window .. seqlen-1 also see fading keys 0 .. seqlen-1-window
+        fading = seqlen - window
+        out_f, lse_f = sliding_window_attention(q[:, window:], kf[:, :fading], vf[:, :fading], window,
+                                                softmax_scale=softmax_scale, return_lse=True)
+        out_m, lse_m = merge_attention(out[:, window:], lse[:, :, window:], out_f, lse_f)
+        out, lse = torch.cat([out[:, :window], out_m], dim=1), torch.cat([lse[:, :, :window], lse_m], dim=2)
+    return (out, lse) if return_lse else out
+
+
 def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
     """out_a, out_b: (batch, seqlen, heads, headdim); lse_a, lse_b: (batch, heads, seqlen); one device."""
     if out_a.dim() != 4:

@@ -153,6 +153,23 @@ def sliding_window_attention(q, k, v, window: int, sink: int = 0, softmax_scale=
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     return out, lse.to(stat)
 
+
+def bmojo_f_attention(q, k, v, kf, vf, window: int, softmax_scale=None):
+    """One dense softmax over the concatenated scores of q against k (keys i - window < j <= i) and kf
+    (keys i - 2 window < j <= i - window), computed in q's dtype. Returns out like q and lse (batch, heads, seqlen)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    group, seqlen = q.shape[2] // k.shape[2], q.shape[1]
+    keys = torch.cat([k, kf], dim=1).repeat_interleave(group, dim=2)  # (batch, 2 seqlen, heads, headdim)
+    values = torch.cat([v, vf], dim=1).repeat_interleave(group, dim=2)
+    i = torch.arange(seqlen, device=q.device)[:, None]
+    j = torch.arange(seqlen, device=q.device)[None, :]
+    allowed = torch.cat([(j <= i) & (i - j < window), (j <= i - window) & (i - j < 2 * window)], dim=1)
+    scores = (torch.einsum("bihd,bjhd->bhij", q, keys) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", torch.exp(scores - lse[..., None]), values)
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, lse.to(stat)
+
 # --- mafbm ---------------------------------------------------------------------------------------------
 
 def mafbm_step(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=None):
