@@ -183,6 +183,28 @@ def test_layer_without_fading_keys_in_reach_is_sliding_window_attention():
     assert torch.equal(layer(x), swa(x))
 
 
+@pytest.mark.parametrize("kv_heads,rotary", [(2, True), (1, False)])
+def test_layer_decoding_token_by_token_equals_forward(kv_heads, rotary):
+    """3 windows and 2 tokens decoded one at a time give the forward's outputs; the cache does not grow."""
+    torch.manual_seed(0)
+    window, seqlen = 5, 17
+    layer = markovkit.nn.BMojoF(64, 2, window, kv_heads=kv_heads, rotary=rotary, dtype=torch.float64)
+    x = torch.randn(3, seqlen, 64, dtype=torch.float64)
+    expected = layer(x)
+    cache = layer.allocate_inference_cache(3)
+    sizes = [t.shape for t in (cache.k, cache.v, cache.kf, cache.vf)]
+    steps = torch.cat([layer.step(x[:, i:i + 1], cache) for i in range(seqlen)], dim=1)
+    torch.testing.assert_close(steps, expected, rtol=1e-10, atol=1e-12)
+    assert cache.position == seqlen and [t.shape for t in (cache.k, cache.v, cache.kf, cache.vf)] == sizes
+    assert sizes == 2 * [(3, window, kv_heads, 32)] + 2 * [(3, 2 * window, kv_heads, 32)]
+
+
+def test_layer_step_takes_one_token():
+    layer = markovkit.nn.BMojoF(64, 2, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape("x: expected shape (batch, 1, dim), one token, got (1, 2, 64)")):
+        layer.step(torch.zeros(1, 2, 64, dtype=torch.float64), layer.allocate_inference_cache(1))
+
+
 @pytest.mark.parametrize("args,kwargs,message", [
     ((64, 2, 0), {}, "window: expected >= 1 (positions seen including self), got 0"),
     ((96, 2, 8), {}, "headdim: expected one of (32, 64, 96, 128, 256), got 48 (dim // heads = 96 // 2)"),

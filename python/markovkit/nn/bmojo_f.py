@@ -1,11 +1,26 @@
 """BMojoF: the B'MOJO-F hybrid layer (Zancato et al. 2024): an SSM's output as fading memory, a sliding
-window as eidetic memory, one softmax over both."""
+window as eidetic memory, one softmax over both; a one-token ``step`` for decoding."""
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from markovkit.attention import bmojo_f_attention
 from markovkit.nn.mamba import Mamba
 from markovkit.nn.sliding_window_attention import _head_dim, rotary_embedding
+
+
+@dataclass
+class BMojoFCache:
+    """What one BMojoF layer keeps while decoding a batch: the mixer's states, ring buffers of the last `window`
+    in-context keys / values and of the last 2 `window` fading ones (slot = position mod size; a fading key is
+    seen window .. 2 window - 1 positions after its own), and the position of the next token."""
+    mixer: tuple
+    k: torch.Tensor   # (batch, window, kv_heads, headdim), rotated
+    v: torch.Tensor   # (batch, window, kv_heads, headdim)
+    kf: torch.Tensor  # (batch, 2 window, kv_heads, headdim), rotated
+    vf: torch.Tensor  # (batch, 2 window, kv_heads, headdim)
+    position: int = 0
 
 
 class BMojoF(nn.Module):
@@ -17,6 +32,10 @@ class BMojoF(nn.Module):
     mixer: a module (batch, seqlen, dim) -> (batch, seqlen, dim), default ``Mamba(dim)``. heads, kv_heads (GQA,
     default heads), headdim (default dim // heads; 32, 64, 96, 128 or 256) as in :class:`SlidingWindowAttention`;
     window >= 1. A bad configuration raises ValueError here, not in forward.
+
+    Decoding: ``cache = allocate_inference_cache(batch_size)``, then ``step(x_t, cache)`` per token
+    (x_t: (batch, 1, dim)) gives what ``forward`` gives at that position; memory O(window). The mixer must then
+    have ``allocate_inference_cache(batch_size, dtype=...)`` and ``step(x_t, *states)`` (as ``Mamba``).
     """
 
     def __init__(self, dim: int, heads: int, window: int, *, kv_heads=None, headdim=None, mixer=None,
@@ -35,22 +54,62 @@ class BMojoF(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
         self.out_proj = nn.Linear(heads * headdim, dim, bias=bias, **factory)
 
-    def _keys_values(self, x):
-        """x: (batch, seqlen, dim) -> k, v: (batch, seqlen, kv_heads, headdim), k rotated."""
+    def _rotate(self, x, offset=0):
+        return rotary_embedding(x, self.rotary_base, offset=offset) if self.rotary else x
+
+    def _queries(self, x, offset=0):
+        """x: (batch, seqlen, dim) at positions offset.. -> q: (batch, seqlen, heads, headdim), rotated."""
+        return self._rotate(self.q_proj(x).view(*x.shape[:2], self.heads, self.headdim), offset)
+
+    def _keys_values(self, x, offset=0):
+        """x: (batch, seqlen, dim) at positions offset.. -> k, v: (batch, seqlen, kv_heads, headdim), k rotated."""
         shape = (*x.shape[:2], self.kv_heads, self.headdim)
-        k, v = self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        return (rotary_embedding(k, self.rotary_base) if self.rotary else k), v
+        return self._rotate(self.k_proj(x).view(shape), offset), self.v_proj(x).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.heads, self.headdim)
-        if self.rotary:
-            q = rotary_embedding(q, self.rotary_base)
         k, v = self._keys_values(x)
         kf, vf = self._keys_values(self.mixer(x))
-        out = bmojo_f_attention(q, k, v, kf, vf, self.window)
+        out = bmojo_f_attention(self._queries(x), k, v, kf, vf, self.window)
         return self.out_proj(out.reshape(batch, seqlen, self.heads * self.headdim))
+
+    def allocate_inference_cache(self, batch_size: int, dtype=None) -> BMojoFCache:
+        """An empty cache (position 0); keys and values in dtype (default the projections' dtype)."""
+        w = self.k_proj.weight
+        dtype = dtype or w.dtype
+        buffers = [torch.zeros(batch_size, n * self.window, self.kv_heads, self.headdim, device=w.device,
+                               dtype=dtype) for n in (1, 1, 2, 2)]
+        return BMojoFCache(self.mixer.allocate_inference_cache(batch_size, dtype=dtype), *buffers)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: BMojoFCache) -> torch.Tensor:
+        """x: (batch, 1, dim), the token at position cache.position -> (batch, 1, dim); cache updated in place."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"x: expected shape (batch, 1, dim), one token, got {tuple(x.shape)}")
+        t, w = cache.position, self.window
+        k, v = self._keys_values(x, t)
+        kf, vf = self._keys_values(self.mixer.step(x, *cache.mixer), t)
+        cache.k[:, t % w], cache.v[:, t % w] = k[:, 0], v[:, 0]
+        cache.kf[:, t % (2 * w)], cache.vf[:, t % (2 * w)] = kf[:, 0], vf[:, 0]
+        cache.position = t + 1
+        seen = torch.arange(t - w + 1, t + 1, device=x.device)  # in-context positions; fading ones: seen - w
+        keys = torch.cat([cache.k[:, seen % w], cache.kf[:, (seen - w) % (2 * w)]], dim=1)  # (batch, 2w, ...)
+        values = torch.cat([cache.v[:, seen % w], cache.vf[:, (seen - w) % (2 * w)]], dim=1)
+        visible = torch.cat([seen >= 0, seen - w >= 0])  # (2w,): positions before 0 are empty slots
+        out = _attend(self._queries(x, t), keys, values, visible)
+        return self.out_proj(out.reshape(x.shape[0], 1, self.heads * self.headdim))
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, kv_heads={self.kv_heads}, headdim={self.headdim}, window={self.window}, "
                 f"rotary={self.rotary}")
+
+
+def _attend(q, keys, values, visible):
+    """Softmax attention of q: (batch, 1, heads, headdim) over keys, values: (batch, n, kv_heads, headdim) where
+    visible (n,) is true, in float32 at least -> (batch, 1, heads, headdim) in q's dtype."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[2] // keys.shape[2]
+    keys, values = keys.repeat_interleave(group, dim=2).to(dtype), values.repeat_interleave(group, dim=2).to(dtype)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), keys) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, values).to(q.dtype)
