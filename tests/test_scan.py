@@ -2,6 +2,8 @@
 torch.compile, varlen, state chaining, decode step, determinism, errors."""
 import itertools
 
+import re
+
 import pytest
 import torch
 
@@ -559,6 +561,18 @@ def test_bad_input_errors():
     out = markovkit.selective_scan(x["u"].bfloat16(), x["delta"].float(), x["A"], x["B"].bfloat16(),
                                    x["C"].bfloat16())
     assert out.dtype == torch.float32
+
+
+def test_cu_seqlens_refuses_more_packed_positions_than_int32_offsets_address():
+    """seqlen 2^31 with cu_seqlens: refused before any kernel (u, delta untouched: 4 GB of address space each, no
+    memory); the offsets' check alone said 'expected to end at seqlen = 2147483648, got 2147483647'."""
+    seqlen = 1 << 31
+    u = torch.empty(1, 1, seqlen, dtype=torch.bfloat16)
+    A, B = -torch.ones(1, 1), torch.ones(1, 1)
+    cu = torch.tensor([0, seqlen - 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=re.escape("cu_seqlens: its int32 offsets address at most 2^31 - 1 packed "
+                                                     "positions, got seqlen = 2147483648")):
+        markovkit.selective_scan(u, u, A, B, B, cu_seqlens=cu)
 
 
 def test_mamba_block_step_equals_forward(device):

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
 #include <vector>
 
@@ -115,6 +116,8 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
                 "cu_seqlens: expected shape (nseq + 1,) with nseq >= 1, got ", cu_seqlens->sizes());
     TORCH_CHECK(batch == 1, "u: expected batch 1 with cu_seqlens (sequences packed along seqlen), got batch ",
                 batch);
+    TORCH_CHECK(L <= INT32_MAX, "cu_seqlens: its int32 offsets address at most 2^31 - 1 packed positions, got ",
+                "seqlen = ", L);
     nseq = cu_seqlens->size(0) - 1;
     // on CUDA the passes check the values on the device (scan_check_kernel.cu): no host sync
     if (runs_cpu_kernel(u)) check_cu_seqlens_values(*cu_seqlens, L);
@@ -221,6 +224,9 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 #endif
   const int64_t dpg = f.dim / f.groups, blk = q.blk, nblk = (dpg + blk - 1) / blk;
   q.nblk = nblk;
+  TORCH_CHECK(runs_cpu_kernel(u) || f.batch * f.groups * nblk <= INT32_MAX, "selective_scan backward on CUDA: ",
+              "expected at most 2^31 - 1 thread blocks, got batch * groups * ceil(dim / groups / ", blk, ") = ",
+              f.batch * f.groups * nblk, " (batch ", f.batch, "): split the batch");
   at::Tensor dA_part = at::empty({f.batch, f.dim, N}, wopts);
   at::Tensor dD_part = at::empty({f.batch, f.dim}, wopts), dbias_part = at::empty({f.batch, f.dim}, wopts);
   // per-step partials, every element written once: time-major on the CPU

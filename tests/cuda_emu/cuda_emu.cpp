@@ -371,7 +371,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, const 
   if (threads == 0 || threads > kMaxThreads || block.z > 64)
     throw std::runtime_error("cuda_emu: invalid block (" + std::to_string(block.x) + ", " +
                              std::to_string(block.y) + ", " + std::to_string(block.z) + ")");
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     throw std::runtime_error("cuda_emu: invalid grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) +
                              ", " + std::to_string(grid.z) + ")");
   const auto raised = smem_limits().find(kernel);

@@ -9,6 +9,8 @@ Tolerances (rtol, atol as a fraction of the largest reference magnitude), output
 float64 1e-9 / 1e-10 absolute; float32 2e-4 / 2e-5; float16 5e-3 / 3e-3; bfloat16 3e-2 / 2e-2 (activations
 rounded to the dtype, the reference in float64 on the rounded inputs; the kernels compute in float32).
 """
+import re
+
 import pytest
 import torch
 
@@ -381,6 +383,20 @@ def test_backward_on_a_99_kb_device(emulated, monkeypatch):
     with emulated(), pytest.raises(RuntimeError, match="selective_scan backward on CUDA: dstate 256 with Float inputs "
                                                        "needs 157 KB of shared memory per block; this GPU allows 99 KB"):
         run(markovkit.selective_scan, x, True, *upstream(x))
+
+
+def test_backward_refuses_more_blocks_than_cuda_launches(emulated):
+    """batch 2^31 (one channel, one state): the team backward would launch 2^31 blocks, one over CUDA's grid limit
+    (the emulator checks it as CUDA does); the glue refuses it with what to do. Tensors untouched: 4-8 GB of address
+    space each, no memory."""
+    n = 1 << 31
+    u = torch.empty(n, 1, 1, dtype=torch.bfloat16)
+    A, B = -torch.ones(1, 1), torch.ones(1, 1)
+    with emulated(), pytest.raises(RuntimeError, match=re.escape(
+            "selective_scan backward on CUDA: expected at most 2^31 - 1 thread blocks, got batch * groups * "
+            "ceil(dim / groups / 32) = 2147483648 (batch 2147483648): split the batch")):
+        torch.ops.markovkit.selective_scan_bwd(u, u, A, B, B, None, None, None, False, None, None,
+                                               torch.empty(n, 1, 1, 1), u, None)
 
 
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 256), (torch.bfloat16, 200), (F64, 128), (F64, 65)])
