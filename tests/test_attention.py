@@ -277,6 +277,15 @@ def test_merge_with_empty_sources():
     assert torch.equal(out, empty_o) and torch.equal(out_lse, empty_lse)
 
 
+def test_merge_refuses_integer_tensors():
+    """An integer out would come back truncated (the merge casts to the outs' dtype)."""
+    o, lse = torch.ones(1, 2, 1, 32), torch.zeros(1, 1, 2)
+    with pytest.raises(RuntimeError, match="out_b: expected a floating-point tensor, got torch.int32"):
+        markovkit.merge_attention(o, lse, 2 * o.int(), lse)
+    with pytest.raises(RuntimeError, match="lse_a: expected a floating-point tensor, got torch.int64"):
+        markovkit.merge_attention(o, lse.long(), o, lse)
+
+
 def _merge_reference(outs, lses):
     """Attention over the union of the sources, in float64 from the definition: lse = log Σ_s e^lse_s,
     out = Σ_s e^(lse_s - lse) out_s, leaving out empty sources (lse = -inf), of the gradients too. Every row

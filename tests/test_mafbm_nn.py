@@ -43,6 +43,23 @@ def test_elbo_checks_times():
         model.elbo(torch.zeros(1, 2, 1), torch.tensor([0.3, -0.1]), dt=0.1, obs_std=1.0)
 
 
+def test_autocast_runs_the_networks_in_bfloat16_and_the_sde_in_float32():
+    """Under torch.autocast the drift / diffusion / control networks give bfloat16; the state stays float32 (the
+    step refused the mix). Paths as without autocast, to bfloat16's rounding of the coefficients."""
+    torch.manual_seed(0)
+    model = FractionalSDE(2, K=3, hurst=None, hidden=8)
+    obs, times = torch.randn(2, 3, 2), torch.tensor([0.1, 0.2, 0.3])
+    plain = model.sample(4, 5, 0.1, seed=1, posterior=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        paths = model.sample(4, 5, 0.1, seed=1, posterior=True)
+        elbo = model.elbo(obs, times, dt=0.1, obs_std=0.5, samples=2)
+    assert paths.dtype == torch.float32 and elbo.dtype == torch.float32
+    torch.testing.assert_close(paths, plain, rtol=0, atol=3e-2)
+    assert 0 < (paths - plain).abs().max()  # the networks did run in bfloat16
+    elbo.backward()
+    assert model.hurst_raw.grad is not None and model.drift[0].weight.grad.abs().sum() > 0
+
+
 def test_float64_module_samples_from_default_x0():
     model = FractionalSDE(2, K=3, hurst=0.3, hidden=8).double()
     paths = model.sample(4, 3, 0.1, seed=0)

@@ -1,5 +1,6 @@
-"""Ops without a derivative (the backward ops, the decode step): a backward that reaches them raises, instead of
-PyTorch's fallback warning and zero or missing gradients; the in-place decode step bumps its state's version."""
+"""Ops without a derivative (the backward ops, the decode step, mafbm_step in its given noise): a backward that
+reaches them raises, instead of PyTorch's fallback warning and zero or missing gradients; the in-place decode step
+bumps its state's version."""
 import pytest
 import torch
 
@@ -54,6 +55,19 @@ def test_double_backward_raises(backward_op):
     penalty = sum((g ** 2).sum() for g in first)
     with pytest.raises(RuntimeError, match=f"derivative for markovkit::{backward_op} is not implemented"):
         penalty.backward()
+
+
+@pytest.mark.parametrize("with_control", [False, True])
+def test_mafbm_step_backward_to_given_noise_raises(with_control):
+    """The step has no derivative in `noise` (used as given): a backward that needs one raises, not None."""
+    x, drift, diffusion, control, noise = _leaves((4, 2), (4, 2), (4, 2), (4, 2), (4, 2, 1))
+    inputs = (x, drift, diffusion, control) if with_control else (x, drift, diffusion)
+    y = torch.zeros(4, 2, 2, dtype=F64)
+    x_next, _, _ = markovkit.mafbm_step(x, y, drift, diffusion, torch.tensor([0.5, 1.0], dtype=F64), [1.0, 3.0], 0.1,
+                                        control=control if with_control else None, noise=noise)
+    with pytest.raises(RuntimeError, match="mafbm_step: the derivative for 'noise' is not implemented"):
+        x_next.sum().backward()
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(x_next.sum(), inputs))  # those it has
 
 
 def _decode_step(batch=2, dim=3, dstate=4):

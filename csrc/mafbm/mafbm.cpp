@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "common/backend.h"
 #include "common/torch_checks.h"
@@ -148,6 +150,14 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
                                .findSchemaOrThrow("markovkit::mafbm_step_backward", "")
                                .typed<decltype(mafbm_step_backward)>();
     const auto saved = ctx->get_saved_variables();
+    // drop, phi, factor (constants of the scheme: mafbm.py) and a given noise (used as it is) have no derivative;
+    // edges: x, y, drift, diffusion, omega, drop, phi, factor, then control and noise where given
+    std::vector<std::pair<size_t, const char*>> constants{{5, "drop"}, {6, "phi"}, {7, "factor"}};
+    if (saved[7].defined()) constants.emplace_back(saved[6].defined() ? 9 : 8, "noise");
+    for (const auto& [edge, name] : constants) {
+      TORCH_CHECK(!ctx->needs_input_grad(edge), "mafbm_step: the derivative for '", name, "' is not implemented ",
+                  "(a constant of the step); pass it detached");
+    }
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
     const std::optional<at::Tensor> control = optional(saved[6]);
     // Without create_graph no graph of the backward is recorded: skip the Autograd and ADInplaceOrView keys,

@@ -101,6 +101,9 @@ def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
         _check_shape(t, name, [batch, heads, seqlen], "batch, heads, seqlen of out_a")
     for t, name in ((lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
         _check_device(t, name, out_a, "out_a")
+    for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
+        if not t.dtype.is_floating_point:
+            raise RuntimeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
 def _check_shape(t, name, expected, what):

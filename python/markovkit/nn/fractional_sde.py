@@ -84,8 +84,11 @@ class FractionalSDE(nn.Module):
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
         for n in range(n_steps):
             t = n * dt
-            b, sigma = self._coefficients(x, t)
-            u = self._control(x, y, t, None if context_fn is None else context_fn(n, x)) if posterior else None
+            # the networks' outputs in the state's dtype (under autocast they come in bfloat16 / float16)
+            b, sigma = (c.to(x.dtype) for c in self._coefficients(x, t))
+            u = None
+            if posterior:
+                u = self._control(x, y, t, None if context_fn is None else context_fn(n, x)).to(x.dtype)
             x, y, step_kl = markovkit.mafbm_step(x, y, b, sigma, omega, gamma, dt, control=u, seed=seed, step=n,
                                                  scheme=self.scheme)
             kl = kl + step_kl
