@@ -12,6 +12,7 @@ import operator
 import torch
 
 from . import cuda_emulation
+from ._fake import check_devices
 
 _STAT_DTYPES = {torch.float64: torch.float64}
 HEADDIMS = (32, 64, 96, 128, 256)  # the head dims the kernels take
@@ -140,6 +141,7 @@ def _check_fake_shapes(q, k, v):
 
 @torch.library.register_fake("markovkit::sliding_window_attention_fwd")
 def _(q, k, v, window, sink, softmax_scale):
+    check_devices("q", q=q, k=k, v=v)
     _check_fake_shapes(q, k, v)
     batch, seqlen, heads, _ = q.shape
     lse = q.new_empty((batch, heads, seqlen), dtype=_STAT_DTYPES.get(q.dtype, torch.float32))
@@ -148,6 +150,7 @@ def _(q, k, v, window, sink, softmax_scale):
 
 @torch.library.register_fake("markovkit::sliding_window_attention_bwd")
 def _(dout, dlse, q, k, v, out, lse, window, sink, softmax_scale):
+    check_devices("q", dout=dout, dlse=dlse, q=q, k=k, v=v, out=out, lse=lse)
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from markovkit import fbm
+from markovkit._fake import check_devices, check_host
 from markovkit.philox import check_seed
 
 _SCHEMES = ("euler", "exact")
@@ -218,22 +219,29 @@ def _contiguous_like(t):
 
 @torch.library.register_fake("markovkit::mafbm_step")
 def _(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=None, seed=0, step=0):
+    check_devices("x", x=x, y=y, drift=drift, diffusion=diffusion, omega=omega, drop=drop, phi=phi, factor=factor,
+                  control=control, noise=noise)
     return _contiguous_like(x), _contiguous_like(y), x.new_empty(x.shape[:1])
 
 
 @torch.library.register_fake("markovkit::mafbm_step_backward")
 def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step):
+    check_devices("grad_x_next", grad_x_next=grad_x_next, grad_y_next=grad_y_next, grad_kl=grad_kl, y=y,
+                  diffusion=diffusion, omega=omega, drop=drop, phi=phi, factor=factor, control=control, noise=noise)
     g = _contiguous_like(grad_x_next)
     return _contiguous_like(y), g, torch.empty_like(g), torch.empty_like(g), g.new_empty(omega.shape)
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate")
 def _(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
+    check_host(x0, omega=omega, drop=drop, factor=factor, factor0=factor0)
     return x0.new_empty((x0.shape[0], n_steps // save_every + 1))
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate_backward")
 def _(grad_out, x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
+    check_devices("x0", x0=x0, grad_out=grad_out)
+    check_host(x0, omega=omega, drop=drop, factor=factor, factor0=factor0)
     return x0.new_empty((4, x0.shape[0]))
 
 

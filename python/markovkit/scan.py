@@ -13,6 +13,8 @@ rows are 16-byte aligned (the staged kernels need it), so the same values at dif
 """
 import torch
 
+from markovkit._fake import check_devices
+
 __all__ = ["selective_scan", "selective_scan_fn", "selective_state_update"]
 
 CHUNK = 64  # steps between the state checkpoints the forward saves for the backward (kScanChunk)
@@ -107,6 +109,8 @@ def _nseq(u, cu_seqlens):
 
 @torch.library.register_fake("markovkit::selective_scan_fwd")
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens):
+    check_devices("u", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                  cu_seqlens=cu_seqlens)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     wtype = _wtype(u.dtype)
@@ -119,6 +123,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seq
 @torch.library.register_fake("markovkit::selective_scan_bwd")
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, chunk_states, dout,
       dlast_state):
+    check_devices("u", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                  cu_seqlens=cu_seqlens, chunk_states=chunk_states, dout=dout, dlast_state=dlast_state)
     dim, dstate = A.shape
     wtype = _wtype(u.dtype)
     like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
@@ -129,6 +135,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seq
 
 @torch.library.register_fake("markovkit::selective_state_update")
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=None):
+    check_devices("x", state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                  state_batch_indices=state_batch_indices)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from markovkit._fake import check_devices
 from markovkit.philox import check_seed
 
 
@@ -117,11 +118,13 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
 
 @torch.library.register_fake("markovkit::mjp_ctmc_grid")
 def _(Q, x0, p0, t_grid, processes, paths, seed, process_offset=0):
+    check_devices("Q", Q=Q, x0=x0, p0=p0, t_grid=t_grid)
     return Q.new_empty((processes, paths, t_grid.shape[-1]), dtype=state_dtype(Q.shape[-1]))
 
 
 @torch.library.register_fake("markovkit::mjp_ctmc_events")
 def _(Q, x0, p0, t_end, processes, paths, max_events, seed, process_offset=0):
+    check_devices("Q", Q=Q, x0=x0, p0=p0)
     dtype = state_dtype(Q.shape[-1])
     return (
         Q.new_empty((processes, paths), dtype=dtype),
@@ -134,4 +137,5 @@ def _(Q, x0, p0, t_end, processes, paths, max_events, seed, process_offset=0):
 
 @torch.library.register_fake("markovkit::mjp_reactions_grid")
 def _(reactants, products, rates, x0, t_grid, seed, process_offset=0):
+    check_devices("x0", reactants=reactants, products=products, rates=rates, x0=x0, t_grid=t_grid)
     return x0.new_empty((x0.shape[0], x0.shape[1], t_grid.shape[-1], x0.shape[2]), dtype=torch.int64)
