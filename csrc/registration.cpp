@@ -15,8 +15,8 @@
 
 TORCH_LIBRARY(markovkit, m) {
   // --- random: the Philox4x32-10 stream (csrc/random) ---
-  m.def("philox_uniform(Tensor like, int seed, int offset=0) -> Tensor");
-  m.def("philox_normal(Tensor like, int seed, int offset=0) -> Tensor");
+  m.def("philox_uniform(Tensor like, SymInt seed, SymInt offset=0) -> Tensor");
+  m.def("philox_normal(Tensor like, SymInt seed, SymInt offset=0) -> Tensor");
   // --- scan: selective scan (csrc/scan) ---
   // selective_scan_fwd -> (out, last_state, chunk_states); the backward recomputes from chunk_states.
   m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
@@ -37,23 +37,23 @@ TORCH_LIBRARY(markovkit, m) {
         "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
   m.def("mafbm_step(Tensor x, Tensor y, Tensor drift, Tensor diffusion, Tensor omega, Tensor drop, Tensor phi, "
-        "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, int seed=0, int step=0) "
+        "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, SymInt seed=0, SymInt step=0) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("mafbm_step_backward(Tensor grad_x_next, Tensor grad_y_next, Tensor grad_kl, Tensor y, Tensor diffusion, "
-        "Tensor omega, Tensor drop, Tensor phi, Tensor factor, float dt, Tensor? control, Tensor? noise, int seed, "
-        "int step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor omega, Tensor drop, Tensor phi, Tensor factor, float dt, Tensor? control, Tensor? noise, SymInt seed, "
+        "SymInt step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mafbm_simulate(Tensor x0, Tensor omega, Tensor drop, Tensor factor, Tensor? factor0, int n_steps, "
-        "float dt, float theta, float mu, float sigma, int save_every, int seed) -> Tensor");
+        "float dt, float theta, float mu, float sigma, int save_every, SymInt seed) -> Tensor");
   m.def("mafbm_simulate_backward(Tensor grad_out, Tensor x0, Tensor omega, Tensor drop, Tensor factor, "
-        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, int seed) "
+        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, SymInt seed) "
         "-> Tensor");
   // --- mjp: Markov jump processes (csrc/mjp) ---
-  m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, int seed, "
-        "int process_offset=0) -> Tensor");
+  m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, SymInt seed, "
+        "SymInt process_offset=0) -> Tensor");
   m.def("mjp_ctmc_events(Tensor Q, Tensor? x0, Tensor? p0, float t_end, int processes, int paths, int max_events, "
-        "int seed, int process_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, int seed, "
-        "int process_offset=0) -> Tensor");
+        "SymInt seed, SymInt process_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, SymInt seed, "
+        "SymInt process_offset=0) -> Tensor");
 }
 
 // The ops without a derivative (the backward ops, the decode step, the samplers): where an input requires grad,

@@ -119,6 +119,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
   return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
 }
 
+// The two ops as the autograd function calls them: seed and step are SymInt in their schemas (the kernels take
+// int64_t), passed on unguarded, so a torch.compile'd step keeps one graph for every step index and seed.
+using StepOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    c10::SymInt, c10::SymInt);
+using StepBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, c10::SymInt, c10::SymInt);
+
 // Autograd of mafbm_step in C++ (not torch.library.register_autograd): the Python autograd path costs more host
 // time per step than the step's kernels. Gradients for x, y, drift, diffusion, omega and control.
 class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
@@ -127,10 +138,9 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift,
       const at::Tensor& diffusion, const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi,
       const at::Tensor& factor, double dt, const std::optional<at::Tensor>& control,
-      const std::optional<at::Tensor>& noise, int64_t seed, int64_t step) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("markovkit::mafbm_step", "")
-                               .typed<decltype(mafbm_step)>();
+      const std::optional<at::Tensor>& noise, c10::SymInt seed, c10::SymInt step) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("markovkit::mafbm_step", "").typed<StepOp>();
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [x_next, y_next, kl] = op.call(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed,
                                         step);
@@ -148,7 +158,7 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
                                                  torch::autograd::variable_list grads) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("markovkit::mafbm_step_backward", "")
-                               .typed<decltype(mafbm_step_backward)>();
+                               .typed<StepBackwardOp>();
     const auto saved = ctx->get_saved_variables();
     // drop, phi, factor (constants of the scheme: mafbm.py) and a given noise (used as it is) have no derivative;
     // edges: x, y, drift, diffusion, omega, drop, phi, factor, then control and noise where given
@@ -166,8 +176,8 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
     if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [grad_y, grad_drift, grad_diffusion, grad_control, grad_omega] =
         op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toInt(),
-                ctx->saved_data["step"].toInt());
+                ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toSymInt(),
+                ctx->saved_data["step"].toSymInt());
     const at::Tensor none;
     return {grads[0], grad_y, grad_drift, grad_diffusion, grad_omega, none, none, none, none,
             control.has_value() ? grad_control : none, none, none, none};
@@ -177,7 +187,8 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step_autograd(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift, const at::Tensor& diffusion,
     const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi, const at::Tensor& factor, double dt,
-    const std::optional<at::Tensor>& control, const std::optional<at::Tensor>& noise, int64_t seed, int64_t step) {
+    const std::optional<at::Tensor>& control, const std::optional<at::Tensor>& noise, c10::SymInt seed,
+    c10::SymInt step) {
   const auto out = MafbmStepFunction::apply(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise,
                                             seed, step);
   return {out[0], out[1], out[2]};
