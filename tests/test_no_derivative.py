@@ -1,6 +1,6 @@
-"""Ops without a derivative (the backward ops, the decode step, mafbm_step in its given noise): a backward that
-reaches them raises, instead of PyTorch's fallback warning and zero or missing gradients; the in-place decode step
-bumps its state's version."""
+"""Ops without a derivative (the backward ops, the decode step, mafbm_step in its given noise; forward mode of the
+scan and attention): a backward (or a tangent) that reaches them raises, instead of PyTorch's fallback warning and
+zero or missing gradients; the in-place decode step bumps its state's version."""
 import pytest
 import torch
 
@@ -108,3 +108,25 @@ def test_decode_step_refuses_a_state_that_requires_grad(leaf):
         markovkit.selective_state_update(state, *_decode_step())
     with torch.no_grad():
         markovkit.selective_state_update(state, *_decode_step())
+
+
+_B, _C = [t.detach() for t in _leaves((2, 4, 9), (2, 4, 9))]
+FORWARD_AD = {
+    "selective_scan": (lambda u: _scan(u, u.abs(), _B, _C), (2, 3, 9)),
+    "sliding_window_attention": (lambda q: _attention(q, q, q), (1, 7, 2, 32)),
+}
+
+
+@pytest.mark.parametrize("fn", FORWARD_AD)
+def test_forward_mode_ad_raises(fn):
+    """No forward-mode derivative: a tangent is refused (torch.library.register_autograd's ops dropped it: the
+    output's tangent came out zero), in torch.func.jvp and in a forward_ad dual level."""
+    call, shape = FORWARD_AD[fn]
+    primal = torch.randn(*shape, dtype=F64)
+    message = f"{fn}: forward-mode AD is not implemented"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.jvp(call, (primal,), (torch.ones_like(primal),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match=message):
+        call(torch.autograd.forward_ad.make_dual(primal, torch.ones_like(primal)))
+    with torch.autograd.forward_ad.dual_level():
+        call(primal)  # no tangent: runs

@@ -12,7 +12,7 @@ import operator
 import torch
 
 from . import cuda_emulation
-from ._fake import check_devices
+from ._checks import check_devices, refuse_forward_ad
 
 _STAT_DTYPES = {torch.float64: torch.float64}
 HEADDIMS = (32, 64, 96, 128, 256)  # the head dims the kernels take
@@ -30,6 +30,7 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     visible keys (natural log; float32, float64 for float64 inputs). Both are differentiable; with the lse,
     results over disjoint key sets combine exactly with :func:`merge_attention`.
     """
+    refuse_forward_ad("sliding_window_attention", q=q, k=k, v=v)
     for t, name in ((k, "k"), (v, "v")):  # before the CPU's upcast of half dtypes hides a mismatch
         _check_device(t, name, q, "q")
         _check_dtype(t, name, q, "q")

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from markovkit import fbm
-from markovkit._fake import check_devices, check_host
+from markovkit._checks import check_devices, check_host
 from markovkit.philox import check_seed
 
 _SCHEMES = ("euler", "exact")

@@ -13,7 +13,7 @@ rows are 16-byte aligned (the staged kernels need it), so the same values at dif
 """
 import torch
 
-from markovkit._fake import check_devices
+from markovkit._checks import check_devices, refuse_forward_ad
 
 __all__ = ["selective_scan", "selective_scan_fn", "selective_state_update"]
 
@@ -60,6 +60,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns out (batch, dim, seqlen), and with return_last_state also last_state (nseq, dim, dstate)
     (nseq = batch without cu_seqlens), which carries gradient.
     """
+    refuse_forward_ad("selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                      initial_state=initial_state)
     var_B, var_C = B.dim() >= 3, C.dim() >= 3
     itype = _itype(u, delta, z, B if var_B else None, C if var_C else None)
     wtype = _wtype(itype)

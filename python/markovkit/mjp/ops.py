@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from markovkit._fake import check_devices
+from markovkit._checks import check_devices
 from markovkit.philox import check_seed
 
 
