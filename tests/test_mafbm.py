@@ -222,6 +222,24 @@ def test_compile_checks_constant_gamma_and_dt():
             compiled(*args)
 
 
+def test_compiled_step_treats_a_gamma_that_requires_grad_as_a_constant():
+    """gamma gets no gradient (its values are read eagerly); traced, its coefficients were differentiable and the
+    backward raised 'the derivative for drop is not implemented'."""
+    x, y, drift, diffusion, _ = _inputs(3, 2, 4, F64, "cpu")
+    x.requires_grad_()
+    gamma = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=F64, requires_grad=True)
+
+    def f(x, gamma):
+        x_next, y_next, _ = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II[:4], gamma, 0.01, seed=5, step=3)
+        return x_next.sum() + y_next.sum()
+
+    torch._dynamo.reset()
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        grad_x, grad_gamma = torch.autograd.grad(fn(x, gamma), (x, gamma), allow_unused=True)
+        torch.testing.assert_close(grad_x, torch.ones_like(x))
+        assert grad_gamma is None
+
+
 def test_step_coefficients_cannot_change_the_steps_cache():
     """In-place edits of what step_coefficients returns leave later steps alone (y' = e^{−γ dt} y at z = 0)."""
     x, y, drift, diffusion, _ = _inputs(3, 2, 5, F64, "cpu")

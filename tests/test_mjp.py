@@ -505,6 +505,9 @@ def bad_input_cases():
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.zeros(6), paths=3, seed=0),
          r"p0: expected every distribution to have a positive sum"),
         (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=-1), r"process_offset: expected"),
+        # process_offset + processes overflowed int64 and passed: the streams of another offset were reused
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=2**63 - 1), r"process_offset: expected .* <= 2\^32, "
+                                                                               r"got 9223372036854775807 \+ "),
         (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events", max_events=-1), r"max_events: expected >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=-torch.ones(6), paths=3, seed=0), r"p0: expected probabilities >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.ones(5), paths=3, seed=0), r"p0: expected shape \(6,\)"),

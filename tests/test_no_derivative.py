@@ -111,9 +111,11 @@ def test_decode_step_refuses_a_state_that_requires_grad(leaf):
 
 
 _B, _C = [t.detach() for t in _leaves((2, 4, 9), (2, 4, 9))]
+_Q = torch.ones(1, 7, 2, 32, dtype=F64)
 FORWARD_AD = {
     "selective_scan": (lambda u: _scan(u, u.abs(), _B, _C), (2, 3, 9)),
     "sliding_window_attention": (lambda q: _attention(q, q, q), (1, 7, 2, 32)),
+    "bmojo_f_attention": (lambda kf: markovkit.bmojo_f_attention(_Q, _Q, _Q, kf, _Q, 3), (1, 7, 2, 32)),  # kf alone
 }
 
 

@@ -63,7 +63,7 @@ void check_integral(const at::Tensor& t, const char* name) {
 
 void check_sizes(int64_t processes, int64_t paths, int64_t process_offset) {
   TORCH_CHECK(processes >= 0, "processes: expected >= 0, got ", processes);
-  TORCH_CHECK(process_offset >= 0 && process_offset + processes <= kMaxIndex,
+  TORCH_CHECK(process_offset >= 0 && process_offset <= kMaxIndex - processes,  // no int64 overflow
               "process_offset: expected process_offset >= 0 and process_offset + processes <= 2^32, got ",
               process_offset, " + ", processes);
   TORCH_CHECK(paths >= 0 && paths < kMaxIndex, "paths: expected 0 <= paths < 2^32, got ", paths);

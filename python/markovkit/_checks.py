@@ -31,4 +31,4 @@ def refuse_forward_ad(fn: str, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and fwAD.unpack_dual(t).tangent is not None:
             raise RuntimeError(f"{fn}: forward-mode AD is not implemented (a tangent came with {name}); use reverse "
-                               "mode (torch.autograd.grad, torch.func.vjp)")
+                               "mode (torch.autograd.grad or .backward())")

@@ -78,6 +78,7 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
     lse: (batch, heads, seqlen) over both key sets; differentiable in q, k, v, kf and vf.
     """
     window = operator.index(window)
+    refuse_forward_ad("bmojo_f_attention", q=q, k=k, v=v, kf=kf, vf=vf)
     for t, name in ((kf, "kf"), (vf, "vf")):
         _check_shape(t, name, list(k.shape), "the shape of k")
         _check_device(t, name, k, "k")

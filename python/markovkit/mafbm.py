@@ -116,7 +116,8 @@ def _coefficients(gamma, dt: float, scheme: str, dtype, device):
         _check_dt(dt)
     else:
         _check_step_constants(tuple(gamma), dt, scheme)
-    return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(g, dt, scheme))
+    # detached: gamma is a constant (no gradient), as eagerly, where its values are read
+    return tuple(c.to(dtype=dtype, device=device) for c in _step_coefficients(g.detach(), dt, scheme))
 
 
 def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.float32, device=None):
