@@ -6,7 +6,8 @@ import torch.autograd.forward_ad as fwAD
 
 
 def check_devices(ref: str, **tensors) -> None:
-    """Every tensor (None: an absent optional) on the device of tensors[ref], as the kernels' glue checks it."""
+    """Every tensor (None: an absent optional) on the device of tensors[ref], as the kernels' glue checks it (in
+    its words); also the Python wrappers' check."""
     device = tensors[ref].device
     for name, t in tensors.items():
         if t is not None and t.device != device:

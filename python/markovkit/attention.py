@@ -31,8 +31,8 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     results over disjoint key sets combine exactly with :func:`merge_attention`.
     """
     refuse_forward_ad("sliding_window_attention", q=q, k=k, v=v)
+    check_devices("q", q=q, k=k, v=v)
     for t, name in ((k, "k"), (v, "v")):  # before the CPU's upcast of half dtypes hides a mismatch
-        _check_device(t, name, q, "q")
         _check_dtype(t, name, q, "q")
     scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
     dtype = q.dtype
@@ -81,7 +81,8 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
     refuse_forward_ad("bmojo_f_attention", q=q, k=k, v=v, kf=kf, vf=vf)
     for t, name in ((kf, "kf"), (vf, "vf")):
         _check_shape(t, name, list(k.shape), "the shape of k")
-        _check_device(t, name, k, "k")
+    check_devices("k", k=k, kf=kf, vf=vf)
+    for t, name in ((kf, "kf"), (vf, "vf")):
         _check_dtype(t, name, k, "k")
     out, lse = sliding_window_attention(q, k, v, window, softmax_scale=softmax_scale, return_lse=True)
     seqlen = q.shape[1]
@@ -102,8 +103,7 @@ def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
     _check_shape(out_b, "out_b", list(out_a.shape), "the shape of out_a")
     for t, name in ((lse_a, "lse_a"), (lse_b, "lse_b")):
         _check_shape(t, name, [batch, heads, seqlen], "batch, heads, seqlen of out_a")
-    for t, name in ((lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
-        _check_device(t, name, out_a, "out_a")
+    check_devices("out_a", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     for t, name in ((out_a, "out_a"), (lse_a, "lse_a"), (out_b, "out_b"), (lse_b, "lse_b")):
         if not t.dtype.is_floating_point:
             raise RuntimeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
@@ -112,12 +112,6 @@ def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
 def _check_shape(t, name, expected, what):
     if list(t.shape) != expected:
         raise RuntimeError(f"{name}: expected shape {expected} ({what}), got {list(t.shape)}")
-
-
-def _check_device(t, name, ref, ref_name):
-    if t.device != ref.device:
-        raise RuntimeError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), "
-                           f"got one on {t.device}")
 
 
 def _check_dtype(t, name, ref, ref_name):

@@ -7,7 +7,7 @@ from torch import nn
 
 from markovkit.attention import bmojo_f_attention
 from markovkit.nn.mamba import Mamba
-from markovkit.nn.sliding_window_attention import _head_dim, rotary_embedding
+from markovkit.nn.sliding_window_attention import _add_projections, _config, rotary_embedding
 
 
 @dataclass
@@ -41,18 +41,12 @@ class BMojoF(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, *, kv_heads=None, headdim=None, mixer=None,
                  rotary: bool = True, rotary_base: float = 10000.0, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        headdim = _head_dim(dim, heads, kv_heads, headdim)
-        if window < 1:
-            raise ValueError(f"window: expected >= 1 (positions seen including self), got {window}")
+        kv_heads, headdim = _config(dim, heads, kv_heads, headdim, window)
         factory = dict(device=device, dtype=dtype)
         self.heads, self.kv_heads, self.headdim = heads, kv_heads, headdim
         self.window, self.rotary, self.rotary_base = window, rotary, rotary_base
         self.mixer = Mamba(dim, **factory) if mixer is None else mixer
-        self.q_proj = nn.Linear(dim, heads * headdim, bias=bias, **factory)
-        self.k_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
-        self.v_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
-        self.out_proj = nn.Linear(heads * headdim, dim, bias=bias, **factory)
+        _add_projections(self, dim, bias, factory)
 
     def _rotate(self, x, offset=0):
         return rotary_embedding(x, self.rotary_base, offset=offset) if self.rotary else x

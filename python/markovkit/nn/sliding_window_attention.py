@@ -36,6 +36,24 @@ def _head_dim(dim, heads, kv_heads, headdim):
     return headdim
 
 
+def _config(dim, heads, kv_heads, headdim, window):
+    """(kv_heads, headdim): kv_heads defaults to heads, headdim to dim // heads; both and window checked."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    headdim = _head_dim(dim, heads, kv_heads, headdim)
+    if window < 1:
+        raise ValueError(f"window: expected >= 1 (positions seen including self), got {window}")
+    return kv_heads, headdim
+
+
+def _add_projections(module, dim, bias, factory):
+    """module.q_proj, k_proj, v_proj (dim -> heads / kv_heads x headdim) and out_proj (back to dim)."""
+    heads, kv_heads, headdim = module.heads, module.kv_heads, module.headdim
+    module.q_proj = nn.Linear(dim, heads * headdim, bias=bias, **factory)
+    module.k_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
+    module.v_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
+    module.out_proj = nn.Linear(heads * headdim, dim, bias=bias, **factory)
+
+
 class SlidingWindowAttention(nn.Module):
     """Causal self-attention of each position over its last `window` positions (and the first `sink`).
 
@@ -47,19 +65,12 @@ class SlidingWindowAttention(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, *, kv_heads=None, headdim=None, sink: int = 0,
                  rotary: bool = True, rotary_base: float = 10000.0, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        kv_heads = heads if kv_heads is None else kv_heads
-        headdim = _head_dim(dim, heads, kv_heads, headdim)
-        if window < 1:
-            raise ValueError(f"window: expected >= 1 (positions seen including self), got {window}")
+        kv_heads, headdim = _config(dim, heads, kv_heads, headdim, window)
         if sink < 0:
             raise ValueError(f"sink: expected >= 0, got {sink}")
         self.heads, self.kv_heads, self.headdim = heads, kv_heads, headdim
         self.window, self.sink, self.rotary, self.rotary_base = window, sink, rotary, rotary_base
-        factory = dict(device=device, dtype=dtype)
-        self.q_proj = nn.Linear(dim, heads * headdim, bias=bias, **factory)
-        self.k_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
-        self.v_proj = nn.Linear(dim, kv_heads * headdim, bias=bias, **factory)
-        self.out_proj = nn.Linear(heads * headdim, dim, bias=bias, **factory)
+        _add_projections(self, dim, bias, dict(device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seqlen, _ = x.shape
