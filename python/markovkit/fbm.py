@@ -32,23 +32,36 @@ def _as_hurst(H) -> torch.Tensor:
     return H.to(_F64).reshape(())
 
 
+def _check_gamma_shape(gamma: torch.Tensor) -> None:
+    if gamma.dim() != 1 or gamma.shape[0] < 1:
+        raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(gamma.shape)}")
+
+
+def _check_rates(rates, *, zero_ok: bool = False) -> None:
+    """rates (Python numbers): positive, or non-negative where zero_ok (γ = 0 is a Brownian mode)."""
+    if not all(r >= 0 if zero_ok else r > 0 for r in rates):
+        expected = "non-negative" if zero_ok else "positive"
+        raise ValueError(f"gamma: expected {expected} rates, got {list(rates)}")
+
+
+def _check_omega_shape(omega: torch.Tensor, K: int) -> None:
+    if omega.shape != (K,):
+        raise ValueError(f"omega: expected shape ({K},), one weight per rate of gamma (len(gamma) = {K}), "
+                         f"got shape {tuple(omega.shape)}")
+
+
 def _as_gamma(gamma, *, zero_ok: bool = False) -> torch.Tensor:
     """(K,) float64 CPU rates: positive, or non-negative where zero_ok (γ = 0 is a Brownian mode)."""
     gamma = torch.as_tensor(gamma, dtype=_F64).detach().cpu()
-    if gamma.dim() != 1 or gamma.numel() < 1:
-        raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(gamma.shape)}")
-    if not bool((gamma >= 0 if zero_ok else gamma > 0).all()):
-        expected = "non-negative" if zero_ok else "positive"
-        raise ValueError(f"gamma: expected {expected} rates, got {gamma.tolist()}")
+    _check_gamma_shape(gamma)
+    _check_rates(gamma.tolist(), zero_ok=zero_ok)
     return gamma
 
 
 def _as_omega(omega, K: int) -> torch.Tensor:
     """(K,) float64 CPU weights, one per rate."""
     omega = torch.as_tensor(omega, dtype=_F64).detach().cpu()
-    if omega.shape != (K,):
-        raise ValueError(f"omega: expected shape ({K},), one weight per rate of gamma (len(gamma) = {K}), "
-                         f"got shape {tuple(omega.shape)}")
+    _check_omega_shape(omega, K)
     return omega
 
 

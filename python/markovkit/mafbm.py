@@ -58,24 +58,16 @@ def _check_euler(gamma_max: float, dt: float) -> None:
 
 def _check_step_constants(rates: tuple, dt: float, scheme: str) -> None:
     """Rates >= 0, dt > 0 and the Euler limits, on Python numbers: run eagerly and while torch.compile traces."""
-    if not all(r >= 0 for r in rates):
-        raise ValueError(f"gamma: expected non-negative rates, got {list(rates)}")
+    fbm._check_rates(rates, zero_ok=True)
     _check_dt(dt)
     if scheme == "euler":
         _check_euler(max(rates), dt)
 
 
-def _check_omega(omega: torch.Tensor, K: int) -> None:
-    if omega.shape != (K,):
-        raise ValueError(f"omega: expected shape ({K},), one weight per rate of gamma (len(gamma) = {K}), "
-                         f"got shape {tuple(omega.shape)}")
-
-
 def _as_rates(gamma) -> torch.Tensor:
     """gamma as a (K,) tensor; a tensor is used as it is (as_tensor costs a µs a step)."""
     g = gamma if isinstance(gamma, torch.Tensor) else torch.tensor(gamma, dtype=torch.float64)
-    if g.dim() != 1 or g.shape[0] < 1:
-        raise ValueError(f"gamma: expected a 1-d tensor of K >= 1 rates, got shape {tuple(g.shape)}")
+    fbm._check_gamma_shape(g)
     return g
 
 
@@ -154,7 +146,7 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
         raise ValueError("seed: expected an int seed when noise is not given, got None" if noise is None else
                          f"seed: expected None when noise is given (the noise is used as it is), got {seed}")
     drop, phi, factor = _coefficients(gamma, dt, scheme, x.dtype, x.device)
-    _check_omega(omega, drop.shape[0])
+    fbm._check_omega_shape(omega, drop.shape[0])
     if omega.dtype != x.dtype:
         omega = omega.to(x.dtype)
     # the overload itself: the packet's overload resolution costs host time on every step
