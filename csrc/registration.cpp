@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "build_facts.h"
+#include "common/cpu_isa.h"
 #include "common/philox.h"
 
 TORCH_LIBRARY(markovkit, m) {
@@ -96,6 +97,15 @@ pybind11::dict build_info() {
   return info;
 }
 
+// The copy of the CPU kernels this process runs (common/cpu_isa.h): "default", "avx2" or "avx512".
+std::string cpu_isa() {
+  switch (markovkit::cpu_isa()) {
+    case markovkit::CpuIsa::kAvx512: return "avx512";
+    case markovkit::CpuIsa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
 // The raw generator, for known-answer tests of the header the kernels use.
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
   const markovkit::Philox4 out = markovkit::philox4x32_10({{ctr[0], ctr[1], ctr[2], ctr[3]}}, key[0], key[1]);
@@ -107,6 +117,7 @@ std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> ctr, std::array<ui
 PYBIND11_MODULE(_C, m) {
   m.doc() = "markovkit's compiled ops (registered under torch.ops.markovkit) and build facts";
   m.def("build_info", &build_info, "version, torch version built against, CUDA on/off, CUDA archs");
+  m.def("cpu_isa", &cpu_isa, "the CPU kernels' instruction set in this process (ATEN_CPU_CAPABILITY lowers it)");
   m.def("philox4x32_10", &philox4x32_10, "Philox4x32-10 of a 128-bit counter under a 64-bit key");
 #ifdef MARKOVKIT_CUDA_EMULATION
   m.def("set_cuda_emulation", &mk_emu::set_enabled, "send CPU tensors through the CUDA kernels (emulation build)");

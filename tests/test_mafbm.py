@@ -1,4 +1,5 @@
 """mafbm_step / mafbm_simulate: float64 references, the Philox layout, gradients, op contract, statistics."""
+import itertools
 import math
 import warnings
 
@@ -58,20 +59,65 @@ def test_step_matches_reference(device, dtype, scheme, with_control):
         torch.testing.assert_close(g.cpu().double(), e, **TOL[dtype])
 
 
-def test_philox_noise_layout():
-    """The in-kernel draw equals given noise built from the documented counters, bit for bit in float64."""
-    x, y, drift, diffusion, control = _inputs(4, 3, 5, F64, "cpu")
-    seed, step = 2**33 + 17, 5
-    for scheme in ["euler", "exact"]:
+def _philox_normals_f32(seed, step, stream, R):
+    """The float32 layout: normal i is slot i % 4 of philox_block(seed, lo = i // 4, hi = stream), Box-Muller
+    pair (i % 4) // 2 of its 23-bit uniforms, here in float64 (the kernel's is within 4e-7 relative)."""
+    z = []
+    for i in range(step * R, step * R + R):
+        b, pair = i // 4, (i % 4) // 2
+        w = markovkit._C.philox4x32_10([b & 0xFFFFFFFF, b >> 32, stream & 0xFFFFFFFF, stream >> 32],
+                                       [seed & 0xFFFFFFFF, seed >> 32])
+        u0, u1 = (((w[2 * pair + j] >> 9) + 0.5) * 2.0**-23 for j in (0, 1))
+        r = math.sqrt(-2 * math.log(u0))
+        z.append(r * (math.cos if i % 2 == 0 else math.sin)(2 * math.pi * u1))
+    return z
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_philox_noise_layout(dtype):
+    """The in-kernel draw equals given noise built from the documented counters: bit for bit in float64, to the
+    float32 Box-Muller's error in float32. Steps 0-3 meet every slot of a block; 90 elements fill one lane group
+    of the float32 CPU kernel and part of a second."""
+    paths, dims = 30, 3
+    x, y, drift, diffusion, control = _inputs(paths, dims, 5, dtype, "cpu")
+    normals, tol = ((_philox_normals_f64, dict(rtol=1e-14, atol=1e-14)) if dtype == F64
+                    else (_philox_normals_f32, dict(rtol=1e-5, atol=1e-5)))
+    seed = 2**33 + 17
+    for scheme, step in itertools.product(["euler", "exact"], range(4)):
         R = markovkit.step_coefficients(GAMMA, 0.01, scheme, dtype=F64)[2].shape[1]
-        noise = torch.tensor([[_philox_normals_f64(seed, step, p * 3 + d, R) for d in range(3)] for p in range(4)],
-                             dtype=F64)
-        drawn = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, control=control, seed=seed,
-                                     step=step, scheme=scheme)
-        given = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, control=control, noise=noise,
-                                     scheme=scheme)
+        noise = torch.tensor([[normals(seed, step, p * dims + d, R) for d in range(dims)] for p in range(paths)],
+                             dtype=dtype)
+        drawn = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II.to(dtype), GAMMA, 0.01, control=control,
+                                     seed=seed, step=step, scheme=scheme)
+        given = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II.to(dtype), GAMMA, 0.01, control=control,
+                                     noise=noise, scheme=scheme)
         for a, b in zip(drawn, given):
-            torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_step_does_not_depend_on_the_thread_count(dtype):
+    """Forward and backward on 1 and 3 threads give the same bits (the gradient of omega: fixed rows of 128 paths
+    summed in row order; 6000 elements make several lane groups and rows per thread)."""
+    x, y, drift, diffusion, control = _inputs(2000, 3, 5, dtype, "cpu")
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, y, control, OMEGA_II.to(dtype))]
+        out = markovkit.mafbm_step(leaves[0], leaves[1], drift, diffusion, leaves[3], GAMMA, 0.01, control=leaves[2],
+                                   seed=5, step=7, scheme="exact")
+        loss = sum((torch.linspace(-1, 1, t.numel(), dtype=dtype).view(t.shape) * t).sum() for t in out)
+        return [t.detach() for t in out] + list(torch.autograd.grad(loss, leaves))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        torch.set_num_threads(3)
+        multi = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, multi):
+        assert torch.equal(a, b)
 
 
 def test_steps_and_seeds_give_fresh_noise():

@@ -66,6 +66,62 @@ def test_float32_normals_are_float64_box_muller_of_the_uniforms(offset):
     torch.testing.assert_close(z.double(), expected, rtol=1e-6, atol=0)
 
 
+_COPIES_SCRIPT = """
+import sys, torch, markovkit
+from markovkit import fbm
+randn = lambda *shape, seed: markovkit.philox_normal(shape, seed, dtype=torch.float64).float()  # noqa: E731
+out = {"isa": markovkit._C.cpu_isa(), "uniform": markovkit.philox_uniform((1030,), 5, 3),
+       "normal": markovkit.philox_normal((1030,), 5, 3)}
+# inputs from the scalar float64 generator; the step's coefficients given (torch's exp, which the exact scheme's
+# coefficients use, differs in the last bit between its own CPU copies)
+x, drift, control = (randn(300, 3, seed=i) for i in range(3))
+y, omega = randn(300, 3, 5, seed=3), randn(5, seed=4).requires_grad_()
+drop, phi = 0.1 * randn(5, seed=5).abs(), 0.01 * randn(5, seed=6)
+for R in (1, 3):  # 900 elements: 14 lane groups and a part, 3 rows of the gradient of omega
+    factor = 0.1 * randn(5, R, seed=7)
+    leaves = [t.clone().requires_grad_() for t in (x, y, drift, control)]
+    step = torch.ops.markovkit.mafbm_step(leaves[0], leaves[1], leaves[2], drift.abs() + 0.5, omega, drop, phi,
+                                          factor, 0.01, leaves[3], None, 9, 2)
+    weights = [randn(*t.shape, seed=8 + i) for i, t in enumerate(step)]
+    grads = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, step)), leaves + [omega])
+    out[f"step R={R}"] = [t.detach() for t in step] + list(grads)
+x0 = randn(200, seed=11).requires_grad_()
+path = markovkit.mafbm_simulate(x0, 30, 0.01, omega.detach(), fbm.gamma_grid(5, 20.0), theta=0.5, save_every=3,
+                                seed=4, scheme="euler", kind="II")
+out["simulate"] = [path.detach(), torch.autograd.grad(path.sum(), x0)[0]]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_cpu_lane_copies_are_bitwise_equal(tmp_path):
+    """The baseline, AVX2 and AVX-512 copies of the float32 lane kernels (Philox fill, MA-fBM step forward and
+    backward, simulator; picked once per process, lowered by ATEN_CPU_CAPABILITY) give the same bits: each
+    copy runs in a fresh process. The copies this CPU lacks run as the widest it has."""
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for capability in ("default", "avx2", None):  # None: the widest this CPU has
+        env = dict(os.environ)
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{capability}.pt"
+        run = subprocess.run([sys.executable, "-c", _COPIES_SCRIPT, str(path)], env=env, capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stderr
+        runs.append(torch.load(path))
+    assert runs[0]["isa"] == "default" and runs[1]["isa"] in ("default", "avx2")
+    for other in runs[1:]:
+        for key, value in runs[0].items():
+            if key == "isa":
+                continue
+            for a, b in zip(value if isinstance(value, list) else [value], other[key] if isinstance(value, list)
+                            else [other[key]]):
+                assert torch.equal(a, b), f"{key}: the {runs[0]['isa']} and {other['isa']} copies differ"
+
+
 def test_float64_uniform_is_52_bits_of_two_words():
     seed = 7
     u = markovkit.philox_uniform((6,), seed, offset=3, dtype=torch.float64)

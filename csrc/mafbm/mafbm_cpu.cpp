@@ -1,10 +1,13 @@
-// CPU kernels of the MA-fBM step (forward, backward) and the simulator: threads split the paths; float32
-// draws its Philox normals kLanes paths at a time with the vectorised generator of common/philox_lanes.h.
+// CPU kernels of the MA-fBM step (forward, backward) and the simulator: threads split the paths (the float32
+// step: its elements); float32 works on kLanes lanes with the vectorised generator of common/philox_lanes.h.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>  // the lane copies' intrinsics (common/lane_copies.h)
+#endif
 
 #include "common/cpu_isa.h"
 #include "mafbm/mafbm_step.h"
@@ -12,81 +15,68 @@
 namespace markovkit {
 namespace {
 
-// --- float32 step and simulator over lanes of paths (mafbm_cpu_lanes.h), baseline and AVX2 builds ---
+// --- float32 step and simulator over lanes (mafbm_cpu_lanes.h), baseline, AVX2, AVX-512 ---
 
 constexpr int kLanes = 64;
 
 #define MK_LANES_HEADER "mafbm/mafbm_cpu_lanes.h"
 #include "common/lane_copies.h"
 
-template <typename T>
-void step(const MafbmStepParams& p) {
+void step_f64(const MafbmStepParams& p) {
   at::parallel_for(0, p.paths, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) mafbm_step_path<T>(p, i);
+    for (int64_t i = begin; i < end; ++i) mafbm_step_path<double>(p, i);
   });
 }
 
 // Every row of kMafbmOmegaRowPaths paths sums its terms of gω into its own row of p.grad_omega_rows (as a CUDA
 // block does), so the result does not depend on the thread count.
-template <typename T>
-void step_backward(const MafbmStepBackwardParams& p) {
-  const int64_t rows = mafbm_omega_rows(p.paths);
-  T* grad_omega_rows = static_cast<T*>(p.grad_omega_rows);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+void step_backward_f64(const MafbmStepBackwardParams& p) {
+  double* grad_omega_rows = static_cast<double*>(p.grad_omega_rows);
+  at::parallel_for(0, mafbm_omega_rows(p.paths), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      T* row = grad_omega_rows + r * p.K;
-      std::fill_n(row, p.K, T(0));
+      double* row = grad_omega_rows + r * p.K;
+      std::fill_n(row, p.K, 0.0);
       const int64_t last = std::min(p.paths, (r + 1) * kMafbmOmegaRowPaths);
-      for (int64_t i = r * kMafbmOmegaRowPaths; i < last; ++i) mafbm_step_backward_path<T>(p, i, row);
+      for (int64_t i = r * kMafbmOmegaRowPaths; i < last; ++i) mafbm_step_backward_path<double>(p, i, row);
     }
   });
 }
 
-// float32 with Philox noise, kLanes paths at a time: their normals by the vectorised generator, then the
-// step's math over the lanes (both from mafbm_cpu_lanes.h, baseline or AVX2 build).
+// float32, kLanes consecutive elements at a time (mafbm_cpu_lanes.h, the copy for this CPU), then each path's
+// kl = ½h Σ_d u_d² (in d order, as mafbm_step_path).
 void step_f32(const MafbmStepParams& p) {
-  if (p.noise != nullptr) return step<float>(p);
-  const bool avx2 = cpu_isa() != CpuIsa::kBaseline;
-  const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
-  const auto forward = avx2 ? &lanes_avx2::step_forward : &lanes_default::step_forward;
-  const float half_h = 0.5f * static_cast<float>(p.dt);
-  at::parallel_for(0, (p.paths + kLanes - 1) / kLanes, 1, [&](int64_t begin, int64_t end) {
-    uint64_t elem[kLanes];  // element index = Philox stream of each lane
-    float z[kMafbmMaxK][kLanes], u2[kLanes];
+  const auto forward = MK_LANES_PICK(step_forward);
+  const int64_t elements = p.paths * p.dims;
+  at::parallel_for(0, (elements + kLanes - 1) / kLanes, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kLanes;
-      const int live = static_cast<int>(std::min<int64_t>(kLanes, p.paths - first));
-      std::fill_n(u2, kLanes, 0.0f);
-      for (int64_t d = 0; d < p.dims; ++d) {
-        lanes_default::lane_elements(first, live, p.dims, d, elem);
-        normals(p.seed, p.step, p.R, elem, z);
-        forward(p, elem, z, u2);
-      }
-      for (int l = 0; l < live; ++l) static_cast<float*>(p.kl)[first + l] = half_h * u2[l];
+      forward(p, g * kLanes, static_cast<int>(std::min<int64_t>(kLanes, elements - g * kLanes)));
+    }
+  });
+  const float half_h = 0.5f * static_cast<float>(p.dt);
+  const float* u = static_cast<const float*>(p.control);
+  float* kl = static_cast<float*>(p.kl);
+  if (u == nullptr) {
+    std::fill_n(kl, p.paths, 0.0f);
+    return;
+  }
+  at::parallel_for(0, p.paths, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float u2 = 0.0f;
+      for (int64_t d = 0; d < p.dims; ++d) u2 += u[i * p.dims + d] * u[i * p.dims + d];
+      kl[i] = half_h * u2;
     }
   });
 }
 
+// Row r of gω sums the elements of paths [r·128, (r + 1)·128), kLanes at a time, into a float64 row.
 void step_backward_f32(const MafbmStepBackwardParams& p) {
-  if (p.noise != nullptr) return step_backward<float>(p);
-  const bool avx2 = cpu_isa() != CpuIsa::kBaseline;
-  const auto normals = avx2 ? &lanes_avx2::step_normals : &lanes_default::step_normals;
-  const auto backward = avx2 ? &lanes_avx2::step_backward : &lanes_default::step_backward;
-  static_assert(kMafbmOmegaRowPaths % kLanes == 0, "a gω row holds whole lane groups");
-  const int64_t rows = mafbm_omega_rows(p.paths);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    uint64_t elem[kLanes];  // element index = Philox stream of each lane
-    float z[kMafbmMaxK][kLanes];
+  const auto backward = MK_LANES_PICK(step_backward);
+  at::parallel_for(0, mafbm_omega_rows(p.paths), 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       double row[kMafbmMaxK] = {};
-      const int64_t last = std::min(p.paths, (r + 1) * kMafbmOmegaRowPaths);
-      for (int64_t first = r * kMafbmOmegaRowPaths; first < last; first += kLanes) {
-        const int live = static_cast<int>(std::min<int64_t>(kLanes, last - first));
-        for (int64_t d = 0; d < p.dims; ++d) {
-          lanes_default::lane_elements(first, live, p.dims, d, elem);
-          normals(p.seed, p.step, p.R, elem, z);
-          backward(p, elem, z, live, row);
-        }
+      const int64_t last = std::min(p.paths, (r + 1) * kMafbmOmegaRowPaths) * p.dims;
+      for (int64_t first = r * kMafbmOmegaRowPaths * p.dims; first < last; first += kLanes) {
+        backward(p, first, static_cast<int>(std::min<int64_t>(kLanes, last - first)), row);
       }
       for (int k = 0; k < p.K; ++k) static_cast<float*>(p.grad_omega_rows)[r * p.K + k] = static_cast<float>(row[k]);
     }
@@ -111,9 +101,7 @@ void simulate_f32(const MafbmSimulateParams& p) {
     drop[k] = static_cast<float>(p.drop[k]);
     for (int j = 0; j < p.R; ++j) factor[k * p.R + j] = static_cast<float>(p.factor[k * p.R + j]);
   }
-  const bool avx2 = cpu_isa() != CpuIsa::kBaseline, grad = p.grad_out != nullptr;
-  const auto lanes = avx2 ? (grad ? &lanes_avx2::simulate_lanes<true> : &lanes_avx2::simulate_lanes<false>)
-                          : (grad ? &lanes_default::simulate_lanes<true> : &lanes_default::simulate_lanes<false>);
+  const auto lanes = p.grad_out != nullptr ? MK_LANES_PICK(simulate_lanes<true>) : MK_LANES_PICK(simulate_lanes<false>);
   const int64_t groups = (p.paths + kLanes - 1) / kLanes;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) lanes(p, omega, drop, factor, i * kLanes);
@@ -135,12 +123,12 @@ void simulate_f64(const MafbmSimulateParams& p) {
 }  // namespace
 
 void mafbm_step_cpu(const MafbmStepParams& p) {
-  p.dtype == DType::kFloat64 ? step<double>(p) : step_f32(p);
+  p.dtype == DType::kFloat64 ? step_f64(p) : step_f32(p);
 }
 
 void mafbm_step_backward_cpu(const MafbmStepBackwardParams& p) {
   if (p.dtype == DType::kFloat64) {
-    step_backward<double>(p);
+    step_backward_f64(p);
     sum_omega_rows<double>(p);
   } else {
     step_backward_f32(p);

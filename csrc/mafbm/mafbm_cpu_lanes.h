@@ -1,9 +1,11 @@
-// The float32 step and simulator over lanes of paths, CPU only. Compiled twice by mafbm_cpu.cpp through
-// common/lane_copies.h (baseline and AVX2, after common/philox_lanes.h): no include guard, no includes.
+// The float32 step (over lanes of elements) and simulator (over lanes of paths), CPU only. Compiled three times by
+// mafbm_cpu.cpp through common/lane_copies.h (baseline, AVX2, AVX-512, after common/philox_lanes.h): no include
+// guard, no includes.
 //
-// The same Philox blocks and Box-Muller pairs as mafbm_simulate_path, computed for kLanes paths at once with
-// the lane generator of common/philox_lanes.h, so the draws match the scalar path to float rounding (its
-// normals are within 4e-7 relative of float64 Box-Muller). Both builds give bitwise-equal paths.
+// The same Philox blocks and Box-Muller pairs as mafbm_step.h's scalar code, computed for kLanes streams at once
+// with the lane generator of common/philox_lanes.h, so the draws match the scalar path to float rounding (its
+// normals are within 4e-7 relative of float64 Box-Muller); the arithmetic after the draw is the scalar code's,
+// in its order. The three copies give bitwise-equal results.
 
 // The 4 normals of philox_block(seed, block, stream_l) for each lane l: z[slot][l].
 inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* stream, float (*z)[kLanes]) {
@@ -18,113 +20,148 @@ inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* st
   lane_box_muller_normals<kLanes>(w, z);
 }
 
-// The step op's normals [step·R, step·R + R) of each lane's stream: z[r][l] (the layout of mafbm_step.h).
-void step_normals(uint64_t seed, uint64_t step, int R, const uint64_t* stream, float (*z)[kLanes]) {
-  float block[4][kLanes];
-  const uint64_t first = step * static_cast<uint64_t>(R), last = first + static_cast<uint64_t>(R);
-  for (uint64_t b = first / 4; b * 4 < last; ++b) {
-    lane_block_normals(seed, b, stream, block);
-    for (int j = 0; j < 4; ++j) {
-      const uint64_t i = b * 4 + j;
-      if (i < first || i >= last) continue;
-      for (int l = 0; l < kLanes; ++l) z[i - first][l] = block[j][l];
+// The step works on kLanes consecutive elements e = first + l (path·dims + d), l < live: x, drift, diffusion,
+// control and the outputs of the same shape are contiguous runs, y and its gradients strided columns of K.
+// Lanes past `live` compute on zeros (or on the normals of streams past the last element) and store nothing.
+
+// The float values src[first + l], l < live, zeros after (zeros only when src is nullptr): v (kLanes,).
+inline void load_lanes(const float* src, int64_t first, int live, float* v) {
+  if (src == nullptr) live = 0;
+  for (int l = 0; l < live; ++l) v[l] = src[first + l];
+  for (int l = live; l < kLanes; ++l) v[l] = 0.0f;
+}
+
+// Column k of a (elements, K) array: v[l] = src[(first + l)·K + k], l < live, zeros after.
+inline void load_column(const float* src, int K, int k, int64_t first, int live, float* v) {
+  const float* col = src + first * K + k;
+  for (int l = 0; l < live; ++l) v[l] = col[l * K];
+  for (int l = live; l < kLanes; ++l) v[l] = 0.0f;
+}
+
+inline void store_column(const float* v, int K, int k, int64_t first, int live, float* dst) {
+  float* col = dst + first * K + k;
+  for (int l = 0; l < live; ++l) col[l * K] = v[l];
+}
+
+// The step's normals [step·R, step·R + R) of streams first + l: z[r][l] (the layout of mafbm_step.h),
+// computing only the Box-Muller pairs that meet the range (Euler, R = 1: one pair of a block's two).
+void philox_step_normals(uint64_t seed, uint64_t step, int R, int64_t first, float (*z)[kLanes]) {
+  const uint64_t lo = step * static_cast<uint64_t>(R), hi = lo + static_cast<uint64_t>(R);
+  for (uint64_t b = lo / 4; b * 4 < hi; ++b) {
+    uint32_t w[4][kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t stream = static_cast<uint64_t>(first + l);
+      w[0][l] = static_cast<uint32_t>(b);
+      w[1][l] = static_cast<uint32_t>(b >> 32);
+      w[2][l] = static_cast<uint32_t>(stream);
+      w[3][l] = static_cast<uint32_t>(stream >> 32);
+    }
+    lane_philox4x32_10<kLanes>(seed, w);
+    for (int pair = 0; pair < 2; ++pair) {
+      const uint64_t i = b * 4 + 2 * static_cast<uint64_t>(pair);  // the pair's normals i, i + 1
+      if (i + 1 < lo || i >= hi) continue;
+      float c[kLanes], s[kLanes];
+      lane_box_muller_pair<kLanes>(w[2 * pair], w[2 * pair + 1], c, s);
+      if (i >= lo) std::memcpy(z[i - lo], c, sizeof(c));
+      if (i + 1 < hi) std::memcpy(z[i + 1 - lo], s, sizeof(s));
     }
   }
 }
 
-// Σ_j factor_kj z_j for each lane: nz[l].
-inline void lane_noise_term(const float* factor_k, int R, const float (*z)[kLanes], float* nz) {
-  for (int l = 0; l < kLanes; ++l) nz[l] = 0.0f;
+// The R normals of each lane: the given noise (elements, R) or the Philox draw. z: (R, kLanes).
+inline void step_normals(const float* noise, uint64_t seed, uint64_t step, int R, int64_t first, int live,
+                         float (*z)[kLanes]) {
+  if (noise == nullptr) return philox_step_normals(seed, step, R, first, z);
+  for (int j = 0; j < R; ++j) load_column(noise, R, j, first, live, z[j]);
+}
+
+// dy_k = −drop_k y_k + phi_k u + Σ_j factor_kj z_j for each lane, in mafbm_increment's order. dy: (kLanes,).
+inline void lane_increment(float drop, float phi, const float* factor_k, int R, const float* yk, const float* u,
+                           const float (*z)[kLanes], float* dy) {
+  for (int l = 0; l < kLanes; ++l) dy[l] = -drop * yk[l] + phi * u[l];
   for (int j = 0; j < R; ++j) {
     const float f = factor_k[j];
-    for (int l = 0; l < kLanes; ++l) nz[l] += f * z[j][l];
+    for (int l = 0; l < kLanes; ++l) dy[l] += f * z[j][l];
   }
 }
 
-// The elements path·dims + d of the kLanes paths from `first`, lanes past `live` clamped to the last path
-// (they rewrite its values). An element's index is also its Philox stream (mafbm_step.h).
-inline void lane_elements(int64_t first, int live, int64_t dims, int64_t d, uint64_t* elem) {
-  for (int l = 0; l < kLanes; ++l) elem[l] = static_cast<uint64_t>((first + std::min(l, live - 1)) * dims + d);
-}
-
-// The step's forward (mafbm_step_element) for the elements of lane_elements; u2[l] += u_l².
-void step_forward(const MafbmStepParams& p, const uint64_t* elem, const float (*z)[kLanes], float* u2) {
+// The step's forward (mafbm_step_element) of elements [first, first + live); the kl is left to the caller.
+void step_forward(const MafbmStepParams& p, int64_t first, int live) {
   const int K = p.K, R = p.R;
   const float h = static_cast<float>(p.dt);
-  const float* __restrict y = static_cast<const float*>(p.y);
-  const float* __restrict ctl = static_cast<const float*>(p.control);
-  float* __restrict y_next = static_cast<float*>(p.y_next);
-  int64_t e[kLanes];
-  float u[kLanes], s[kLanes], nz[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    e[l] = static_cast<int64_t>(elem[l]);
-    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
-    s[l] = 0.0f;
-  }
+  const float* factor = static_cast<const float*>(p.factor);
+  float z[kMafbmMaxK][kLanes], u[kLanes], s[kLanes], yk[kLanes], dy[kLanes];
+  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, first, live, z);
+  load_lanes(static_cast<const float*>(p.control), first, live, u);
+  for (int l = 0; l < kLanes; ++l) s[l] = 0.0f;
   for (int k = 0; k < K; ++k) {
-    const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
     const float omega = static_cast<const float*>(p.omega)[k];
-    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    load_column(static_cast<const float*>(p.y), K, k, first, live, yk);
+    lane_increment(static_cast<const float*>(p.drop)[k], static_cast<const float*>(p.phi)[k], factor + k * R, R,
+                   yk, u, z, dy);
     for (int l = 0; l < kLanes; ++l) {
-      const float yk = y[e[l] * K + k];
-      const float dy = -drop * yk + phi * u[l] + nz[l];
-      y_next[e[l] * K + k] = yk + dy;
-      s[l] += omega * dy;
+      yk[l] += dy[l];
+      s[l] += omega * dy[l];
     }
+    store_column(yk, K, k, first, live, static_cast<float*>(p.y_next));
   }
-  const float* __restrict x = static_cast<const float*>(p.x);
-  const float* __restrict drift = static_cast<const float*>(p.drift);
-  const float* __restrict sigma = static_cast<const float*>(p.diffusion);
-  float* __restrict x_next = static_cast<float*>(p.x_next);
-  for (int l = 0; l < kLanes; ++l) {
-    x_next[e[l]] = x[e[l]] + drift[e[l]] * h + sigma[e[l]] * s[l];
-    u2[l] += u[l] * u[l];
-  }
+  const float* __restrict x = static_cast<const float*>(p.x) + first;
+  const float* __restrict drift = static_cast<const float*>(p.drift) + first;
+  const float* __restrict sigma = static_cast<const float*>(p.diffusion) + first;
+  float* __restrict x_next = static_cast<float*>(p.x_next) + first;
+  for (int l = 0; l < live; ++l) x_next[l] = x[l] + drift[l] * h + sigma[l] * s[l];
 }
 
-// The step's backward (mafbm_step_backward_element) for the same elements. The gω terms of the
-// first `live` lanes (the others repeat the last real element) are added to g_omega (K,).
-void step_backward(const MafbmStepBackwardParams& p, const uint64_t* elem, const float (*z)[kLanes], int live,
-                   double* g_omega) {
+// The step's backward (mafbm_step_backward_element) of elements [first, first + live), all of one gω row: their
+// terms of gω are summed in float and added to g_omega (K,).
+void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, double* g_omega) {
   const int K = p.K, R = p.R;
   const float h = static_cast<float>(p.dt);
-  const float* __restrict y = static_cast<const float*>(p.y);
-  const float* __restrict ctl = static_cast<const float*>(p.control);
-  const float* __restrict gy = static_cast<const float*>(p.grad_y_next);
-  const float* __restrict gkl = static_cast<const float*>(p.grad_kl);
-  float* __restrict grad_y = static_cast<float*>(p.grad_y);
-  int64_t e[kLanes];
-  float u[kLanes], s[kLanes], nz[kLanes], gx[kLanes], gs[kLanes], gu[kLanes], terms[kLanes];
+  const float* factor = static_cast<const float*>(p.factor);
+  float z[kMafbmMaxK][kLanes], u[kLanes], gx[kLanes], gs[kLanes], gu[kLanes], s[kLanes];
+  float yk[kLanes], gyk[kLanes], dy[kLanes];
+  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, first, live, z);
+  load_lanes(static_cast<const float*>(p.control), first, live, u);
+  load_lanes(static_cast<const float*>(p.grad_x_next), first, live, gx);
+  load_lanes(static_cast<const float*>(p.diffusion), first, live, gs);
+  const float* gkl = static_cast<const float*>(p.grad_kl);
+  int64_t path = first / p.dims, d = first % p.dims;
+  for (int l = 0; l < kLanes; ++l) gu[l] = 0.0f;
+  for (int l = 0; l < live; ++l) {  // the path's grad_kl, walking (path, d) along the lanes
+    gu[l] = gkl[path * p.grad_kl_stride];
+    if (++d == p.dims) d = 0, ++path;
+  }
   for (int l = 0; l < kLanes; ++l) {
-    e[l] = static_cast<int64_t>(elem[l]);
-    const int64_t path = e[l] / p.dims;
-    u[l] = ctl != nullptr ? ctl[e[l]] : 0.0f;
-    gx[l] = static_cast<const float*>(p.grad_x_next)[e[l]];
-    gs[l] = gx[l] * static_cast<const float*>(p.diffusion)[e[l]];
-    gu[l] = gkl[path * p.grad_kl_stride] * u[l] * h;
+    gs[l] *= gx[l];
+    gu[l] = gu[l] * u[l] * h;
     s[l] = 0.0f;
   }
   for (int k = 0; k < K; ++k) {
     const float drop = static_cast<const float*>(p.drop)[k], phi = static_cast<const float*>(p.phi)[k];
     const float omega = static_cast<const float*>(p.omega)[k];
-    lane_noise_term(static_cast<const float*>(p.factor) + k * R, R, z, nz);
+    load_column(static_cast<const float*>(p.y), K, k, first, live, yk);
+    load_column(static_cast<const float*>(p.grad_y_next), K, k, first, live, gyk);
+    lane_increment(drop, phi, factor + k * R, R, yk, u, z, dy);
+    float terms[kLanes];
     for (int l = 0; l < kLanes; ++l) {
-      const int64_t i = e[l] * K + k;
-      const float dy = -drop * y[i] + phi * u[l] + nz[l];
-      const float g_dy = gy[i] + gs[l] * omega;
-      s[l] += omega * dy;
-      grad_y[i] = gy[i] - drop * g_dy;
-      terms[l] = gs[l] * dy;
+      const float g_dy = gyk[l] + gs[l] * omega;
+      s[l] += omega * dy[l];
+      gyk[l] -= drop * g_dy;
+      terms[l] = gs[l] * dy[l];
       gu[l] += phi * g_dy;
     }
+    store_column(gyk, K, k, first, live, static_cast<float*>(p.grad_y));
     float sum = 0.0f;
     for (int l = 0; l < live; ++l) sum += terms[l];
     g_omega[k] += sum;
   }
-  for (int l = 0; l < kLanes; ++l) {
-    static_cast<float*>(p.grad_drift)[e[l]] = gx[l] * h;
-    static_cast<float*>(p.grad_diffusion)[e[l]] = gx[l] * s[l];
-    static_cast<float*>(p.grad_control)[e[l]] = gu[l];
+  float* __restrict grad_drift = static_cast<float*>(p.grad_drift) + first;
+  float* __restrict grad_diffusion = static_cast<float*>(p.grad_diffusion) + first;
+  float* __restrict grad_control = static_cast<float*>(p.grad_control) + first;
+  for (int l = 0; l < live; ++l) {
+    grad_drift[l] = gx[l] * h;
+    grad_diffusion[l] = gx[l] * s[l];
+    grad_control[l] = gu[l];
   }
 }
 

@@ -1,10 +1,13 @@
 // CPU kernel of the Philox fill: blocks are independent, so threads split them freely. float32 runs
-// kFillLanes blocks at a time through the vectorised generator of common/philox_lanes.h (baseline and AVX2
-// builds, picked at run time); float64 is scalar.
+// kFillLanes blocks at a time through the vectorised generator of common/philox_lanes.h (baseline, AVX2 and
+// AVX-512 builds, picked at run time); float64 is scalar.
 #include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>  // the lane copies' intrinsics (common/lane_copies.h)
+#endif
 
 #include "common/cpu_isa.h"
 #include "random/philox_fill.h"
@@ -39,8 +42,7 @@ template <bool kNormal>
 void fill_f32(const PhiloxFillParams& p) {
   uint64_t first, last;
   block_range<float>(p, &first, &last);
-  const auto group = cpu_isa() != CpuIsa::kBaseline ? &lanes_avx2::fill_f32_blocks<kNormal>
-                                                    : &lanes_default::fill_f32_blocks<kNormal>;
+  const auto group = MK_LANES_PICK(fill_f32_blocks<kNormal>);
   const int64_t groups = static_cast<int64_t>((last - first + kFillLanes - 1) / kFillLanes);
   at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) group(p, first + static_cast<uint64_t>(g) * kFillLanes);

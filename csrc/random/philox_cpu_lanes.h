@@ -1,5 +1,5 @@
-// The float32 Philox fill over lanes of kFillLanes consecutive stream blocks, CPU only. Compiled twice by
-// philox_cpu.cpp through common/lane_copies.h (baseline and AVX2, after common/philox_lanes.h): no include
+// The float32 Philox fill over lanes of kFillLanes consecutive stream blocks, CPU only. Compiled three times by
+// philox_cpu.cpp through common/lane_copies.h (baseline, AVX2, AVX-512, after common/philox_lanes.h): no include
 // guard, no includes.
 
 // Stream blocks [block, block + kFillLanes) (lane l: philox_block(seed, block + l, 0)), 4 float32 values each:

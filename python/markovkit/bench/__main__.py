@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from markovkit import _C
 from markovkit._progress import Progress
 from markovkit.bench.case import registry
 from markovkit.bench.timing import median_ms, roofline
@@ -80,7 +81,8 @@ def run(all_cases: list, device: torch.device, roof: dict, quick: bool, compiled
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    machine = platform.processor() or platform.machine()
+    return f"CPU ({machine}, {torch.get_num_threads()} threads, markovkit's {_C.cpu_isa()} kernels)"
 
 
 COLUMNS = [("family", 9), ("case", 26), ("shape", 34), ("dtype", 8), ("impl", 26), ("ms", 9), ("rate", 20),
