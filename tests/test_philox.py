@@ -70,8 +70,10 @@ _COPIES_SCRIPT = """
 import sys, torch, markovkit
 from markovkit import fbm
 randn = lambda *shape, seed: markovkit.philox_normal(shape, seed, dtype=torch.float64).float()  # noqa: E731
-out = {"isa": markovkit._C.cpu_isa(), "uniform": markovkit.philox_uniform((1030,), 5, 3),
-       "normal": markovkit.philox_normal((1030,), 5, 3)}
+out = {"isa": markovkit._C.cpu_isa()}
+for dtype in (torch.float32, torch.float64):
+    out[f"uniform {dtype}"] = markovkit.philox_uniform((1030,), 5, 3, dtype=dtype)
+    out[f"normal {dtype}"] = markovkit.philox_normal((1030,), 5, 3, dtype=dtype)
 # inputs from the scalar float64 generator; the step's coefficients given (torch's exp, which the exact scheme's
 # coefficients use, differs in the last bit between its own CPU copies)
 x, drift, control = (randn(300, 3, seed=i) for i in range(3))
@@ -94,8 +96,8 @@ torch.save(out, sys.argv[1])
 
 
 def test_cpu_lane_copies_are_bitwise_equal(tmp_path):
-    """The baseline, AVX2 and AVX-512 copies of the float32 lane kernels (Philox fill, MA-fBM step forward and
-    backward, simulator; picked once per process, lowered by ATEN_CPU_CAPABILITY) give the same bits: each
+    """The baseline, AVX2 and AVX-512 copies of the CPU lane kernels (Philox fill, float32 MA-fBM step forward
+    and backward, simulator; picked once per process, lowered by ATEN_CPU_CAPABILITY) give the same bits: each
     copy runs in a fresh process. The copies this CPU lacks run as the widest it has."""
     import os
     import subprocess

@@ -4,8 +4,8 @@
 //   #define MK_LANES_HEADER "mafbm/mafbm_cpu_lanes.h"
 //   #include "common/lane_copies.h"
 // It compiles common/philox_lanes.h and the kernel header three times, as namespaces lanes_default, lanes_avx2
-// (#pragma GCC target("avx2")) and lanes_avx512 (target("avx512f")); MK_LANES_PICK(name) is the copy of a
-// function for this CPU (common/cpu_isa.h). No copy contracts a·b + c (AVX2 without FMA; AVX-512F has FMA
+// (#pragma GCC target("avx2")) and lanes_avx512 (target("avx512f")); MK_LANES_PICK(name<args>) is the copy of
+// a function for this CPU (common/cpu_isa.h). No copy contracts a·b + c (AVX2 without FMA; AVX-512F has FMA
 // instructions, so its copy turns contraction off): the copies give bitwise-equal results. The namespaces keep
 // the copies apart: inline functions of one name built for several targets would be merged by the linker,
 // which keeps any one. No include guard: a file includes it once per kernel header. Inside a copy,
@@ -44,10 +44,10 @@ namespace lanes_avx512 = lanes_default;
 #endif
 
 #ifndef MK_LANES_PICK
-#define MK_LANES_PICK(name)                           \
-  (cpu_isa() == CpuIsa::kAvx512 ? &lanes_avx512::name \
-   : cpu_isa() == CpuIsa::kAvx2 ? &lanes_avx2::name   \
-                                : &lanes_default::name)
+#define MK_LANES_PICK(...)                                   \
+  (cpu_isa() == CpuIsa::kAvx512 ? &lanes_avx512::__VA_ARGS__ \
+   : cpu_isa() == CpuIsa::kAvx2 ? &lanes_avx2::__VA_ARGS__   \
+                                : &lanes_default::__VA_ARGS__)
 #endif
 
 #undef MK_LANES_HEADER

@@ -1,6 +1,6 @@
-// CPU kernel of the Philox fill: blocks are independent, so threads split them freely. float32 runs
-// kFillLanes blocks at a time through the vectorised generator of common/philox_lanes.h (baseline, AVX2 and
-// AVX-512 builds, picked at run time); float64 is scalar.
+// CPU kernel of the Philox fill: blocks are independent, so threads split them freely, kFillLanes blocks at a
+// time through the vectorised generator of common/philox_lanes.h (baseline, AVX2 and AVX-512 builds, picked at
+// run time).
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -28,21 +28,12 @@ void block_range(const PhiloxFillParams& p, uint64_t* first, uint64_t* last) {
   *last = (p.offset + p.numel + kPer - 1) / kPer;
 }
 
-template <bool kNormal>
-void fill_f64(const PhiloxFillParams& p) {
-  uint64_t first, last;
-  block_range<double>(p, &first, &last);
-  at::parallel_for(0, static_cast<int64_t>(last - first), 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) philox_fill_block<double, kNormal>(p, first + b);
-  });
-}
-
 // Groups of kFillLanes blocks; the last group's blocks past `last` are computed and not stored.
-template <bool kNormal>
-void fill_f32(const PhiloxFillParams& p) {
+template <typename T, bool kNormal>
+void fill(const PhiloxFillParams& p) {
   uint64_t first, last;
-  block_range<float>(p, &first, &last);
-  const auto group = MK_LANES_PICK(fill_f32_blocks<kNormal>);
+  block_range<T>(p, &first, &last);
+  const auto group = MK_LANES_PICK(fill_blocks<T, kNormal>);
   const int64_t groups = static_cast<int64_t>((last - first + kFillLanes - 1) / kFillLanes);
   at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) group(p, first + static_cast<uint64_t>(g) * kFillLanes);
@@ -54,9 +45,9 @@ void fill_f32(const PhiloxFillParams& p) {
 void philox_fill_cpu(const PhiloxFillParams& p) {
   if (p.numel == 0) return;
   if (p.dtype == DType::kFloat64) {
-    p.normal ? fill_f64<true>(p) : fill_f64<false>(p);
+    p.normal ? fill<double, true>(p) : fill<double, false>(p);
   } else {
-    p.normal ? fill_f32<true>(p) : fill_f32<false>(p);
+    p.normal ? fill<float, true>(p) : fill<float, false>(p);
   }
 }
 
