@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,10 @@ def test_info_prints_build_facts():
     assert result.returncode == 0, result.stderr
     assert f"version: {markovkit.__version__}" in result.stdout
     assert f"torch_version: {torch.__version__}" in result.stdout
+    assert f"cpu kernels: {markovkit._C.cpu_isa()} " in result.stdout
+    lowered = subprocess.run([sys.executable, "-m", "markovkit", "info"], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, ATEN_CPU_CAPABILITY="default"))
+    assert "cpu kernels: default " in lowered.stdout
 
 
 def test_build_info_names_the_cuda_architectures():

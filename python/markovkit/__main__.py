@@ -11,6 +11,7 @@ def info() -> None:
         print(f"{key:>14}: {value}")
     print(f"{'torch now':>14}: {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     print(f"{'cpu threads':>14}: {torch.get_num_threads()}")
+    print(f"{'cpu kernels':>14}: {markovkit._C.cpu_isa()} (ATEN_CPU_CAPABILITY=default|avx2 lowers it)")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
