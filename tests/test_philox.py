@@ -79,14 +79,14 @@ for dtype in (torch.float32, torch.float64):
 x, drift, control = (randn(300, 3, seed=i) for i in range(3))
 y, omega = randn(300, 3, 5, seed=3), randn(5, seed=4).requires_grad_()
 drop, phi = 0.1 * randn(5, seed=5).abs(), 0.01 * randn(5, seed=6)
-for R in (1, 3):  # 900 elements: 14 lane groups and a part, 3 rows of the gradient of omega
-    factor = 0.1 * randn(5, R, seed=7)
+for R, given in ((1, False), (3, False), (3, True)):  # 900 elements: 14 lane groups and a part, 3 rows of gω
+    factor, noise = 0.1 * randn(5, R, seed=7), randn(300, 3, R, seed=12) if given else None
     leaves = [t.clone().requires_grad_() for t in (x, y, drift, control)]
     step = torch.ops.markovkit.mafbm_step(leaves[0], leaves[1], leaves[2], drift.abs() + 0.5, omega, drop, phi,
-                                          factor, 0.01, leaves[3], None, 9, 2)
+                                          factor, 0.01, leaves[3], noise, 9, 2)
     weights = [randn(*t.shape, seed=8 + i) for i, t in enumerate(step)]
     grads = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, step)), leaves + [omega])
-    out[f"step R={R}"] = [t.detach() for t in step] + list(grads)
+    out[f"step R={R} given noise {given}"] = [t.detach() for t in step] + list(grads)
 x0 = randn(200, seed=11).requires_grad_()
 path = markovkit.mafbm_simulate(x0, 30, 0.01, omega.detach(), fbm.gamma_grid(5, 20.0), theta=0.5, save_every=3,
                                 seed=4, scheme="euler", kind="II")

@@ -9,7 +9,8 @@ namespace {
 
 CpuIsa detect() {
   int level = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
+  // The copies are built by GCC's target pragmas: under clang every copy is baseline code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     level = __builtin_cpu_supports("avx512f") ? 2 : 1;
   }

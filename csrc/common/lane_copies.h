@@ -5,11 +5,15 @@
 //   #include "common/lane_copies.h"
 // It compiles common/philox_lanes.h and the kernel header three times, as namespaces lanes_default, lanes_avx2
 // (#pragma GCC target("avx2")) and lanes_avx512 (target("avx512f")); MK_LANES_PICK(name<args>) is the copy of
-// a function for this CPU (common/cpu_isa.h). No copy contracts a·b + c (AVX2 without FMA; AVX-512F has FMA
-// instructions, so its copy turns contraction off): the copies give bitwise-equal results. The namespaces keep
-// the copies apart: inline functions of one name built for several targets would be merged by the linker,
-// which keeps any one. No include guard: a file includes it once per kernel header. Inside a copy,
+// a function for this CPU (common/cpu_isa.h). No copy contracts a·b + c (contraction is off around all three:
+// AVX-512F has FMA instructions, so do builds with -march=native): the copies give bitwise-equal results. The
+// namespaces keep the copies apart: inline functions of one name built for several targets would be merged by
+// the linker, which keeps any one. No include guard: a file includes it once per kernel header. Inside a copy,
 // MK_LANES_BITS is its vector width (128, 256, 512).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 namespace lanes_default {
 #define MK_LANES_BITS 128
 #include "common/philox_lanes.h"
@@ -30,7 +34,6 @@ namespace lanes_avx2 {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
-#pragma GCC optimize("fp-contract=off")  // AVX-512F has FMA instructions: no a·b + c contraction
 namespace lanes_avx512 {
 #define MK_LANES_BITS 512
 #include "common/philox_lanes.h"
@@ -39,8 +42,11 @@ namespace lanes_avx512 {
 }  // namespace lanes_avx512
 #pragma GCC pop_options
 #else
-namespace lanes_avx2 = lanes_default;  // no target pragmas: cpu_isa() may say more, every copy is the baseline
+namespace lanes_avx2 = lanes_default;  // no target pragmas: every copy is the baseline (cpu_isa() says so)
 namespace lanes_avx512 = lanes_default;
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options  // fp-contract
 #endif
 
 #ifndef MK_LANES_PICK

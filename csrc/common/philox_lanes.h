@@ -12,8 +12,8 @@
 // steps; over all 2^23 float32 uniforms (checked exhaustively against float64) their relative errors are
 // < 2.1e-7 (log), < 1.9e-7 (sqrt of −2 ln u), < 1.7e-7 (cos, sin; < 1e-7 absolute, the reduction being
 // exact), so lane_box_muller_normals is within 4e-7 relative of box_muller(double) of the same uniforms, and
-// differs from the float box_muller (libm) by float rounding, not bitwise. No FMA contraction (no copy's target
-// has FMA): the three copies give bitwise-equal normals.
+// differs from the float box_muller (libm) by float rounding, not bitwise. No FMA contraction (common/
+// lane_copies.h turns it off): the three copies give bitwise-equal normals.
 
 // Philox4x32-10 rounds of 8 (AVX2) or 16 (AVX-512) lanes from lane g: the two 32 x 32 -> 64-bit products of a
 // round are vpmuludq of the even and of the odd lanes (shifted down), their high and low words blended back.
