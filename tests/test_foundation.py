@@ -163,3 +163,12 @@ def test_bench_cases_of_each_shape_run_that_shape(monkeypatch):
         assert case.shape == f"b={batch} L={seqlen} h={heads} d={headdim} w={window}"
         for fn in [case.ours, case.reference]:
             assert fn().shape == (batch, seqlen, heads, headdim)
+
+
+def test_all_lists_the_public_names():
+    """`from markovkit import *` gives every public function and class the package imports, and fbm and nn."""
+    import inspect
+
+    public = {name for name, value in vars(markovkit).items()
+              if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))}
+    assert public | {"fbm", "nn"} == set(markovkit.__all__)

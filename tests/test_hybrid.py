@@ -199,10 +199,17 @@ def test_layer_decoding_token_by_token_equals_forward(kv_heads, rotary):
     assert sizes == 2 * [(3, window, kv_heads, 32)] + 2 * [(3, 2 * window, kv_heads, 32)]
 
 
-def test_layer_step_takes_one_token():
+def test_layer_step_takes_one_token_of_the_caches_batch():
     layer = markovkit.nn.BMojoF(64, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=re.escape("x: expected shape (batch, 1, dim), one token, got (1, 2, 64)")):
         layer.step(torch.zeros(1, 2, 64, dtype=torch.float64), layer.allocate_inference_cache(1))
+    cache = layer.allocate_inference_cache(3, 128, dtype=torch.float32)  # Mamba's (batch_size, max_seqlen, dtype)
+    assert cache.k.shape == (3, 4, 2, 32) and cache.k.dtype == torch.float32
+    with pytest.raises(ValueError, match=re.escape("x: expected the cache's batch size 3, got 1")):
+        layer.step(torch.zeros(1, 1, 64, dtype=torch.float64), cache)
+    assert cache.position == 0
+    out = layer.step(torch.randn(3, 1, 64, dtype=torch.float64), cache)  # a float32 cache for a float64 layer
+    assert out.dtype == torch.float64 and cache.position == 1
 
 
 @pytest.mark.parametrize("args,kwargs,message", [

@@ -26,7 +26,7 @@ def test_elbo_gradients_reach_every_parameter(device, kind):
     model = FractionalSDE(2, K=3, gamma_max=10.0, kind=kind, hurst=None, hidden=16, context_dims=1).to(device)
     obs = torch.randn(3, 4, 2, device=device)
     times = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    elbo = model.elbo(obs, times, dt=0.05, obs_std=0.5, samples=2, context_fn=lambda n, x: x[:, :1] * 0)
+    elbo = model.elbo(obs, times, dt=0.05, obs_std=0.5, seed=0, samples=2, context_fn=lambda n, x: x[:, :1] * 0)
     assert elbo.dim() == 0 and torch.isfinite(elbo)
     elbo.backward()
     assert model.hurst_raw.grad is not None and model.hurst_raw.grad != 0
@@ -37,10 +37,39 @@ def test_elbo_gradients_reach_every_parameter(device, kind):
 
 def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
+    elbo = lambda obs, times, dt: model.elbo(obs, times, dt=dt, obs_std=1.0, seed=0)  # noqa: E731
     with pytest.raises(ValueError, match="times: expected multiples of dt"):
-        model.elbo(torch.zeros(1, 1, 1), torch.tensor([0.105]), dt=0.01, obs_std=1.0)
+        elbo(torch.zeros(1, 1, 1), torch.tensor([0.105]), 0.01)
+    with pytest.raises(ValueError, match="times: expected multiples of dt"):  # far out, 0.4 of a step off
+        elbo(torch.zeros(1, 1, 1), torch.tensor([500.004]), 0.01)
     with pytest.raises(ValueError, match=r"times: expected multiples of dt = 0.1, >= 0, got tensor\(\[ 0.3000, -0.1"):
-        model.elbo(torch.zeros(1, 2, 1), torch.tensor([0.3, -0.1]), dt=0.1, obs_std=1.0)
+        elbo(torch.zeros(1, 2, 1), torch.tensor([0.3, -0.1]), 0.1)
+    # one time per observation: a size-1 side was broadcast before (a wrong ELBO, no error)
+    with pytest.raises(ValueError, match=r"times: expected shape \(4,\) = \(n_obs,\) of obs, got \(1,\)"):
+        elbo(torch.zeros(3, 4, 1), torch.tensor([0.1]), 0.1)
+    with pytest.raises(ValueError, match=r"times: expected shape \(1,\) = \(n_obs,\) of obs, got \(4,\)"):
+        elbo(torch.zeros(3, 1, 1), torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.1)
+    assert torch.isfinite(elbo(torch.zeros(1, 1, 1), torch.tensor([0.3]), 0.1))  # 0.3 / 0.1 = 2.9999999999999996
+
+
+def test_configuration_errors_come_at_construction():
+    for kwargs, message in [(dict(hurst=1.5), r"hurst: expected a float in \(0, 1\), or None to learn it, got 1.5"),
+                            (dict(hurst=0.0), "hurst: expected a float in"),
+                            (dict(kind="III"), "kind: expected 'I' or 'II', got 'III'"),
+                            (dict(scheme="milstein"), "scheme: expected 'euler' or 'exact', got 'milstein'")]:
+        with pytest.raises(ValueError, match=message):
+            FractionalSDE(1, K=2, **kwargs)
+
+
+def test_gamma_is_a_float64_constant_that_dtype_moves_leave_alone():
+    """.float() / .to(dtype) rounded the rates when they were a buffer: omega and the paths changed."""
+    model = FractionalSDE(1, K=3, hurst=0.3, hidden=4)
+    before = model.sample(4, 3, 0.1, seed=2)
+    omega = model.omega()
+    model.float().to(torch.float32)
+    assert model.gamma.dtype == torch.float64
+    torch.testing.assert_close(model.omega(), omega, rtol=0, atol=0)
+    torch.testing.assert_close(model.sample(4, 3, 0.1, seed=2), before, rtol=0, atol=0)
 
 
 def test_autocast_runs_the_networks_in_bfloat16_and_the_sde_in_float32():
@@ -52,7 +81,7 @@ def test_autocast_runs_the_networks_in_bfloat16_and_the_sde_in_float32():
     plain = model.sample(4, 5, 0.1, seed=1, posterior=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         paths = model.sample(4, 5, 0.1, seed=1, posterior=True)
-        elbo = model.elbo(obs, times, dt=0.1, obs_std=0.5, samples=2)
+        elbo = model.elbo(obs, times, dt=0.1, obs_std=0.5, seed=0, samples=2)
     assert paths.dtype == torch.float32 and elbo.dtype == torch.float32
     torch.testing.assert_close(paths, plain, rtol=0, atol=3e-2)
     assert 0 < (paths - plain).abs().max()  # the networks did run in bfloat16
@@ -71,11 +100,11 @@ def test_float64_module_samples_from_default_x0():
 def test_elbo_and_sample_check_x0_and_obs():
     model = FractionalSDE(1, K=3, hidden=4, hurst=0.4)
     obs, times = torch.randn(4, 2, 1), torch.tensor([0.1, 0.2])
-    elbo = lambda x0: model.elbo(obs, times, dt=0.05, obs_std=0.5, samples=8, x0=x0)  # noqa: E731
+    elbo = lambda x0: model.elbo(obs, times, dt=0.05, obs_std=0.5, seed=0, samples=8, x0=x0)  # noqa: E731
     with pytest.raises(ValueError, match=r"x0: expected shape \(32, 1\) = \(batch\*samples, dims\), got \(1, 1\)"):
         elbo(torch.zeros(1, 1))
     assert elbo(torch.zeros(32, 1)).item() == elbo(None).item()
     with pytest.raises(ValueError, match=r"x0: expected shape \(5, 1\) = \(paths, dims\), got \(1, 1\)"):
-        model.sample(5, 2, 0.05, x0=torch.zeros(1, 1))
+        model.sample(5, 2, 0.05, seed=0, x0=torch.zeros(1, 1))
     with pytest.raises(ValueError, match=r"obs: expected shape \(batch, n_obs, 1\), got \(4, 2, 2\)"):
-        model.elbo(torch.zeros(4, 2, 2), times, dt=0.05, obs_std=0.5)
+        model.elbo(torch.zeros(4, 2, 2), times, dt=0.05, obs_std=0.5, seed=0)

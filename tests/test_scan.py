@@ -575,6 +575,22 @@ def test_cu_seqlens_refuses_more_packed_positions_than_int32_offsets_address():
         markovkit.selective_scan(u, u, A, B, B, cu_seqlens=cu)
 
 
+def test_wrappers_report_ungrouped_B_and_C_as_passed():
+    """A (batch, dstate, seqlen) B / C (the decode step's (batch, dstate)) with a wrong shape is reported in that
+    shape, not in the (batch, 1, dstate, seqlen) the op sees."""
+    u, A = torch.randn(2, 4, 10), -torch.rand(4, 3)
+    good = torch.randn(2, 3, 10)
+    with pytest.raises(RuntimeError, match=re.escape("B: expected shape [2, 3, 10] = (batch, dstate, seqlen), "
+                                                     "got [2, 3, 9]")):
+        markovkit.selective_scan(u, u, A, good[..., :9], good)
+    with pytest.raises(RuntimeError, match=re.escape("C: expected shape [2, 3, 10] = (batch, dstate, seqlen), "
+                                                     "got [1, 3, 10]")):
+        markovkit.selective_scan(u, u, A, good, good[:1])
+    state, x = torch.zeros(2, 4, 3), torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match=re.escape("C: expected shape [2, 3] = (batch, dstate), got [2, 4]")):
+        markovkit.selective_state_update(state, x, x, A, torch.randn(2, 3), torch.randn(2, 4))
+
+
 def test_mamba_block_step_equals_forward(device):
     torch.manual_seed(0)
     block = markovkit.nn.Mamba(d_model=16, d_state=8, d_conv=4, device=device, dtype=torch.float64)
@@ -599,13 +615,35 @@ def test_mamba_block_init_flags_and_step_checks():
     assert block.A_log._no_weight_decay and block.D._no_weight_decay and block.dt_proj.bias._no_reinit
     with pytest.raises(ValueError, match="dt_init: expected 'random' or 'constant', got 'zeros'"):
         markovkit.nn.Mamba(d_model=32, dt_init="zeros")
+    with pytest.raises(ValueError, match=r"d_state: expected 1 to 256 \(the scan's limit\), got 300"):
+        markovkit.nn.Mamba(d_model=32, d_state=300)
     conv_state, ssm_state = block.allocate_inference_cache(3, 128, dtype=torch.float64)
     assert conv_state.shape == (3, 48, 4) and conv_state.dtype == F64 and ssm_state.dtype == torch.float32
-    conv_state = conv_state.float()
     with pytest.raises(ValueError, match=r"hidden: expected shape \(batch, 1, d_model\), one token, got \(3, 2, 32\)"):
         block.step(torch.randn(3, 2, 32), conv_state, ssm_state)
-    out = block.step(torch.randn(3, 1, 32), conv_state, ssm_state)
-    assert not out.requires_grad and not conv_state.requires_grad
+    # another batch size: refused before the cache changes (the conv state was rolled, then z was named)
+    conv_state.normal_()
+    before = conv_state.clone()
+    with pytest.raises(ValueError, match=r"hidden: expected the cache's batch size 3 \(conv_state\) = 3 \(ssm_state\), "
+                                         r"got 1"):
+        block.step(torch.randn(1, 1, 32), conv_state, ssm_state)
+    assert torch.equal(conv_state, before)
+    out = block.step(torch.randn(3, 1, 32), conv_state, ssm_state)  # a float64 conv state for a float32 block
+    assert out.dtype == torch.float32 and not out.requires_grad and not conv_state.requires_grad
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,tol", [(torch.float32, F64, 1e-5), (torch.bfloat16, torch.float32, 3e-2)])
+def test_mamba_block_steps_with_a_cache_of_another_dtype(dtype, cache_dtype, tol):
+    """allocate_inference_cache(dtype=...) gives a conv state of another dtype: the convolution's result comes back
+    in the block's dtype (x_proj refused the mix before)."""
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(d_model=16, d_state=8, d_conv=4).to(dtype)
+    hidden = torch.randn(2, 7, 16).to(dtype)
+    full = block(hidden)
+    conv_state, ssm_state = block.allocate_inference_cache(2, dtype=cache_dtype)
+    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state) for t in range(7)], dim=1)
+    assert steps.dtype == dtype
+    torch.testing.assert_close(steps.float(), full.float(), rtol=tol, atol=tol)
 
 
 def test_mamba_block_float64_matches_the_reference_scan():

@@ -39,7 +39,7 @@ from markovkit import nn  # noqa: E402  (modules; after the ops they use)
 __all__ = [
     "build_info", "philox_normal", "philox_uniform",
     "selective_scan", "selective_scan_fn", "selective_state_update",
-    "merge_attention", "sliding_window_attention",
+    "bmojo_f_attention", "merge_attention", "sliding_window_attention",
     "fbm", "mafbm_simulate", "mafbm_step", "step_coefficients",
     "CtmcEvents", "simulate_ctmc", "simulate_reactions",
     "nn",

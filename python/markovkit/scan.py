@@ -42,6 +42,14 @@ def _as(t, dtype, name):
     return t.to(dtype).contiguous()
 
 
+def _with_group_axis(X, name, expected, axes):
+    """X without its groups axis (one group) -> with it, at dim 1; its shape is checked first against expected
+    (when known), so that a wrong one is reported as it was passed."""
+    if expected is not None and tuple(X.shape) != expected:
+        raise RuntimeError(f"{name}: expected shape {list(expected)} = {axes}, got {list(X.shape)}")
+    return X.unsqueeze(1)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None, cu_seqlens=None):
     """The selective scan; same arguments, shapes and results as mamba_ssm's ``selective_scan_fn``.
@@ -65,10 +73,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     var_B, var_C = B.dim() >= 3, C.dim() >= 3
     itype = _itype(u, delta, z, B if var_B else None, C if var_C else None)
     wtype = _wtype(itype)
+    expected = (u.shape[0], A.shape[1], u.shape[2]) if u.dim() == 3 and A.dim() == 2 else None
     if var_B and B.dim() == 3:
-        B = B.unsqueeze(1)
+        B = _with_group_axis(B, "B", expected, "(batch, dstate, seqlen)")
     if var_C and C.dim() == 3:
-        C = C.unsqueeze(1)
+        C = _with_group_axis(C, "C", expected, "(batch, dstate, seqlen)")
     out, last_state, _ = torch.ops.markovkit.selective_scan_fwd(
         _as(u, itype, "u"), _as(delta, itype, "delta"), _as(A, wtype, "A"), _as(B, itype if var_B else wtype, "B"),
         _as(C, itype if var_C else wtype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"),
@@ -95,10 +104,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """
     itype = _itype(x, dt, z, B, C)
     wtype = _wtype(itype)
+    expected = (x.shape[0], A.shape[1]) if x.dim() == 2 and A.dim() == 2 else None
     if B.dim() == 2:
-        B = B.unsqueeze(1)
+        B = _with_group_axis(B, "B", expected, "(batch, dstate)")
     if C.dim() == 2:
-        C = C.unsqueeze(1)
+        C = _with_group_axis(C, "C", expected, "(batch, dstate)")
     return torch.ops.markovkit.selective_state_update(
         state, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
         _as(C, itype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"), _as(dt_bias, wtype, "dt_bias"),

@@ -67,8 +67,9 @@ class BMojoF(nn.Module):
         out = bmojo_f_attention(self._queries(x), k, v, kf, vf, self.window)
         return self.out_proj(out.reshape(batch, seqlen, self.heads * self.headdim))
 
-    def allocate_inference_cache(self, batch_size: int, dtype=None) -> BMojoFCache:
-        """An empty cache (position 0); keys and values in dtype (default the projections' dtype)."""
+    def allocate_inference_cache(self, batch_size: int, max_seqlen=None, dtype=None) -> BMojoFCache:
+        """An empty cache (position 0); keys and values in dtype (default the projections' dtype). max_seqlen is
+        unused (the ring buffers hold 3 windows whatever the length), as in Mamba's signature."""
         w = self.k_proj.weight
         dtype = dtype or w.dtype
         buffers = [torch.zeros(batch_size, n * self.window, self.kv_heads, self.headdim, device=w.device,
@@ -81,6 +82,8 @@ class BMojoF(nn.Module):
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"x: expected shape (batch, 1, dim), one token, got {tuple(x.shape)}")
         t, w = cache.position, self.window
+        if x.shape[0] != cache.k.shape[0]:
+            raise ValueError(f"x: expected the cache's batch size {cache.k.shape[0]}, got {x.shape[0]}")
         k, v = self._keys_values(x, t)
         kf, vf = self._keys_values(self.mixer.step(x, *cache.mixer), t)
         cache.k[:, t % w], cache.v[:, t % w] = k[:, 0], v[:, 0]

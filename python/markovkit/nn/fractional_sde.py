@@ -7,6 +7,7 @@ from torch import nn
 
 import markovkit
 from markovkit import fbm
+from markovkit.mafbm import _check_scheme
 
 
 def _check_x0(x0: torch.Tensor, paths: int, dims: int, paths_is: str) -> None:
@@ -22,7 +23,8 @@ def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
 class FractionalSDE(nn.Module):
     """dX = b(X, t) dt + σ(X) dB̂^H per latent dimension, B̂^H the K-mode MA-fBM (type I or II).
 
-    hurst: a float in (0, 1) fixes H; None learns it as sigmoid(hurst_raw), started at H = ½.
+    hurst: a float in (0, 1) fixes H; None learns it as sigmoid(hurst_raw), started at H = ½. gamma, the K rates,
+    is a float64 constant (not a buffer: .float() or .to(dtype) leave it as it is).
     Networks: drift b([x, t]) (dims), diagonal diffusion σ = softplus(net(x)) (dims), posterior control
     u([sin t, cos t, x, vec(y), context]) (dims), its last layer zero so training starts at the prior.
     ω(H) is recomputed (differentiably) on every call for `horizon`, the time span the weights are fit on.
@@ -32,8 +34,12 @@ class FractionalSDE(nn.Module):
                  horizon: float = 1.0, hidden: int = 64, context_dims: int = 0, scheme: str = "exact",
                  drift: bool = True, sigma_init: float = 1.0):
         super().__init__()
+        fbm._check_kind(kind)
+        _check_scheme(scheme)
+        if hurst is not None and not 0.0 < float(hurst) < 1.0:
+            raise ValueError(f"hurst: expected a float in (0, 1), or None to learn it, got {hurst}")
         self.dims, self.kind, self.horizon, self.scheme = dims, kind, float(horizon), scheme
-        self.register_buffer("gamma", fbm.gamma_grid(K, gamma_max), persistent=False)
+        self.gamma = fbm.gamma_grid(K, gamma_max)  # (K,) float64 on the CPU, where the weights are solved
         self.fixed_hurst = None if hurst is None else float(hurst)
         self.hurst_raw = nn.Parameter(torch.zeros(())) if hurst is None else None
         self.drift = _mlp(dims + 1, dims, hidden) if drift else None
@@ -56,7 +62,7 @@ class FractionalSDE(nn.Module):
 
     def omega(self) -> torch.Tensor:
         # the (K,) weights are solved on the CPU in float64 whatever the module's device
-        return fbm.omega(self.hurst().cpu(), self.gamma.cpu(), self.horizon, self.kind)
+        return fbm.omega(self.hurst().cpu(), self.gamma, self.horizon, self.kind)
 
     def _initial_y(self, paths: int, like: torch.Tensor, generator) -> torch.Tensor:
         """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K)."""
@@ -79,7 +85,7 @@ class FractionalSDE(nn.Module):
     def _run(self, x0, n_steps, dt, seed, posterior, context_fn=None):
         """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
         generator = torch.Generator().manual_seed(seed)
-        omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma.cpu()
+        omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma
         x, y = x0, self._initial_y(x0.shape[0], x0, generator).to(x0.device)
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
         for n in range(n_steps):
@@ -96,11 +102,12 @@ class FractionalSDE(nn.Module):
         return torch.stack(xs, 1), kl
 
     @torch.no_grad()
-    def sample(self, paths: int, n_steps: int, dt: float, *, x0=None, seed: int = 0, posterior: bool = False,
+    def sample(self, paths: int, n_steps: int, dt: float, *, seed: int, x0=None, posterior: bool = False,
                context_fn=None) -> torch.Tensor:
         """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device.
 
-        x0: (paths, dims) or None (zeros).
+        seed: the noise's Philox seed (and Y(0)'s); the same seed gives the same paths. x0: (paths, dims) or None
+        (zeros).
         """
         if x0 is None:
             w = self.control[0].weight
@@ -108,20 +115,23 @@ class FractionalSDE(nn.Module):
         _check_x0(x0, paths, self.dims, "paths")
         return self._run(x0, n_steps, dt, seed, posterior, context_fn)[0]
 
-    def elbo(self, obs: torch.Tensor, times: torch.Tensor, *, dt: float, obs_std: float, samples: int = 16,
-             x0=None, seed: int = 0, context_fn=None) -> torch.Tensor:
+    def elbo(self, obs: torch.Tensor, times: torch.Tensor, *, dt: float, obs_std: float, seed: int,
+             samples: int = 16, x0=None, context_fn=None) -> torch.Tensor:
         """Monte Carlo ELBO per sequence: E_Q[Σ_i log N(obs_i | X(t_i), obs_std²)] − E_Q[½ ∫ |u|² dt].
 
         obs: (batch, n_obs, dims) at `times` (n_obs,) on the dt grid; samples posterior paths per sequence
-        (paths = batch·samples, sequence-major). x0: (batch·samples, dims) or None (zeros). context_fn(n, x)
-        -> (paths, context_dims) feeds the control. Returns the mean over sequences (a scalar).
+        (paths = batch·samples, sequence-major). seed: the paths' noise (a training loop passes a new one each
+        step, or it fits one draw). x0: (batch·samples, dims) or None (zeros). context_fn(n, x) -> (paths,
+        context_dims) feeds the control. Returns the mean over sequences (a scalar).
         """
         if obs.dim() != 3 or obs.shape[2] != self.dims:
             raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
         batch, n_obs, dims = obs.shape
         t = torch.as_tensor(times, dtype=torch.float64)
+        if t.shape != (n_obs,):
+            raise ValueError(f"times: expected shape ({n_obs},) = (n_obs,) of obs, got {tuple(t.shape)}")
         idx = torch.round(t / dt).long()
-        if not (bool((t >= 0).all()) and torch.allclose(idx.double() * dt, t, atol=1e-9)):
+        if not (bool((t >= 0).all()) and bool(((t / dt - idx).abs() <= 1e-6).all())):
             raise ValueError(f"times: expected multiples of dt = {dt}, >= 0, got {times}")
         paths = batch * samples
         if x0 is None:

@@ -28,6 +28,8 @@ class Mamba(nn.Module):
         super().__init__()
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+        if not 1 <= d_state <= 256:
+            raise ValueError(f"d_state: expected 1 to 256 (the scan's limit), got {d_state}")
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
@@ -85,13 +87,17 @@ class Mamba(nn.Module):
         """One token: hidden (batch, 1, d_model); conv_state and ssm_state are updated in place."""
         if hidden.dim() != 3 or hidden.shape[1] != 1:
             raise ValueError(f"hidden: expected shape (batch, 1, d_model), one token, got {tuple(hidden.shape)}")
+        batch = conv_state.shape[0]
+        if hidden.shape[0] != batch or ssm_state.shape[0] != batch:
+            raise ValueError(f"hidden: expected the cache's batch size {batch} (conv_state) = "
+                             f"{ssm_state.shape[0]} (ssm_state), got {hidden.shape[0]}")
         x, z = self.in_proj(hidden[:, 0]).chunk(2, dim=-1)               # (batch, d_inner) each
         conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
         conv_state[:, :, -1] = x
         x = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
         if self.conv1d.bias is not None:
             x = x + self.conv1d.bias
-        x = F.silu(x)
+        x = F.silu(x).to(z.dtype)  # conv_state may hold another dtype (allocate_inference_cache's dtype)
         dt, B, C = self._dt_BC(x)
         y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D, z, dt_bias=self.dt_proj.bias,
                                    dt_softplus=True)
