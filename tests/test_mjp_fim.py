@@ -192,6 +192,7 @@ def test_no_processes_give_empty_tensors(data):
     ("state_weights", (1, 1, -1, 1, 1), r"state_weights: expected"),
     ("state_weights", (0,) * 5, r"state_weights: expected"),
     ("paths", 0, r"paths: expected an integer >= 1, got 0"),
+    ("max_states", 6.5, r"max_states: expected an integer >= 2, got 6.5"),
     ("grid_points", 0, r"grid_points: expected an integer >= 1"),
     ("t_max", 0.0, r"t_max: expected a finite time > 0, got 0.0"),
     ("t_max", math.inf, r"t_max: expected"),
@@ -218,10 +219,18 @@ def test_config_is_checked(field, value, message):
     (lambda: fim.generate(1, seed=-2**63 - 1), r"generate: seed: expected"),
     (lambda: fim.generate(-1), r"sample_parameters: processes: expected >= 0, got -1"),
     (lambda: fim.generate(1, chunk=0), r"generate: chunk: expected >= 1"),
+    (lambda: fim.sample_parameters(1, fim.FimConfig(), seed=2**64 + 5), r"sample_parameters: seed: expected"),
 ])
 def test_generate_arguments_are_checked(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_seeds_apart_in_the_sign_bit_draw_other_parameters():
+    """The parameters' key was masked to 63 bits: seeds 1 and 1 - 2**63 drew the same rates and p0."""
+    config = fim.FimConfig()
+    a, b = (fim.sample_parameters(20, config, seed=s) for s in (1, 1 - 2**63))
+    assert not torch.equal(a["rates"], b["rates"])
 
 
 def test_cli_writes_a_dataset(tmp_path, capsys):

@@ -61,6 +61,7 @@ class FimConfig:
     noise: float = 0.01                     # P(an observation is replaced by a uniformly chosen other state)
 
     def __post_init__(self):
+        _expect(_is_int(self.max_states) and self.max_states >= 2, "max_states", "an integer >= 2", self.max_states)
         _expect(len(self.states) > 0 and all(_is_int(n) and 2 <= n <= self.max_states for n in self.states),
                 "states", f"a non-empty tuple of integers in [2, max_states={self.max_states}]", self.states)
         _expect(len(self.state_weights) == len(self.states) and all(w >= 0 for w in self.state_weights)
@@ -123,7 +124,7 @@ class _Draws:
     width = prod(shape[1:]), whatever the number of processes."""
 
     def __init__(self, seed: int, device):
-        self.seed, self.device = (seed ^ _PARAM_KEY) & ((1 << 63) - 1), device
+        self.seed, self.device = seed ^ _PARAM_KEY, device  # in [-2**63, 2**63) as seed is
 
     def uniform(self, region: int, shape) -> torch.Tensor:
         return markovkit.philox_uniform(shape, self.seed, region * _REGION, dtype=torch.float64, device=self.device)
@@ -197,7 +198,7 @@ def sample_parameters(processes: int, config: FimConfig, seed: int, device="cpu"
     S = config.max_states, padded states have no rates and p0 = 0."""
     if processes < 0:
         raise ValueError(f"sample_parameters: processes: expected >= 0, got {processes}")
-    draws = _Draws(seed, device)
+    draws = _Draws(check_seed(seed, "sample_parameters"), device)
     N, S = processes, config.max_states
     n = _choice(draws.uniform(0, (N,)), config.states, config.state_weights)
     inside = torch.arange(S, device=device) < n.unsqueeze(1)  # (N, S)

@@ -107,7 +107,8 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
     x0: (processes, paths, species) integer initial counts.
     t_grid: (L,), (processes, L) or (processes, paths, L) observation times >= 0, non-decreasing.
     seed: an int in [-2**63, 2**63), the 64-bit Philox key (a negative seed is its two's complement).
-    Returns counts (processes, paths, L, species) int64. A CTMC is the network with one-hot species and one
+    Returns counts (processes, paths, L, species) int64 (a count past 2**63 - 1 wraps unchecked; an overflowing
+    propensity is refused). A CTMC is the network with one-hot species and one
     reaction S_i -> S_j per nonzero rate Q_ij; listed in row-major (i, j) order it gives the same paths as
     simulate_ctmc for the same seed.
     """
