@@ -25,6 +25,18 @@ TOL = {
 }
 
 
+def on_1_and_3_threads(fn):
+    """(fn() on 1 CPU thread, fn() on 3), for tests that results do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fn()
+        torch.set_num_threads(3)
+        return single, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

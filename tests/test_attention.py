@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import markovkit
-from conftest import TOL
+from conftest import TOL, on_1_and_3_threads
 from markovkit import reference
 
 # (batch, seqlen, heads, kv_heads, headdim, window, sink): windows 1, small, large, >= seqlen; seqlens that
@@ -558,14 +558,7 @@ def test_backward_bits_independent_of_thread_count():
         out = markovkit.sliding_window_attention(qq, kk, vv, 100, sink=5)
         return torch.autograd.grad(out, (qq, kk, vv), dout)
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = grads()
-        torch.set_num_threads(3)
-        multi = grads()
-    finally:
-        torch.set_num_threads(threads)
+    single, multi = on_1_and_3_threads(grads)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)
 

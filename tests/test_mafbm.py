@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import markovkit
-from conftest import HAS_CUDA, TOL
+from conftest import HAS_CUDA, TOL, on_1_and_3_threads
 from markovkit import fbm
 from markovkit import reference as ref
 
@@ -108,14 +108,7 @@ def test_cpu_step_does_not_depend_on_the_thread_count(dtype):
         loss = sum((torch.linspace(-1, 1, t.numel(), dtype=dtype).view(t.shape) * t).sum() for t in out)
         return [t.detach() for t in out] + list(torch.autograd.grad(loss, leaves))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-        torch.set_num_threads(3)
-        multi = run()
-    finally:
-        torch.set_num_threads(threads)
+    single, multi = on_1_and_3_threads(run)
     for a, b in zip(single, multi):
         assert torch.equal(a, b)
 

@@ -7,9 +7,8 @@
 // normals are within 4e-7 relative of float64 Box-Muller); the arithmetic after the draw is the scalar code's,
 // in its order. The three copies give bitwise-equal results.
 
-// The 4 normals of philox_block(seed, block, stream_l) for each lane l: z[slot][l].
-inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* stream, float (*z)[kLanes]) {
-  uint32_t w[4][kLanes];
+// The words of philox_block(seed, block, stream_l) for each lane l: w[word][l].
+inline void lane_blocks(uint64_t seed, uint64_t block, const uint64_t* stream, uint32_t (*w)[kLanes]) {
   for (int l = 0; l < kLanes; ++l) {
     w[0][l] = static_cast<uint32_t>(block);
     w[1][l] = static_cast<uint32_t>(block >> 32);
@@ -17,6 +16,12 @@ inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* st
     w[3][l] = static_cast<uint32_t>(stream[l] >> 32);
   }
   lane_philox4x32_10<kLanes>(seed, w);
+}
+
+// The 4 normals of philox_block(seed, block, stream_l) for each lane l: z[slot][l].
+inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* stream, float (*z)[kLanes]) {
+  uint32_t w[4][kLanes];
+  lane_blocks(seed, block, stream, w);
   lane_box_muller_normals<kLanes>(w, z);
 }
 
@@ -24,7 +29,7 @@ inline void lane_block_normals(uint64_t seed, uint64_t block, const uint64_t* st
 // control and the outputs of the same shape are contiguous runs, y and its gradients strided columns of K.
 // Lanes past `live` compute on zeros (or on the normals of streams past the last element) and store nothing.
 
-// The float values src[first + l], l < live, zeros after (zeros only when src is nullptr): v (kLanes,).
+// The float values src[first + l], l < live, zeros after (all zeros when src is nullptr): v (kLanes,).
 inline void load_lanes(const float* src, int64_t first, int live, float* v) {
   if (src == nullptr) live = 0;
   for (int l = 0; l < live; ++l) v[l] = src[first + l];
@@ -47,16 +52,11 @@ inline void store_column(const float* v, int K, int k, int64_t first, int live, 
 // computing only the Box-Muller pairs that meet the range (Euler, R = 1: one pair of a block's two).
 void philox_step_normals(uint64_t seed, uint64_t step, int R, int64_t first, float (*z)[kLanes]) {
   const uint64_t lo = step * static_cast<uint64_t>(R), hi = lo + static_cast<uint64_t>(R);
+  uint64_t stream[kLanes];
+  for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>(first + l);
   for (uint64_t b = lo / 4; b * 4 < hi; ++b) {
     uint32_t w[4][kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t stream = static_cast<uint64_t>(first + l);
-      w[0][l] = static_cast<uint32_t>(b);
-      w[1][l] = static_cast<uint32_t>(b >> 32);
-      w[2][l] = static_cast<uint32_t>(stream);
-      w[3][l] = static_cast<uint32_t>(stream >> 32);
-    }
-    lane_philox4x32_10<kLanes>(seed, w);
+    lane_blocks(seed, b, stream, w);
     for (int pair = 0; pair < 2; ++pair) {
       const uint64_t i = b * 4 + 2 * static_cast<uint64_t>(pair);  // the pair's normals i, i + 1
       if (i + 1 < lo || i >= hi) continue;
