@@ -1,6 +1,7 @@
 """mafbm_step / mafbm_simulate: float64 references, the Philox layout, gradients, op contract, statistics."""
 import itertools
 import math
+import re
 import warnings
 
 import pytest
@@ -520,3 +521,6 @@ def test_omega_and_seed_errors_name_the_argument():
             run(OMEGA_II, 1.5)
         # the ends of the range are seeds like any other: different streams
         assert not torch.equal(run(OMEGA_II, 2**63 - 1)[0], run(OMEGA_II, -(2**63))[0])
+    for bad in [-1, 2**63]:  # 2**63 failed in the dispatcher's int check, naming no argument
+        with pytest.raises(ValueError, match=re.escape(f"mafbm_step: step: expected an int in [0, 2**63), got {bad}")):
+            markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II, GAMMA, 0.01, seed=0, step=bad)

@@ -1,5 +1,6 @@
 """The Philox4x32-10 stream: known answers, conversions, stream arithmetic, distributions, op contract."""
 import math
+import re
 
 import pytest
 import scipy.stats
@@ -192,10 +193,20 @@ def test_cpu_and_cuda_normals_agree():
 
 
 def test_bad_input_errors():
-    with pytest.raises(RuntimeError, match="like: expected dtype Float or Double, got Int"):
-        markovkit.philox_uniform((3,), 0, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="offset: expected a non-negative"):
+    for dtype in (torch.int32, torch.float16):  # the op itself names its `like` argument
+        with pytest.raises(TypeError, match=f"philox_uniform: dtype: expected torch.float32 or torch.float64, got "
+                                            f"{dtype}"):
+            markovkit.philox_uniform((3,), 0, dtype=dtype)
+    with pytest.raises(RuntimeError, match="like: expected dtype Float or Double, got Half"):
+        torch.ops.markovkit.philox_uniform(torch.empty(3, dtype=torch.float16), 0, 0)
+    with pytest.raises(ValueError, match=re.escape("philox_normal: offset: expected an int in [0, 2**63), got -1")):
         markovkit.philox_normal((3,), 0, -1)
+    with pytest.raises(ValueError, match=re.escape("philox_normal: offset: expected an int in [0, 2**63), got "
+                                                   "9223372036854775808")):  # failed in the dispatcher's int check
+        markovkit.philox_normal((3,), 0, 2**63)
+    with pytest.raises(TypeError, match=re.escape("philox_uniform: seed: expected an int in [-2**63, 2**63) (the "
+                                                  "64-bit Philox key), got bool True")):
+        markovkit.philox_uniform((3,), True)
     with pytest.raises(ValueError, match=r"philox_uniform: seed: expected an int in \[-2\*\*63, 2\*\*63\) \(the "
                                          r"64-bit Philox key\), got 18446744073709551616"):
         markovkit.philox_uniform((3,), 2**64)

@@ -16,7 +16,7 @@ import torch
 
 from markovkit import fbm
 from markovkit._checks import check_devices, check_host
-from markovkit.philox import check_seed
+from markovkit.philox import check_position, check_seed
 
 _SCHEMES = ("euler", "exact")
 # frames in these folders are not the user's: a warning is attributed to the first frame outside them
@@ -151,7 +151,8 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
         omega = omega.to(x.dtype)
     # the overload itself: the packet's overload resolution costs host time on every step
     return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
-                                                  noise, 0 if seed is None else check_seed(seed, "mafbm_step"), step)
+                                                  noise, 0 if seed is None else check_seed(seed, "mafbm_step"),
+                                                  check_position(step, "step", "mafbm_step"))
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
@@ -167,6 +168,8 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     with forward tangents (same draws), so its memory is O(paths), not paths x steps x K.
     omega (hence H) gets no gradient here: omega is detached. To learn H, step with `mafbm_step`, which is
     differentiable in omega, with omega = fbm.omega(H, ...) of a tensor H (as markovkit.nn.FractionalSDE does).
+    Under torch.compile the coefficients are solved on the host (eigendecompositions in float64) outside the graph:
+    one graph break, so fullgraph=True refuses it; the op itself (torch.ops.markovkit.mafbm_simulate) traces.
     """
     _check_scheme(scheme)
     fbm._check_kind(kind)

@@ -7,12 +7,27 @@ import torch
 def check_seed(seed, fn: str) -> int:
     """seed, checked as the stream's 64-bit key: an int in [-2**63, 2**63) (a negative seed is its two's
     complement); TypeError / ValueError naming fn, the caller, otherwise."""
-    expected = f"{fn}: seed: expected an int in [-2**63, 2**63) (the 64-bit Philox key)"
-    if not isinstance(seed, (int, numbers.Integral, torch.SymInt)):  # int first: a fast exact match
-        raise TypeError(f"{expected}, got {type(seed).__name__} {seed!r}")
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"{expected}, got {seed}")
-    return seed
+    return _check_int(seed, -(2**63), f"{fn}: seed: expected an int in [-2**63, 2**63) (the 64-bit Philox key)")
+
+
+def check_position(value, name: str, fn: str) -> int:
+    """A stream position (offset, step): an int in [0, 2**63); TypeError / ValueError naming fn and name."""
+    return _check_int(value, 0, f"{fn}: {name}: expected an int in [0, 2**63)")
+
+
+def _check_int(value, low: int, expected: str) -> int:
+    # int first: a fast exact match; a bool is not taken for 0 or 1
+    if isinstance(value, bool) or not isinstance(value, (int, numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{expected}, got {type(value).__name__} {value!r}")
+    if not low <= value < 2**63:
+        raise ValueError(f"{expected}, got {value}")
+    return value
+
+
+def _like(shape, dtype, device, fn: str) -> torch.Tensor:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{fn}: dtype: expected torch.float32 or torch.float64, got {dtype}")
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def philox_uniform(shape, seed: int, offset: int = 0, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -22,14 +37,16 @@ def philox_uniform(shape, seed: int, offset: int = 0, *, dtype=torch.float32, de
     with k the top 52 bits of two words: never 0, never 1. CPU and CUDA
     give bitwise-equal values, and ``offset=n`` continues a stream of which n values were drawn.
     """
-    like = torch.empty(shape, dtype=dtype, device=device)
-    return torch.ops.markovkit.philox_uniform(like, check_seed(seed, "philox_uniform"), offset)
+    return torch.ops.markovkit.philox_uniform(_like(shape, dtype, device, "philox_uniform"),
+                                              check_seed(seed, "philox_uniform"),
+                                              check_position(offset, "offset", "philox_uniform"))
 
 
 def philox_normal(shape, seed: int, offset: int = 0, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """Standard normals by Box-Muller on the same stream; element i depends only on (seed, offset + i)."""
-    like = torch.empty(shape, dtype=dtype, device=device)
-    return torch.ops.markovkit.philox_normal(like, check_seed(seed, "philox_normal"), offset)
+    return torch.ops.markovkit.philox_normal(_like(shape, dtype, device, "philox_normal"),
+                                             check_seed(seed, "philox_normal"),
+                                             check_position(offset, "offset", "philox_normal"))
 
 
 @torch.library.register_fake("markovkit::philox_uniform")
