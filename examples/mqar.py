@@ -71,7 +71,7 @@ def train(mixer: str, window: int, steps: int, seed: int) -> float:
     torch.manual_seed(seed)
     model = Model(mixer, window)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    warmup = steps // 10  # then cosine decay to 0 (at 3e-3 without either, training diverged after step 1600)
+    warmup = max(1, steps // 10)  # then cosine decay to 0 (at 3e-3 without either, training diverged after step 1600)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     data = torch.Generator().manual_seed(seed)

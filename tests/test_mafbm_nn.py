@@ -49,7 +49,9 @@ def test_elbo_checks_times():
         elbo(torch.zeros(3, 4, 1), torch.tensor([0.1]), 0.1)
     with pytest.raises(ValueError, match=r"times: expected shape \(1,\) = \(n_obs,\) of obs, got \(4,\)"):
         elbo(torch.zeros(3, 1, 1), torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.1)
-    assert torch.isfinite(elbo(torch.zeros(1, 1, 1), torch.tensor([0.3]), 0.1))  # 0.3 / 0.1 = 2.9999999999999996
+    assert torch.isfinite(elbo(torch.zeros(1, 1, 1), torch.tensor([0.3], dtype=torch.float64), 0.1))  # 2.99999...
+    # float32 times: 0.3 is 30.0000012 steps of 0.01
+    assert torch.isfinite(elbo(torch.zeros(1, 10, 1), torch.arange(1, 11) * 0.1, 0.01))
 
 
 def test_configuration_errors_come_at_construction():
