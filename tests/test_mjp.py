@@ -485,6 +485,11 @@ def bad_input_cases():
     ones = torch.ones(1, 2, 1, dtype=torch.long)  # x0 of the reaction cases
     return [
         (lambda: simulate_ctmc(bad_q, x0, grid, seed=0), r"Q: expected off-diagonal rates >= 0, got -0.5"),
+        # process_offset >= 2**63 failed in the dispatcher's int check, naming no argument
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=2**63),
+         r"simulate_ctmc: process_offset: expected an int in \[0, 2\*\*63\), got 9223372036854775808"),
+        (lambda: simulate_reactions(*one_hot_network(Q[None]), torch.nn.functional.one_hot(x0, 6), grid, seed=0,
+                                    process_offset=2**63), r"simulate_reactions: process_offset: expected an int"),
         (lambda: simulate_ctmc(nan_q, x0, grid, seed=0), r"Q: expected off-diagonal rates without NaN"),
         (lambda: simulate_ctmc(Q[:, :5], x0, grid, seed=0), r"Q: expected shape \(S, S\) or \(processes, S, S\)"),
         (lambda: simulate_ctmc(Q.expand(2, 6, 6), x0, grid, seed=0), r"x0: expected shape \[2, 4\]"),

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from markovkit._checks import check_devices
-from markovkit.philox import check_seed
+from markovkit.philox import check_position, check_seed
 
 
 def state_dtype(num_states: int) -> torch.dtype:
@@ -79,6 +79,7 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
     if x0 is None and paths is None:
         raise ValueError("simulate_ctmc: with p0, give the number of paths per process (paths=...)")
     check_seed(seed, "simulate_ctmc")
+    check_position(process_offset, "process_offset", "simulate_ctmc")
     processes = _processes(Q, x0, p0, t_grid)
     paths = x0.shape[-1] if x0 is not None else paths
     Q = Q.detach()
@@ -113,6 +114,7 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
     simulate_ctmc for the same seed.
     """
     check_seed(seed, "simulate_reactions")
+    check_position(process_offset, "process_offset", "simulate_reactions")
     return torch.ops.markovkit.mjp_reactions_grid(reactants, products, rates.detach(), x0, t_grid, seed,
                                                   process_offset)
 
