@@ -169,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(
   const auto wopts = u.options().dtype(weight_type(u));
   at::Tensor out = at::empty_like(u);
   at::Tensor last_state = at::empty({p.nseq, p.dim, p.dstate}, wopts);
-  at::Tensor chunk_states = at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, wopts);
+  // flat: an axis of n_chunks can be 1, and a size-1 axis makes torch.export specialise seqlen to one chunk
+  at::Tensor chunk_states = at::empty({p.batch * p.dim * p.n_chunks * p.dstate}, wopts);
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr();
   p.chunk_states = chunk_states.data_ptr();
@@ -196,7 +197,7 @@ selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   ScanParams f = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens);
   const at::ScalarType wtype = weight_type(u);
   check_arg(chunk_states, "chunk_states", u, wtype);
-  check_shape(chunk_states, "chunk_states", {f.batch, f.dim, f.n_chunks, f.dstate});
+  check_shape(chunk_states, "chunk_states", {f.batch * f.dim * f.n_chunks * f.dstate});
   f.chunk_states = chunk_states.data_ptr();
   check_arg(dout, "dout", u, u.scalar_type());
   check_shape(dout, "dout", u.sizes());

@@ -51,7 +51,7 @@ struct ScanParams {
   const int32_t* cu_seqlens;  // (nseq + 1,) or null; requires batch == 1, cu[0] = 0, cu[nseq] = seqlen
   void* out;              // (batch, dim, seqlen)
   void* last_state;       // (nseq, dim, dstate)
-  void* chunk_states;     // (batch, dim, n_chunks, dstate)
+  void* chunk_states;     // (batch, dim, n_chunks, dstate), a flat tensor to torch
   int sm_count;           // CUDA: multiprocessors of the device (the plans of both passes depend on it)
   int smem_optin;         // CUDA: the most dynamic shared memory a block may have, in bytes (the backward's plans)
 };

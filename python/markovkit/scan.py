@@ -129,7 +129,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seq
     n_chunks = (seqlen + CHUNK - 1) // CHUNK
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             u.new_empty((_nseq(u, cu_seqlens), dim, dstate), dtype=wtype),
-            u.new_empty((batch, dim, n_chunks, dstate), dtype=wtype))
+            u.new_empty((batch * dim * n_chunks * dstate,), dtype=wtype))  # flat, as the kernel's
 
 
 @torch.library.register_fake("markovkit::selective_scan_bwd")

@@ -396,7 +396,7 @@ def test_backward_refuses_more_blocks_than_cuda_launches(emulated):
             "selective_scan backward on CUDA: expected at most 2^31 - 1 thread blocks, got batch * groups * "
             "ceil(dim / groups / 32) = 2147483648 (batch 2147483648): split the batch")):
         torch.ops.markovkit.selective_scan_bwd(u, u, A, B, B, None, None, None, False, None, None,
-                                               torch.empty(n, 1, 1, 1), u, None)
+                                               torch.empty(n), u, None)
 
 
 @pytest.mark.parametrize("dtype,dstate", [(torch.float32, 256), (torch.bfloat16, 200), (F64, 128), (F64, 65)])

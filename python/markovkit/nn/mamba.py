@@ -67,11 +67,25 @@ class Mamba(nn.Module):
     def forward(self, hidden):
         seqlen = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                     # (batch, seqlen, d_inner) each
-        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :seqlen])         # (batch, d_inner, seqlen)
+        x = F.silu(self._causal_conv(x.transpose(1, 2)))                 # (batch, d_inner, seqlen)
         dt, B, C = self._dt_BC(x.transpose(1, 2))
         y = selective_scan(x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D,
                            z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))
+
+    def _causal_conv(self, x):
+        """x: (batch, d_inner, seqlen) -> the causal depthwise convolution, (batch, d_inner, seqlen)."""
+        seqlen = x.shape[-1]
+        if not torch.compiler.is_compiling():
+            return self.conv1d(x)[..., :seqlen]
+        # Compiled: the same sum as d_conv shifted products (Inductor fuses them). A convolution in a CPU graph turns
+        # on Inductor's channels-last layout pass, which fails on the symbolic strides of 4-D views under dynamic
+        # shapes (an attention's q, k, v beside this block; torch 2.13 and 2.14: "cannot determine truth value of
+        # Relational").
+        x = F.pad(x, (self.d_conv - 1, 0))
+        w = self.conv1d.weight[:, 0, :, None]                            # (d_inner, d_conv, 1)
+        y = sum(x[:, :, k:k + seqlen] * w[:, k] for k in range(self.d_conv))
+        return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None]
 
     def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None):
         """Zero (conv_state (batch_size, d_inner, d_conv) in dtype (default the conv weight's), ssm_state
