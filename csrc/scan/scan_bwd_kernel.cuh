@@ -17,6 +17,8 @@
 // (kPlain). No atomics: deterministic.
 // Compiled once per input type (scan_bwd_<type>.cu: the types build in parallel); scan_bwd.cu picks the type.
 #pragma once
+#include <algorithm>
+
 #include "scan/scan_device.cuh"
 
 namespace markovkit {
@@ -373,16 +375,19 @@ int64_t bwd_smem(const ScanParams& p) {
 template <typename in_t, typename Plan>
 void launch_bwd(const ScanBwdParams& q, unsigned grid, cudaStream_t stream) {
   const ScanParams& p = q.f;
+  using acc_t = typename Plan::Acc;
   const int smem = static_cast<int>(bwd_smem<Plan>(p));
-  auto run = [&](auto kernel) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // The limit is the kernel's, shared by the host threads: set the instance's largest need (without kVarBC, one
+  // per-step B or C), not this call's, or a call needing less could lower it between another's set and launch.
+  auto run = [&](auto kernel, int nvar_max) {
+    const int64_t most = std::min<int64_t>(Plan::words(nvar_max) * int64_t{sizeof(acc_t)}, p.smem_optin);
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most));
     kernel<<<grid, Plan::kThreads, smem, stream>>>(q);
   };
-  using acc_t = typename Plan::Acc;
   if (p.var_B && p.var_C) {
-    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, true>);
+    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, true>, 2);
   } else {
-    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, false>);
+    run(scan_bwd_kernel<in_t, acc_t, Plan::kLanes, Plan::kS, Plan::kDivide, false>, 1);
   }
 }
 

@@ -61,7 +61,7 @@ struct BwdPlan {
   static constexpr int kFloats =
       6 * kT * kRow + 2 * kCopies * kT * kW + (kTiles + kSegsPerTile) * kS * kThreads + kWarps * 2 * kW * kRed;
   static constexpr int kBytes = 2 * kRaw + kFloats * static_cast<int>(sizeof(float));
-  // two blocks per SM (as the launch bounds' registers): at most 113 KB each of an sm_80 / sm_90 SM's 228 KB
+  // two blocks per SM on sm_90 (as the launch bounds' registers): at most 113 KB each of its 228 KB (sm_80: one)
   static_assert(kBytes <= 113 * 1024, "two blocks fit an SM's shared memory");
   unsigned char* base;
   __device__ in_t* raw(int buf, int part) const {  // part: 0 δ, 1 u, 2 z, 3 dout, 4 B, 5 C
