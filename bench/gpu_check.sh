@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU check: build for sm_90a; the CUDA cases of the test suite (`-m gpu`: the CPU cases run in CI) while
-# compute-sanitizer runs every kernel (bench/gpu_smoke.py; memcheck: out-of-bounds and misaligned accesses;
-# racecheck: shared-memory races); the bench, one family at a time (each family's table streams out as it is
-# measured); Nsight Compute on the scan's and attention's main kernels if time is left (sections, stall reasons,
-# pipe utilization, shared-memory wavefronts and bank conflicts, the SASS lines with the most stall samples:
-# ncu_top.txt); a summary last.
+# GPU check: build for sm_90a (its wgmma registers checked: .ci/ptxas_check --binary); the CUDA cases of the test
+# suite (`-m gpu`: the CPU cases run in CI) while compute-sanitizer runs every kernel (bench/gpu_smoke.py;
+# memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races); the bench, one family at a
+# time (each family's table streams out as it is measured); Nsight Compute on the scan's and attention's main
+# kernels if time is left (sections, stall reasons, pipe utilization, shared-memory wavefronts and bank conflicts,
+# the SASS lines with the most stall samples: ncu_top.txt); a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
 # BUDGET_S (default 540): each step's timeout is cut to what is left of it, and a step with under 20 s is skipped.
 # FAMILIES (default "scan attention hybrid mafbm mjp philox"): the bench's families, in order (fewer: time for ncu).
@@ -46,6 +46,10 @@ if ! bounded 240 "$PY" -m pip install --no-build-isolation --no-deps -C build-di
 fi
 build_s=$(secs $start)
 (cd /tmp && "$PY" -m markovkit info) | tee "$out/info.txt"
+# the wgmma register check of CI's .ci/ptxas_check, on the kernels this machine's nvcc built (CI's nvcc may differ)
+so="$(cd /tmp && "$PY" -c 'import markovkit._C as c; print(c.__file__)')"
+PATH="$(dirname "$(command -v "$PY")"):$PATH" bounded 60 .ci/ptxas_check --binary "$so" >"$out/wgmma_regs.log" 2>&1
+regs_rc=$?
 
 peer_pid=""
 if [ -n "${MAMBA_SRC:-}" ]; then
@@ -161,6 +165,7 @@ echo
 echo "== summary =="
 printf "%-8s %-6s %s\n" step secs result
 printf "%-8s %-6s %s\n" build "$build_s" ok
+printf "%-8s %-6s %s\n" wgmma "" "rc=$regs_rc: $(tail -n 1 "$out/wgmma_regs.log")"
 printf "%-8s %-6s %s\n" tests "$tests_s" "rc=$tests_rc: $(tail -n 1 "$out/tests.log")"
 printf "%-8s %-6s %s\n" attn "" "rc=$attn_rc: $(tail -n 1 "$out/tests_attention.log")"
 printf "%-8s %-6s %s\n" sanitize "$sanitizer_s" "memcheck rc=$memcheck_rc, racecheck rc=$racecheck_rc"
@@ -169,4 +174,5 @@ printf "%-8s %-6s %s\n" base "" "BASE_SRC rc: $base_rc"
 printf "%-8s %-6s %s\n" bench "$bench_s" "rc:$bench_rc"
 printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt, stall sites in $out/ncu_top.txt)"
 printf "%-8s %-6s %s\n" total "$(secs $t0)" "of a ${budget} s budget"
-[ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] && [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
+[ "$regs_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] &&
+  [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
