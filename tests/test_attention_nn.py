@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import markovkit.nn
-from conftest import TOL
+from conftest import TOL, assert_compiles_and_exports
 from markovkit import reference
 
 
@@ -71,21 +71,8 @@ def test_bad_configuration_fails_at_construction(args, kwargs, message):
         markovkit.nn.SlidingWindowAttention(*args, **kwargs)
 
 
+
 def test_module_compiles_and_exports_with_a_dynamic_seqlen():
-    """torch.compile(dynamic=True), forward and backward, and torch.export with a symbolic seqlen: one trace each,
-    equal to eager at two lengths."""
     torch.manual_seed(0)
     module = markovkit.nn.SlidingWindowAttention(64, 2, 8, kv_heads=1, sink=2, dtype=torch.float64)
-    seqlen = torch.export.Dim("seqlen", min=2, max=1024)
-    exported = torch.export.export(module, (torch.randn(2, 17, 64, dtype=torch.float64),),
-                                   dynamic_shapes=({1: seqlen},))
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True, dynamic=True)
-    for n in (17, 40):
-        x = torch.randn(2, n, 64, dtype=torch.float64, requires_grad=True)
-        expected = module(x)
-        (grad,) = torch.autograd.grad(expected.square().sum(), x)
-        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-12, atol=1e-12)
-        out = compiled(x)
-        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, rtol=1e-12, atol=1e-12)
+    assert_compiles_and_exports(module, 64, (17, 40))

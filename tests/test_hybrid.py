@@ -8,7 +8,7 @@ import torch
 
 import markovkit
 import markovkit.nn
-from conftest import TOL
+from conftest import TOL, assert_compiles_and_exports
 from markovkit import reference
 
 # (batch, seqlen, heads, kv_heads, headdim, window): seqlen not a multiple of window, GQA and batch 2; window 1;
@@ -175,26 +175,14 @@ def test_layer_matches_reference(device):
 
 
 
+
 def test_layer_compiles_and_exports_with_a_dynamic_seqlen():
-    """torch.compile(dynamic=True), forward and backward, on the CPU (Inductor's channels-last pass, which a
-    convolution turns on there, failed on the symbolic strides of q, k, v: the mixer's causal convolution is written
-    out when compiled), and torch.export with a symbolic seqlen from window + 2 (shorter sequences take the branch
-    without fading keys; torch specialises a fading length of 1): one trace each, equal to eager."""
+    """On the CPU, Inductor's channels-last pass (a convolution turns it on there) failed on the symbolic strides of
+    q, k, v: the mixer's causal convolution is written out when compiled. Exported from seqlen window + 2: shorter
+    sequences take the branch without fading keys, and torch specialises a fading length of 1."""
     torch.manual_seed(0)
     layer = markovkit.nn.BMojoF(64, 2, 8, dtype=torch.float64)
-    seqlen = torch.export.Dim("seqlen", min=10, max=1024)
-    exported = torch.export.export(layer, (torch.randn(2, 17, 64, dtype=torch.float64),),
-                                   dynamic_shapes=({1: seqlen},))
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
-    for n in (17, 40):
-        x = torch.randn(2, n, 64, dtype=torch.float64, requires_grad=True)
-        expected = layer(x)
-        (grad,) = torch.autograd.grad(expected.square().sum(), x)
-        torch.testing.assert_close(exported.module()(x), expected, rtol=1e-12, atol=1e-12)
-        out = compiled(x)
-        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, rtol=1e-12, atol=1e-12)
+    assert_compiles_and_exports(layer, 64, (17, 40), min_seqlen=10)
 
 def test_layer_without_fading_keys_in_reach_is_sliding_window_attention():
     torch.manual_seed(0)

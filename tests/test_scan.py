@@ -9,7 +9,7 @@ import torch
 
 import markovkit
 import markovkit.nn  # noqa: F401  (markovkit.nn.Mamba)
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_compiles_and_exports
 from markovkit.reference import selective_scan_materialized_ref, selective_scan_ref, selective_state_update_ref
 
 F64 = torch.float64
@@ -670,24 +670,12 @@ def test_mamba_block_float64_matches_the_reference_scan():
 
 
 
+
 def test_mamba_block_compiles_and_exports_with_a_dynamic_seqlen():
-    """torch.compile(dynamic=True) (forward and backward) and torch.export with a symbolic seqlen, each traced once
-    and run on both sides of the scan's 64-step chunk: the checkpoints are a flat tensor (an axis of n_chunks = 1
-    made export specialise seqlen to <= 64)."""
+    """Across the scan's 64-step chunk: the checkpoints are a flat tensor (an axis of n_chunks = 1 made export
+    specialise seqlen to <= 64)."""
     torch.manual_seed(0)
-    block = markovkit.nn.Mamba(d_model=16, d_state=8).double()
-    seqlen = torch.export.Dim("seqlen", min=2, max=1024)
-    exported = torch.export.export(block, (torch.randn(2, 17, 16, dtype=F64),), dynamic_shapes=({1: seqlen},))
-    torch._dynamo.reset()
-    compiled = torch.compile(block, fullgraph=True, dynamic=True)
-    for n in (17, 200):
-        hidden = torch.randn(2, n, 16, dtype=F64, requires_grad=True)
-        expected = block(hidden)
-        (grad,) = torch.autograd.grad(expected.square().sum(), hidden)
-        torch.testing.assert_close(exported.module()(hidden), expected, **TOL64)
-        out = compiled(hidden)
-        torch.testing.assert_close(out, expected, **TOL64)
-        torch.testing.assert_close(torch.autograd.grad(out.square().sum(), hidden)[0], grad, **TOL64)
+    assert_compiles_and_exports(markovkit.nn.Mamba(d_model=16, d_state=8).double(), 16, (17, 200), tol=TOL64)
 
 def test_float32_strong_decay_and_flush():
     """Δ·A down to about -150 (the CPU's vectorized exp flushes e^x below 2^-126 to 0) still matches float64."""
