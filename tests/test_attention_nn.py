@@ -22,6 +22,20 @@ def test_rotary_scores_depend_on_relative_position():
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
 
 
+
+def test_rotary_turns_channel_pairs_c_and_c_plus_half_by_position_times_frequency():
+    """The convention itself (the tests above hold for any base or pairing): a unit vector in channel c = 1 at
+    positions offset .. offset + 3 turns into (cos θ, sin θ) in channels (1, 1 + headdim/2), zeros elsewhere,
+    θ = pos·base^(-2/headdim)."""
+    headdim, base, offset = 32, 500.0, 3
+    x = torch.zeros(1, 4, 1, headdim, dtype=torch.float64)
+    x[..., 1] = 1.0
+    y = markovkit.nn.rotary_embedding(x, base, offset=offset)[0, :, 0]  # (4, headdim)
+    theta = torch.arange(offset, offset + 4, dtype=torch.float64) * base ** (-2 / headdim)
+    expected = torch.zeros(4, headdim, dtype=torch.float64)
+    expected[:, 1], expected[:, 1 + headdim // 2] = theta.cos(), theta.sin()
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
+
 # (dim, heads, kv_heads, headdim): headdim from dim // heads, or given with dim not a multiple of heads
 CONFIGS = [(128, 4, 2, None), (100, 3, 1, 32)]
 

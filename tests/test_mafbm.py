@@ -60,6 +60,26 @@ def test_step_matches_reference(device, dtype, scheme, with_control):
         torch.testing.assert_close(g.cpu().double(), e, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dt", [0.01, 0.3])
+def test_step_coefficients_are_the_ou_transition(dt):
+    """The coefficients against their formulas (the step tests take them from step_coefficients), γ = 0 included.
+    exact: drop = 1 - e^(-γ dt), phi = drop / γ (dt at γ = 0), factor factorᵀ = Σ(dt) with
+    Σ_ij = (1 - e^(-(γ_i + γ_j) dt)) / (γ_i + γ_j); euler (γ_max dt < 2): γ dt, dt, √dt for every factor."""
+    g = torch.cat([torch.zeros(1, dtype=F64), GAMMA])
+    drop, phi, factor = markovkit.step_coefficients(g, dt, "exact", dtype=F64)
+    gs = g[:, None] + g[None, :]
+    cov = torch.where(gs == 0, torch.full_like(gs, dt), -torch.expm1(-gs * dt) / gs.clamp_min(1e-300))
+    torch.testing.assert_close(drop, -torch.expm1(-g * dt), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(phi, torch.where(g == 0, dt, -torch.expm1(-g * dt) / g.clamp_min(1e-300)), rtol=1e-13,
+                               atol=1e-15)
+    torch.testing.assert_close(factor @ factor.T, cov, rtol=1e-10, atol=1e-13)
+    if dt * float(g.max()) < 2:  # Euler refuses larger steps
+        drop, phi, factor = markovkit.step_coefficients(g, dt, "euler", dtype=F64)
+        torch.testing.assert_close(drop, g * dt, rtol=1e-15, atol=0)
+        torch.testing.assert_close(phi, torch.full_like(g, dt), rtol=1e-15, atol=0)
+        torch.testing.assert_close(factor, torch.full((len(g), 1), math.sqrt(dt), dtype=F64), rtol=1e-15, atol=0)
+
+
 def _philox_normals_f32(seed, step, stream, R):
     """The float32 layout: normal i is slot i % 4 of philox_block(seed, lo = i // 4, hi = stream), Box-Muller
     pair (i % 4) // 2 of its 23-bit uniforms, here in float64 (the kernel's is within 4e-7 relative)."""

@@ -35,6 +35,23 @@ def test_elbo_gradients_reach_every_parameter(device, kind):
     assert abs(model.hurst().item() - 0.5) < 1e-12
 
 
+
+def test_elbo_is_the_log_likelihood_of_the_posterior_paths_minus_the_control_cost():
+    """A constant control c (the last layer's bias; its weight starts at zero): KL = ½ c² dims T exactly, and the
+    log-likelihood is that of the posterior paths `sample` gives for the same seed, sequence-major (the samples of
+    sequence b are paths b·samples ..), at the observation times' grid steps."""
+    torch.manual_seed(0)
+    model = FractionalSDE(2, K=3, hurst=0.3, hidden=8).double()
+    c, dt, std, samples = 0.7, 0.05, 0.5, 2
+    torch.nn.init.constant_(model.control[-1].bias, c)
+    obs = torch.randn(3, 4, 2, dtype=torch.float64)
+    times = torch.tensor([0.1, 0.25, 0.3, 0.45])
+    elbo = model.elbo(obs, times, dt=dt, obs_std=std, seed=7, samples=samples)
+    paths = model.sample(3 * samples, 9, dt, seed=7, posterior=True)  # (6, 10, 2)
+    x = paths[:, [2, 5, 6, 9]].view(3, samples, 4, 2)
+    loglik = torch.distributions.Normal(x, std).log_prob(obs[:, None]).sum((-1, -2))  # (3, samples)
+    torch.testing.assert_close(elbo, (loglik - 0.5 * c**2 * 2 * 9 * dt).mean(), rtol=1e-12, atol=1e-12)
+
 def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
     elbo = lambda obs, times, dt: model.elbo(obs, times, dt=dt, obs_std=1.0, seed=0)  # noqa: E731

@@ -5,6 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
+import markovkit
 from conftest import HAS_CUDA
 from markovkit.mjp import fim, systems
 
@@ -34,6 +35,16 @@ def test_layout_and_invariants(data):
     assert bool((data["observations"].long() < n.view(N, 1, 1)).all())
     assert data["times"][0] == 0 and data["times"][-1] == 1 and data["time_scale"] == 10.0
 
+
+
+def test_states_are_the_processes_paths_on_the_time_grid(data):
+    """The clean states are simulate_ctmc's paths of each process's rates from its p0 on [0, t_max] (seed and
+    process index as generate documents): ties the paths to the rates, the initial law and the time scale."""
+    config = fim.FimConfig(paths=200)
+    params = fim.sample_parameters(60, config, seed=3)
+    t = torch.linspace(0, config.t_max, config.grid_points, dtype=torch.float64)
+    again = markovkit.simulate_ctmc(params["rates"], None, t, p0=params["p0"], paths=200, seed=3)
+    assert torch.equal(again, data["states"])
 
 def test_noise_rate_and_masks(data):
     flips = int((data["observations"].long() != data["states"].long()).sum())

@@ -656,7 +656,8 @@ def test_mamba_block_float64_matches_the_reference_scan():
     def reference_block(hidden):
         x, z = block.in_proj(hidden).chunk(2, dim=-1)
         x = torch.nn.functional.silu(block.conv1d(x.transpose(1, 2))[..., :hidden.shape[1]])
-        dt, B, C = block._dt_BC(x.transpose(1, 2))
+        dt, B, C = block.x_proj(x.transpose(1, 2)).split([block.dt_rank, block.d_state, block.d_state], dim=-1)
+        dt = dt @ block.dt_proj.weight.T
         y = selective_scan_ref(x, dt.transpose(1, 2), -torch.exp(block.A_log), B.transpose(1, 2), C.transpose(1, 2),
                                block.D, z.transpose(1, 2), delta_bias=block.dt_proj.bias, delta_softplus=True)
         return block.out_proj(y.transpose(1, 2))
