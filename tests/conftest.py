@@ -56,6 +56,7 @@ def assert_compiles_and_exports(module, dim, lengths, min_seqlen=2, tol=TOL[torc
         torch.testing.assert_close(out, expected, **tol)
         torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, **tol)
 
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -184,6 +184,7 @@ def test_layer_compiles_and_exports_with_a_dynamic_seqlen():
     layer = markovkit.nn.BMojoF(64, 2, 8, dtype=torch.float64)
     assert_compiles_and_exports(layer, 64, (17, 40), min_seqlen=10)
 
+
 def test_layer_without_fading_keys_in_reach_is_sliding_window_attention():
     torch.manual_seed(0)
     layer = markovkit.nn.BMojoF(64, 2, 40, dtype=torch.float64)

@@ -52,6 +52,7 @@ def test_elbo_is_the_log_likelihood_of_the_posterior_paths_minus_the_control_cos
     loglik = torch.distributions.Normal(x, std).log_prob(obs[:, None]).sum((-1, -2))  # (3, samples)
     torch.testing.assert_close(elbo, (loglik - 0.5 * c**2 * 2 * 9 * dt).mean(), rtol=1e-12, atol=1e-12)
 
+
 def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
     elbo = lambda obs, times, dt: model.elbo(obs, times, dt=dt, obs_std=1.0, seed=0)  # noqa: E731

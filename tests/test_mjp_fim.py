@@ -46,17 +46,20 @@ def test_states_are_the_processes_paths_on_the_time_grid(data):
     again = markovkit.simulate_ctmc(params["rates"], None, t, p0=params["p0"], paths=200, seed=3)
     assert torch.equal(again, data["states"])
 
+
 def test_noise_rate_and_masks(data):
     flips = int((data["observations"].long() != data["states"].long()).sum())
     total = data["states"].numel()
     assert scipy.stats.binomtest(flips, total, 0.01).pvalue > 1e-4
-    mask = data["mask"]
-    kept = mask.float().mean((1, 2))
-    regular = (mask == mask[:, :1]).all((1, 2))  # the same mask on every path
-    for b in torch.nonzero(regular).flatten().tolist():
-        stride = int(torch.nonzero(mask[b, 0]).flatten()[1])
-        assert stride in (1, 2, 3, 4) and bool((mask[b, 0] == (torch.arange(100) % stride == 0)).all())
-    assert bool(((kept[~regular] > 0.15) & (kept[~regular] < 0.6)).all())
+    # each process's mask as its parameters say: every stride-th point on every path, or each point kept with its
+    # keep probability (20000 points a process: 0.02 is 6.5 standard deviations at 0.25)
+    params, mask, grid = fim.sample_parameters(60, fim.FimConfig(paths=200), seed=3), data["mask"], torch.arange(100)
+    assert bool(params["is_rand"].any()) and not bool(params["is_rand"].all())
+    for b in range(60):
+        if params["is_rand"][b]:
+            assert abs(float(mask[b].float().mean()) - float(params["keep_prob"][b])) < 0.02
+        else:
+            assert torch.equal(mask[b], (grid % int(params["stride"][b]) == 0).expand(200, 100))
 
 
 def test_initial_states_follow_p0():

@@ -678,6 +678,7 @@ def test_mamba_block_compiles_and_exports_with_a_dynamic_seqlen():
     torch.manual_seed(0)
     assert_compiles_and_exports(markovkit.nn.Mamba(d_model=16, d_state=8).double(), 16, (17, 200), tol=TOL64)
 
+
 def test_float32_strong_decay_and_flush():
     """Δ·A down to about -150 (the CPU's vectorized exp flushes e^x below 2^-126 to 0) still matches float64."""
     x = make_inputs(batch=1, dim=4, seqlen=70, dstate=8, B_mode="var3", C_mode="var3")
