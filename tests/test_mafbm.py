@@ -406,6 +406,24 @@ def test_simulate_exact_matches_the_mafbm_law(kind, dt):
     assert abs(inc / inc_a - 1) < tol
 
 
+def test_reference_simulator_has_the_mafbm_law_and_the_euler_drift():
+    """reference.mafbm_simulate (the bench's eager loop): from rest with θ = 0, σ = 1 and the exact factor, the
+    moments of the MA-fBM law (type II); with σ = 0, the Euler decay x_n = μ + (x0 - μ)(1 - θ dt)^n."""
+    paths, dt = 2**16, 0.1
+    drop, _, factor = markovkit.step_coefficients(GAMMA, dt, "exact", dtype=F64)
+    g = torch.Generator().manual_seed(4)
+    out = ref.mafbm_simulate(torch.zeros(paths, dtype=F64), 10, dt, OMEGA_II, drop, factor, None, generator=g)
+    var, cov, inc = _moments(out[:, 1:])
+    var_a, cov_a, inc_a = _analytic(OMEGA_II, "II", torch.arange(1, 11, dtype=F64) * dt)
+    tol = 4 * math.sqrt(2 / paths)
+    assert ((var / var_a - 1).abs() < tol).all() and abs(inc / inc_a - 1) < tol
+    assert abs(cov - cov_a) < tol * math.sqrt(var_a[0] * var_a[-1])
+    x = ref.mafbm_simulate(torch.full((2,), 3.0, dtype=F64), 10, dt, OMEGA_II, drop, factor, None, theta=0.7, mu=1.0,
+                           sigma=0.0, save_every=5, generator=g)
+    decay = (1 - 0.7 * dt) ** torch.tensor([0.0, 5.0, 10.0], dtype=F64)
+    torch.testing.assert_close(x, (1 + 2 * decay).expand(2, 3), rtol=1e-14, atol=0)
+
+
 def test_simulate_small_lags_follow_mafbm_not_fbm():
     """Type I has stationary increments: at lag 1e-3 ≪ 1/γ_max the simulated increment variance is the
     MA-fBM one (locally Brownian), far from the fBM value lag^{2H}."""
