@@ -38,23 +38,23 @@ TORCH_LIBRARY(markovkit, m) {
         "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
   m.def("mafbm_step(Tensor x, Tensor y, Tensor drift, Tensor diffusion, Tensor omega, Tensor drop, Tensor phi, "
-        "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, SymInt seed=0, SymInt step=0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, SymInt seed=0, SymInt step=0, "
+        "SymInt path_offset=0) -> (Tensor, Tensor, Tensor)");
   m.def("mafbm_step_backward(Tensor grad_x_next, Tensor grad_y_next, Tensor grad_kl, Tensor y, Tensor diffusion, "
         "Tensor omega, Tensor drop, Tensor phi, Tensor factor, float dt, Tensor? control, Tensor? noise, SymInt seed, "
-        "SymInt step) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "SymInt step, SymInt path_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mafbm_simulate(Tensor x0, Tensor omega, Tensor drop, Tensor factor, Tensor? factor0, int n_steps, "
-        "float dt, float theta, float mu, float sigma, int save_every, SymInt seed) -> Tensor");
+        "float dt, float theta, float mu, float sigma, int save_every, SymInt seed, SymInt path_offset=0) -> Tensor");
   m.def("mafbm_simulate_backward(Tensor grad_out, Tensor x0, Tensor omega, Tensor drop, Tensor factor, "
-        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, SymInt seed) "
-        "-> Tensor");
+        "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, SymInt seed, "
+        "SymInt path_offset=0) -> Tensor");
   // --- mjp: Markov jump processes (csrc/mjp) ---
   m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, SymInt seed, "
-        "SymInt process_offset=0) -> Tensor");
+        "SymInt process_offset=0, SymInt path_offset=0) -> Tensor");
   m.def("mjp_ctmc_events(Tensor Q, Tensor? x0, Tensor? p0, float t_end, int processes, int paths, int max_events, "
-        "SymInt seed, SymInt process_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "SymInt seed, SymInt process_offset=0, SymInt path_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, SymInt seed, "
-        "SymInt process_offset=0) -> Tensor");
+        "SymInt process_offset=0, SymInt path_offset=0) -> Tensor");
 }
 
 // The ops without a derivative (the backward ops, the decode step, the samplers): where an input requires grad,

@@ -1,6 +1,7 @@
-"""Seeds, stream offsets, step indices and process offsets are SymInt in the op schemas: a torch.compile'd function
-called with new values compiles three graphs at most (a static one, then one per int turned dynamic), where every
-new value recompiled (a time loop of a compiled step hit the recompile limit after 8 steps). Results equal eager ones."""
+"""Seeds, stream offsets, step indices, process and path offsets are SymInt in the op schemas: a torch.compile'd
+function called with new values compiles three graphs at most (a static one, then one per int turned dynamic), where
+every new value recompiled (a time loop of a compiled step hit the recompile limit after 8 steps). Results equal
+eager ones."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -23,6 +24,11 @@ def _mafbm_step(seed, step):
                                 seed=seed, step=step)
 
 
+def _mafbm_paths(seed, path_offset):
+    return markovkit.mafbm_step(_x, _y, _x.cos(), _x.sin().abs(), torch.ones(3, dtype=F64), [0.5, 2.0, 8.0], 0.01,
+                                seed=seed, path_offset=path_offset)
+
+
 _Q = torch.rand(2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(0))  # (processes, states, states)
 _grid = torch.linspace(0, 1, 5, dtype=F64)
 
@@ -30,6 +36,10 @@ _grid = torch.linspace(0, 1, 5, dtype=F64)
 def _ctmc_grid(seed, process_offset):
     return markovkit.simulate_ctmc(_Q, torch.zeros(2, 4, dtype=torch.long), _grid, seed=seed,
                                    process_offset=process_offset)
+
+
+def _ctmc_paths(seed, path_offset):
+    return markovkit.simulate_ctmc(_Q, torch.zeros(2, 4, dtype=torch.long), _grid, seed=seed, path_offset=path_offset)
 
 
 def _ctmc_events(seed, process_offset):
@@ -43,7 +53,7 @@ def _reactions(seed, process_offset):  # A -> 2A at rate 0.3, 2 processes of 3 p
                                         process_offset=process_offset)
 
 
-@pytest.mark.parametrize("fn", [_philox, _mafbm_step, _ctmc_grid, _ctmc_events, _reactions],
+@pytest.mark.parametrize("fn", [_philox, _mafbm_step, _mafbm_paths, _ctmc_grid, _ctmc_paths, _ctmc_events, _reactions],
                          ids=lambda fn: fn.__name__[1:])
 def test_new_int_values_do_not_recompile(fn):
     torch._dynamo.reset()

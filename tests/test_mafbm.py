@@ -1,4 +1,5 @@
 """mafbm_step / mafbm_simulate: float64 references, the Philox layout, gradients, op contract, statistics."""
+import functools
 import itertools
 import math
 import re
@@ -141,6 +142,37 @@ def test_steps_and_seeds_give_fresh_noise():
     assert torch.equal(run(1, 0), run(1, 0))
     assert not torch.isclose(run(1, 0), run(1, 1)).any()
     assert not torch.isclose(run(1, 0), run(2, 0)).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paths_split_over_calls_draw_what_one_call_draws(device, dtype):
+    """path_offset = the global index of a call's first path: 150 paths x 3 dims split at path 37 (not a multiple
+    of the CPU's 64 lanes) in two calls give one call's step (forward, and the gradients that see the noise) and
+    simulated paths (both kinds), bit for bit; the same paths at another offset draw other noise."""
+    leaves = [t.requires_grad_() for t in _inputs(150, 3, 5, dtype, device)]
+    weights = [torch.randn(150, 3, dtype=dtype, device=device), torch.randn(150, 3, 5, dtype=dtype, device=device)]
+
+    def step(rows, offset):
+        x, y, drift, diffusion, control = (t[rows] for t in leaves)
+        out = markovkit.mafbm_step(x, y, drift, diffusion, OMEGA_II.to(device), GAMMA, 0.05, control=control,
+                                   seed=11, step=4, scheme="exact", path_offset=offset)
+        grads = torch.autograd.grad(sum((w[rows] * o).sum() for w, o in zip(weights, out)), leaves)
+        return [o.detach() for o in out] + [g[rows] for g in grads[1:]]  # y, drift, diffusion, control
+
+    whole, first, second = step(slice(None), 0), step(slice(0, 37), 0), step(slice(37, None), 37)
+    for w, a, b in zip(whole, first, second):
+        assert torch.equal(w, torch.cat([a, b]))
+    assert not torch.isclose(step(slice(37, None), 0)[0], second[0]).any()
+    x0 = torch.randn(150, dtype=dtype, device=device)
+    for kind in ("I", "II"):
+        sim = functools.partial(markovkit.mafbm_simulate, n_steps=9, dt=0.05, omega=OMEGA_II, gamma=GAMMA, seed=3,
+                                kind=kind)
+        assert torch.equal(sim(x0), torch.cat([sim(x0[:37]), sim(x0[37:], path_offset=37)]))
+    with pytest.raises(ValueError, match=re.escape("mafbm_step: path_offset: expected an int in [0, 2**63), got -1")):
+        step(slice(None), -1)
+    with pytest.raises(RuntimeError, match=re.escape("path_offset: expected an index >= 0 with (path_offset + paths) "
+                                                     "* 3 < 2^63 (the streams' range), got 3074457345618258602")):
+        step(slice(None), 2**63 // 3)
 
 
 def test_half_is_brownian_motion(device):

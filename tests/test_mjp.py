@@ -257,22 +257,24 @@ def test_grid_record_on_long_grids(device, paths, S):
 
 @pytest.mark.parametrize("record", ["grid", "events"])
 def test_batch_split_invariance(device, record):
-    """Processes split over calls (with process_offset), or fewer paths, give the same paths; shared Q equals
-    the same Q repeated per process."""
+    """Processes or paths split over calls (with process_offset, path_offset), or fewer paths, give the same paths;
+    shared Q equals the same Q repeated per process."""
     B, P, S = 6, 50, 4
     Q = random_rates(B, S, seed=2).to(device)
     p0 = torch.rand(B, S, dtype=torch.float64).to(device)
     t = 3.0 if record == "events" else torch.linspace(0, 3, 13, device=device)
     kw = dict(seed=77, record=record, max_events=100)
 
-    def run(Q, p0, paths, offset=0):
-        out = simulate_ctmc(Q, None, t, p0=p0, paths=paths, process_offset=offset, **kw)
+    def run(Q, p0, paths, offset=0, path_offset=0):
+        out = simulate_ctmc(Q, None, t, p0=p0, paths=paths, process_offset=offset, path_offset=path_offset, **kw)
         return out if record == "grid" else torch.cat([out.initial.unsqueeze(-1).double(), out.times,
                                                        out.states.double(), out.counts.unsqueeze(-1).double()], -1)
 
     full = run(Q, p0, P)
     assert torch.equal(torch.cat([run(Q[:2], p0[:2], P), run(Q[2:], p0[2:], P, offset=2)]), full)
     assert torch.equal(run(Q, p0, 17), full[:, :17])
+    assert torch.equal(run(Q, p0, P - 17, path_offset=17), full[:, 17:])  # paths split over calls
+    assert not torch.equal(run(Q, p0, P - 17), full[:, 17:])
     assert torch.equal(run(Q[3:4], p0[3:4], P, offset=3), full[3:4])
     shared = simulate_ctmc(Q[0], None, t, p0=p0[0], paths=P, **kw)
     repeated = simulate_ctmc(Q[:1].expand(3, S, S), None, t, p0=p0[:1].expand(3, S), paths=P, **kw)
@@ -391,6 +393,7 @@ def test_reactions_batch_split_invariance(device):
     tail = simulate_reactions(*args[:2], args[2][2:], args[3][2:], grid, seed=1, process_offset=2)
     assert torch.equal(torch.cat([head, tail]), full)
     assert torch.equal(simulate_reactions(*args[:3], args[3][:, :7], grid, seed=1), full[:, :7])
+    assert torch.equal(simulate_reactions(*args[:3], args[3][:, 7:], grid, seed=1, path_offset=7), full[:, 7:])
     assert not torch.equal(simulate_reactions(*args, grid, seed=2), full)
 
 
@@ -513,6 +516,9 @@ def bad_input_cases():
         # process_offset + processes overflowed int64 and passed: the streams of another offset were reused
         (lambda: simulate_ctmc(Q, x0, grid, seed=0, process_offset=2**63 - 1), r"process_offset: expected .* <= 2\^32, "
                                                                                r"got 9223372036854775807 \+ "),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, path_offset=2**32 - 1),
+         r"path_offset: expected path_offset >= 0 and path_offset \+ paths <= 2\^32, got 4294967295 \+ "),
+        (lambda: simulate_ctmc(Q, x0, grid, seed=0, path_offset=-1), r"simulate_ctmc: path_offset: expected an int"),
         (lambda: simulate_ctmc(Q, x0, 1.0, seed=0, record="events", max_events=-1), r"max_events: expected >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=-torch.ones(6), paths=3, seed=0), r"p0: expected probabilities >= 0"),
         (lambda: simulate_ctmc(Q, None, grid, p0=torch.ones(5), paths=3, seed=0), r"p0: expected shape \(6,\)"),

@@ -5,6 +5,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -49,11 +51,21 @@ void check_step_scalars(double dt, int64_t step) {
   TORCH_CHECK(step >= 0, "step: expected a non-negative step index, got ", step);
 }
 
+// The stream of the call's first element: path_offset·per_path, checked so that the streams of every path
+// (path_offset + paths) stay below 2^63 (the simulator's start streams have that bit set).
+uint64_t first_stream(int64_t path_offset, int64_t paths, int64_t per_path) {
+  constexpr int64_t kStreams = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK(path_offset >= 0 && path_offset <= kStreams / std::max<int64_t>(per_path, 1) - paths,
+              "path_offset: expected an index >= 0 with (path_offset + paths) * ", per_path,
+              " < 2^63 (the streams' range), got ", path_offset, " with ", paths, " paths");
+  return static_cast<uint64_t>(path_offset) * static_cast<uint64_t>(per_path);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& drift_in, const at::Tensor& diffusion_in,
     const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in, const at::Tensor& factor_in,
     double dt, const std::optional<at::Tensor>& control_in, const std::optional<at::Tensor>& noise_in,
-    int64_t seed, int64_t step) {
+    int64_t seed, int64_t step, int64_t path_offset) {
   check_dtype(x_in, "x", {at::kFloat, at::kDouble});
   TORCH_CHECK(x_in.dim() == 2, "x: expected shape (paths, dims), got ", x_in.sizes());
   const auto [K, R] = check_coefficients(omega_in, drop_in, phi_in, factor_in);
@@ -77,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step(
                           ptr_or_null(control), ptr_or_null(noise), omega.data_ptr(), drop.data_ptr(),
                           phi.data_ptr(), factor.data_ptr(), x_next.data_ptr(), y_next.data_ptr(), kl.data_ptr(),
                           P, D, static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
-                          static_cast<uint64_t>(step), dtype_of(x, "x")};
+                          static_cast<uint64_t>(step), dtype_of(x, "x"), first_stream(path_offset, P, D)};
   MK_LAUNCH(x, mafbm_step_cpu(p), mafbm_step_cuda(p, stream));
   return {x_next, y_next, kl};
 }
@@ -86,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
     const at::Tensor& grad_x_in, const at::Tensor& grad_y_in, const at::Tensor& grad_kl_in, const at::Tensor& y_in,
     const at::Tensor& diffusion_in, const at::Tensor& omega_in, const at::Tensor& drop_in, const at::Tensor& phi_in,
     const at::Tensor& factor_in, double dt, const std::optional<at::Tensor>& control_in,
-    const std::optional<at::Tensor>& noise_in, int64_t seed, int64_t step) {
+    const std::optional<at::Tensor>& noise_in, int64_t seed, int64_t step, int64_t path_offset) {
   check_dtype(grad_x_in, "grad_x_next", {at::kFloat, at::kDouble});
   TORCH_CHECK(grad_x_in.dim() == 2, "grad_x_next: expected shape (paths, dims), got ", grad_x_in.sizes());
   const auto [K, R] = check_coefficients(omega_in, drop_in, phi_in, factor_in);
@@ -114,21 +126,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mafbm_ste
                                   grad_drift.data_ptr(), grad_diffusion.data_ptr(), grad_control.data_ptr(),
                                   grad_omega_rows.data_ptr(), grad_omega.data_ptr(), P, D, grad_kl_in.stride(0),
                                   static_cast<int>(K), static_cast<int>(R), dt, static_cast<uint64_t>(seed),
-                                  static_cast<uint64_t>(step), dtype_of(gx, "grad_x_next")};
+                                  static_cast<uint64_t>(step), dtype_of(gx, "grad_x_next"),
+                                  first_stream(path_offset, P, D)};
   MK_LAUNCH(gx, mafbm_step_backward_cpu(p), mafbm_step_backward_cuda(p, stream));
   return {grad_y, grad_drift, grad_diffusion, grad_control, grad_omega};
 }
 
-// The two ops as the autograd function calls them: seed and step are SymInt in their schemas (the kernels take
-// int64_t), passed on unguarded, so a torch.compile'd step keeps one graph for every step index and seed.
+// The two ops as the autograd function calls them: seed, step and path_offset are SymInt in their schemas (the
+// kernels take int64_t), passed on unguarded, so a torch.compile'd step keeps one graph for every value.
 using StepOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    c10::SymInt, c10::SymInt);
+    c10::SymInt, c10::SymInt, c10::SymInt);
 using StepBackwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, c10::SymInt, c10::SymInt);
+    const std::optional<at::Tensor>&, c10::SymInt, c10::SymInt, c10::SymInt);
 
 // Autograd of mafbm_step in C++ (not torch.library.register_autograd): the Python autograd path costs more host
 // time per step than the step's kernels. Gradients for x, y, drift, diffusion, omega and control.
@@ -138,17 +151,18 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift,
       const at::Tensor& diffusion, const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi,
       const at::Tensor& factor, double dt, const std::optional<at::Tensor>& control,
-      const std::optional<at::Tensor>& noise, c10::SymInt seed, c10::SymInt step) {
+      const std::optional<at::Tensor>& noise, c10::SymInt seed, c10::SymInt step, c10::SymInt path_offset) {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("markovkit::mafbm_step", "").typed<StepOp>();
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [x_next, y_next, kl] = op.call(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed,
-                                        step);
+                                        step, path_offset);
     ctx->save_for_backward({y, diffusion, omega, drop, phi, factor, control.value_or(at::Tensor()),
                             noise.value_or(at::Tensor())});
     ctx->saved_data["dt"] = dt;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["step"] = step;
+    ctx->saved_data["path_offset"] = path_offset;
     return {x_next, y_next, kl};
   }
 
@@ -177,10 +191,10 @@ class MafbmStepFunction : public torch::autograd::Function<MafbmStepFunction> {
     auto [grad_y, grad_drift, grad_diffusion, grad_control, grad_omega] =
         op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                 ctx->saved_data["dt"].toDouble(), control, optional(saved[7]), ctx->saved_data["seed"].toSymInt(),
-                ctx->saved_data["step"].toSymInt());
+                ctx->saved_data["step"].toSymInt(), ctx->saved_data["path_offset"].toSymInt());
     const at::Tensor none;
     return {grads[0], grad_y, grad_drift, grad_diffusion, grad_omega, none, none, none, none,
-            control.has_value() ? grad_control : none, none, none, none};
+            control.has_value() ? grad_control : none, none, none, none, none};
   }
 };
 
@@ -188,9 +202,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mafbm_step_autograd(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& drift, const at::Tensor& diffusion,
     const at::Tensor& omega, const at::Tensor& drop, const at::Tensor& phi, const at::Tensor& factor, double dt,
     const std::optional<at::Tensor>& control, const std::optional<at::Tensor>& noise, c10::SymInt seed,
-    c10::SymInt step) {
+    c10::SymInt step, c10::SymInt path_offset) {
   const auto out = MafbmStepFunction::apply(x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise,
-                                            seed, step);
+                                            seed, step, path_offset);
   return {out[0], out[1], out[2]};
 }
 
@@ -206,7 +220,7 @@ at::Tensor host_values(const at::Tensor& t, const char* name) {
 MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omega_in, const at::Tensor& drop_in,
                                     const at::Tensor& factor_in, const std::optional<at::Tensor>& factor0_in,
                                     int64_t n_steps, double dt, double theta, double mu, double sigma,
-                                    int64_t save_every, int64_t seed) {
+                                    int64_t save_every, int64_t seed, int64_t path_offset) {
   check_dtype(x0, "x0", {at::kFloat, at::kDouble});
   TORCH_CHECK(x0.dim() == 1, "x0: expected shape (paths,), got ", x0.sizes());
   TORCH_CHECK(omega_in.dim() == 1 && omega_in.size(0) >= 1 && omega_in.size(0) <= kMafbmMaxK,
@@ -242,6 +256,7 @@ MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omeg
   p.mu = mu;
   p.sigma = sigma;
   p.seed = static_cast<uint64_t>(seed);
+  p.first_stream = first_stream(path_offset, p.paths, 1);
   p.dtype = dtype_of(x0, "x0");
   return p;
 }
@@ -252,10 +267,11 @@ void run_simulate(const MafbmSimulateParams& p, const at::Tensor& x0) {
 
 at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega, const at::Tensor& drop,
                           const at::Tensor& factor, const std::optional<at::Tensor>& factor0, int64_t n_steps,
-                          double dt, double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+                          double dt, double theta, double mu, double sigma, int64_t save_every, int64_t seed,
+                          int64_t path_offset) {
   const at::Tensor x0 = x0_in.contiguous();
-  MafbmSimulateParams p =
-      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  MafbmSimulateParams p = simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma,
+                                          save_every, seed, path_offset);
   at::Tensor out = at::empty({p.paths, n_steps / save_every + 1}, x0.options());
   p.out = out.data_ptr();
   run_simulate(p, x0);
@@ -266,10 +282,11 @@ at::Tensor mafbm_simulate(const at::Tensor& x0_in, const at::Tensor& omega, cons
 at::Tensor mafbm_simulate_backward(const at::Tensor& grad_out_in, const at::Tensor& x0_in, const at::Tensor& omega,
                                    const at::Tensor& drop, const at::Tensor& factor,
                                    const std::optional<at::Tensor>& factor0, int64_t n_steps, double dt,
-                                   double theta, double mu, double sigma, int64_t save_every, int64_t seed) {
+                                   double theta, double mu, double sigma, int64_t save_every, int64_t seed,
+                                   int64_t path_offset) {
   const at::Tensor x0 = x0_in.contiguous();
-  MafbmSimulateParams p =
-      simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed);
+  MafbmSimulateParams p = simulate_params(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma,
+                                          save_every, seed, path_offset);
   const at::Tensor grad_out = checked(grad_out_in, "grad_out", x0, {p.paths, n_steps / save_every + 1}, "x0");
   at::Tensor partials = at::empty({4, p.paths}, x0.options());
   p.grad_out = grad_out.data_ptr();

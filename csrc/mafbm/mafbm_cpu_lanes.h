@@ -50,10 +50,10 @@ inline void store_column(const float* v, int K, int k, int64_t first, int live, 
 
 // The step's normals [step·R, step·R + R) of streams first + l: z[r][l] (the layout of mafbm_step.h),
 // computing only the Box-Muller pairs that meet the range (Euler, R = 1: one pair of a block's two).
-void philox_step_normals(uint64_t seed, uint64_t step, int R, int64_t first, float (*z)[kLanes]) {
+void philox_step_normals(uint64_t seed, uint64_t step, int R, uint64_t first, float (*z)[kLanes]) {
   const uint64_t lo = step * static_cast<uint64_t>(R), hi = lo + static_cast<uint64_t>(R);
   uint64_t stream[kLanes];
-  for (int l = 0; l < kLanes; ++l) stream[l] = static_cast<uint64_t>(first + l);
+  for (int l = 0; l < kLanes; ++l) stream[l] = first + static_cast<uint64_t>(l);
   for (uint64_t b = lo / 4; b * 4 < hi; ++b) {
     uint32_t w[4][kLanes];
     lane_blocks(seed, b, stream, w);
@@ -68,10 +68,11 @@ void philox_step_normals(uint64_t seed, uint64_t step, int R, int64_t first, flo
   }
 }
 
-// The R normals of each lane: the given noise (elements, R) or the Philox draw. z: (R, kLanes).
-inline void step_normals(const float* noise, uint64_t seed, uint64_t step, int R, int64_t first, int live,
-                         float (*z)[kLanes]) {
-  if (noise == nullptr) return philox_step_normals(seed, step, R, first, z);
+// The R normals of each lane of elements [first, first + live): the given noise (elements, R) or the Philox draw
+// of streams first_stream + first + l. z: (R, kLanes).
+inline void step_normals(const float* noise, uint64_t seed, uint64_t step, int R, uint64_t first_stream,
+                         int64_t first, int live, float (*z)[kLanes]) {
+  if (noise == nullptr) return philox_step_normals(seed, step, R, first_stream + static_cast<uint64_t>(first), z);
   for (int j = 0; j < R; ++j) load_column(noise, R, j, first, live, z[j]);
 }
 
@@ -91,7 +92,7 @@ void step_forward(const MafbmStepParams& p, int64_t first, int live) {
   const float h = static_cast<float>(p.dt);
   const float* factor = static_cast<const float*>(p.factor);
   float z[kMafbmMaxK][kLanes], u[kLanes], s[kLanes], yk[kLanes], dy[kLanes];
-  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, first, live, z);
+  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, p.first_stream, first, live, z);
   load_lanes(static_cast<const float*>(p.control), first, live, u);
   for (int l = 0; l < kLanes; ++l) s[l] = 0.0f;
   for (int k = 0; k < K; ++k) {
@@ -120,7 +121,7 @@ void step_backward(const MafbmStepBackwardParams& p, int64_t first, int live, do
   const float* factor = static_cast<const float*>(p.factor);
   float z[kMafbmMaxK][kLanes], u[kLanes], gx[kLanes], gs[kLanes], gu[kLanes], s[kLanes];
   float yk[kLanes], gyk[kLanes], dy[kLanes];
-  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, first, live, z);
+  step_normals(static_cast<const float*>(p.noise), p.seed, p.step, R, p.first_stream, first, live, z);
   load_lanes(static_cast<const float*>(p.control), first, live, u);
   load_lanes(static_cast<const float*>(p.grad_x_next), first, live, gx);
   load_lanes(static_cast<const float*>(p.diffusion), first, live, gs);
@@ -179,8 +180,9 @@ void simulate_lanes(const MafbmSimulateParams& p, const float* c_omega, const fl
   uint64_t stream[kLanes];
   float x[kLanes], s[kLanes], y[kMafbmMaxK][kLanes], z[kMafbmMaxK * 4][kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    stream[l] = static_cast<uint64_t>(first + std::min(l, live - 1));
-    x[l] = static_cast<const float*>(p.x0)[stream[l]];
+    const int64_t path = first + std::min(l, live - 1);
+    stream[l] = p.first_stream + static_cast<uint64_t>(path);
+    x[l] = static_cast<const float*>(p.x0)[path];
     for (int k = 0; k < K; ++k) y[k][l] = 0.0f;
   }
   if (p.R0 > 0) {  // the type-I start, per lane as in the scalar path (float64)

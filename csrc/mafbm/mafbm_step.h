@@ -9,11 +9,12 @@
 // The host chooses the coefficients: Euler-Maruyama drop = γh, phi = h, factor = √h·1 (R = 1); the exact OU
 // transition drop = 1 − e^{−γh}, phi = (1 − e^{−γh})/γ, factor = a low-rank root of Σ(h).
 //
-// Philox counter layout (key = seed). Each (path p, latent dim d) owns the stream s = p·dims + d of normals;
-// normal i of stream s is slot i % per of philox_block(seed, lo = i / per, hi = s), per = 4 for fp32 (two
-// Box-Muller pairs of 23-bit uniforms) and 2 for fp64 (one pair of 52-bit uniforms). Step n consumes normals
-// [n·R, n·R + R) of its stream. The simulator is the step with dims = 1; its type-I start Y(0) = factor0 · z0
-// takes z0 = normals [0, R0) (always fp64) of the separate stream hi = p | 2^63.
+// Philox counter layout (key = seed). Each (path p, latent dim d) owns the stream s = (path_offset + p)·dims + d
+// of normals (path_offset: the global index of the call's first path, so that a batch split in calls gives the
+// streams of one call); normal i of stream s is slot i % per of philox_block(seed, lo = i / per, hi = s), per = 4
+// for fp32 (two Box-Muller pairs of 23-bit uniforms) and 2 for fp64 (one pair of 52-bit uniforms). Step n consumes
+// normals [n·R, n·R + R) of its stream. The simulator is the step with dims = 1; its type-I start
+// Y(0) = factor0 · z0 takes z0 = normals [0, R0) (always fp64) of the separate stream hi = s | 2^63.
 #include <cstdint>
 
 #include "common/dtype.h"
@@ -45,7 +46,8 @@ struct MafbmStepParams {
   int K, R;
   double dt;
   uint64_t seed, step;
-  DType dtype;  // kFloat32 or kFloat64, every tensor
+  DType dtype;            // kFloat32 or kFloat64, every tensor
+  uint64_t first_stream;  // the stream of element 0: path_offset·dims
 };
 
 // Paths per row of the backward's gω partial sums: a CUDA block, and a CPU task's unit. Fixed rows, summed in
@@ -80,6 +82,7 @@ struct MafbmStepBackwardParams {
   double dt;
   uint64_t seed, step;
   DType dtype;
+  uint64_t first_stream;  // as in MafbmStepParams
 };
 
 // Whole fractional OU paths dX = θ(μ − X)dt + σ dB̂ with the Y block stepped as above (u = 0).
@@ -99,6 +102,7 @@ struct MafbmSimulateParams {
   double factor0[kMafbmMaxK * kMafbmMaxK];  // (K, R0) row-major; Y(0) drawn in float64
   double dt, theta, mu, sigma;
   uint64_t seed;
+  uint64_t first_stream;  // the stream of path 0: path_offset
   DType dtype;
 };
 
@@ -148,14 +152,15 @@ MK_HOST_DEVICE void mafbm_stream_normals(uint64_t seed, uint64_t stream, uint64_
   }
 }
 
-// The R normals of element e = p·dims + d at `step`: given ones or the Philox draw.
+// The R normals of element e = p·dims + d at `step`: given ones or the Philox draw of its stream.
 template <typename T>
-MK_HOST_DEVICE void mafbm_step_normals(const void* noise, uint64_t seed, uint64_t step, int64_t e, int R, T* z) {
+MK_HOST_DEVICE void mafbm_step_normals(const void* noise, uint64_t seed, uint64_t step, int64_t e, uint64_t stream,
+                                       int R, T* z) {
   if (noise != nullptr) {
     const T* n = static_cast<const T*>(noise) + e * R;
     for (int j = 0; j < R; ++j) z[j] = n[j];
   } else {
-    mafbm_stream_normals<T>(seed, static_cast<uint64_t>(e), step * static_cast<uint64_t>(R), R, z);
+    mafbm_stream_normals<T>(seed, stream, step * static_cast<uint64_t>(R), R, z);
   }
 }
 
@@ -197,7 +202,7 @@ MK_HOST_DEVICE void mafbm_step_path(const MafbmStepParams& p, int64_t path) {
   T kl = T(0);
   for (int64_t d = 0; d < p.dims; ++d) {
     const int64_t e = path * p.dims + d;
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.first_stream + static_cast<uint64_t>(e), p.R, z);
     const T u = mafbm_step_element<T>(p, e, z);
     kl += u * u;
   }
@@ -242,7 +247,7 @@ MK_HOST_DEVICE void mafbm_step_backward_path(const MafbmStepBackwardParams& p, i
   T z[kMafbmMaxK];
   for (int64_t d = 0; d < p.dims; ++d) {
     const int64_t e = path * p.dims + d;
-    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.R, z);
+    mafbm_step_normals<T>(p.noise, p.seed, p.step, e, p.first_stream + static_cast<uint64_t>(e), p.R, z);
     mafbm_step_backward_element<T>(p, e, z, gkl, g_omega);
   }
 }
@@ -313,7 +318,7 @@ MK_HOST_DEVICE void mafbm_simulate_path(const MafbmSimulateParams& p, const Mafb
   T* out = static_cast<T*>(p.out) + path * n_saved;
   const T h = static_cast<T>(p.dt), theta = static_cast<T>(p.theta), mu = static_cast<T>(p.mu);
   const T sigma = static_cast<T>(p.sigma);
-  const uint64_t stream = static_cast<uint64_t>(path);
+  const uint64_t stream = p.first_stream + static_cast<uint64_t>(path);
   T y[kK], z[kMaxR * kPer];
   T x = static_cast<const T*>(p.x0)[path];
   mafbm_sim_start<T, kK, kR>(p, c, stream, y);

@@ -61,12 +61,15 @@ void check_integral(const at::Tensor& t, const char* name) {
               ": expected an integer dtype, got ", t.scalar_type());
 }
 
-void check_sizes(int64_t processes, int64_t paths, int64_t process_offset) {
+void check_sizes(int64_t processes, int64_t paths, int64_t process_offset, int64_t path_offset) {
   TORCH_CHECK(processes >= 0, "processes: expected >= 0, got ", processes);
   TORCH_CHECK(process_offset >= 0 && process_offset <= kMaxIndex - processes,  // no int64 overflow
               "process_offset: expected process_offset >= 0 and process_offset + processes <= 2^32, got ",
               process_offset, " + ", processes);
   TORCH_CHECK(paths >= 0 && paths < kMaxIndex, "paths: expected 0 <= paths < 2^32, got ", paths);
+  TORCH_CHECK(path_offset >= 0 && path_offset <= kMaxIndex - paths,
+              "path_offset: expected path_offset >= 0 and path_offset + paths <= 2^32, got ", path_offset, " + ",
+              paths);
 }
 
 // Non-negative finite weights: rates or initial distributions. `what` names them in the message.
@@ -183,13 +186,14 @@ void run_ctmc(const CtmcParams& p, const at::Tensor& ref, bool events) {
 
 at::Tensor ctmc_grid(const at::Tensor& Q, const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0,
                      const at::Tensor& t_grid, int64_t processes, int64_t paths, int64_t seed,
-                     int64_t process_offset) {
-  check_sizes(processes, paths, process_offset);
+                     int64_t process_offset, int64_t path_offset) {
+  check_sizes(processes, paths, process_offset, path_offset);
   CtmcParams p{};
   p.B = processes;
   p.P = paths;
   p.seed = static_cast<uint64_t>(seed);
   p.process_offset = process_offset;
+  p.path_offset = path_offset;
   ValueChecks checks;
   const auto keep_rates = prepare_rates(checks, Q, processes, p);
   const at::Tensor keep_initial = prepare_initial(checks, x0, p0, Q, p);
@@ -207,8 +211,9 @@ at::Tensor ctmc_grid(const at::Tensor& Q, const std::optional<at::Tensor>& x0, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_events(
     const at::Tensor& Q, const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0, double t_end,
-    int64_t processes, int64_t paths, int64_t max_events, int64_t seed, int64_t process_offset) {
-  check_sizes(processes, paths, process_offset);
+    int64_t processes, int64_t paths, int64_t max_events, int64_t seed, int64_t process_offset,
+    int64_t path_offset) {
+  check_sizes(processes, paths, process_offset, path_offset);
   TORCH_CHECK(t_end >= 0, "t_end: expected a horizon >= 0 (+inf for no horizon), got ", t_end);
   TORCH_CHECK(max_events >= 0, "max_events: expected >= 0, got ", max_events);
   CtmcParams p{};
@@ -216,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_even
   p.P = paths;
   p.seed = static_cast<uint64_t>(seed);
   p.process_offset = process_offset;
+  p.path_offset = path_offset;
   p.t_end = t_end;
   p.max_events = max_events;
   ValueChecks checks;
@@ -267,13 +273,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prepare_stoichiometry(
 
 at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& products, const at::Tensor& rates,
                           const at::Tensor& x0, const at::Tensor& t_grid, int64_t seed,
-                          int64_t process_offset) {
+                          int64_t process_offset, int64_t path_offset) {
   check_integral(x0, "x0");
   TORCH_CHECK(x0.dim() == 3 && x0.size(2) >= 1 && x0.size(2) <= kMjpMaxSpecies,
               "x0: expected shape (processes, paths, species) with 1 <= species <= ", kMjpMaxSpecies, ", got ",
               x0.sizes());
   const int64_t B = x0.size(0), P = x0.size(1), N = x0.size(2);
-  check_sizes(B, P, process_offset);
+  check_sizes(B, P, process_offset, path_offset);
   ValueChecks checks;
   const auto [alpha, nu, affects] = prepare_stoichiometry(checks, reactants, products, x0);
   const int64_t R = alpha.size(0);
@@ -293,7 +299,7 @@ at::Tensor reactions_grid(const at::Tensor& reactants, const at::Tensor& product
                          k.data_ptr<double>(), rates.dim() == 1 ? 0 : R, x.data_ptr<int64_t>(),
                          grid.values.data_ptr<double>(), grid.b_stride, grid.p_stride, grid.L,
                          out.data_ptr<int64_t>(), B, P, R, N, static_cast<uint64_t>(seed), process_offset,
-                         exploded.data_ptr<int32_t>()};
+                         path_offset, exploded.data_ptr<int32_t>()};
   MK_LAUNCH(x0, reactions_grid_cpu(p), reactions_grid_cuda(p, stream));
   TORCH_CHECK(exploded.item<int32_t>() == 0,
               "rates: expected finite propensities, got a path whose total propensity overflowed to inf (rate "

@@ -3,13 +3,13 @@
 // the CPU kernels (mjp_cpu.cpp) and the CUDA kernels (mjp_kernel.cu). No torch headers.
 //
 // Randomness. Path `path` of process `b` draws Philox blocks under key = seed with the counter
-//   lo = draw index, hi = ((process_offset + b) << 32) | path,
-// so a path's output depends only on (seed, global process id, path) and its inputs: CPU, CUDA and any split
-// of the batch agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the uniform of the initial
-// state. Draw k + 1 is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q), words 2-3 give U2 (the
-// destination: the first channel whose cumulative rate exceeds U2 q). All arithmetic is fp64 additions,
-// multiplications and divisions in a fixed order (no a * b + c forms a compiler could fuse; -log by
-// mjp_neg_log, not libm), so both devices round alike.
+//   lo = draw index, hi = ((process_offset + b) << 32) | (path_offset + path),
+// so a path's output depends only on (seed, global process id, global path id) and its inputs: CPU, CUDA and any
+// split of the batch, over processes or paths, agree bit for bit. Draw 0 (CTMC with p0 only): words 0-1 give the
+// uniform of the initial state. Draw k + 1 is the k-th jump: words 0-1 give U1 (holding time -log(U1) / q),
+// words 2-3 give U2 (the destination: the first channel whose cumulative rate exceeds U2 q). All arithmetic is
+// fp64 additions, multiplications and divisions in a fixed order (no a * b + c forms a compiler could fuse; -log
+// by mjp_neg_log, not libm), so both devices round alike.
 //
 // Recording (right-continuous paths): grid value k is the state entered at the last jump with time <= t_k,
 // the initial state when there is none. Every path starts at time 0.
@@ -53,6 +53,7 @@ struct CtmcParams {
   int64_t B, P, S;
   uint64_t seed;
   int64_t process_offset;  // global id of process 0 of this batch
+  int64_t path_offset;     // global id of path 0 of each process
   StateType state_type;
 };
 
@@ -69,6 +70,7 @@ struct ReactionParams {
   int64_t B, P, R, N;
   uint64_t seed;
   int64_t process_offset;    // as in CtmcParams
+  int64_t path_offset;       // as in CtmcParams
   int32_t* exploded;         // (1,) set to 1 where a path's total propensity overflowed to inf (the glue raises)
 };
 
@@ -281,7 +283,7 @@ class CtmcGridPath {
         grid_(p.grid + b * p.grid_b_stride + path * p.grid_p_stride),
         out_(mjp_states<Out>(p.states, (b * p.P + path) * p.L), p.L),
         seed_(p.seed),
-        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        hi_(mjp_counter_hi(p.process_offset + b, p.path_offset + path)),
         S_(p.S),
         L_(p.L),
         x_(ctmc_initial_state(p, b, path, hi_)) {}
@@ -328,7 +330,7 @@ class CtmcEventsPath {
         count_(p.counts + b * p.P + path),
         overflow_(p.overflow + b * p.P + path),
         seed_(p.seed),
-        hi_(mjp_counter_hi(p.process_offset + b, path)),
+        hi_(mjp_counter_hi(p.process_offset + b, p.path_offset + path)),
         t_end_(p.t_end),
         S_(p.S),
         M_(p.max_events),
@@ -399,7 +401,7 @@ MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64
 // values a full recomputation gives), and their total is summed afresh in index order at every step.
 MK_HOST_DEVICE void reaction_grid_path(const ReactionParams& p, const int32_t* alpha, const int32_t* nu,
                                        const double* k, const uint8_t* affects, int64_t b, int64_t path) {
-  const uint64_t hi = mjp_counter_hi(p.process_offset + b, path);
+  const uint64_t hi = mjp_counter_hi(p.process_offset + b, p.path_offset + path);
   const uint64_t seed = p.seed;
   const int64_t i = b * p.P + path;
   const int64_t R = p.R, N = p.N, L = p.L;

@@ -134,7 +134,7 @@ void ctmc_lanes(const CtmcParams& p, const double* cum, const int64_t* last, int
     }
     const int64_t i = next++, b = i / P, path = i % P;
     const int64_t qb = b * q_stride;
-    lane = {i, mjp_counter_hi(p.process_offset + b, path), 1, 0, 0, 0.0,
+    lane = {i, mjp_counter_hi(p.process_offset + b, p.path_offset + path), 1, 0, 0, 0.0,
             p.grid + b * p.grid_b_stride + path * p.grid_p_stride, cum + qb * S * S, last + qb * S, p.exit + qb * S};
     lane.x = ctmc_initial_state(p, b, path, lane.hi);
     Record::start(p, lane);

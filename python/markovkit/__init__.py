@@ -30,7 +30,7 @@ __version__ = _C.build_info()["version"]
 
 
 def build_info() -> dict:
-    """Facts of this build: version, torch built against, CUDA compiled or not, CUDA archs."""
+    """Facts of this build: version, torch built against, CUDA compiled or not, CUDA archs, CUDA emulation."""
     return dict(_C.build_info())
 
 

@@ -22,7 +22,8 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     """Causal attention of each query over its last `window` keys (including itself) and the first `sink` keys.
 
     q: (batch, seqlen, heads, headdim); k, v: (batch, seqlen, kv_heads, headdim), heads % kv_heads == 0
-    (query head h reads kv head h // (heads // kv_heads)). headdim in {32, 64, 96, 128, 256}.
+    (query head h reads kv head h // (heads // kv_heads)). headdim in {32, 64, 96, 128, 256} (the backward on CUDA
+    devices with 99 KB of shared memory per block: up to 128); window >= 1, sink >= 0; on CUDA batch·heads <= 65535.
     softmax_scale defaults to headdim ** -0.5. q, k, v share one device and one dtype: float32/float64 on CPU
     (bfloat16/float16 are computed in float32 there), float16/bfloat16 on CUDA with float32 accumulation.
 

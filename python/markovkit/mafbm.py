@@ -131,14 +131,16 @@ def step_coefficients(gamma, dt: float, scheme: str = "euler", *, dtype=torch.fl
 
 
 def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None, noise=None, seed=None,
-               step: int = 0, scheme: str = "euler"):
+               step: int = 0, scheme: str = "euler", path_offset: int = 0):
     """One step of the augmented MA-fBM SDE -> (x_next (paths, dims), y_next (paths, dims, K), kl (paths,)).
 
     x, drift, diffusion, control: (paths, dims); y: (paths, dims, K); omega: (K,) (differentiable);
     gamma: (K,) non-negative rates (a constant: no gradient); kl = ½ dt Σ_dims u².
     Noise: either `noise` (paths, dims, R) standard normals (R = 1 for "euler", K for "exact"), or `seed`, an int
-    in [-2**63, 2**63): drawn from its Philox stream at (path, dim, step) (see csrc/mafbm/mafbm_step.h for the
-    counter layout). Gradients: x, y, drift, diffusion, control, omega. float32 or float64, CPU or CUDA.
+    in [-2**63, 2**63): drawn from its Philox stream at (path_offset + path, dim, step) (see csrc/mafbm/mafbm_step.h
+    for the counter layout): paths split over calls draw what one call draws when each call passes the global index
+    of its first path as path_offset. Gradients: x, y, drift, diffusion, control, omega. float32 or float64, CPU or
+    CUDA; K <= 16 modes.
     Under torch.compile, gamma and dt are checked when they are Python numbers (a list gamma, a float dt); the
     values of a tensor gamma are not known while tracing and go unchecked there.
     """
@@ -152,16 +154,18 @@ def mafbm_step(x, y, drift, diffusion, omega, gamma, dt: float, *, control=None,
     # the overload itself: the packet's overload resolution costs host time on every step
     return torch.ops.markovkit.mafbm_step.default(x, y, drift, diffusion, omega, drop, phi, factor, float(dt), control,
                                                   noise, 0 if seed is None else check_seed(seed, "mafbm_step"),
-                                                  check_position(step, "step", "mafbm_step"))
+                                                  check_position(step, "step", "mafbm_step"),
+                                                  check_position(path_offset, "path_offset", "mafbm_step"))
 
 
 def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0.0, sigma=1.0, save_every: int = 1,
-                   seed: int, scheme: str = "exact", kind: str = "I"):
+                   seed: int, scheme: str = "exact", kind: str = "I", path_offset: int = 0):
     """Whole fractional OU paths dX = θ(μ − X) dt + σ dB̂ in one kernel -> (paths, n_steps // save_every + 1).
 
     x0: (paths,) float32/float64 (CPU or CUDA); column j is X at step j·save_every. θ = 0, σ = 1 gives
-    MA-fBM paths. omega, gamma: (K,); seed: an int in [-2**63, 2**63). kind "I" starts Y from its stationary law
-    N(0, 1/(γ_i + γ_j)), "II" from 0.
+    MA-fBM paths. omega, gamma: (K,), K <= 16; seed: an int in [-2**63, 2**63). kind "I" starts Y from its
+    stationary law N(0, 1/(γ_i + γ_j)) (so γ > 0), "II" from 0. Path p draws from the Philox streams of path
+    path_offset + p: paths split over calls give what one call gives when each passes its first path's index.
     "exact" draws r ≤ K normals per step (the low-rank root of Σ(dt) accurate to 1e-6 on diag Σ and ωᵀΣω).
     The drift term is an Euler step in X; the noise of X is exact in distribution for "exact".
     Differentiable in x0 and in theta, mu, sigma when given as scalar tensors: the backward re-runs the paths
@@ -169,7 +173,7 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     omega (hence H) gets no gradient here: omega is detached. To learn H, step with `mafbm_step`, which is
     differentiable in omega, with omega = fbm.omega(H, ...) of a tensor H (as markovkit.nn.FractionalSDE does).
     Under torch.compile the coefficients are solved on the host (eigendecompositions in float64) outside the graph:
-    one graph break, so fullgraph=True refuses it; the op itself (torch.ops.markovkit.mafbm_simulate) traces.
+    graph breaks, so fullgraph=True refuses it; the op itself (torch.ops.markovkit.mafbm_simulate) traces.
     """
     _check_scheme(scheme)
     fbm._check_kind(kind)
@@ -180,7 +184,8 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     if scheme == "euler":
         _check_euler(float(g.max()), dt)
     factor0 = fbm.stationary_factor(g, w) if kind == "I" else None
-    consts = (w, drop, factor, factor0, int(n_steps), float(dt), int(save_every), int(seed))
+    consts = (w, drop, factor, factor0, int(n_steps), float(dt), int(save_every), int(seed),
+              check_position(path_offset, "path_offset", "mafbm_simulate"))
     params = [p if isinstance(p, torch.Tensor) else torch.tensor(float(p), dtype=torch.float64)
               for p in (theta, mu, sigma)]
     if torch.is_grad_enabled() and (x0.requires_grad or any(p.requires_grad for p in params)):
@@ -189,9 +194,9 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
 
 
 def _simulate(x0, theta: float, mu: float, sigma: float, consts):
-    w, drop, factor, factor0, n_steps, dt, save_every, seed = consts
+    w, drop, factor, factor0, n_steps, dt, save_every, seed, path_offset = consts
     return torch.ops.markovkit.mafbm_simulate(x0, w, drop, factor, factor0, n_steps, dt, theta, mu, sigma,
-                                              save_every, seed)
+                                              save_every, seed, path_offset)
 
 
 class _Simulate(torch.autograd.Function):
@@ -206,10 +211,10 @@ class _Simulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x0,) = ctx.saved_tensors
-        w, drop, factor, factor0, n_steps, dt, save_every, seed = ctx.consts
+        w, drop, factor, factor0, n_steps, dt, save_every, seed, path_offset = ctx.consts
         partials = torch.ops.markovkit.mafbm_simulate_backward(grad_out.contiguous(), x0.detach(), w, drop, factor,
                                                                factor0, n_steps, dt, *ctx.scalars, save_every,
-                                                               seed)
+                                                               seed, path_offset)
         sums = partials[1:].sum(1).double().cpu()
         return partials[0], sums[0], sums[1], sums[2], None
 
@@ -222,14 +227,15 @@ def _contiguous_like(t):
 
 
 @torch.library.register_fake("markovkit::mafbm_step")
-def _(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=None, seed=0, step=0):
+def _(x, y, drift, diffusion, omega, drop, phi, factor, dt, control=None, noise=None, seed=0, step=0, path_offset=0):
     check_devices("x", x=x, y=y, drift=drift, diffusion=diffusion, omega=omega, drop=drop, phi=phi, factor=factor,
                   control=control, noise=noise)
     return _contiguous_like(x), _contiguous_like(y), x.new_empty(x.shape[:1])
 
 
 @torch.library.register_fake("markovkit::mafbm_step_backward")
-def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step):
+def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step,
+      path_offset=0):
     check_devices("grad_x_next", grad_x_next=grad_x_next, grad_y_next=grad_y_next, grad_kl=grad_kl, y=y,
                   diffusion=diffusion, omega=omega, drop=drop, phi=phi, factor=factor, control=control, noise=noise)
     g = _contiguous_like(grad_x_next)
@@ -237,13 +243,14 @@ def _(grad_x_next, grad_y_next, grad_kl, y, diffusion, omega, drop, phi, factor,
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate")
-def _(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
+def _(x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed, path_offset=0):
     check_host(x0, omega=omega, drop=drop, factor=factor, factor0=factor0)
     return x0.new_empty((x0.shape[0], n_steps // save_every + 1))
 
 
 @torch.library.register_fake("markovkit::mafbm_simulate_backward")
-def _(grad_out, x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed):
+def _(grad_out, x0, omega, drop, factor, factor0, n_steps, dt, theta, mu, sigma, save_every, seed,
+      path_offset=0):
     check_devices("x0", x0=x0, grad_out=grad_out)
     check_host(x0, omega=omega, drop=drop, factor=factor, factor0=factor0)
     return x0.new_empty((4, x0.shape[0]))

@@ -54,8 +54,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                    return_last_state=False, *, initial_state=None, cu_seqlens=None):
     """The selective scan; same arguments, shapes and results as mamba_ssm's ``selective_scan_fn``.
 
-    u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real, dstate <= 256; B, C: (dim, dstate) constant
-    or per step (batch, dstate, seqlen) / (batch, groups, dstate, seqlen); D, delta_bias: (dim,).
+    u, delta, z: (batch, dim, seqlen); A: (dim, dstate) real, dstate <= 256 (float64 on CUDA: 128; the backward
+    on CUDA devices with 99 KB of shared memory per block: 128, float64 64); B, C: (dim, dstate) constant or per
+    step (batch, dstate, seqlen) / (batch, groups, dstate, seqlen), both per step with the same groups;
+    D, delta_bias: (dim,).
     Activations (u, delta, z, per-step B/C) are promoted to one dtype (float32, float16, bfloat16 or
     float64) and weights to float32 (float64 with float64 activations); out has the activation dtype.
 
@@ -95,7 +97,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     state: (batch, dim, dstate) float32 (float64 with float64 inputs), contiguous; x, dt, z: (batch, dim);
     A: (dim, dstate); B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
-    state <- state * exp(Δ A) + Δ B x with Δ = softplus(dt + dt_bias) (same threshold as the scan);
+    state <- state * exp(Δ A) + Δ B x with Δ = dt + dt_bias, softplus(dt + dt_bias) with dt_softplus (same
+    threshold as the scan);
     out = (Σ_n C state + D x) · silu(z). L steps from h0 equal ``selective_scan(..., initial_state=h0)``.
     Continuous batching: with state_batch_indices (batch,) int32/int64, state is a cache (rows, dim, dstate) and
     batch element b steps row state_batch_indices[b]; a negative index is a padding slot (out 0, no row touched).

@@ -188,6 +188,31 @@ def test_simulate_wrapper_and_its_gradients_equal_the_cpu_kernel(emulated, dtype
         torch.testing.assert_close(g, c, **tol, msg=lambda m: f"grad {name}: {m}")
 
 
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_path_offset_draws_the_streams_of_those_paths(emulated, dtype):
+    """A CUDA call on paths 70.. with path_offset 70 draws what a CPU call on all paths draws for them: the step
+    (3 dims, exact, K = 5; forward and the gradients that see the noise) and the simulator (type I)."""
+    gen = torch.Generator().manual_seed(8)
+    x, drift = (_rand(PATHS, DIMS, gen=gen, dtype=dtype) for _ in range(2))
+    y, weight = (_rand(PATHS, DIMS, 5, gen=gen, dtype=dtype) for _ in range(2))
+    diffusion = _rand(PATHS, DIMS, gen=gen, dtype=dtype, scale=0.2, shift=1.0)
+    omega, x0 = _rand(5, gen=gen, dtype=dtype), _rand(PATHS, gen=gen, dtype=dtype)
+
+    def run(first):
+        leaves = [t[first:].clone().requires_grad_() for t in (x, y, drift, diffusion)]
+        out = markovkit.mafbm_step(*leaves, omega, _gamma(5), DT, seed=5, step=2, scheme="exact", path_offset=first)
+        grads = torch.autograd.grad((out[1] * weight[first:]).sum() + out[0].sum(), leaves)
+        sim = markovkit.mafbm_simulate(x0[first:], 9, DT, fbm.omega(0.3, _gamma(5), 1.0, "I"), _gamma(5), seed=6,
+                                       path_offset=first)
+        return [o.detach() for o in out] + list(grads[1:]) + [sim]
+
+    cpu = run(0)
+    with emulated():
+        cuda = run(70)
+    for name, c, g in zip(["x_next", "y_next", "kl", "grad y", "grad drift", "grad diffusion", "simulate"], cpu, cuda):
+        torch.testing.assert_close(g, c[70:], **_tol(dtype), msg=lambda m: f"{name}: {m}")
+
 # --- no paths; the glue's checks on the CUDA branch ------------------------------------------------------
 
 def test_no_paths(emulated):

@@ -65,7 +65,7 @@ def test_ctmc_grid_equals_the_cpu_kernel(emulated, size):
     p0 = torch.rand(B, S, generator=g, dtype=torch.float64)
     runs = [
         dict(Q=Q, x0=x0, t_grid=sorted_grid(B, P, 23)),
-        dict(Q=Q[-1], x0=None, p0=p0[-1], paths=P, t_grid=sorted_grid(19, seed=1).float()),
+        dict(Q=Q[-1], x0=None, p0=p0[-1], paths=P, t_grid=sorted_grid(19, seed=1).float(), path_offset=2**32 - P),
         dict(Q=Q.float(), x0=x0, t_grid=sorted_grid(B, 21, seed=2), process_offset=2**32 - B),
         dict(Q=Q, x0=x0, t_grid=sorted_grid(B, 5, seed=3)),  # rows shorter than an 8-byte word
         dict(Q=Q, x0=x0, t_grid=sorted_grid(16, seed=4)),  # rows of whole words
@@ -107,8 +107,8 @@ def test_ctmc_events_equal_the_cpu_kernel(emulated, size):
     Q = rates_with_absorbing(B, S, seed=S + 1)
     x0 = torch.randint(0, S, (B, P), generator=torch.Generator().manual_seed(2))
     x0[0, 0] = 1 % S
-    for t_end, max_events in [(4.0, 6), (math.inf, 5)]:
-        kwargs = dict(record="events", max_events=max_events, seed=3)
+    for t_end, max_events, path_offset in [(4.0, 6, 0), (math.inf, 5, 9)]:
+        kwargs = dict(record="events", max_events=max_events, seed=3, path_offset=path_offset)
         cpu = simulate_ctmc(Q, x0, t_end, **kwargs)
         with emulated():
             cuda = simulate_ctmc(Q, x0, t_end, **kwargs)
@@ -214,7 +214,8 @@ def test_reactions_batch_split(emulated):
         whole = simulate_reactions(reactants, products, rates, x0, grid, seed=2)
         head = simulate_reactions(reactants, products, rates[:1], x0[:1], grid, seed=2)
         tail = simulate_reactions(reactants, products, rates[1:], x0[1:], grid, seed=2, process_offset=1)
-    assert torch.equal(torch.cat([head, tail]), whole)
+        later_paths = simulate_reactions(reactants, products, rates, x0[:, 20:], grid, seed=2, path_offset=20)
+    assert torch.equal(torch.cat([head, tail]), whole) and torch.equal(later_paths, whole[:, 20:])
     assert torch.equal(whole, simulate_reactions(reactants, products, rates, x0, grid, seed=2))
 
 
