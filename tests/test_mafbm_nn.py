@@ -53,6 +53,22 @@ def test_elbo_is_the_log_likelihood_of_the_posterior_paths_minus_the_control_cos
     torch.testing.assert_close(elbo, (loglik - 0.5 * c**2 * 2 * 9 * dt).mean(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["I", "II"])
+def test_samples_in_chunks_are_the_samples_of_one_call(kind):
+    """path_offset: 70 paths sampled as 30 + 40 (the second chunk's offset 30) equal one call's, Y(0) (type I's
+    stationary start) included, prior and posterior; the same paths at another offset differ."""
+    torch.manual_seed(0)
+    model = FractionalSDE(2, K=3, hurst=0.3, hidden=8, kind=kind).double()
+    torch.nn.init.normal_(model.control[-1].weight)
+    for posterior in (False, True):
+        sample = lambda paths, offset=0: model.sample(paths, 6, 0.05, seed=-5, posterior=posterior,  # noqa: E731
+                                                      path_offset=offset)
+        whole = sample(70)
+        # not bit for bit: the networks' matmuls round by batch size
+        torch.testing.assert_close(torch.cat([sample(30), sample(40, 30)]), whole, rtol=1e-12, atol=1e-12)
+        assert not torch.isclose(sample(40)[:, 1:], whole[30:, 1:]).any()
+
+
 def test_elbo_checks_times():
     model = FractionalSDE(1, K=2, hurst=0.4)
     elbo = lambda obs, times, dt: model.elbo(obs, times, dt=dt, obs_std=1.0, seed=0)  # noqa: E731

@@ -9,6 +9,8 @@ import markovkit
 from markovkit import fbm
 from markovkit.mafbm import _check_scheme
 
+_START_KEY = 0x59305F5354415254  # xor'ed into the seed for Y(0)'s stream (apart from the steps' streams)
+
 
 def _check_x0(x0: torch.Tensor, paths: int, dims: int, paths_is: str) -> None:
     if x0.shape != (paths, dims):
@@ -64,11 +66,14 @@ class FractionalSDE(nn.Module):
         # the (K,) weights are solved on the CPU in float64 whatever the module's device
         return fbm.omega(self.hurst().cpu(), self.gamma, self.horizon, self.kind)
 
-    def _initial_y(self, paths: int, like: torch.Tensor, generator) -> torch.Tensor:
-        """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K)."""
+    def _initial_y(self, paths: int, like: torch.Tensor, seed: int, path_offset: int) -> torch.Tensor:
+        """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K). Path p's R0 normals
+        per dim are elements ((path_offset + p)·dims + d)·R0 .. of the Philox stream of seed ^ _START_KEY."""
         if self._start_factor is None:
             return like.new_zeros(paths, self.dims, self.K)
-        z = torch.randn(paths, self.dims, self._start_factor.shape[1], generator=generator, dtype=torch.float64)
+        r0 = self._start_factor.shape[1]
+        z = markovkit.philox_normal((paths, self.dims, r0), seed ^ _START_KEY, path_offset * self.dims * r0,
+                                    dtype=torch.float64)
         return (z @ self._start_factor.T).to(like)
 
     def _coefficients(self, x, t):
@@ -82,11 +87,10 @@ class FractionalSDE(nn.Module):
             feats.append(context)
         return self.control(torch.cat(feats, 1))
 
-    def _run(self, x0, n_steps, dt, seed, posterior, context_fn=None):
+    def _run(self, x0, n_steps, dt, seed, posterior, context_fn, path_offset):
         """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
-        generator = torch.Generator().manual_seed(seed)
         omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma
-        x, y = x0, self._initial_y(x0.shape[0], x0, generator).to(x0.device)
+        x, y = x0, self._initial_y(x0.shape[0], x0, seed, path_offset).to(x0.device)
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
         for n in range(n_steps):
             t = n * dt
@@ -96,33 +100,35 @@ class FractionalSDE(nn.Module):
             if posterior:
                 u = self._control(x, y, t, None if context_fn is None else context_fn(n, x)).to(x.dtype)
             x, y, step_kl = markovkit.mafbm_step(x, y, b, sigma, omega, gamma, dt, control=u, seed=seed, step=n,
-                                                 scheme=self.scheme)
+                                                 scheme=self.scheme, path_offset=path_offset)
             kl = kl + step_kl
             xs.append(x)
         return torch.stack(xs, 1), kl
 
     @torch.no_grad()
     def sample(self, paths: int, n_steps: int, dt: float, *, seed: int, x0=None, posterior: bool = False,
-               context_fn=None) -> torch.Tensor:
+               context_fn=None, path_offset: int = 0) -> torch.Tensor:
         """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device.
 
         seed: the noise's Philox seed (and Y(0)'s); the same seed gives the same paths. x0: (paths, dims) or None
-        (zeros).
+        (zeros). path_offset: the global index of the first path, so that paths sampled in chunks (one seed, each
+        chunk's offset) are those of one call.
         """
         if x0 is None:
             w = self.control[0].weight
             x0 = torch.zeros(paths, self.dims, device=w.device, dtype=w.dtype)
         _check_x0(x0, paths, self.dims, "paths")
-        return self._run(x0, n_steps, dt, seed, posterior, context_fn)[0]
+        return self._run(x0, n_steps, dt, seed, posterior, context_fn, path_offset)[0]
 
     def elbo(self, obs: torch.Tensor, times: torch.Tensor, *, dt: float, obs_std: float, seed: int,
-             samples: int = 16, x0=None, context_fn=None) -> torch.Tensor:
+             samples: int = 16, x0=None, context_fn=None, path_offset: int = 0) -> torch.Tensor:
         """Monte Carlo ELBO per sequence: E_Q[Σ_i log N(obs_i | X(t_i), obs_std²)] − E_Q[½ ∫ |u|² dt].
 
         obs: (batch, n_obs, dims) at `times` (n_obs,) on the dt grid; samples posterior paths per sequence
         (paths = batch·samples, sequence-major). seed: the paths' noise (a training loop passes a new one each
         step, or it fits one draw). x0: (batch·samples, dims) or None (zeros). context_fn(n, x) -> (paths,
-        context_dims) feeds the control. Returns the mean over sequences (a scalar).
+        context_dims) feeds the control. path_offset: the global index of the first path (a batch's first sequence
+        times samples), as in `sample`. Returns the mean over sequences (a scalar).
         """
         if obs.dim() != 3 or obs.shape[2] != self.dims:
             raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
@@ -140,7 +146,7 @@ class FractionalSDE(nn.Module):
         if x0 is None:
             x0 = obs.new_zeros(paths, dims)
         _check_x0(x0, paths, self.dims, "batch*samples")
-        xs, kl = self._run(x0, int(idx.max()), dt, seed, True, context_fn)
+        xs, kl = self._run(x0, int(idx.max()), dt, seed, True, context_fn, path_offset)
         target = obs.repeat_interleave(samples, 0)  # (paths, n_obs, dims)
         resid = (xs[:, idx.to(xs.device)] - target) / obs_std
         loglik = (-0.5 * resid**2 - math.log(obs_std) - 0.5 * math.log(2 * math.pi)).sum((1, 2))
