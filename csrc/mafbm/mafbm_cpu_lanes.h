@@ -5,7 +5,8 @@
 // The same Philox blocks and Box-Muller pairs as mafbm_step.h's scalar code, computed for kLanes streams at once
 // with the lane generator of common/philox_lanes.h, so the draws match the scalar path to float rounding (its
 // normals are within 4e-7 relative of float64 Box-Muller); the arithmetic after the draw is the scalar code's,
-// in its order. The three copies give bitwise-equal results.
+// in its order. The three copies give bitwise-equal results for the same coefficients (mafbm.py computes the exact
+// scheme's with torch's exp, whose CPU copies can differ in the last bit).
 
 // The words of philox_block(seed, block, stream_l) for each lane l: w[word][l].
 inline void lane_blocks(uint64_t seed, uint64_t block, const uint64_t* stream, uint32_t (*w)[kLanes]) {
