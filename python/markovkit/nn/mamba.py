@@ -83,9 +83,9 @@ class Mamba(nn.Module):
         # shapes (an attention's q, k, v beside this block; torch 2.13 and 2.14: "cannot determine truth value of
         # Relational").
         x = F.pad(x, (self.d_conv - 1, 0))
-        w = self.conv1d.weight[:, 0, :, None]                            # (d_inner, d_conv, 1)
+        w = self.conv1d.weight[:, 0, :, None].to(x.dtype)                # (d_inner, d_conv, 1); autocast's dtype
         y = sum(x[:, :, k:k + seqlen] * w[:, k] for k in range(self.d_conv))
-        return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None]
+        return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None].to(x.dtype)
 
     def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None):
         """Zero (conv_state (batch_size, d_inner, d_conv) in dtype (default the conv weight's), ssm_state
