@@ -37,7 +37,6 @@ def on_1_and_3_threads(fn):
         torch.set_num_threads(threads)
 
 
-
 def assert_compiles_and_exports(module, dim, lengths, min_seqlen=2, tol=TOL[torch.float64]):
     """A float64 sequence module (batch, seqlen, dim) -> (batch, seqlen, dim) under torch.compile(fullgraph=True,
     dynamic=True), forward and backward, and torch.export with a symbolic seqlen >= min_seqlen: each traced once (at

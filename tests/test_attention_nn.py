@@ -22,7 +22,6 @@ def test_rotary_scores_depend_on_relative_position():
     torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
 
 
-
 def test_rotary_turns_channel_pairs_c_and_c_plus_half_by_position_times_frequency():
     """The convention itself (the tests above hold for any base or pairing): a unit vector in channel c = 1 at
     positions offset .. offset + 3 turns into (cos θ, sin θ) in channels (1, 1 + headdim/2), zeros elsewhere,
@@ -35,6 +34,7 @@ def test_rotary_turns_channel_pairs_c_and_c_plus_half_by_position_times_frequenc
     expected = torch.zeros(4, headdim, dtype=torch.float64)
     expected[:, 1], expected[:, 1 + headdim // 2] = theta.cos(), theta.sin()
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
+
 
 # (dim, heads, kv_heads, headdim): headdim from dim // heads, or given with dim not a multiple of heads
 CONFIGS = [(128, 4, 2, None), (100, 3, 1, 32)]
@@ -83,7 +83,6 @@ def test_module_matches_reference(device, config):
 def test_bad_configuration_fails_at_construction(args, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         markovkit.nn.SlidingWindowAttention(*args, **kwargs)
-
 
 
 def test_module_compiles_and_exports_with_a_dynamic_seqlen():

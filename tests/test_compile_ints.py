@@ -66,21 +66,23 @@ def test_new_int_values_do_not_recompile(fn):
     assert counter.frame_count <= 3  # static, then the seed and the other int turn dynamic one after the other
 
 
-def test_compiled_mafbm_step_gradients_over_steps():
-    """Forward and backward of a compiled step at 9 (seed, step) pairs: one graph after the static one, gradients
-    equal eager ones (the C++ autograd function passes the symbolic seed and step to the backward)."""
+@pytest.mark.parametrize("int_name", ["step", "path_offset"])
+def test_compiled_mafbm_step_gradients_over_steps(int_name):
+    """Forward and backward of a compiled step at 9 (seed, step or path_offset) pairs: one graph after the static
+    one, gradients equal eager ones (the C++ autograd function passes the symbolic ints to the backward, whose
+    redrawn noise the diffusion's gradient depends on)."""
     torch._dynamo.reset()
-    drift = _x.cos().requires_grad_()
+    diffusion = _x.sin().abs().requires_grad_()
 
-    def loss(seed, step):
-        x_next, _, kl = markovkit.mafbm_step(_x, _y, drift, _x.sin().abs(), torch.ones(3, dtype=F64),
-                                             [0.5, 2.0, 8.0], 0.01, seed=seed, step=step)
+    def loss(seed, n):
+        x_next, _, kl = markovkit.mafbm_step(_x, _y, _x.cos(), diffusion, torch.ones(3, dtype=F64), [0.5, 2.0, 8.0],
+                                             0.01, seed=seed, **{int_name: n})
         return x_next.square().sum() + kl.sum()
 
     counter = CompileCounterWithBackend("aot_eager")  # traced with fake tensors, as inductor traces
     compiled = torch.compile(loss, fullgraph=True, backend=counter)
     for values in VALUES:
-        got = torch.autograd.grad(compiled(*values), drift)[0]
-        want = torch.autograd.grad(loss(*values), drift)[0]
+        got = torch.autograd.grad(compiled(*values), diffusion)[0]
+        want = torch.autograd.grad(loss(*values), diffusion)[0]
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert counter.frame_count <= 3

@@ -174,8 +174,6 @@ def test_layer_matches_reference(device):
     torch.testing.assert_close(grad.double(), x.grad.double(), rtol=tol["rtol"], atol=10 * tol["atol"])
 
 
-
-
 def test_layer_compiles_and_exports_with_a_dynamic_seqlen():
     """On the CPU, Inductor's channels-last pass (a convolution turns it on there) failed on the symbolic strides of
     q, k, v: the mixer's causal convolution is written out when compiled. Exported from seqlen window + 2: shorter

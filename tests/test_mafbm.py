@@ -235,15 +235,15 @@ def _op_args(device, dtype, with_control, R):
 @pytest.mark.parametrize("with_control,R", [(True, 1), (False, 5)])
 def test_opcheck(device, with_control, R):
     args = _op_args(device, F64, with_control, R)
-    torch.library.opcheck(torch.ops.markovkit.mafbm_step, args)
+    torch.library.opcheck(torch.ops.markovkit.mafbm_step, (*args, 11))  # path_offset 11
     x, y, drift, diffusion, omega, drop, phi, factor, dt, control, noise, seed, step = args
     grads = (torch.randn_like(x), torch.randn_like(y), torch.randn(6, dtype=F64, device=device))
     torch.library.opcheck(torch.ops.markovkit.mafbm_step_backward,
                           (*grads, y.detach(), diffusion, omega.detach(), drop, phi, factor, dt, control, noise, seed,
-                           step))
+                           step, 11))
     x0 = torch.randn(9, dtype=F64, device=device)
     d, _, f = fbm.ou_transition(GAMMA, 0.05, "exact", OMEGA_II)
-    sim_args = (OMEGA_II, d, f, fbm.stationary_factor(GAMMA), 7, 0.05, 1.0, 0.5, 1.0, 3, 5)
+    sim_args = (OMEGA_II, d, f, fbm.stationary_factor(GAMMA), 7, 0.05, 1.0, 0.5, 1.0, 3, 5, 13)  # path_offset 13
     torch.library.opcheck(torch.ops.markovkit.mafbm_simulate, (x0, *sim_args),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.markovkit.mafbm_simulate_backward,

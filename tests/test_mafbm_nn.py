@@ -1,5 +1,6 @@
 """markovkit.nn.FractionalSDE: shapes, the prior's law, the ELBO's gradients (H included)."""
 import math
+import re
 
 import pytest
 import torch
@@ -35,7 +36,6 @@ def test_elbo_gradients_reach_every_parameter(device, kind):
     assert abs(model.hurst().item() - 0.5) < 1e-12
 
 
-
 def test_elbo_is_the_log_likelihood_of_the_posterior_paths_minus_the_control_cost():
     """A constant control c (the last layer's bias; its weight starts at zero): KL = ½ c² dims T exactly, and the
     log-likelihood is that of the posterior paths `sample` gives for the same seed, sequence-major (the samples of
@@ -67,6 +67,19 @@ def test_samples_in_chunks_are_the_samples_of_one_call(kind):
         # not bit for bit: the networks' matmuls round by batch size
         torch.testing.assert_close(torch.cat([sample(30), sample(40, 30)]), whole, rtol=1e-12, atol=1e-12)
         assert not torch.isclose(sample(40)[:, 1:], whole[30:, 1:]).any()
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(path_offset=-1), ValueError, "FractionalSDE: path_offset: expected an int in [0, 2**63), got -1"),
+    (dict(path_offset=1.5), TypeError, "FractionalSDE: path_offset: expected an int in [0, 2**63), got float 1.5"),
+    (dict(seed=2**63), ValueError, "FractionalSDE: seed: expected an int in [-2**63, 2**63)"),
+])
+def test_sample_checks_seed_and_path_offset(kwargs, error, message):
+    """Checked up front, also where no op would see them (type II, no steps): they reached philox_normal scaled
+    or xor'ed, named as its offset / seed."""
+    model = FractionalSDE(2, K=3, hurst=0.3, hidden=8, kind="II")
+    with pytest.raises(error, match=re.escape(message)):
+        model.sample(4, 0, 0.1, **{"seed": 1, **kwargs})
 
 
 def test_elbo_checks_times():

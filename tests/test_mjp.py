@@ -449,11 +449,11 @@ def test_opcheck(device):
     grid = torch.linspace(0, 1, 6, device=device)
     ops = torch.ops.markovkit
     torch.library.opcheck(ops.mjp_ctmc_grid, (Q, x0, None, grid, 2, 5, 3, 0))
-    torch.library.opcheck(ops.mjp_ctmc_grid, (Q[0].float(), None, p0, grid.expand(2, 5, 6), 2, 5, 3, 1))
-    torch.library.opcheck(ops.mjp_ctmc_events, (Q, None, p0, 2.0, 2, 5, 8, 3, 0))
+    torch.library.opcheck(ops.mjp_ctmc_grid, (Q[0].float(), None, p0, grid.expand(2, 5, 6), 2, 5, 3, 1, 7))
+    torch.library.opcheck(ops.mjp_ctmc_events, (Q, None, p0, 2.0, 2, 5, 8, 3, 0, 7))
     reactants, products, rates = (t.to(device) for t in one_hot_network(Q.cpu()))
     x_counts = torch.randint(0, 3, (2, 5, 4), device=device)
-    torch.library.opcheck(ops.mjp_reactions_grid, (reactants, products, rates, x_counts, grid, 3, 0))
+    torch.library.opcheck(ops.mjp_reactions_grid, (reactants, products, rates, x_counts, grid, 3, 0, 7))
 
 
 def test_compile_fullgraph(device):

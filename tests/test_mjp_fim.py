@@ -36,7 +36,6 @@ def test_layout_and_invariants(data):
     assert data["times"][0] == 0 and data["times"][-1] == 1 and data["time_scale"] == 10.0
 
 
-
 def test_states_are_the_processes_paths_on_the_time_grid(data):
     """The clean states are simulate_ctmc's paths of each process's rates from its p0 on [0, t_max] (seed and
     process index as generate documents): ties the paths to the rates, the initial law and the time scale."""

@@ -670,8 +670,6 @@ def test_mamba_block_float64_matches_the_reference_scan():
         torch.testing.assert_close(a, b, **TOL64)
 
 
-
-
 def test_mamba_block_compiles_and_exports_with_a_dynamic_seqlen():
     """Across the scan's 64-step chunk: the checkpoints are a flat tensor (an axis of n_chunks = 1 made export
     specialise seqlen to <= 64)."""

@@ -188,7 +188,6 @@ def test_simulate_wrapper_and_its_gradients_equal_the_cpu_kernel(emulated, dtype
         torch.testing.assert_close(g, c, **tol, msg=lambda m: f"grad {name}: {m}")
 
 
-
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_path_offset_draws_the_streams_of_those_paths(emulated, dtype):
     """A CUDA call on paths 70.. with path_offset 70 draws what a CPU call on all paths draws for them: the step
@@ -212,6 +211,7 @@ def test_path_offset_draws_the_streams_of_those_paths(emulated, dtype):
         cuda = run(70)
     for name, c, g in zip(["x_next", "y_next", "kl", "grad y", "grad drift", "grad diffusion", "simulate"], cpu, cuda):
         torch.testing.assert_close(g, c[70:], **_tol(dtype), msg=lambda m: f"{name}: {m}")
+
 
 # --- no paths; the glue's checks on the CUDA branch ------------------------------------------------------
 

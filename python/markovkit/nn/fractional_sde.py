@@ -8,6 +8,7 @@ from torch import nn
 import markovkit
 from markovkit import fbm
 from markovkit.mafbm import _check_scheme
+from markovkit.philox import check_position, check_seed
 
 _START_KEY = 0x59305F5354415254  # xor'ed into the seed for Y(0)'s stream (apart from the steps' streams)
 
@@ -89,6 +90,8 @@ class FractionalSDE(nn.Module):
 
     def _run(self, x0, n_steps, dt, seed, posterior, context_fn, path_offset):
         """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
+        check_seed(seed, "FractionalSDE")
+        check_position(path_offset, "path_offset", "FractionalSDE")
         omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma
         x, y = x0, self._initial_y(x0.shape[0], x0, seed, path_offset).to(x0.device)
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
@@ -112,7 +115,7 @@ class FractionalSDE(nn.Module):
 
         seed: the noise's Philox seed (and Y(0)'s); the same seed gives the same paths. x0: (paths, dims) or None
         (zeros). path_offset: the global index of the first path, so that paths sampled in chunks (one seed, each
-        chunk's offset) are those of one call.
+        chunk's offset) are those of one call, to rounding (the networks' matmuls round by batch size).
         """
         if x0 is None:
             w = self.control[0].weight
@@ -127,8 +130,8 @@ class FractionalSDE(nn.Module):
         obs: (batch, n_obs, dims) at `times` (n_obs,) on the dt grid; samples posterior paths per sequence
         (paths = batch·samples, sequence-major). seed: the paths' noise (a training loop passes a new one each
         step, or it fits one draw). x0: (batch·samples, dims) or None (zeros). context_fn(n, x) -> (paths,
-        context_dims) feeds the control. path_offset: the global index of the first path (a batch's first sequence
-        times samples), as in `sample`. Returns the mean over sequences (a scalar).
+        context_dims) feeds the control (the paths of this call). path_offset: the global index of the first path (a
+        batch's first sequence times samples), as in `sample`. Returns the mean over sequences (a scalar).
         """
         if obs.dim() != 3 or obs.shape[2] != self.dims:
             raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
