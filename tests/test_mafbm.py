@@ -456,6 +456,23 @@ def test_reference_simulator_has_the_mafbm_law_and_the_euler_drift():
     torch.testing.assert_close(x, (1 + 2 * decay).expand(2, 3), rtol=1e-14, atol=0)
 
 
+def test_simulate_first_step_from_the_documented_counters():
+    """Type I, float64, path_offset 5: X(dt) = x0 + Σ_k ω_k (−drop_k Y_k(0) + (factor z)_k), written out in float64
+    from the counters of csrc/mafbm/mafbm_step.h: Y(0) = factor0 · z0 with z0 = normals [0, R0) of the start stream
+    (5 + p) | 2^63, z = normals [0, R) of stream 5 + p (the statistical tests miss a few % in Y(0)'s amplitude)."""
+    seed, dt, paths = 2**40 + 9, 0.05, 3
+    w = fbm.omega(0.3, GAMMA, 1.0, "I")
+    drop, _, factor = fbm.ou_transition(GAMMA, dt, "exact", omega=w)
+    factor0 = fbm.stationary_factor(GAMMA, w)
+    x0 = torch.randn(paths, dtype=F64)
+    got = markovkit.mafbm_simulate(x0, 1, dt, w, GAMMA, seed=seed, kind="I", path_offset=5)[:, 1]
+    for p in range(paths):
+        z0 = torch.tensor(_philox_normals_f64(seed, 0, (5 + p) | 2**63, factor0.shape[1]), dtype=F64)
+        z = torch.tensor(_philox_normals_f64(seed, 0, 5 + p, factor.shape[1]), dtype=F64)
+        dy = -drop * (factor0 @ z0) + factor @ z
+        torch.testing.assert_close(got[p], x0[p] + w @ dy, rtol=1e-12, atol=1e-12)
+
+
 def test_simulate_small_lags_follow_mafbm_not_fbm():
     """Type I has stationary increments: at lag 1e-3 ≪ 1/γ_max the simulated increment variance is the
     MA-fBM one (locally Brownian), far from the fBM value lag^{2H}."""
