@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: build for sm_90a (its wgmma registers checked: .ci/ptxas_check --binary); the CUDA cases of the test
-# suite (`-m gpu`: the CPU cases run in CI) while compute-sanitizer runs every kernel (bench/gpu_smoke.py;
-# memcheck: out-of-bounds and misaligned accesses; racecheck: shared-memory races); the bench, one family at a
-# time (each family's table streams out as it is measured); Nsight Compute on the scan's and attention's main
+# GPU check: build for sm_90a (its wgmma registers checked: .ci/ptxas_check --binary; no libstdc++ of its own in
+# the module, and the CPU tests of error messages); the CUDA cases of the test suite (`-m gpu`: the CPU cases run in
+# CI) while compute-sanitizer runs every kernel (bench/gpu_smoke.py; memcheck: out-of-bounds and misaligned
+# accesses; racecheck: shared-memory races); the bench, one family at a time (each family's table streams out as it
+# is measured); Nsight Compute on the scan's and attention's main
 # kernels if time is left (sections, stall reasons, pipe utilization, shared-memory wavefronts and bank conflicts,
 # the SASS lines with the most stall samples: ncu_top.txt); a summary last.
 # Usage: bench/gpu_check.sh [OUTDIR]   (logs, junit XML and bench JSON land in OUTDIR; default gpu_check_out)
@@ -39,18 +40,30 @@ secs() { echo $(( $(date +%s) - $1 )); }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 
 start=$(date +%s)
-if ! bounded 240 "$PY" -m pip install --no-build-isolation --no-deps -C build-dir=build/gpu . >"$out/build.log" 2>&1; then
+# -v: the compile and link lines in build.log
+if ! bounded 240 "$PY" -m pip install -v --no-build-isolation --no-deps -C build-dir=build/gpu . \
+  >"$out/build.log" 2>&1; then
   tail -n 40 "$out/build.log"
   echo "gpu_check: BUILD FAILED after $(secs $start) s (see $out/build.log)"
   exit 1
 fi
 build_s=$(secs $start)
 (cd /tmp && "$PY" -m markovkit info) | tee "$out/info.txt"
+so="$(cd /tmp && "$PY" -c 'import markovkit._C as c; print(c.__file__)')"
+xdist=""
+"$PY" -c "import xdist" 2>/dev/null && xdist="-n 6"
+# The module must use the process's libstdc++ (run 4: a copy linked into it crashed at the first error message
+# with a number): the copy's std::locale definitions, and the CPU cases of the tests that check error messages
+# (the rest of the CPU suite runs in CI, on another build)
+stdcxx="no nm"
+command -v nm >/dev/null && stdcxx="$(nm -D --defined-only "$so" | grep -c _ZNSt6locale)"
+bounded 90 "$PY" -m pytest -q -m "not gpu" tests -k "error or refuse or raises" -rfE -p no:cacheprovider $xdist \
+  >"$out/cpu_errors.log" 2>&1
+errors_rc=$?
 # the wgmma register check of CI's .ci/ptxas_check, on the kernels this machine's nvcc built (CI's nvcc may differ),
 # beside the tests (CPU only); none without 90a in the archs (no wgmma kernels)
 regs_pid=""
 if [[ ";$MARKOVKIT_CUDA_ARCHS;" == *";90a;"* ]]; then
-  so="$(cd /tmp && "$PY" -c 'import markovkit._C as c; print(c.__file__)')"
   PATH="$(dirname "$(command -v "$PY")"):$PATH" bounded 150 .ci/ptxas_check --binary "$so" >"$out/wgmma_regs.log" 2>&1 &
   regs_pid=$!
 else
@@ -74,8 +87,6 @@ for i in "${!bases[@]}"; do
 done
 
 start=$(date +%s)
-xdist=""
-"$PY" -c "import xdist" 2>/dev/null && xdist="-n 6"
 bounded 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" bench/gpu_smoke.py >"$out/memcheck.log" 2>&1 &
 memcheck_pid=$!
 bounded 150 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" bench/gpu_smoke.py >"$out/racecheck.log" 2>&1 &
@@ -168,11 +179,13 @@ for i in "${!bases[@]}"; do echo "base$i: ${bases[$i]}"; done
 "$PY" bench/ab_table.py "$out" $families
 echo
 echo "== failures =="
-grep -hE "^(FAILED|ERROR)" "$out/tests.log" "$out/tests_attention.log" | head -n 40
+grep -hE "^(FAILED|ERROR)" "$out/cpu_errors.log" "$out/tests.log" "$out/tests_attention.log" | head -n 40
 echo
 echo "== summary =="
 printf "%-8s %-6s %s\n" step secs result
 printf "%-8s %-6s %s\n" build "$build_s" ok
+printf "%-8s %-6s %s\n" stdcxx "" "std::locale definitions in _C: $stdcxx (0: torch's libstdc++)"
+printf "%-8s %-6s %s\n" errors "" "rc=$errors_rc: $(tail -n 1 "$out/cpu_errors.log")"
 printf "%-8s %-6s %s\n" wgmma "" "rc=$regs_rc: $(tail -n 1 "$out/wgmma_regs.log")"
 printf "%-8s %-6s %s\n" tests "$tests_s" "rc=$tests_rc: $(tail -n 1 "$out/tests.log")"
 printf "%-8s %-6s %s\n" attn "" "rc=$attn_rc: $(tail -n 1 "$out/tests_attention.log")"
@@ -182,5 +195,5 @@ printf "%-8s %-6s %s\n" base "" "BASE_SRC rc: $base_rc"
 printf "%-8s %-6s %s\n" bench "$bench_s" "rc:$bench_rc"
 printf "%-8s %-6s %s\n" ncu "$ncu_s" "rc=$ncu_rc (profile in $out/ncu.txt, stall sites in $out/ncu_top.txt)"
 printf "%-8s %-6s %s\n" total "$(secs $t0)" "of a ${budget} s budget"
-[ "$regs_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] && [ "$memcheck_rc" -eq 0 ] &&
-  [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
+[ "$stdcxx" = 0 ] && [ "$errors_rc" -eq 0 ] && [ "$regs_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ] && [ "$attn_rc" -eq 0 ] &&
+  [ "$memcheck_rc" -eq 0 ] && [ "$racecheck_rc" -eq 0 ] && [[ "$bench_rc" != *=[1-9]* ]]
