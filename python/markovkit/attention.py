@@ -53,17 +53,23 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
     gradients too; two empty sources give lse = -inf, out = 0. Associative and commutative; differentiable.
     """
     _check_merge_inputs(out_a, lse_a, out_b, lse_b)
+    lse, w_a, w_b = _merge_weights(lse_a, lse_b)
+    out = w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_b.dtype)
+    return out.to(torch.promote_types(out_a.dtype, out_b.dtype)), lse
+
+
+def _merge_weights(lse_a, lse_b):
+    """lse_a, lse_b: (batch, heads, seqlen) -> the merged lse and the sources' weights (batch, seqlen, heads, 1),
+    in float32 or float64 (for float64 lse); an empty source (lse = -inf) has weight 0, two give lse = -inf."""
     wdtype = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
     lse_a, lse_b = lse_a.to(wdtype), lse_b.to(wdtype)
-    m = torch.maximum(lse_a, lse_b)  # (batch, heads, seqlen)
+    m = torch.maximum(lse_a, lse_b)
     empty = torch.isneginf(m)  # both sources empty
     m = torch.where(empty, 0, m)  # no -inf - -inf
     w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)  # weights relative to the larger source, 1 for it
     total = torch.where(empty, 1, w_a + w_b)  # no log(0) (its backward is 0 * inf) and no 0 / 0
     lse = torch.where(empty, float("-inf"), m + torch.log(total))
-    w_a, w_b = (w_a / total).transpose(1, 2).unsqueeze(-1), (w_b / total).transpose(1, 2).unsqueeze(-1)
-    out = w_a * out_a.to(wdtype) + w_b * out_b.to(wdtype)
-    return out.to(torch.promote_types(out_a.dtype, out_b.dtype)), lse
+    return lse, (w_a / total).transpose(1, 2).unsqueeze(-1), (w_b / total).transpose(1, 2).unsqueeze(-1)
 
 
 def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, return_lse: bool = False):
@@ -72,7 +78,7 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
 
     Query i sees (k_j, v_j) for i - window < j <= i and (kf_j, vf_j) for i - 2 window < j <= i - window: the
     window result and a window of the same size over (kf, vf) shifted by `window` positions, merged exactly by
-    their lse (:func:`merge_attention`); seqlen <= window is sliding-window attention.
+    their lse (as :func:`merge_attention` does); seqlen <= window is sliding-window attention.
     q: (batch, seqlen, heads, headdim); k, v, kf, vf: (batch, seqlen, kv_heads, headdim); one device and dtype,
     as :func:`sliding_window_attention` takes them. Rotary embeddings go in before the call, at absolute positions
     (so fading keys sit at distances window .. 2 window - 1). Returns out like q and, if `return_lse`,
@@ -85,15 +91,57 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
     check_devices("k", k=k, kf=kf, vf=vf)
     for t, name in ((kf, "kf"), (vf, "vf")):
         _check_dtype(t, name, k, "k")
-    out, lse = sliding_window_attention(q, k, v, window, softmax_scale=softmax_scale, return_lse=True)
-    seqlen = q.shape[1]
-    if seqlen > window:  # queries window .. seqlen-1 also see fading keys 0 .. seqlen-1-window
-        fading = seqlen - window
-        out_f, lse_f = sliding_window_attention(q[:, window:], kf[:, :fading], vf[:, :fading], window,
-                                                softmax_scale=softmax_scale, return_lse=True)
-        out_m, lse_m = merge_attention(out[:, window:], lse[:, :, window:], out_f, lse_f)
-        out, lse = torch.cat([out[:, :window], out_m], dim=1), torch.cat([lse[:, :, :window], lse_m], dim=2)
+    check_devices("q", q=q, k=k, v=v)
+    for t, name in ((k, "k"), (v, "v")):
+        _check_dtype(t, name, q, "q")
+    dtype = q.dtype
+    if cuda_emulation.runs_cpu_kernel(q) and dtype in (torch.bfloat16, torch.float16):
+        q, k, v, kf, vf = q.float(), k.float(), v.float(), kf.float(), vf.float()
+    scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out, lse = _BMojoF.apply(q, k, v, kf, vf, window, scale)
+    out = out.to(dtype)
     return (out, lse) if return_lse else out
+
+
+class _BMojoF(torch.autograd.Function):
+    """The two window ops and their merge, differentiated as one softmax (the hybrid notes' step 6): each window's
+    backward takes the merged out and lse, whose probabilities are the joint softmax's, so its dq / dk / dv are the
+    exact gradients, and nothing is differentiated through the merge. Autograd through merge_attention's eager ops
+    cost 3.0-3.4 ms of an 8.8-11.2 ms forward+backward on an H200 (bench/RESULTS.md, run 4); counted on meta at
+    those shapes, the eager ops here move 1.4 GB where those moved 9.6-10.2 GB.
+    q: (batch, seqlen, heads, headdim); k, v, kf, vf: (batch, seqlen, kv_heads, headdim)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kf, vf, window: int, scale: float):
+        ctx.set_materialize_grads(False)
+        out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, window, 0, scale)
+        fading = q.shape[1] - window  # queries window .. seqlen-1 also see fading keys 0 .. fading-1
+        if fading > 0:
+            out_f, lse_f = torch.ops.markovkit.sliding_window_attention_fwd(
+                q[:, window:], kf[:, :fading], vf[:, :fading], window, 0, scale)
+            # the merge in one pass over out: out + w_f (out_f - out), w_f in out's dtype (for half types a rounding
+            # of the weight, as out's own)
+            lse[:, :, window:], _, w_f = _merge_weights(lse[:, :, window:], lse_f)
+            out[:, window:].lerp_(out_f, w_f.to(out.dtype))
+        ctx.save_for_backward(q, k, v, kf, vf, out, lse)
+        ctx.window, ctx.scale = window, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, kf, vf, out, lse = ctx.saved_tensors
+        window, scale, fading = ctx.window, ctx.scale, q.shape[1] - ctx.window
+        if dout is None:
+            dout = torch.zeros_like(out)
+        bwd = torch.ops.markovkit.sliding_window_attention_bwd
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, window, 0, scale)
+        if fading <= 0:
+            return dq, dk, dv, torch.zeros_like(kf), torch.zeros_like(vf), None, None
+        dq_f, dkf, dvf = bwd(dout[:, window:], None if dlse is None else dlse[:, :, window:], q[:, window:],
+                             kf[:, :fading], vf[:, :fading], out[:, window:], lse[:, :, window:], window, 0, scale)
+        dq[:, window:].add_(dq_f)
+        pad = (0, 0, 0, 0, 0, window)  # the last window keys of kf, vf reach no query
+        return dq, dk, dv, torch.nn.functional.pad(dkf, pad), torch.nn.functional.pad(dvf, pad), None, None
 
 
 def _check_merge_inputs(out_a, lse_a, out_b, lse_b):
