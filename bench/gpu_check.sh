@@ -15,6 +15,7 @@
 # -C DIR): each is built too (niced, beside the tests, into /tmp/base_pkg_N, N its place in the list from 0) and
 # each family's bench runs again on it after ours (bench_baseN_FAMILY.txt, its own bench code, no mamba_ssm): the
 # commits' kernels on one device in one run, side by side with the peers in one table (bench/ab_table.py).
+# BASE_FAMILIES (default FAMILIES): the families benched on each BASE_SRC build (a bisect of one family's kernels).
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ mkdir -p "$out"
 PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
 families="${FAMILIES:-scan attention hybrid mafbm mjp philox}"
+base_families="${BASE_FAMILIES:-$families}"
 t0=$(date +%s)
 export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90a}" PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
@@ -130,7 +132,7 @@ for i in "${!bases[@]}"; do
   [ "$base_build_rc" -eq 0 ] && ! (cd /tmp && PYTHONPATH="$pkg" "$PY" -c \
     "import markovkit, sys; sys.exit(not markovkit.__file__.startswith('$pkg/'))") && base_build_rc=2 &&
     base_rc="$base_rc import=not-the-base"
-  for family in $families; do
+  for family in $base_families; do
     [ "$base_build_rc" -eq 0 ] || break
     run="$out/bench_base${i}_$family"
     (cd /tmp && PYTHONPATH="$pkg" bounded 110 "$PY" -m markovkit.bench --family "$family" --no-compile \
