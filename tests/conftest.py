@@ -39,7 +39,7 @@ def on_1_and_3_threads(fn):
 
 def assert_compiles_and_exports(module, dim, lengths, min_seqlen=2, tol=TOL[torch.float64]):
     """A float64 sequence module (batch, seqlen, dim) -> (batch, seqlen, dim) under torch.compile(fullgraph=True,
-    dynamic=True), forward and backward, and torch.export with a symbolic seqlen >= min_seqlen: each traced once (at
+    dynamic=True) and torch.export with a symbolic seqlen >= min_seqlen, forward and backward: each traced once (at
     lengths[0]) and equal to eager at every length."""
     seqlen = torch.export.Dim("seqlen", min=min_seqlen, max=4096)
     example = torch.randn(2, lengths[0], dim, dtype=torch.float64)
@@ -50,10 +50,10 @@ def assert_compiles_and_exports(module, dim, lengths, min_seqlen=2, tol=TOL[torc
         x = torch.randn(2, n, dim, dtype=torch.float64, requires_grad=True)
         expected = module(x)
         (grad,) = torch.autograd.grad(expected.square().sum(), x)
-        torch.testing.assert_close(exported(x), expected, **tol)
-        out = compiled(x)
-        torch.testing.assert_close(out, expected, **tol)
-        torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, **tol)
+        for traced in (exported, compiled):
+            out = traced(x)
+            torch.testing.assert_close(out, expected, **tol)
+            torch.testing.assert_close(torch.autograd.grad(out.square().sum(), x)[0], grad, **tol)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -127,6 +127,16 @@ def test_compile_fullgraph(dynamic):
         torch.testing.assert_close(a, e)
 
 
+def test_vmap_over_a_leading_dimension_equals_a_loop():
+    """torch.func.vmap over an extra leading dimension (the autograd.Function's generated vmap rule)."""
+    inputs = [torch.stack(ts) for ts in zip(*[_inputs((2, 20, 2, 1, 32, 6), torch.float64, torch.device("cpu"),
+                                                      seed) for seed in range(3)])]
+    out, lse = torch.func.vmap(lambda *ts: markovkit.bmojo_f_attention(*ts, 6, return_lse=True))(*inputs)
+    for i in range(3):
+        out_i, lse_i = markovkit.bmojo_f_attention(*[t[i] for t in inputs], 6, return_lse=True)
+        assert torch.equal(out[i], out_i) and torch.equal(lse[i], lse_i)
+
+
 @pytest.mark.parametrize("which,change,message", [
     ("kf", lambda t: t[:, :-1], "kf: expected shape [1, 12, 1, 32] (the shape of k), got [1, 11, 1, 32]"),
     ("vf", lambda t: t[..., :16], "vf: expected shape [1, 12, 1, 32] (the shape of k), got [1, 12, 1, 16]"),

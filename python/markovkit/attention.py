@@ -108,24 +108,32 @@ class _BMojoF(torch.autograd.Function):
     backward takes the merged out and lse, whose probabilities are the joint softmax's, so its dq / dk / dv are the
     exact gradients, and nothing is differentiated through the merge. Autograd through merge_attention's eager ops
     cost 3.0-3.4 ms of an 8.8-11.2 ms forward+backward on an H200 (bench/RESULTS.md, run 4); counted on meta at
-    those shapes, the eager ops here move 1.4 GB where those moved 9.6-10.2 GB.
-    q: (batch, seqlen, heads, headdim); k, v, kf, vf: (batch, seqlen, kv_heads, headdim)."""
+    those shapes, the eager ops here move 1.6-1.8 GB where those moved 9.6-10.2 GB. The merge is out of place:
+    torch.export inlines this forward and differentiates the window ops' own autograd, whose saved out and lse an
+    in-place merge would change. q: (batch, seqlen, heads, headdim); k, v, kf, vf: (batch, seqlen, kv_heads,
+    headdim)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, q, k, v, kf, vf, window: int, scale: float):
-        ctx.set_materialize_grads(False)
+    def forward(q, k, v, kf, vf, window: int, scale: float):
         out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, window, 0, scale)
         fading = q.shape[1] - window  # queries window .. seqlen-1 also see fading keys 0 .. fading-1
-        if fading > 0:
-            out_f, lse_f = torch.ops.markovkit.sliding_window_attention_fwd(
-                q[:, window:], kf[:, :fading], vf[:, :fading], window, 0, scale)
-            # the merge in one pass over out: out + w_f (out_f - out), w_f in out's dtype (for half types a rounding
-            # of the weight, as out's own)
-            lse[:, :, window:], _, w_f = _merge_weights(lse[:, :, window:], lse_f)
-            out[:, window:].lerp_(out_f, w_f.to(out.dtype))
-        ctx.save_for_backward(q, k, v, kf, vf, out, lse)
+        if fading <= 0:
+            return out, lse
+        out_f, lse_f = torch.ops.markovkit.sliding_window_attention_fwd(
+            q[:, window:], kf[:, :fading], vf[:, :fading], window, 0, scale)
+        lse_m, _, w_f = _merge_weights(lse[:, :, window:], lse_f)
+        # out + w_f (out_f - out) in one pass, w_f in out's dtype (for half types a rounding, as out's own)
+        out_m = torch.lerp(out[:, window:], out_f, w_f.to(out.dtype))
+        return torch.cat([out[:, :window], out_m], dim=1), torch.cat([lse[:, :, :window], lse_m], dim=2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, kf, vf, window, scale = inputs
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, kf, vf, *output)
         ctx.window, ctx.scale = window, scale
-        return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
