@@ -1,7 +1,8 @@
-// Backward of the selective scan, staged plan (scan_bwd_cuda takes it where staged_bwd_lanes does; the layout of the
-// forward's staged plan): kLanes threads per channel (2, 4 or 8 for up to 16, 32, 64 states), each holding kS = 8
-// consecutive states in registers (in a lane's own order: state_order); a block of kThreads threads, kCh = kThreads /
-// kLanes channels of one group of one batch row, walks the chunks last first, each chunk's tiles (kT steps) in visits:
+// Backward of the selective scan, staged plan (scan_bwd_cuda takes it where staged_bwd_plan does; the layout of the
+// forward's staged plan): kLanes threads per channel, each holding kS consecutive states in registers (in a lane's
+// own order: state_order): kS = 8 with 2, 4 or 8 lanes for up to 16, 32, 64 states, or, where that leaves fewer blocks
+// than SMs, kS = 4 with 4, 8 or 16 lanes; a block of kThreads threads, kCh = kThreads / kLanes channels of one group
+// of one batch row, walks the chunks last first, each chunk's tiles (kT steps) in visits:
 //  - walks W(0) .. W(nt - 2): the tile's state at its start is kept (shared memory, the thread's own), then the
 //    thread's states run over the tile (the chunk starts at its checkpoint);
 //  - reverses R(nt - 1) .. R(0): from the tile's start the states at its segments' starts (kSeg steps apart) are
@@ -21,7 +22,6 @@ namespace markovkit {
 namespace {
 using namespace scan_cuda;
 
-constexpr int kS = 8;                         // states per thread
 constexpr int kSeg = 4;                       // steps per segment: h_prev and ā of kSeg steps in registers
 constexpr int kTiles = kScanChunk / kT;       // tiles per chunk
 constexpr int kSegsPerTile = kT / kSeg;
@@ -30,8 +30,8 @@ static_assert(4 % kSeg == 0, "a tile's steps are a multiple of kSeg");
 
 constexpr int log2_of(int x) { return x <= 1 ? 0 : 1 + log2_of(x / 2); }
 
-// Of `levels` halvings over a warp's channels, those that halve a thread's states (log2(kS) at most).
-constexpr int state_levels(int levels) { return levels < 3 ? levels : 3; }
+// Of `levels` halvings over a warp's channels, those that halve a thread's kS states (log2(kS) at most).
+constexpr int state_levels(int levels, int kS) { return levels < log2_of(kS) ? levels : log2_of(kS); }
 
 // The plan of kLanes threads per channel for input type in_t: thread (c, s) = (tid / kLanes, tid % kLanes) runs
 // states s·kS + (i ^ pm) (i < kS, pm: state_order) of the block's channel c. Shared memory: two raw tiles (the
@@ -39,17 +39,19 @@ constexpr int state_levels(int levels) { return levels < 3 ? levels : 3; }
 // summed parts of dΔ (gA), du (gB), y (kT, kRow each); B, C (kT, kW) in kCopies orders (copy k: state n at
 // n ^ (k << kCopyShift)); the chunk's tiles' start states (kTiles, kS, kThreads) and the tile's segments'
 // (kSegsPerTile, kS, kThreads), each thread's own; the warps' dB / dC sums (kWarps, 2, kW, kRed).
-template <typename in_t, int kLanes>
+template <typename in_t, int kLanes, int kS>
 struct BwdPlan {
   using In = in_t;
   static constexpr int kCh = kThreads / kLanes;                       // channels per block
   static constexpr int kW = kLanes * kS;                              // states per channel, padded
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kLevels = log2_of(32 / kLanes);                // halvings over the warp's channels: 4, 3, 2
-  static constexpr int kStateLevels = state_levels(kLevels);
+  static constexpr int kLevels = log2_of(32 / kLanes);                // halvings over the warp's channels: 4 .. 1
+  static constexpr int kStateLevels = state_levels(kLevels, kS);
   static constexpr int kKeep = 2 * kS >> kLevels;                     // dB / dC sums a lane keeps per step
-  // the low two bits of pm take 1 << kStateLevels - 1 values, multiples of 1 << kCopyShift
-  static constexpr int kCopies = 1 << (kStateLevels - 1), kCopyShift = 3 - kStateLevels;
+  // pm's bits kS / 2 >> m (m < kStateLevels); those below 4 (inside a float4 of B / C) take kCopies values,
+  // multiples of 1 << kCopyShift
+  static constexpr int kCopyShift = log2_of(kS) - kStateLevels;
+  static constexpr int kCopies = 1 << (kStateLevels - (log2_of(kS) > 2 ? log2_of(kS) - 2 : 0));
   static constexpr int kVec = 16 / static_cast<int>(sizeof(in_t));  // elements per 16-byte piece
   static constexpr int kSegs = kT / kVec;                             // pieces per row of a tile
   static constexpr int kPieces = kCh * kSegs;                         // pieces of an activation's tile
@@ -77,40 +79,43 @@ struct BwdPlan {
   __device__ float* red() const { return seg() + kSegsPerTile * kS * kThreads; }  // ((w·2 + v)·kW + n)·kRed + t
 };
 
-// The lane bit of halving m of the warp's channels that splits the states (m < 3): the channel bits from kLanes up;
-// at 16 states (kLevels 4) from 2·kLanes up, the lowest going to the dB / dC halving last, so lanes 2 apart read the
-// same B and C (the shared-memory unit then packs their LDS.128: two wavefronts, not four).
-template <int kLanes, int kLevels>
+// The lane bit of halving m of the warp's channels that splits the states (m < kStateLevels): the channel bits from
+// kLanes up; at 16 states (one level more than the states': kLevels 4 with 8 states a thread, 3 with 4) from
+// 2·kLanes up, the lowest going to the dB / dC halving last, so lanes kLanes apart read the same B and C (the
+// shared-memory unit then packs their LDS.128: fewer wavefronts).
+template <int kLanes, int kLevels, int kStateLevels>
 constexpr int state_halving_bit(int m) {
-  return kLanes << (kLevels > 3 ? m + 1 : m);
+  return kLanes << (kLevels > kStateLevels ? m + 1 : m);
 }
 
-// The order of a thread's states: slot i holds state n0 + (i ^ pm), pm's bit 4 >> m set where the lane's
+// The order of a thread's kS states: slot i holds state n0 + (i ^ pm), pm's bit kS / 2 >> m set where the lane's
 // state_halving_bit(m) is: at halving m of warp_sum_scatter a lane and its partner then keep the same slots (the lower
-// half) for different states, with no selects. At 64 states (8 lanes a channel) the bit 4 is flipped where the
-// lane's bit 2 is set too (partners share it): lanes s and s + 4 of a channel, 32 floats apart in a row of B or C,
-// read its float4 halves in opposite orders (their LDS.128 hit distinct banks).
-template <int kLanes, int kLevels>
+// half) for different states, with no selects. At 64 states with 8 a thread (8 lanes a channel) the bit 4 is flipped
+// where the lane's bit 2 is set too (partners share it): lanes s and s + 4 of a channel, 32 floats apart in a row of
+// B or C, read its float4 halves in opposite orders (their LDS.128 hit distinct banks).
+template <int kLanes, int kLevels, int kS>
 __device__ __forceinline__ int state_order(int lane) {
-  int pm = kLanes == 8 && (lane & 4) != 0 ? kS / 2 : 0;
+  constexpr int kStateLevels = state_levels(kLevels, kS);
+  int pm = kLanes == 8 && kS == 8 && (lane & 4) != 0 ? kS / 2 : 0;
 MK_UNROLL
-  for (int m = 0; m < state_levels(kLevels); ++m) {
-    pm ^= (lane & state_halving_bit<kLanes, kLevels>(m)) != 0 ? kS / 2 >> m : 0;
+  for (int m = 0; m < kStateLevels; ++m) {
+    pm ^= (lane & state_halving_bit<kLanes, kLevels, kStateLevels>(m)) != 0 ? kS / 2 >> m : 0;
   }
   return pm;
 }
 
 // Sums over the warp's channels (the lanes differing in the channel bits, kLanes up) of the thread's dB parts vb and
-// dC parts vc (slot i: state n0 + (i ^ pm)). Halvings m < state_levels(kLevels) over state_halving_bit(m): each lane
-// keeps slots below kS >> (m + 1) and adds the partner's upper ones (the same states). Then, at 16 states (kLevels
-// 4), a last one over lane bit kLanes keeps dC where it is set, dB where not, in vb[0]. Lane `lane` ends with the
-// sums of vb, vc at slots j < kS >> kLevels (states n0 + (pm | j)), or at kLevels 4 the one in vb[0].
-template <int kLanes, int kLevels>
+// dC parts vc (slot i: state n0 + (i ^ pm)). Halvings m < state_levels(kLevels, kS) over state_halving_bit(m): each
+// lane keeps slots below kS >> (m + 1) and adds the partner's upper ones (the same states). Then, at 16 states (a
+// level more than the states'), a last one over lane bit kLanes keeps dC where it is set, dB where not, in vb[0].
+// Lane `lane` ends with the sums of vb, vc at slots j < kS >> kLevels (states n0 + (pm | j)), or at 16 states the one
+// in vb[0].
+template <int kLanes, int kLevels, int kS>
 __device__ __forceinline__ void warp_sum_scatter(float (&vb)[kS], float (&vc)[kS], int lane) {
-  constexpr int kStateLevels = state_levels(kLevels);
+  constexpr int kStateLevels = state_levels(kLevels, kS);
 MK_UNROLL
   for (int m = 0; m < kStateLevels; ++m) {
-    const int o = state_halving_bit<kLanes, kLevels>(m), half = kS >> (m + 1);
+    const int o = state_halving_bit<kLanes, kLevels, kStateLevels>(m), half = kS >> (m + 1);
 MK_UNROLL
     for (int i = 0; i < half; ++i) {
       vb[i] += __shfl_xor_sync(0xffffffffu, vb[i + half], o);
@@ -118,7 +123,7 @@ MK_UNROLL
     }
   }
   if constexpr (kLevels > kStateLevels) {
-    static_assert(kLevels == 4, "one halving over dB / dC");
+    static_assert(kLevels == kStateLevels + 1, "one halving over dB / dC");
     const bool upper = (lane & kLanes) != 0;
     const float keep = upper ? vc[0] : vb[0], give = upper ? vb[0] : vc[0];
     vb[0] = keep + __shfl_xor_sync(0xffffffffu, give, kLanes);
@@ -163,9 +168,9 @@ __device__ __forceinline__ Visit next_visit(const Visit& x, int64_t L) {
 
 // The block's kernel. In prep and finish a thread handles the pieces e = tid + j·kThreads (j < kIters, e < kPieces)
 // of the tile: channel e / kSegs, steps (e % kSegs)·kVec and on.
-template <typename in_t, int kLanes>
+template <typename in_t, int kLanes, int kS>
 __global__ void __launch_bounds__(kThreads, 2) scan_bwd_staged_kernel(ScanBwdParams q) {
-  using P = BwdPlan<in_t, kLanes>;
+  using P = BwdPlan<in_t, kLanes, kS>;
   extern __shared__ __align__(16) unsigned char scan_bwd_staged_smem[];
   const P sm{scan_bwd_staged_smem};
   const ScanParams& p = q.f;
@@ -175,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_bwd_staged_kernel(ScanBwdPar
   const int64_t var_off = ((b * p.groups + d0 / dpg) * q.nblk + d0 % dpg / P::kCh) * N * L;
   const int tid = threadIdx.x, ch = tid / kLanes, s = tid % kLanes, n0 = s * kS, lane = tid % 32;
   // the thread's state order (slot i: state n0 + (i ^ pm)) and the copy of B, C in it
-  const int pm = state_order<kLanes, P::kLevels>(lane), copy = (pm & 3) >> P::kCopyShift;
+  const int pm = state_order<kLanes, P::kLevels, kS>(lane), copy = (pm & 3) >> P::kCopyShift;
   const int64_t d = d0 + ch, bd = bd0 + ch;
   // the thread's states: A·log2(e), the reverse's carry (from d last_state), dA; h the walks' state
   float A2[kS], carry[kS], dA[kS] = {}, h[kS];
@@ -263,7 +268,7 @@ MK_UNROLL
       r.gA += ah * A2[i];
       r.gB += dh * Bt[i];
     }
-    warp_sum_scatter<kLanes, P::kLevels>(vb, vc, lane);
+    warp_sum_scatter<kLanes, P::kLevels, kS>(vb, vc, lane);
     float* red = sm.red() + (tid / 32 * 2 * P::kW + n0 + pm) * P::kRed + t;  // ((w·2 + var)·kW + n)·kRed + t
     if constexpr (P::kKeep == 1) {
       red[(lane & kLanes ? P::kW : 0) * P::kRed] = vb[0];
@@ -415,58 +420,78 @@ MK_UNROLL
   }
 }
 
-// Calls f.template operator()<kLanes>() for lanes = 2, 4 or 8.
+// The staged plan's threads per channel (lanes) and states per thread (states); {0, 0}: no staged plan.
+struct BwdStagedPlan {
+  int lanes, states;
+};
+
+// Calls f.template operator()<kLanes, kS>() for the plan's lanes and states (8 states: 2, 4 or 8 lanes; 4: 4, 8, 16).
 template <typename F>
-void with_lanes(int lanes, F&& f) {
-  switch (lanes) {
-    case 2: f.template operator()<2>(); break;
-    case 4: f.template operator()<4>(); break;
-    default: f.template operator()<8>(); break;
+void with_plan(BwdStagedPlan plan, F&& f) {
+  if (plan.states == 8) {
+    switch (plan.lanes) {
+      case 2: f.template operator()<2, 8>(); break;
+      case 4: f.template operator()<4, 8>(); break;
+      default: f.template operator()<8, 8>(); break;
+    }
+  } else {
+    switch (plan.lanes) {
+      case 4: f.template operator()<4, 4>(); break;
+      case 8: f.template operator()<8, 4>(); break;
+      default: f.template operator()<16, 4>(); break;
+    }
   }
 }
 
-// Dynamic shared memory of a block of the plan with `lanes` threads per channel for p's input type, in bytes.
-int64_t staged_bwd_bytes(const ScanParams& p, int lanes) {
+// Dynamic shared memory of a block of the plan for p's input type, in bytes.
+int64_t staged_bwd_bytes(const ScanParams& p, BwdStagedPlan plan) {
   int64_t bytes = 0;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
-      with_lanes(lanes, [&]<int kLanes>() { bytes = BwdPlan<in_t, kLanes>::kBytes; });
+      with_plan(plan, [&]<int kLanes, int kS>() { bytes = BwdPlan<in_t, kLanes, kS>::kBytes; });
     }
   });
   return bytes;
 }
 
-// Lanes per channel of the staged plan for q, or 0 where it does not take q: the forward's staged conditions (with
-// threads of 8 states), dout and the gradients' rows 16-byte aligned too, and its shared memory within the device's.
-int staged_bwd_lanes(const ScanBwdParams& q) {
+// The staged plan for q, or {0, 0} where it does not take q: the forward's staged conditions, dout and the gradients'
+// rows 16-byte aligned too; threads of 8 states, or of 4 where those leave fewer blocks than SMs (as the forward's
+// 16 and 4); the plan's shared memory within the device's.
+BwdStagedPlan staged_bwd_plan(const ScanBwdParams& q) {
   const ScanParams& p = q.f;
   if (!staged_inputs(p) || !aligned16(q.dout) || !aligned16(q.du) || !aligned16(q.ddelta) || !aligned16(q.dz)) {
-    return 0;
+    return {0, 0};
   }
-  const int lanes = p.dstate <= 16 ? 2 : p.dstate <= 32 ? 4 : 8;
-  return staged_blocks(p, kThreads / lanes) && staged_bwd_bytes(p, lanes) <= p.smem_optin ? lanes : 0;
+  for (const int states : {8, 4}) {
+    BwdStagedPlan plan{1, states};
+    while (plan.lanes * states < p.dstate) plan.lanes *= 2;
+    if (staged_blocks(p, kThreads / plan.lanes)) {
+      return staged_bwd_bytes(p, plan) <= p.smem_optin ? plan : BwdStagedPlan{0, 0};
+    }
+  }
+  return {0, 0};
 }
 
 }  // namespace
 
 ScanBwdLaunch scan_bwd_staged_launch(const ScanBwdParams& q) {
-  const int lanes = staged_bwd_lanes(q);
-  if (lanes == 0) return {0, 0};
-  return {kThreads / lanes, staged_bwd_bytes(q.f, lanes)};
+  const BwdStagedPlan plan = staged_bwd_plan(q);
+  if (plan.lanes == 0) return {0, 0};
+  return {kThreads / plan.lanes, staged_bwd_bytes(q.f, plan)};
 }
 
 bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
-  const int lanes = staged_bwd_lanes(q);
-  if (lanes == 0) return false;
+  const BwdStagedPlan plan = staged_bwd_plan(q);
+  if (plan.lanes == 0) return false;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
-      with_lanes(lanes, [&]<int kLanes>() {
-        using P = BwdPlan<in_t, kLanes>;
+      with_plan(plan, [&]<int kLanes, int kS>() {
+        using P = BwdPlan<in_t, kLanes, kS>;
         const unsigned grid = static_cast<unsigned>(p.batch * p.dim / P::kCh);
-        cudaFuncSetAttribute(scan_bwd_staged_kernel<in_t, kLanes>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        cudaFuncSetAttribute(scan_bwd_staged_kernel<in_t, kLanes, kS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              P::kBytes);
-        scan_bwd_staged_kernel<in_t, kLanes><<<grid, kThreads, P::kBytes, stream>>>(q);
+        scan_bwd_staged_kernel<in_t, kLanes, kS><<<grid, kThreads, P::kBytes, stream>>>(q);
       });
     }
   });

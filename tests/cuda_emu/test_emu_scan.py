@@ -234,9 +234,10 @@ def test_forward_staged_plan_misfits(emulated, monkeypatch, case):
 
 
 # The backward's staged plan (scan_bwd_staged_kernel.cu: threads of 8 states, 2, 4 or 8 per channel, 64, 32 or 16
-# channels per block; each chunk's tiles walked, then reversed in segments of 4 steps) takes what the forward's
-# staged plan takes (dout and the gradients 16-byte aligned too). Each case runs with as many SMs as its blocks and
-# with one more (the team plans). Lengths: whole chunks (128); a last chunk of one partial tile (136), of three
+# channels per block, or, where that leaves fewer blocks than SMs, of 4 states, 4, 8 or 16 per channel; each chunk's
+# tiles walked, then reversed in segments of 4 steps) takes what the forward's staged plan takes (dout and the
+# gradients 16-byte aligned too). Each case runs with as many SMs as the 8-state plan's blocks, one more (the 4-state
+# plan) and one more than the 4-state plan's (the team plans). Lengths: whole chunks (128); a last chunk of one partial tile (136), of three
 # whole tiles and a partial one (184: three walks before the reverses), of two whole and a partial (40), one
 # partial tile (8), 4 steps (float32); 80: a last chunk of one whole tile.
 BWD_STAGED_CASES = [(torch.float32, 16, 136, True), (torch.bfloat16, 16, 184, True), (torch.bfloat16, 13, 40, False),
@@ -249,17 +250,16 @@ def bwd_staged_launch():
     return next((n for k, n in cuda_emulation.launched() if k.startswith("scan_bwd_staged_kernel<")), None)
 
 
-def bwd_staged_blocks(batch, dim, dstate):
-    lanes = 2 if dstate <= 16 else 4 if dstate <= 32 else 8
-    return batch * dim * lanes // 128
+def bwd_staged_blocks(batch, dim, dstate, states=8):
+    return staged_blocks(batch, dim, dstate, states)
 
 
 @pytest.mark.parametrize("dtype,dstate,seqlen,options", BWD_STAGED_CASES)
 def test_backward_staged_plan(emulated, monkeypatch, dtype, dstate, seqlen, options):
     x = make_inputs(batch=2, dim=256, seqlen=seqlen, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                     has_D=options, has_z=options, has_bias=options, has_h0=options, seed=dstate + seqlen)
-    blocks = bwd_staged_blocks(2, 256, dstate)
-    for sms, want in ((blocks, blocks), (blocks + 1, None)):
+    wide, narrow = bwd_staged_blocks(2, 256, dstate), bwd_staged_blocks(2, 256, dstate, 4)
+    for sms, want in ((wide, wide), (wide + 1, narrow), (narrow + 1, None)):
         monkeypatch.setenv("MK_EMU_SMS", str(sms))
         cuda_emulation.launched()
         check_scan(emulated, x, dtype, softplus=options, with_last=options)
@@ -268,20 +268,22 @@ def test_backward_staged_plan(emulated, monkeypatch, dtype, dstate, seqlen, opti
 
 @pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
 @pytest.mark.parametrize("dstate", [16, 64])
-def test_backward_staged_plan_thread_orders(monkeypatch, dstate):
+@pytest.mark.parametrize("states", [8, 4])
+def test_backward_staged_plan_thread_orders(monkeypatch, dstate, states):
     # threads in reverse order and each cp.async done when issued: a tile copied over one still read, parts or
     # warp sums read before their barrier, would differ
     x = cast(make_inputs(batch=2, dim=256, seqlen=184, dstate=dstate, B_mode="var4", C_mode="var4", groups=2,
                          seed=9), torch.bfloat16)
     g, gl = upstream(x)
-    monkeypatch.setenv("MK_EMU_SMS", str(bwd_staged_blocks(2, 256, dstate)))
+    wide = bwd_staged_blocks(2, 256, dstate)
+    monkeypatch.setenv("MK_EMU_SMS", str(wide if states == 8 else wide + 1))
     results = []
     for order in ("forward", "reverse"):
         monkeypatch.setenv("MK_EMU_ORDER", order)
         with cuda_emulation.cuda_emulation():
             cuda_emulation.launched()
             results.append(run(markovkit.selective_scan, x, True, g, gl)[2])
-            assert bwd_staged_launch() == bwd_staged_blocks(2, 256, dstate)
+            assert bwd_staged_launch() == bwd_staged_blocks(2, 256, dstate, states)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
