@@ -282,6 +282,31 @@ def test_batch_split_invariance(device, record):
     assert torch.equal(first, (repeated if record == "grid" else repeated.times)[:1])
 
 
+def test_grid_times_on_jump_times_read_the_state_entered(device):
+    """RCLL at the jump times themselves: a grid time equal to a path's jump time reads the state the jump entered,
+    the float64 just below it the state before (random grids never hit a jump time: `<` for `<=` passed them)."""
+    Q = torch.tensor([[0, 1.0, 2.0], [0.5, 0, 0.5], [3.0, 0.1, 0]], dtype=torch.float64, device=device)
+    x0 = torch.randint(0, 3, (1, 2000), generator=torch.Generator().manual_seed(0)).to(device)
+    events = simulate_ctmc(Q, x0, math.inf, seed=7, record="events", max_events=10)
+    below = torch.nextafter(events.times, torch.zeros_like(events.times))
+    states = simulate_ctmc(Q, x0, torch.stack([below, events.times], -1).flatten(-2), seed=7).long()
+    before = torch.cat([events.initial.unsqueeze(-1), events.states[..., :-1]], -1).long()
+    assert torch.equal(states[..., 1::2], events.states.long()) and torch.equal(states[..., 0::2], before)
+
+
+def test_high_order_reaction_fires_at_its_rate(device):
+    """1100 A -> 0 from 1100 molecules: propensity k C(1100, 1100) = k (the binomial's running product once passed
+    C(1100, 550) ~ 1e329 and the call refused an 'overflowed' propensity). P(fired by t = 1) = 1 - e^-k."""
+    k, paths = 0.7, 4000
+    counts = simulate_reactions(torch.tensor([[1100]]), torch.tensor([[0]]), torch.tensor([k], dtype=torch.float64),
+                                torch.full((1, paths, 1), 1100).to(device), torch.tensor([0.0, 1.0]).to(device),
+                                seed=3)
+    assert set(counts[0, :, 0, 0].tolist()) == {1100} and set(counts[0, :, 1, 0].tolist()) <= {0, 1100}
+    fired = (counts[0, :, 1, 0] == 0).sum().item()
+    p = 1 - math.exp(-k)
+    assert abs(fired - paths * p) < 5 * math.sqrt(paths * p * (1 - p))
+
+
 def test_reference_direct_method_matches_expm():
     """The eager reference (the benchmarks' peer) samples the right marginal."""
     Q = ratchets(1.0)

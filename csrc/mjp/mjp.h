@@ -384,13 +384,15 @@ MK_HOST_DEVICE void mjp_set_flag(int32_t* flag) {
 #endif
 }
 
-// Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (m + 1).
+// Stochastic mass action: k_r prod_s C(x_s, alpha_rs), the binomials as running products (x - m) / (alpha - m):
+// factors >= 1, so a partial product overflows only where the propensity does ((x - m) / (m + 1) passed C(x, x / 2)
+// on the way: 1100 A -> 0 at x = 1100, propensity k, overflowed).
 MK_HOST_DEVICE double mjp_propensity(const int32_t* alpha, double k, const int64_t* x, int64_t n_species) {
   double a = k;
   for (int64_t s = 0; s < n_species; ++s) {
     for (int32_t m = 0; m < alpha[s]; ++m) {
       if (x[s] <= m) return 0.0;
-      a = mjp_mul(a, static_cast<double>(x[s] - m) / static_cast<double>(m + 1));
+      a = mjp_mul(a, static_cast<double>(x[s] - m) / static_cast<double>(alpha[s] - m));
     }
   }
   return a;

@@ -117,6 +117,18 @@ def test_ctmc_events_equal_the_cpu_kernel(emulated, size):
         assert cpu.counts[0, 0] == 0 and not cpu.overflow[0, 0] and bool(torch.isinf(cpu.times[0, 0]).all())
 
 
+def test_ctmc_grid_on_jump_times_equals_the_cpu_kernel(emulated):
+    """Grid times at the paths' jump times and the float64 just below them (random grids never hit one), bit for
+    bit; test_mjp.py checks the CPU kernel's states there (the state entered, the one before)."""
+    Q = torch.tensor([[0, 1.0, 2.0], [0.5, 0, 0.5], [3.0, 0.1, 0]], dtype=torch.float64)
+    x0 = torch.randint(0, 3, (1, 500), generator=torch.Generator().manual_seed(0))
+    times = simulate_ctmc(Q, x0, math.inf, seed=7, record="events", max_events=10).times
+    grid = torch.stack([torch.nextafter(times, torch.zeros_like(times)), times], -1).flatten(-2)
+    cpu = simulate_ctmc(Q, x0, grid, seed=7)
+    with emulated():
+        assert torch.equal(simulate_ctmc(Q, x0, grid, seed=7), cpu)
+
+
 def test_ctmc_events_of_a_subnormal_exit_rate(emulated):
     """Exit rate 1e-310: the holding time e / q overflows to +inf, which is no jump (as for q = 0) even with no
     horizon, on both kernels: no event at time inf, no overflow."""

@@ -74,6 +74,8 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
     process_offset, path_offset: the global ids of the first process and path of this call (module docstring):
         pieces of a batch give the batch's paths; process_offset + processes and path_offset + paths <= 2**32.
     Returns record="grid": states (processes, paths, L) in ``state_dtype(S)``; record="events": CtmcEvents.
+    Cost: one step per jump, every jump simulated (exact): record="grid" has no cap, so a path with exit rates
+    around r runs about r·t_grid[-1] steps (r = 1e8 to t = 1: seconds per path); a call cannot be interrupted.
     """
     if x0 is None and p0 is None:
         raise ValueError("simulate_ctmc: give the initial states x0 or the initial distributions p0")
@@ -116,7 +118,8 @@ def simulate_reactions(reactants: torch.Tensor, products: torch.Tensor, rates: t
     seed: an int in [-2**63, 2**63), the 64-bit Philox key (a negative seed is its two's complement).
     process_offset, path_offset: as in simulate_ctmc.
     Returns counts (processes, paths, L, species) int64 (a count past 2**63 - 1 wraps unchecked; an overflowing
-    propensity is refused). A CTMC is the network with one-hot species and one
+    propensity is refused). Cost: one step per reaction event up to t_grid[-1], no cap (as simulate_ctmc's grid
+    record); a call cannot be interrupted. A CTMC is the network with one-hot species and one
     reaction S_i -> S_j per nonzero rate Q_ij; listed in row-major (i, j) order it gives the same paths as
     simulate_ctmc for the same seed.
     """
