@@ -105,9 +105,24 @@ def test_configuration_errors_come_at_construction():
     for kwargs, message in [(dict(hurst=1.5), r"hurst: expected a float in \(0, 1\), or None to learn it, got 1.5"),
                             (dict(hurst=0.0), "hurst: expected a float in"),
                             (dict(kind="III"), "kind: expected 'I' or 'II', got 'III'"),
-                            (dict(scheme="milstein"), "scheme: expected 'euler' or 'exact', got 'milstein'")]:
+                            (dict(scheme="milstein"), "scheme: expected 'euler' or 'exact', got 'milstein'"),
+                            (dict(K=17), r"K: expected 1 <= K <= 16 \(the step kernels' limit\), got 17")]:
         with pytest.raises(ValueError, match=message):
-            FractionalSDE(1, K=2, **kwargs)
+            FractionalSDE(1, **{"K": 2, **kwargs})
+
+
+def test_elbo_and_sample_check_their_arguments():
+    """dt and obs_std > 0, samples >= 1, a context_fn exactly where the model has context features (before: an
+    IndexError, a math domain error, a silent NaN, a matmul shape error)."""
+    model, obs, times = FractionalSDE(1, K=2, hurst=0.4), torch.zeros(1, 2, 1), torch.tensor([0.1, 0.2])
+    for kwargs, message in [(dict(dt=-0.1), "dt: expected a positive float, got -0.1"),
+                            (dict(obs_std=0.0), "obs_std: expected a positive float, got 0.0"),
+                            (dict(samples=0), "samples: expected a positive int, got 0"),
+                            (dict(context_fn=lambda n, x: x), "context_fn: expected a function giving \\(paths, 0\\)")]:
+        with pytest.raises(ValueError, match=message):
+            model.elbo(obs, times, **{"dt": 0.1, "obs_std": 1.0, "seed": 0, **kwargs})
+    with pytest.raises(ValueError, match=r"context_fn: expected .* else None; got None with 3"):
+        FractionalSDE(1, K=2, context_dims=3).sample(4, 2, 0.1, seed=0, posterior=True)
 
 
 def test_gamma_is_a_float64_constant_that_dtype_moves_leave_alone():

@@ -618,6 +618,14 @@ def test_mamba_block_init_flags_and_step_checks():
         markovkit.nn.Mamba(d_model=32, dt_init="zeros")
     with pytest.raises(ValueError, match=r"d_state: expected 1 to 256 \(the scan's limit\), got 300"):
         markovkit.nn.Mamba(d_model=32, d_state=300)
+    for kwargs, message in [(dict(dt_rank=0), r"dt_rank \(or 'auto'\): expected a positive int, got 0"),
+                            (dict(dt_rank=2.5), r"dt_rank \(or 'auto'\): expected a positive int, got 2.5"),
+                            (dict(d_state=2.0), "d_state: expected a positive int, got 2.0"),
+                            (dict(d_conv=0), "d_conv: expected a positive int, got 0"),
+                            (dict(expand=0.01), r"expand: expected a number with int\(expand \* d_model\) >= 1"),
+                            (dict(dt_min=0), "dt_min, dt_max: expected 0 < dt_min <= dt_max, got 0, 0.1")]:
+        with pytest.raises(ValueError, match=message):
+            markovkit.nn.Mamba(d_model=32, **kwargs)
     conv_state, ssm_state = block.allocate_inference_cache(3, 128, dtype=torch.float64)
     assert conv_state.shape == (3, 48, 4) and conv_state.dtype == F64 and ssm_state.dtype == torch.float32
     with pytest.raises(ValueError, match=r"hidden: expected shape \(batch, 1, d_model\), one token, got \(3, 2, 32\)"):
@@ -676,6 +684,18 @@ def test_mamba_block_compiles_and_exports_with_a_dynamic_seqlen():
     specialise seqlen to <= 64)."""
     torch.manual_seed(0)
     assert_compiles_and_exports(markovkit.nn.Mamba(d_model=16, d_state=8).double(), 16, (17, 200), tol=TOL64)
+
+
+def test_mamba_and_bmojo_f_blocks_take_an_empty_sequence():
+    """seqlen 0 gives (batch, 0, d_model) and an empty gradient (conv1d refused an empty sequence), as the window
+    layer and the ops do."""
+    blocks = [(markovkit.nn.Mamba(d_model=16, d_state=8), 16), (markovkit.nn.BMojoF(64, heads=2, window=4), 64)]
+    for block, dim in blocks:
+        x = torch.randn(2, 0, dim, requires_grad=True)
+        out = block(x)
+        assert out.shape == (2, 0, dim)
+        out.sum().backward()
+        assert x.grad.shape == (2, 0, dim)
 
 
 def test_float32_strong_decay_and_flush():

@@ -78,7 +78,9 @@ class BMojoF(nn.Module):
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: BMojoFCache) -> torch.Tensor:
-        """x: (batch, 1, dim), the token at position cache.position -> (batch, 1, dim); cache updated in place."""
+        """x: (batch, 1, dim), the token at position cache.position -> (batch, 1, dim); cache updated in place.
+        The position is a Python int: torch.compile of step specialises on it (a graph per position, up to the
+        recompile limit); compile forward, or run step eagerly."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"x: expected shape (batch, 1, dim), one token, got {tuple(x.shape)}")
         t, w = cache.position, self.window

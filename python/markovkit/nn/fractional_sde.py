@@ -41,7 +41,10 @@ class FractionalSDE(nn.Module):
         _check_scheme(scheme)
         if hurst is not None and not 0.0 < float(hurst) < 1.0:
             raise ValueError(f"hurst: expected a float in (0, 1), or None to learn it, got {hurst}")
+        if not 1 <= K <= 16:
+            raise ValueError(f"K: expected 1 <= K <= 16 (the step kernels' limit), got {K}")
         self.dims, self.kind, self.horizon, self.scheme = dims, kind, float(horizon), scheme
+        self.context_dims = context_dims
         self.gamma = fbm.gamma_grid(K, gamma_max)  # (K,) float64 on the CPU, where the weights are solved
         self.fixed_hurst = None if hurst is None else float(hurst)
         self.hurst_raw = nn.Parameter(torch.zeros(())) if hurst is None else None
@@ -92,6 +95,9 @@ class FractionalSDE(nn.Module):
         """Steps from x0 (paths, dims): returns X at steps 0..n (paths, n + 1, dims) and Σ_n kl (paths,)."""
         check_seed(seed, "FractionalSDE")
         check_position(path_offset, "path_offset", "FractionalSDE")
+        if posterior and (context_fn is None) != (self.context_dims == 0):
+            raise ValueError(f"context_fn: expected a function giving (paths, {self.context_dims}) context features "
+                             f"where context_dims > 0, else None; got {context_fn!r} with {self.context_dims}")
         omega, gamma = self.omega().to(x0.device, x0.dtype), self.gamma
         x, y = x0, self._initial_y(x0.shape[0], x0, seed, path_offset).to(x0.device)
         kl, xs = x0.new_zeros(x0.shape[0]), [x0]
@@ -113,7 +119,8 @@ class FractionalSDE(nn.Module):
                context_fn=None, path_offset: int = 0) -> torch.Tensor:
         """Paths of the prior (or the posterior): (paths, n_steps + 1, dims) on the module's device.
 
-        seed: the noise's Philox seed (and Y(0)'s); the same seed gives the same paths. x0: (paths, dims) or None
+        seed: the noise's Philox seed (and Y(0)'s); the same seed gives the same paths in the same dtype (float32 and
+        float64 draw their normals differently from one seed: not the same paths). x0: (paths, dims) or None
         (zeros). path_offset: the global index of the first path, so that paths sampled in chunks (one seed, each
         chunk's offset) are those of one call, to rounding (the networks' matmuls round by batch size).
         """
@@ -135,6 +142,11 @@ class FractionalSDE(nn.Module):
         """
         if obs.dim() != 3 or obs.shape[2] != self.dims:
             raise ValueError(f"obs: expected shape (batch, n_obs, {self.dims}), got {tuple(obs.shape)}")
+        for value, name in ((dt, "dt"), (obs_std, "obs_std")):
+            if not float(value) > 0:
+                raise ValueError(f"{name}: expected a positive float, got {value!r}")
+        if samples < 1:
+            raise ValueError(f"samples: expected a positive int, got {samples!r}")
         batch, n_obs, dims = obs.shape
         t = torch.as_tensor(times, dtype=torch.float64)
         if t.shape != (n_obs,):

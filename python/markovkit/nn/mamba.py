@@ -8,13 +8,35 @@ from torch import nn
 from markovkit.scan import selective_scan, selective_state_update
 
 
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _check_config(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init):
+    for value, name in ((d_model, "d_model"), (d_state, "d_state"), (d_conv, "d_conv")):
+        _positive_int(value, name)
+    if d_state > 256:
+        raise ValueError(f"d_state: expected 1 to 256 (the scan's limit), got {d_state}")
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or int(expand * d_model) < 1:
+        raise ValueError(f"expand: expected a number with int(expand * d_model) >= 1, got {expand!r}")
+    if dt_rank != "auto":
+        _positive_int(dt_rank, "dt_rank (or 'auto')")
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min!r}, {dt_max!r}")
+    if dt_init not in ("random", "constant"):
+        raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+
+
 class Mamba(nn.Module):
     """in_proj -> causal depthwise conv1d + SiLU -> x_proj (dt, B, C) -> dt_proj -> selective scan with
     D skip and SiLU(z) gate -> out_proj. Parameters and initialisation follow the Mamba paper's block:
     A = -exp(A_log) with A_log = log(1..d_state) per channel, D = 1, dt_proj bias = softplus^-1(dt) for dt
     log-uniform in [dt_min, dt_max] (floored at dt_init_floor), dt_proj weight uniform in ±dt_scale·dt_rank^-0.5
     (dt_init "random") or constant dt_scale·dt_rank^-0.5 ("constant"). As in mamba_ssm, A_log and D are marked
-    ``_no_weight_decay`` and dt_proj.bias ``_no_reinit`` (for optimizer grouping and re-initialisation code).
+    ``_no_weight_decay`` and dt_proj.bias ``_no_reinit`` (for optimizer grouping and re-initialisation code; plain
+    attributes, which copy.deepcopy and to_empty do not keep). Also as in mamba_ssm, ``dtype=`` sets the linear and
+    convolution weights' dtype while A_log and D are made in float32; ``.double()`` / ``.to(dtype)`` convert them too.
 
     forward(hidden: (batch, seqlen, d_model)) -> (batch, seqlen, d_model).
     step(hidden: (batch, 1, d_model), conv_state, ssm_state) -> (batch, 1, d_model), updating both states
@@ -26,10 +48,7 @@ class Mamba(nn.Module):
                  dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, device=None,
                  dtype=None):
         super().__init__()
-        if dt_init not in ("random", "constant"):
-            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
-        if not 1 <= d_state <= 256:
-            raise ValueError(f"d_state: expected 1 to 256 (the scan's limit), got {d_state}")
+        _check_config(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init)
         kw = dict(device=device, dtype=dtype)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = int(expand * d_model)
@@ -76,6 +95,8 @@ class Mamba(nn.Module):
     def _causal_conv(self, x):
         """x: (batch, d_inner, seqlen) -> the causal depthwise convolution, (batch, d_inner, seqlen)."""
         seqlen = x.shape[-1]
+        if seqlen == 0:  # conv1d refuses an empty sequence
+            return x
         if not torch.compiler.is_compiling():
             return self.conv1d(x)[..., :seqlen]
         # Compiled: the same sum as d_conv shifted products (Inductor fuses them). A convolution in a CPU graph turns
