@@ -34,9 +34,9 @@ def scan():
         _backward(out, last)
     # the staged plans, a block for every SM and a last chunk of two whole tiles and a partial one: forward 128
     # channels of one thread of 16 states, then 8 channels of 16 threads of 4 states, then 32 of 4 of 4; backward 64
-    # channels of 2 threads of 8 states, then 16 of 8 of 8, then 32 of 4 threads of 4 states
+    # channels of 2 threads of 8 states, then 16 of 8 of 8, then 4 threads of 4 states at 16 states, 8 at 32, 16 at 64
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    for d, n in [(128 * sms, 16), (16 * sms, 64), (32 * sms, 16)]:
+    for d, n in [(128 * sms, 16), (16 * sms, 64), (32 * sms, 16), (16 * sms, 32), (8 * sms, 64)]:
         u, delta, z = (_leaf(1, d, 40, dtype=torch.bfloat16) for _ in range(3))
         B, C = (_leaf(1, 1, n, 40, dtype=torch.bfloat16) for _ in range(2))
         A = (-torch.rand(d, n, device=DEV)).requires_grad_()

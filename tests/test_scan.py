@@ -441,13 +441,13 @@ def test_cuda_64bit_offsets():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("batch,dstate,seqlen", [(2, 16, 128), (8, 16, 128), (8, 64, 128), (8, 32, 136),
-                                                  (2, 16, 127), (4, 16, 127), (8, 32, 127)])
+                                                  (1, 32, 128), (2, 16, 127), (4, 16, 127), (8, 32, 127)])
 def test_cuda_team_plans_match_the_cpu(batch, dstate, seqlen):
     """dim 4096, bfloat16, as the bench's shapes, on a device of 100 to 140 SMs. Rows of 16-byte multiples: the
     forward's staged plan (staged_plan), at batch 2 with threads of 4 states, at 8 of 16 (one, two or four per
     channel at 16, 32 or 64 states); the backward's staged plan at batch 8 (2, 4 or 8 threads of 8 states per
-    channel), at batch 2 with 4 threads of 4 states (on a device of more than 128 SMs: threads of 8 leave 128
-    blocks; on fewer SMs those). Rows off them: the forward's
+    channel), at batch 2 with 4 threads of 4 states and at batch 1 (32 states) with 8 (on a device of more than
+    128 SMs: threads of 8 leave 128 blocks; on fewer SMs those). Rows off them: the forward's
     team plans, at 16 states batch 2 the few-channel one (the backward's too), 4 one channel per team, at 32 states
     batch 8 two per team (scan_fwd_cuda, scan_bwd_cuda). Out, last state and every gradient against the CPU op on
     the same inputs."""

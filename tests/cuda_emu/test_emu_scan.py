@@ -237,9 +237,9 @@ def test_forward_staged_plan_misfits(emulated, monkeypatch, case):
 # channels per block, or, where that leaves fewer blocks than SMs, of 4 states, 4, 8 or 16 per channel; each chunk's
 # tiles walked, then reversed in segments of 4 steps) takes what the forward's staged plan takes (dout and the
 # gradients 16-byte aligned too). Each case runs with as many SMs as the 8-state plan's blocks, one more (the 4-state
-# plan) and one more than the 4-state plan's (the team plans). Lengths: whole chunks (128); a last chunk of one partial tile (136), of three
-# whole tiles and a partial one (184: three walks before the reverses), of two whole and a partial (40), one
-# partial tile (8), 4 steps (float32); 80: a last chunk of one whole tile.
+# plan) and one more than the 4-state plan's (the team plans). Lengths: whole chunks (128); a last chunk of one
+# partial tile (136), of three whole tiles and a partial one (184: three walks before the reverses), of two whole and
+# a partial (40), one partial tile (8), 4 steps (float32); 80: a last chunk of one whole tile.
 BWD_STAGED_CASES = [(torch.float32, 16, 136, True), (torch.bfloat16, 16, 184, True), (torch.bfloat16, 13, 40, False),
                     (torch.float16, 9, 8, True), (torch.float32, 12, 4, False), (torch.bfloat16, 64, 136, True),
                     (torch.float32, 50, 80, False), (torch.float16, 32, 184, True), (torch.float32, 17, 128, True)]
@@ -267,7 +267,7 @@ def test_backward_staged_plan(emulated, monkeypatch, dtype, dstate, seqlen, opti
 
 
 @pytest.mark.skipif(not HAS_EMULATION, reason="needs the MARKOVKIT_CUDA=EMULATE build")
-@pytest.mark.parametrize("dstate", [16, 64])
+@pytest.mark.parametrize("dstate", [16, 32, 64])
 @pytest.mark.parametrize("states", [8, 4])
 def test_backward_staged_plan_thread_orders(monkeypatch, dstate, states):
     # threads in reverse order and each cp.async done when issued: a tile copied over one still read, parts or
@@ -285,6 +285,17 @@ def test_backward_staged_plan_thread_orders(monkeypatch, dstate, states):
             results.append(run(markovkit.selective_scan, x, True, g, gl)[2])
             assert bwd_staged_launch() == bwd_staged_blocks(2, 256, dstate, states)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_backward_staged_plan_of_4_states_where_8_do_not_tile_a_group(emulated, monkeypatch):
+    """96 channels per group: blocks of 64 channels (8 states a thread at 16 states) do not tile it, blocks of 32
+    (4 states) do: the 4-state plan runs, with enough SMs for either."""
+    x = make_inputs(batch=2, dim=192, seqlen=40, dstate=16, B_mode="var4", C_mode="var4", groups=2, has_D=True,
+                    has_z=True, seed=5)
+    monkeypatch.setenv("MK_EMU_SMS", "4")
+    cuda_emulation.launched()
+    check_scan(emulated, x, torch.bfloat16, softplus=True, with_last=True)
+    assert bwd_staged_launch() == 2 * 192 // 32
 
 
 @pytest.mark.parametrize("dstate", [16, 64])
