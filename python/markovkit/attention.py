@@ -32,16 +32,24 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     results over disjoint key sets combine exactly with :func:`merge_attention`.
     """
     refuse_forward_ad("sliding_window_attention", q=q, k=k, v=v)
+    dtype = q.dtype
+    scale, (q, k, v) = _kernel_inputs(q, k, v, softmax_scale=softmax_scale)
+    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, operator.index(window), operator.index(sink), scale)
+    out = out.to(dtype)
+    return (out, lse) if return_lse else out
+
+
+def _kernel_inputs(q, k, v, *more, softmax_scale):
+    """q, k, v checked as the kernels take them (one device, one dtype); returns the softmax scale and q, k, v and
+    `more` (checked by the caller) in the kernels' dtype: float32 for half dtypes on the CPU."""
     check_devices("q", q=q, k=k, v=v)
     for t, name in ((k, "k"), (v, "v")):  # before the CPU's upcast of half dtypes hides a mismatch
         _check_dtype(t, name, q, "q")
     scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
-    dtype = q.dtype
-    if cuda_emulation.runs_cpu_kernel(q) and dtype in (torch.bfloat16, torch.float16):
-        q, k, v = q.float(), k.float(), v.float()
-    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, operator.index(window), operator.index(sink), scale)
-    out = out.to(dtype)
-    return (out, lse) if return_lse else out
+    tensors = (q, k, v, *more)
+    if cuda_emulation.runs_cpu_kernel(q) and q.dtype in (torch.bfloat16, torch.float16):
+        tensors = tuple(t.float() for t in tensors)
+    return scale, tensors
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -91,14 +99,9 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
     check_devices("k", k=k, kf=kf, vf=vf)
     for t, name in ((kf, "kf"), (vf, "vf")):
         _check_dtype(t, name, k, "k")
-    check_devices("q", q=q, k=k, v=v)
-    for t, name in ((k, "k"), (v, "v")):
-        _check_dtype(t, name, q, "q")
     dtype = q.dtype
-    if cuda_emulation.runs_cpu_kernel(q) and dtype in (torch.bfloat16, torch.float16):
-        q, k, v, kf, vf = q.float(), k.float(), v.float(), kf.float(), vf.float()
-    scale = float(q.shape[-1]) ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = _BMojoF.apply(q, k, v, kf, vf, window, scale)
+    scale, inputs = _kernel_inputs(q, k, v, kf, vf, softmax_scale=softmax_scale)
+    out, lse = _BMojoF.apply(*inputs, window, scale)
     out = out.to(dtype)
     return (out, lse) if return_lse else out
 
