@@ -420,14 +420,9 @@ MK_UNROLL
   }
 }
 
-// The staged plan's threads per channel (lanes) and states per thread (states); {0, 0}: no staged plan.
-struct BwdStagedPlan {
-  int lanes, states;
-};
-
 // Calls f.template operator()<kLanes, kS>() for the plan's lanes and states (8 states: 2, 4 or 8 lanes; 4: 4, 8, 16).
 template <typename F>
-void with_plan(BwdStagedPlan plan, F&& f) {
+void with_plan(StagedPlan plan, F&& f) {
   if (plan.states == 8) {
     switch (plan.lanes) {
       case 2: f.template operator()<2, 8>(); break;
@@ -444,7 +439,7 @@ void with_plan(BwdStagedPlan plan, F&& f) {
 }
 
 // Dynamic shared memory of a block of the plan for p's input type, in bytes.
-int64_t staged_bwd_bytes(const ScanParams& p, BwdStagedPlan plan) {
+int64_t staged_bwd_bytes(const ScanParams& p, StagedPlan plan) {
   int64_t bytes = 0;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -457,16 +452,15 @@ int64_t staged_bwd_bytes(const ScanParams& p, BwdStagedPlan plan) {
 // The staged plan for q, or {0, 0} where it does not take q: the forward's staged conditions, dout and the gradients'
 // rows 16-byte aligned too; threads of 8 states, or of 4 where those leave fewer blocks than SMs (as the forward's
 // 16 and 4); the plan's shared memory within the device's.
-BwdStagedPlan staged_bwd_plan(const ScanBwdParams& q) {
+StagedPlan staged_bwd_plan(const ScanBwdParams& q) {
   const ScanParams& p = q.f;
   if (!staged_inputs(p) || !aligned16(q.dout) || !aligned16(q.du) || !aligned16(q.ddelta) || !aligned16(q.dz)) {
     return {0, 0};
   }
   for (const int states : {8, 4}) {
-    BwdStagedPlan plan{1, states};
-    while (plan.lanes * states < p.dstate) plan.lanes *= 2;
+    const StagedPlan plan{staged_lanes(p.dstate, states), states};
     if (staged_blocks(p, kThreads / plan.lanes)) {
-      return staged_bwd_bytes(p, plan) <= p.smem_optin ? plan : BwdStagedPlan{0, 0};
+      return staged_bwd_bytes(p, plan) <= p.smem_optin ? plan : StagedPlan{0, 0};
     }
   }
   return {0, 0};
@@ -475,14 +469,14 @@ BwdStagedPlan staged_bwd_plan(const ScanBwdParams& q) {
 }  // namespace
 
 ScanBwdLaunch scan_bwd_staged_launch(const ScanBwdParams& q) {
-  const BwdStagedPlan plan = staged_bwd_plan(q);
+  const StagedPlan plan = staged_bwd_plan(q);
   if (plan.lanes == 0) return {0, 0};
   return {kThreads / plan.lanes, staged_bwd_bytes(q.f, plan)};
 }
 
 bool scan_bwd_staged_cuda(const ScanBwdParams& q, cudaStream_t stream) {
   const ScanParams& p = q.f;
-  const BwdStagedPlan plan = staged_bwd_plan(q);
+  const StagedPlan plan = staged_bwd_plan(q);
   if (plan.lanes == 0) return false;
   dispatch_itype(p.itype, [&]<typename in_t, typename acc_t>() {
     if constexpr (std::is_same_v<acc_t, float>) {

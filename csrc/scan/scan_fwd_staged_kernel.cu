@@ -193,15 +193,10 @@ MK_UNROLL
 
 // The staged plan's (lanes, states per lane) for p, or (0, 0) where it does not take p: 16 states per lane where
 // that gives a block for every SM, else 4.
-struct StagedPlan {
-  int lanes, states;
-};
-
 StagedPlan staged_plan(const ScanParams& p) {
   if (!staged_inputs(p) || !aligned16(p.out)) return {0, 0};
   for (const int states : {16, 4}) {
-    int lanes = 1;
-    while (lanes * states < p.dstate) lanes *= 2;
+    const int lanes = staged_lanes(p.dstate, states);
     if (staged_blocks(p, kThreads / lanes)) return {lanes, states};
   }
   return {0, 0};

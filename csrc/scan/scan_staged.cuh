@@ -115,6 +115,18 @@ inline bool staged_inputs(const ScanParams& p) {
          aligned16(p.z);
 }
 
+// A staged plan: threads per channel (lanes) and states per thread; {0, 0}: none takes the call.
+struct StagedPlan {
+  int lanes, states;
+};
+
+// The fewest lanes (a power of 2) of `states` states each that hold dstate states.
+inline int staged_lanes(int64_t dstate, int states) {
+  int lanes = 1;
+  while (lanes * states < dstate) lanes *= 2;
+  return lanes;
+}
+
 // Whether blocks of `channels` channels of one group tile dim / groups and give a block for every SM (fewer
 // channels leave the team plans more parallel work).
 inline bool staged_blocks(const ScanParams& p, int64_t channels) {
