@@ -15,16 +15,20 @@
 # -C DIR): each is built too (niced, beside the tests, into /tmp/base_pkg_N, N its place in the list from 0) and
 # each family's bench runs again on it after ours (bench_baseN_FAMILY.txt, its own bench code, no mamba_ssm): the
 # commits' kernels on one device in one run, side by side with the peers in one table (bench/ab_table.py).
-# BASE_FAMILIES (default FAMILIES): the families benched on each BASE_SRC build (a bisect of one family's kernels).
+# BASE_FAMILIES (default FAMILIES; empty: none): the families benched on each BASE_SRC build.
+# AB_SCRIPT: a script (bench/ab_attention.py: one op alone, no peers) run after the benches on ours, each BASE_SRC
+# build, and ours again (the spread), one process each, its first argument the build's label: ab.txt. A bisect of
+# one op's kernels costs seconds a build there, the family's bench with its peers a minute.
 # Needs torch, scikit-build-core, pybind11, cmake, ninja, compute-sanitizer and ncu (the device machines have them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo="$(pwd)"
 out="$(realpath -m "${1:-gpu_check_out}")"
 mkdir -p "$out"
 PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
 families="${FAMILIES:-scan attention hybrid mafbm mjp philox}"
-base_families="${BASE_FAMILIES:-$families}"
+base_families="${BASE_FAMILIES-$families}"
 t0=$(date +%s)
 export MARKOVKIT_CUDA=ON MARKOVKIT_CUDA_ARCHS="${MARKOVKIT_CUDA_ARCHS:-90a}" PYTHONUNBUFFERED=1
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
@@ -89,7 +93,7 @@ fi
 read -r -a bases <<<"${BASE_SRC:-}"
 base_pids=()
 for i in "${!bases[@]}"; do
-  CMAKE_BUILD_PARALLEL_LEVEL=$(( 6 / ${#bases[@]} + 1 )) nice -n 19 timeout 300 "$PY" -m pip install \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(( 12 / ${#bases[@]} + 1 )) nice -n 19 timeout 400 "$PY" -m pip install \
     --no-build-isolation --no-deps --target "/tmp/base_pkg_$i" -C build-dir="/tmp/base_build_$i" "${bases[$i]}" \
     >"$out/base${i}_build.log" 2>&1 &
   base_pids+=($!)
@@ -130,6 +134,7 @@ for family in $families; do
   bench_rc="$bench_rc $family=$?"
 done
 base_rc="-"
+base_ok=()
 for i in "${!bases[@]}"; do
   pkg="/tmp/base_pkg_$i"
   wait "${base_pids[$i]}"; base_build_rc=$?
@@ -139,6 +144,7 @@ for i in "${!bases[@]}"; do
   [ "$base_build_rc" -eq 0 ] && ! (cd /tmp && PYTHONPATH="$pkg" "$PY" -c \
     "import markovkit, sys; sys.exit(not markovkit.__file__.startswith('$pkg/'))") && base_build_rc=2 &&
     base_rc="$base_rc import=not-the-base"
+  [ "$base_build_rc" -eq 0 ] && base_ok+=("$i")
   for family in $base_families; do
     [ "$base_build_rc" -eq 0 ] || break
     run="$out/bench_base${i}_$family"
@@ -147,6 +153,16 @@ for i in "${!bases[@]}"; do
     base_rc="$base_rc $family=$?"
   done
 done
+if [ -n "${AB_SCRIPT:-}" ]; then
+  ab_builds=(ours)
+  for i in "${base_ok[@]}"; do ab_builds+=("base$i"); done
+  ab_builds+=(ours)
+  for label in "${ab_builds[@]}"; do
+    pkg=""
+    [ "$label" = ours ] || pkg="/tmp/base_pkg_${label#base}"
+    (cd /tmp && PYTHONPATH="$pkg" bounded 60 "$PY" "$repo/$AB_SCRIPT" "$label") >>"$out/ab.txt" 2>>"$out/ab.err"
+  done
+fi
 bench_s=$(secs $start)
 
 start=$(date +%s)
@@ -186,6 +202,7 @@ echo
 echo "== ms: ours, each BASE_SRC build's, the issue's peer =="
 for i in "${!bases[@]}"; do echo "base$i: ${bases[$i]}"; done
 "$PY" bench/ab_table.py "$out" $families
+[ -f "$out/ab.txt" ] && { echo; echo "== $AB_SCRIPT =="; cat "$out/ab.txt"; tail -n 3 "$out/ab.err"; }
 echo
 echo "== failures =="
 grep -hE "^(FAILED|ERROR)" "$out/cpu_errors.log" "$out/tests.log" "$out/tests_attention.log" | head -n 40

@@ -1,0 +1,65 @@
+"""Sliding-window attention alone, forward and backward, at the bench's GPU shapes, for whichever markovkit
+imports: the A/B of attention kernels across builds (gpu_check.sh's AB_SCRIPT, run once per build with
+PYTHONPATH set to it). No markovkit.bench import (an older build's may differ) and no peers: one line per shape,
+the median ms of each pass (CUDA events, L2 flushed) and the backward's time per kernel (torch.profiler).
+Usage: python bench/ab_attention.py LABEL"""
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+
+import markovkit
+
+SHAPES = [(2, 16384, 16, 128, 4096), (2, 16384, 16, 128, 1024), (2, 16384, 32, 64, 256)]  # (b, L, h, d, w)
+
+
+def median_ms(fn, reps: int = 40) -> float:
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_ms(fn, reps: int = 10) -> dict:
+    """kernel name -> mean device ms per call of fn (markovkit's kernels by name, the rest as 'other')."""
+    totals = defaultdict(float)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name.split("<")[0].split("::")[-1].split("(")[0].strip()
+            totals[name if name.startswith("swa_") else "other"] += event.time_range.elapsed_us() / 1e3 / reps
+    return dict(totals)
+
+
+def main(label: str) -> None:
+    for batch, seqlen, heads, headdim, window in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = [torch.randn(batch, seqlen, heads, headdim, generator=g, device="cuda", dtype=torch.bfloat16)
+                   .requires_grad_() for _ in range(3)]
+        dout = torch.randn_like(q)
+        out = markovkit.sliding_window_attention(q, k, v, window)
+
+        def backward():
+            q.grad = k.grad = v.grad = None
+            torch.autograd.backward(out, dout, retain_graph=True)
+
+        fwd = median_ms(lambda: markovkit.sliding_window_attention(q.detach(), k.detach(), v.detach(), window))
+        bwd = median_ms(backward)
+        kernels = " ".join(f"{name}={ms:.3f}" for name, ms in sorted(kernel_ms(backward).items()))
+        print(f"{label:10s} h={heads} d={headdim} w={window:<5d} fwd {fwd:.3f} bwd {bwd:.3f}  {kernels}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "ours")
