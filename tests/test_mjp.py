@@ -298,9 +298,10 @@ def test_high_order_reaction_fires_at_its_rate(device):
     """1100 A -> 0 from 1100 molecules: propensity k C(1100, 1100) = k (the binomial's running product once passed
     C(1100, 550) ~ 1e329 and the call refused an 'overflowed' propensity). P(fired by t = 1) = 1 - e^-k."""
     k, paths = 0.7, 4000
-    counts = simulate_reactions(torch.tensor([[1100]]), torch.tensor([[0]]), torch.tensor([k], dtype=torch.float64),
-                                torch.full((1, paths, 1), 1100).to(device), torch.tensor([0.0, 1.0]).to(device),
-                                seed=3)
+    reactants, products = torch.tensor([[1100]], device=device), torch.tensor([[0]], device=device)
+    rates = torch.tensor([k], dtype=torch.float64, device=device)
+    counts = simulate_reactions(reactants, products, rates, torch.full((1, paths, 1), 1100, device=device),
+                                torch.tensor([0.0, 1.0], device=device), seed=3)
     assert set(counts[0, :, 0, 0].tolist()) == {1100} and set(counts[0, :, 1, 0].tolist()) <= {0, 1100}
     fired = (counts[0, :, 1, 0] == 0).sum().item()
     p = 1 - math.exp(-k)
