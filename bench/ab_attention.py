@@ -15,18 +15,19 @@ SHAPES = [(2, 16384, 16, 128, 4096), (2, 16384, 16, 128, 1024), (2, 16384, 32, 6
 
 
 def median_ms(fn, reps: int = 40) -> float:
+    """As markovkit.bench.timing: L2 flushed before each call, no wait between calls (the device's time)."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     fn()
-    times = []
+    events = []
     for _ in range(reps):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def kernel_ms(fn, reps: int = 10) -> dict:

@@ -5,14 +5,13 @@
 // rows [16 w, 16 w + 16) of the accumulators (swa_wgmma.cuh); the tiles the loop walks (64 rows) serve both
 // warpgroups, and a warpgroup skips those none of its rows meets. dK, dV kernel: CTA per (128 keys, batch * kv
 // head), over the query tiles of every head of the group that see them (QueryTiles): S^T = K Q^T and dP^T = V dO^T
-// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits and
-// stored to shared memory as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles,
-// read MN-major), those two products of one tile in flight while P^T, dS^T of the next are made. dQ kernel: CTA
-// per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T, S = Q K^T, dQ += scale dS K (dS
-// stored to shared memory as the A operand), the dQ product of one tile in flight while dS of the next is made (as
-// the forward's P V). The walked tiles (Q, dO and their statistics; K and V) load by cp.async behind the products
-// of the tile before, one barrier per tile, in three stages (a held product still reads tile t - 1 while t + 1
-// loads). Deterministic: no atomics, a fixed order of sums.
+// (m64n64k16, both operands K-major in shared memory), P^T and scale dS^T (p_and_ds) rounded to 16 bits in
+// registers as the A operands of dV += P^T dO and dK += dS^T Q (m64nDk16; dO and Q, the same tiles, read
+// MN-major). dQ kernel: CTA per (128 queries, batch * head), over its key tiles (KeyTiles): dP = dO V^T,
+// S = Q K^T, dQ += scale dS K (dS stored to shared memory as the A operand), the dQ product of one tile in flight
+// while dS of the next is made (as the forward's P V). The walked tiles (Q, dO and their statistics; K and V) load
+// by cp.async behind the products of the tile before, one barrier per tile: two stages in dK, dV, three in dQ (its
+// held product still reads tile t - 1 while t + 1 loads). Deterministic: no atomics, a fixed order of sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,25 +29,27 @@ using namespace swa_cuda;
 constexpr int kThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // keys per dK, dV CTA and queries per dQ CTA: 64 per warpgroup
 
-// The stages of the walked tiles: a held product of tile t still reads them while tile t + 1's products run and
-// tile t + 2 loads. The bytes of a 64 x 64 A operand held in shared memory from one step to the next (P^T, dS^T; dS).
-constexpr int kStages = 3;
+// The stages of the walked tiles. dQ: 3, as its held product of tile t still reads K(t) while tile t + 1's products
+// run and tile t + 2 loads; dK, dV: 2. The bytes of the dQ kernel's dS, a 64 x 64 A operand held in shared memory
+// from one step to the next.
+constexpr int kDqStages = 3;
+constexpr int kDkdvStages = 2;
 template <typename T>
 constexpr int kHeldTile = tile_bytes<T, 64, 64>();
 
 // Two fixed 128-row tiles, kStages stages of two 64-row tiles, kExtra bytes (held tiles, statistics); and the slack
 // to align the base.
-template <typename T, int D, int kExtra>
+template <typename T, int D, int kStages, int kExtra>
 constexpr int smem_bytes() {
   return kAlign + 2 * tile_bytes<T, D, kRows>() + 2 * kStages * tile_bytes<T, D, 64>() + kExtra;
 }
 
-// Shared memory per CTA. dK, dV: the two warpgroups' P^T and dS^T, 128 statistics per stage (64 lse, 64 delta);
-// dQ: the two warpgroups' dS, 256 statistics (128 lse, 128 delta).
+// Shared memory per CTA. dK, dV: 128 statistics per stage (64 lse, 64 delta); dQ: the two warpgroups' dS, 256
+// statistics (128 lse, 128 delta).
 template <typename T, int D>
-constexpr int kSmemDkdv = smem_bytes<T, D, 4 * kHeldTile<T> + 128 * kStages * sizeof(float)>();
+constexpr int kSmemDkdv = smem_bytes<T, D, kDkdvStages, 128 * kDkdvStages * sizeof(float)>();
 template <typename T, int D>
-constexpr int kSmemDq = smem_bytes<T, D, 2 * kHeldTile<T> + 2 * kRows * sizeof(float)>();
+constexpr int kSmemDq = smem_bytes<T, D, kDqStages, 2 * kHeldTile<T> + 2 * kRows * sizeof(float)>();
 
 // dK, dV of key tile blockIdx.x (128 keys) for (batch, kv head) blockIdx.y.
 template <typename T, int D>
@@ -57,9 +58,8 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sk = aligned_base(smem_raw);
   unsigned char* sv = sk + tile_bytes<T, D, kRows>();
-  unsigned char* stages = sv + tile_bytes<T, D, kRows>();  // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
-  unsigned char* held = stages + 2 * kStages * kTile;      // warpgroup w: P^T at 2 w kHeldTile, then dS^T
-  float* stats = reinterpret_cast<float*>(held + 4 * kHeldTile<T>);  // stage s: lse2 at 128 s, scale delta + 64
+  unsigned char* stages = sv + tile_bytes<T, D, kRows>();       // stage s: Q at 2 s kTile, dO at (2 s + 1) kTile
+  float* stats = reinterpret_cast<float*>(stages + 4 * kTile);  // stage s: lse2 at 128 s, scale delta at + 64
 
   const SwaShape& s = p.s;
   const Window w(s);
@@ -68,8 +68,6 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   const auto [j0, b, hk, nj, q_end] = KeyBlock(s, kRows);
   const int warp = threadIdx.x / 32, wg = warp_uniform(warp / 4);
   const auto [wk0, wk1] = row_span(j0, 64 * wg, 64, nj);  // the warpgroup's keys
-  unsigned char* sp = held + 2 * wg * kHeldTile<T>;
-  unsigned char* sds = sp + kHeldTile<T>;
   const Lane ln = Lane::of_thread();
   const float scale = static_cast<float>(s.scale);
 
@@ -95,78 +93,58 @@ __global__ void __launch_bounds__(kThreads) swa_bwd_dkdv_sm90_kernel(const SwaBw
   float dk[D / 8][4], dv[D / 8][4];
   zero<D>(dk);
   zero<D>(dv);
-  // Step t of (number of tiles) + 1 has S^T(t), dP^T(t) and dV += P^T(t - 1) dO(t - 1), dK += dS^T(t - 1) Q(t - 1)
-  // in flight together, and P^T(t), dS^T(t) are made while the tensor cores still work on the latter
-  // (pipeline_step), then stored to the warpgroup's sp, sds tiles as the A operands of the next step (in
-  // registers they would spill at headdim 128). Stage t % kStages holds Q(t), dO(t) and their statistics; tile
-  // t + 1 loads into stage (t + 1) % kStages, which the products of step t - 1 (dV, dK of tile t - 2 among them)
-  // are done with.
-  bool pending = false;
-  for (int stage = 0;; stage = (stage + 1) % kStages) {
-    const bool has_tile = !tiles.done();
-    const int i0 = tiles.i0, ni = has_tile ? tiles.size() : 0;
+  // Tile t: S^T, dP^T -> wait -> P^T, dS^T in registers -> dV, dK -> wait. Stage t % 2 holds Q(t), dO(t) and their
+  // statistics; tile t + 1 loads into the other stage, which every warp is done with at the barrier. Not pipelined:
+  // holding dV, dK of tile t in flight beside S^T, dP^T of tile t + 1 (5a102fc: P^T, dS^T through shared memory, as
+  // they spill in registers at headdim 128; three stages) made the kernel 4-17% slower on an H200 (run 5).
+  for (int stage = 0; !tiles.done(); stage ^= 1) {
+    const int i0 = tiles.i0, ni = tiles.size();
     const int stage_u = warp_uniform(stage);  // for the wgmma descriptors of the stage's tiles
     const unsigned char* sq = stages + 2 * stage_u * kTile;
     const unsigned char* sdo = sq + kTile;
-    const unsigned char* sq_last = stages + 2 * ((stage_u + kStages - 1) % kStages) * kTile;  // Q(t - 1)
     float* slse = stats + 128 * stage;
     float* sdelta = slse + 64;
-    next_stats.store(slse, sdelta, scale);  // this tile's, loaded one step ago
+    next_stats.store(slse, sdelta, scale);  // this tile's, loaded one iteration ago
     cp_async_wait_all();
     fence_proxy_async();
-    __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with step t - 1
-    if (has_tile) {
-      tiles.next();
-      if (!tiles.done()) load_query_tile(tiles, (stage + 1) % kStages);
-    }
+    __syncthreads();  // Q, dO, the statistics of (h, i0) (and K, V) are in; every warp is done with the other stage
+    tiles.next();
+    if (!tiles.done()) load_query_tile(tiles, stage ^ 1);
     // warpgroup-uniform, as wgmma needs
-    const bool sees = has_tile && wk0 < wk1 && !swa_tile_empty(i0, i0 + ni, wk0, wk1, w.window, w.sink);
+    if (wk0 >= wk1 || swa_tile_empty(i0, i0 + ni, wk0, wk1, w.window, w.sink)) continue;
     float st[kBN / 8][4], dpt[kBN / 8][4];  // S^T, dP^T: rows are keys, cols are queries
-    const auto issue_sdp = [&] {
-      wgmma_fence();
-      ss_abt<T, D, kRows>(st, sk, wg, sq);
-      ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
-      wgmma_commit();
-    };
-    const auto issue_dkdv = [&] {
-      wgmma_fence();
-      ss_ax<T, D>(dv, sp, sq_last + kTile);  // dV += P^T dO
-      ss_ax<T, D>(dk, sds, sq_last);         // dK += scale dS^T Q
-      wgmma_commit();
-    };
+    wgmma_fence();
+    ss_abt<T, D, kRows>(st, sk, wg, sq);
+    ss_abt<T, D, kRows>(dpt, sv, wg, sdo);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st);
+    fence_operands(dpt);
     // masked only where the window cuts the tiles, as full tiles: queries beyond ni have P = 0 (lse = inf), keys
     // beyond nj are zero rows whose dK, dV rows are not stored
-    const auto make_pds = [&] {
-      fence_operands(st);
-      fence_operands(dpt);
-      if (!swa_tile_full(i0, i0 + ni, wk0, wk1, w.window, w.sink)) {
-        KeyRowMask(i0, j0, w).apply(st, 16 * warp, ln);
-      }
-      // the statistics of the thread's 16 queries (columns 8 n + 2 t and the next): 8-byte loads
-      float2 lse_c[kBN / 8], delta_c[kBN / 8];
+    if (!swa_tile_full(i0, i0 + ni, wk0, wk1, w.window, w.sink)) {
+      KeyRowMask(i0, j0, w).apply(st, 16 * warp, ln);
+    }
+    // the statistics of the thread's 16 queries (columns 8 n + 2 t and the next): 8-byte loads
+    float2 lse_c[kBN / 8], delta_c[kBN / 8];
 #pragma unroll
-      for (int n = 0; n < kBN / 8; ++n) {
-        lse_c[n] = *reinterpret_cast<const float2*>(slse + 8 * n + 2 * ln.t);
-        delta_c[n] = *reinterpret_cast<const float2*>(sdelta + 8 * n + 2 * ln.t);
-      }
-      const auto at = [](const float2 (&v)[kBN / 8], int c) { return c % 2 == 0 ? v[c / 8].x : v[c / 8].y; };
-      p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return at(lse_c, c); },
-               [&](int, int c) { return at(delta_c, c); });
-    };
-    // a warp's rows of P^T, dS^T are the A rows of its own part of the held products, which its wait<0> has seen
-    // done; the next step's barrier orders them before the products that read them
-    const auto hold = [&] {
-      store_a<T>(st, sp, 16 * (warp % 4), ln);
-      store_a<T>(dpt, sds, 16 * (warp % 4), ln);
-      fence_proxy_async();
-    };
-    const auto fence_dkdv = [&] {
-      fence_operands(dv);
-      fence_operands(dk);
-    };
-    pipeline_step(sees, pending, issue_sdp, issue_dkdv, make_pds, hold, fence_dkdv);
-    pending = sees;
-    if (!has_tile) break;
+    for (int n = 0; n < kBN / 8; ++n) {
+      lse_c[n] = *reinterpret_cast<const float2*>(slse + 8 * n + 2 * ln.t);
+      delta_c[n] = *reinterpret_cast<const float2*>(sdelta + 8 * n + 2 * ln.t);
+    }
+    const auto at = [](const float2 (&v)[kBN / 8], int c) { return c % 2 == 0 ? v[c / 8].x : v[c / 8].y; };
+    p_and_ds(st, dpt, warp, ln, scale, [&](int, int c) { return at(lse_c, c); },
+             [&](int, int c) { return at(delta_c, c); });
+    uint32_t pa[kBN / 16][4], dsa[kBN / 16][4];
+    to_a<T>(st, pa);
+    to_a<T>(dpt, dsa);
+    wgmma_fence();
+    rs_ax<T, D>(dv, pa, sdo);  // dV += P^T dO
+    rs_ax<T, D>(dk, dsa, sq);  // dK += scale dS^T Q
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dv);
+    fence_operands(dk);
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dk, one, static_cast<T*>(p.dk), b, j0, 0, 16 * warp, nj, L, s.kv_heads, hk, ln);
@@ -182,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   unsigned char* sq = aligned_base(smem_raw);
   unsigned char* sdo = sq + tile_bytes<T, D, kRows>();
   unsigned char* stages = sdo + tile_bytes<T, D, kRows>();  // stage s: K at 2 s kTile, V at (2 s + 1) kTile
-  unsigned char* held = stages + 2 * kStages * kTile;       // warpgroup w: dS at w kHeldTile
+  unsigned char* held = stages + 2 * kDqStages * kTile;     // warpgroup w: dS at w kHeldTile
   float* slse = reinterpret_cast<float*>(held + 2 * kHeldTile<T>);
   float* sdelta = slse + kRows;
 
@@ -219,21 +197,21 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1) swa_bwd_dq_sm90_ker
   // Step t of (number of tiles) + 1 has S(t), dP(t) and dQ += dS(t - 1) K(t - 1) in flight together, and dS(t) is
   // made while the tensor cores still work on the latter (pipeline_step), then stored to the warpgroup's sds tile as
   // the A operand of the next step (in registers it would spill at headdim 64 and two CTAs per SM). Stage
-  // t % kStages holds K(t), V(t); K(t + 1), V(t + 1) load into stage (t + 1) % kStages, which the products of step
-  // t - 1 (dQ of tile t - 2 among them) are done with.
+  // t % kDqStages holds K(t), V(t); K(t + 1), V(t + 1) load into stage (t + 1) % kDqStages, which the products of
+  // step t - 1 (dQ of tile t - 2 among them) are done with.
   bool pending = false;
   for (int t = 0;; ++t) {
     const bool has_tile = !tiles.done();
     const int j0 = tiles.j0, nj = has_tile ? tiles.size() : 0;
-    const unsigned char* sk = stages + 2 * (t % kStages) * kTile;
+    const unsigned char* sk = stages + 2 * (t % kDqStages) * kTile;
     const unsigned char* sv = sk + kTile;
-    const unsigned char* sk_last = stages + 2 * ((t + kStages - 1) % kStages) * kTile;  // K(t - 1)
+    const unsigned char* sk_last = stages + 2 * ((t + kDqStages - 1) % kDqStages) * kTile;  // K(t - 1)
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // K(t), V(t) (and Q, dO, the statistics) are in; every warp is done with step t - 1
     if (has_tile) {
       tiles.next();
-      if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % kStages) * kTile);
+      if (!tiles.done()) load_kv(tiles, stages + 2 * ((t + 1) % kDqStages) * kTile);
     }
     // warpgroup-uniform, as wgmma needs
     const bool sees = has_tile && g0 < g1 && !swa_tile_empty(g0, g1, j0, j0 + nj, w.window, w.sink);

@@ -27,7 +27,7 @@ __device__ __forceinline__ unsigned char* aligned_base(unsigned char* raw) {
 // x, the same in every lane of the warp, broadcast from lane 0: the compiler then knows it is warp-uniform and
 // builds what depends on it (the wgmma descriptors: a warpgroup's rows, a stage's tiles) in uniform registers.
 // Without it each descriptor is built in vector registers and moved over by R2UR, its constant high word
-// rematerialized for every wgmma (the dK/dV kernel's pipelined step: 253 instructions to issue its 24 wgmma).
+// rematerialized for every wgmma (a pipelined dK/dV step, 5a102fc: 253 instructions to issue its 24 wgmma).
 __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 
 template <int D>
@@ -206,13 +206,12 @@ __device__ __forceinline__ void store_a(const float (&c)[8][4], unsigned char* a
 }
 
 // One step of the kernels' two-product pipelines (the forward's S(t) beside O += P(t - 1) V(t - 1), dQ's S(t), dP(t)
-// beside dQ += dS(t - 1) K(t - 1), dK/dV's S^T(t), dP^T(t) beside dV, dK += P^T, dS^T(t - 1) times dO, Q(t - 1))
-// for a warpgroup that sees tile t (`sees`) and holds an operand from the last tile it saw (`pending`): issue_new
-// commits tile t's products, issue_held the held ones; make turns tile t's accumulators into the values of the next
-// held operand while the held products run, hold stores them as that operand (registers or shared memory) once the
-// held products are done with it; fence_held fences the held products' accumulators. Three straight-line cases:
-// with a wait or an operand access in a branch whose path ptxas cannot relate to the wgmma's issue, it serializes
-// every wgmma of the kernel.
+// beside dQ += dS(t - 1) K(t - 1)) for a warpgroup that sees tile t (`sees`) and holds an operand from the last tile
+// it saw (`pending`): issue_new commits tile t's products, issue_held the held ones; make turns tile t's
+// accumulators into the values of the next held operand while the held products run, hold stores them as that
+// operand (registers or shared memory) once the held products are done with it; fence_held fences the held
+// products' accumulators. Three straight-line cases: with a wait or an operand access in a branch whose path ptxas
+// cannot relate to the wgmma's issue, it serializes every wgmma of the kernel.
 template <typename IssueNew, typename IssueHeld, typename Make, typename Hold, typename FenceHeld>
 __device__ __forceinline__ void pipeline_step(bool sees, bool pending, IssueNew issue_new, IssueHeld issue_held,
                                               Make make, Hold hold, FenceHeld fence_held) {
