@@ -218,6 +218,27 @@ def test_layer_decoding_token_by_token_equals_forward(kv_heads, rotary):
     assert sizes == 2 * [(3, window, kv_heads, 32)] + 2 * [(3, 2 * window, kv_heads, 32)]
 
 
+def test_compiled_step_is_one_graph_for_every_position():
+    """step under torch.compile(fullgraph=True): one graph for 12 positions (past the recompile limit of 8; with the
+    position a Python int, one graph per position) and the eager steps' outputs."""
+    torch.manual_seed(0)
+    layer = markovkit.nn.BMojoF(64, 2, 3, dtype=torch.float64)
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+    eager_cache, cache = layer.allocate_inference_cache(2), layer.allocate_inference_cache(2)
+    expected = [layer.step(x[:, i:i + 1], eager_cache) for i in range(12)]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(layer.step, backend=backend, fullgraph=True)
+    for i in range(12):
+        torch.testing.assert_close(step(x[:, i:i + 1], cache), expected[i], rtol=1e-12, atol=1e-12)
+    assert len(graphs) == 1 and cache.position.item() == 12
+
+
 def test_layer_step_takes_one_token_of_the_caches_batch():
     layer = markovkit.nn.BMojoF(64, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=re.escape("x: expected shape (batch, 1, dim), one token, got (1, 2, 64)")):

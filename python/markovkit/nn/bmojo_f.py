@@ -20,7 +20,7 @@ class BMojoFCache:
     v: torch.Tensor   # (batch, window, kv_heads, headdim)
     kf: torch.Tensor  # (batch, 2 window, kv_heads, headdim), rotated
     vf: torch.Tensor  # (batch, 2 window, kv_heads, headdim)
-    position: int = 0
+    position: torch.Tensor  # (), int64, on the buffers' device: a tensor, so that a compiled step is one graph
 
 
 class BMojoF(nn.Module):
@@ -74,13 +74,14 @@ class BMojoF(nn.Module):
         dtype = dtype or w.dtype
         buffers = [torch.zeros(batch_size, n * self.window, self.kv_heads, self.headdim, device=w.device,
                                dtype=dtype) for n in (1, 1, 2, 2)]
-        return BMojoFCache(self.mixer.allocate_inference_cache(batch_size, dtype=dtype), *buffers)
+        position = torch.zeros((), dtype=torch.long, device=w.device)
+        return BMojoFCache(self.mixer.allocate_inference_cache(batch_size, dtype=dtype), *buffers, position)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, cache: BMojoFCache) -> torch.Tensor:
         """x: (batch, 1, dim), the token at position cache.position -> (batch, 1, dim); cache updated in place.
-        The position is a Python int: torch.compile of step specialises on it (a graph per position, up to the
-        recompile limit); compile forward, or run step eagerly."""
+        The position is a tensor, slots and rotary angles are computed from it on the device: torch.compile of
+        step makes one graph for every position."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"x: expected shape (batch, 1, dim), one token, got {tuple(x.shape)}")
         t, w = cache.position, self.window
@@ -88,14 +89,16 @@ class BMojoF(nn.Module):
             raise ValueError(f"x: expected the cache's batch size {cache.k.shape[0]}, got {x.shape[0]}")
         k, v = self._keys_values(x, t)
         kf, vf = self._keys_values(self.mixer.step(x, *cache.mixer), t)
-        cache.k[:, t % w], cache.v[:, t % w] = k[:, 0], v[:, 0]
-        cache.kf[:, t % (2 * w)], cache.vf[:, t % (2 * w)] = kf[:, 0], vf[:, 0]
-        cache.position = t + 1
-        seen = torch.arange(t - w + 1, t + 1, device=x.device)  # in-context positions; fading ones: seen - w
+        slot, fading_slot = (t % w).view(1), (t % (2 * w)).view(1)
+        for buffer, index, new in ((cache.k, slot, k), (cache.v, slot, v), (cache.kf, fading_slot, kf),
+                                   (cache.vf, fading_slot, vf)):
+            buffer.index_copy_(1, index, new.to(buffer.dtype))
+        seen = t - w + 1 + torch.arange(w, device=x.device)  # in-context positions; fading ones: seen - w
         keys = torch.cat([cache.k[:, seen % w], cache.kf[:, (seen - w) % (2 * w)]], dim=1)  # (batch, 2w, ...)
         values = torch.cat([cache.v[:, seen % w], cache.vf[:, (seen - w) % (2 * w)]], dim=1)
         visible = torch.cat([seen >= 0, seen - w >= 0])  # (2w,): positions before 0 are empty slots
         out = _attend(self._queries(x, t), keys, values, visible)
+        cache.position.add_(1)
         return self.out_proj(out.reshape(x.shape[0], 1, self.heads * self.headdim))
 
     def extra_repr(self) -> str:
