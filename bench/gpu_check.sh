@@ -25,6 +25,7 @@ cd "$(dirname "$0")/.."
 repo="$(pwd)"
 out="$(realpath -m "${1:-gpu_check_out}")"
 mkdir -p "$out"
+rm -f "$out/ab.txt" "$out/ab.err"  # appended to per build below
 PY="${PYTHON:-python3}"
 budget="${BUDGET_S:-540}"
 families="${FAMILIES:-scan attention hybrid mafbm mjp philox}"
@@ -202,7 +203,9 @@ echo
 echo "== ms: ours, each BASE_SRC build's, the issue's peer =="
 for i in "${!bases[@]}"; do echo "base$i: ${bases[$i]}"; done
 "$PY" bench/ab_table.py "$out" $families
-[ -f "$out/ab.txt" ] && { echo; echo "== $AB_SCRIPT =="; cat "$out/ab.txt"; tail -n 3 "$out/ab.err"; }
+if [ -n "${AB_SCRIPT:-}" ] && [ -f "$out/ab.txt" ]; then
+  echo; echo "== $AB_SCRIPT =="; cat "$out/ab.txt"; tail -n 3 "$out/ab.err"
+fi
 echo
 echo "== failures =="
 grep -hE "^(FAILED|ERROR)" "$out/cpu_errors.log" "$out/tests.log" "$out/tests_attention.log" | head -n 40

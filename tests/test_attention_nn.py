@@ -36,6 +36,18 @@ def test_rotary_turns_channel_pairs_c_and_c_plus_half_by_position_times_frequenc
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("offset", [3, 2**24 + 1])
+def test_rotary_offset_int_or_tensor_is_the_position_rounded_once(offset):
+    """In float32 the angle's position is offset + i rounded once (2^24 + 1 is not a float32: rounding the offset first
+    and then the sum lands on another float), and a 0-dim tensor offset (BMojoF's decoding cache) gives the same."""
+    x = torch.zeros(1, 3, 1, 8)
+    x[..., 0] = 1.0
+    expected = torch.arange(offset, offset + 3, dtype=torch.float64).float().cos()  # channel 0 turns by pos · base^0
+    for given in (offset, torch.tensor(offset)):
+        y = markovkit.nn.rotary_embedding(x, offset=given)[0, :, 0, 0]
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+
+
 # (dim, heads, kv_heads, headdim): headdim from dim // heads, or given with dim not a multiple of heads
 CONFIGS = [(128, 4, 2, None), (100, 3, 1, 32)]
 

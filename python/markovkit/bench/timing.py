@@ -35,7 +35,7 @@ def median_ms(fn, device: torch.device, min_time: float, max_reps: int = 100) ->
 
 def _median_ms_cuda(fn, device: torch.device, reps: int) -> float:
     """Events around each call, none waited for until the last: the host queues call after call (as a training loop
-    does), so its latency per call (the autograd engine, Python; about 0.27 ms per attention backward on an H200)
+    does), so its latency per call (the autograd engine, Python; 0.2-0.5 ms per attention backward on an H200)
     hides behind the device's work instead of idling the device between the start event and the first kernel."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # larger than any L2
     events = []

@@ -8,13 +8,15 @@ from markovkit.attention import HEADDIMS, sliding_window_attention
 
 def rotary_embedding(x: torch.Tensor, base: float = 10000.0, *, offset: int = 0) -> torch.Tensor:
     """Rotary position embedding (rotate-half convention) of x: (batch, seqlen, heads, headdim) at positions
-    offset .. offset + seqlen-1 (offset an int or a 0-dim integer tensor on x's device): channel pairs (c, c + headdim/2) turn by the angle pos * base^(-2c/headdim), so
-    that rotated q·k depends on the positions only through their difference."""
+    offset .. offset + seqlen-1 (offset an int or a 0-dim integer tensor on x's device): channel pairs
+    (c, c + headdim/2) turn by the angle pos * base^(-2c/headdim), so that rotated q·k depends on the positions only
+    through their difference."""
     seqlen, headdim = x.shape[1], x.shape[-1]
     half = headdim // 2
     dtype = torch.promote_types(x.dtype, torch.float32)  # angles in float32 at least
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=dtype) * 2 / headdim)
-    angle = (offset + torch.arange(seqlen, device=x.device, dtype=dtype))[:, None] * inv_freq  # (seqlen, half)
+    positions = (torch.arange(seqlen, device=x.device) + offset).to(dtype)  # summed exactly, then rounded
+    angle = positions[:, None] * inv_freq  # (seqlen, half)
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]  # (seqlen, 1, half)
     x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
