@@ -349,6 +349,44 @@ def test_state_update_huge_dt_matches_reference():
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol_frac * b.abs().max().item())
 
 
+def test_state_update_heads_form_is_the_channel_form(device):
+    """mamba_ssm's heads form (state (rows, nheads, headdim, dstate), A (nheads, headdim, dstate), ...; head h reads
+    group h // (nheads / groups)) steps in place and gives the channel form's out and state bitwise, with
+    state_batch_indices too."""
+    state, step = _step_inputs(device)  # dim 8 = 4 heads x 2, groups 2
+    heads_of = lambda t, at: t.unflatten(at, (4, 2))  # noqa: E731
+    x, dt, A, B, C, D, z, dt_bias, softplus = step
+    heads_step = [heads_of(x, 1), heads_of(dt, 1), heads_of(A, 0), B, C, heads_of(D, 0), heads_of(z, 1),
+                  heads_of(dt_bias, 0), softplus]
+    for rows in (None, torch.tensor([2, -1, 0], device=device)):
+        heads_state, channel_state = heads_of(state.clone(), 1), state.clone()
+        out = markovkit.selective_state_update(heads_state, *heads_step, state_batch_indices=rows)
+        expected = markovkit.selective_state_update(channel_state, *step, state_batch_indices=rows)
+        assert out.shape == (3, 4, 2) and torch.equal(out.flatten(1), expected)
+        assert torch.equal(heads_state.flatten(1, 2), channel_state)
+    with pytest.raises(RuntimeError, match=re.escape("A: expected (nheads, headdim) = (4, 2) at axes 0, 1 (x: (batch, "
+                                                     "nheads, headdim)), got shape [8, 16]")):
+        markovkit.selective_state_update(heads_of(state, 1), heads_step[0], heads_step[1], A, *heads_step[3:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_state_update_half_or_strided_state_steps_a_float32_copy(device, dtype):
+    """A state in the model's half dtype (mamba_ssm's decode cache) or of other strides (a slice of a larger cache)
+    is stepped in float32 and written back in place: rounded to its dtype, it equals the float32 step of its
+    values."""
+    state, step = _step_inputs(device)
+    half, reference = state.to(dtype), state.to(dtype).float()
+    out = markovkit.selective_state_update(half, *step)
+    expected = markovkit.selective_state_update(reference, *step)
+    assert half.dtype == dtype and torch.equal(out, expected) and torch.equal(half, reference.to(dtype))
+    wide = torch.randn(3, 8, 20, device=device)
+    strided, reference = wide[..., 2:18], wide[..., 2:18].clone()
+    before = wide.clone()
+    out = markovkit.selective_state_update(strided, *step)
+    assert torch.equal(out, markovkit.selective_state_update(reference, *step))
+    assert torch.equal(wide[..., 2:18], reference) and torch.equal(wide[..., :2], before[..., :2])
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_state_update_with_batch_indices(device, index_dtype):
     """Continuous batching: batch element b steps row rows[b] of a cache of 6 rows, -1 is a padding slot (out 0).
@@ -558,6 +596,11 @@ def test_bad_input_errors():
         markovkit.selective_state_update(state[..., :4].contiguous(), *step, state_batch_indices=rows)
     with pytest.raises(TypeError, match="A: expected a real floating tensor"):
         markovkit.selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), x["B"], x["C"])
+    # with a complex A, mamba_ssm's per-step B holds 2 seqlen reals (batch, dstate, 2 seqlen): refused for A's
+    # dtype, not for B's shape
+    B2 = torch.randn(x["u"].shape[0], x["A"].shape[1], 2 * x["u"].shape[2])
+    with pytest.raises(TypeError, match="A: expected a real floating tensor .* got torch.complex64"):
+        markovkit.selective_scan(x["u"], x["delta"], x["A"].to(torch.complex64), B2, B2)
     # the Python wrapper promotes mixed activations instead of failing (fp32 params with bf16 activations)
     out = markovkit.selective_scan(x["u"].bfloat16(), x["delta"].float(), x["A"], x["B"].bfloat16(),
                                    x["C"].bfloat16())

@@ -33,12 +33,17 @@ def _wtype(itype):
     return torch.float64 if itype == torch.float64 else torch.float32
 
 
+def _check_real(t, name):
+    """Only real floating tensors are taken (mamba_ssm's complex A/B/C are not supported)."""
+    if t is not None and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a real floating tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+
+
 def _as(t, dtype, name):
-    """t in dtype, contiguous; only real floating tensors are converted (complex A/B/C are not supported)."""
+    """t in dtype, contiguous (a real floating tensor)."""
     if t is None:
         return None
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a real floating tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+    _check_real(t, name)
     return t.to(dtype).contiguous()
 
 
@@ -72,6 +77,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     refuse_forward_ad("selective_scan", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                       initial_state=initial_state)
+    for name, t in (("A", A), ("B", B), ("C", C)):  # before the shape checks, which complex per-step B, C fail
+        _check_real(t, name)
     var_B, var_C = B.dim() >= 3, C.dim() >= 3
     itype = _itype(u, delta, z, B if var_B else None, C if var_C else None)
     wtype = _wtype(itype)
@@ -95,16 +102,26 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            state_batch_indices=None):
     """One decode step of the scan: updates ``state`` in place and returns out.
 
-    state: (batch, dim, dstate) float32 (float64 with float64 inputs), contiguous; x, dt, z: (batch, dim);
-    A: (dim, dstate); B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
+    state: (batch, dim, dstate) float32 (float64 with float64 inputs); x, dt, z: (batch, dim); A: (dim, dstate);
+    B, C: (batch, dstate) or (batch, groups, dstate); D, dt_bias: (dim,).
     state <- state * exp(Δ A) + Δ B x with Δ = dt + dt_bias, softplus(dt + dt_bias) with dt_softplus (same
     threshold as the scan);
     out = (Σ_n C state + D x) · silu(z). L steps from h0 equal ``selective_scan(..., initial_state=h0)``.
+    As mamba_ssm's: the heads form (state (batch, nheads, headdim, dstate); x, dt, z (batch, nheads, headdim);
+    A (nheads, headdim, dstate); D, dt_bias (nheads, headdim); head h reads group h // (nheads / groups)) is the
+    channel form over dim = nheads * headdim; a float16 / bfloat16 state (a cache in the model's dtype), or one
+    of other strides, is stepped in a float32 copy that is written back (rounded to its dtype; a copy of the
+    whole state each call).
     Continuous batching: with state_batch_indices (batch,) int32/int64, state is a cache (rows, dim, dstate) and
     batch element b steps row state_batch_indices[b]; a negative index is a padding slot (out 0, no row touched).
     The non-negative indices must be distinct and < rows (checked; on CUDA by a device-side assert).
     No derivative: a state that autograd tracks is refused (update it under torch.no_grad()).
     """
+    heads = x.dim() == 3
+    target = state
+    if heads:
+        state, x, dt, A, D, z, dt_bias = _merge_heads(tuple(x.shape[1:]), state=state, x=x, dt=dt, A=A, D=D, z=z,
+                                                      dt_bias=dt_bias)
     itype = _itype(x, dt, z, B, C)
     wtype = _wtype(itype)
     expected = (x.shape[0], A.shape[1]) if x.dim() == 2 and A.dim() == 2 else None
@@ -112,10 +129,32 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         B = _with_group_axis(B, "B", expected, "(batch, dstate)")
     if C.dim() == 2:
         C = _with_group_axis(C, "C", expected, "(batch, dstate)")
-    return torch.ops.markovkit.selective_state_update(
-        state, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
+    # a contiguous state (heads merged: a view of it) steps in place; a half one or another's strides in a copy
+    half = state.dtype in (torch.float16, torch.bfloat16)
+    copy = half or not target.is_contiguous()
+    work = state.to(wtype if half else state.dtype).contiguous() if copy else state  # other dtypes: the op refuses
+    out = torch.ops.markovkit.selective_state_update(
+        work, _as(x, itype, "x"), _as(dt, itype, "dt"), _as(A, wtype, "A"), _as(B, itype, "B"),
         _as(C, itype, "C"), _as(D, wtype, "D"), _as(z, itype, "z"), _as(dt_bias, wtype, "dt_bias"),
         bool(dt_softplus), state_batch_indices)
+    if copy:
+        target.copy_(work.view(target.shape))
+    return out.view(out.shape[0], *target.shape[1:-1]) if heads else out
+
+
+def _merge_heads(nh, **tensors):
+    """mamba_ssm's heads form -> the channel form: each tensor's (nheads, headdim) = nh axes merged, at axis 1 of
+    state, x, dt, z and axis 0 of A, D, dt_bias. Returns them in the order given."""
+    out = []
+    for name, t in tensors.items():
+        at = 1 if name in ("state", "x", "dt", "z") else 0
+        if t is not None:
+            if tuple(t.shape[at:at + 2]) != nh:
+                raise RuntimeError(f"{name}: expected (nheads, headdim) = {nh} at axes {at}, {at + 1} (x: (batch, "
+                                   f"nheads, headdim)), got shape {list(t.shape)}")
+            t = t.flatten(at, at + 1)
+        out.append(t)
+    return out
 
 
 def _nseq(u, cu_seqlens):
