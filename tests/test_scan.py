@@ -3,6 +3,7 @@ torch.compile, varlen, state chaining, decode step, determinism, errors."""
 import itertools
 
 import re
+import types
 
 import pytest
 import torch
@@ -641,10 +642,43 @@ def test_mamba_block_step_equals_forward(device):
     hidden = torch.randn(2, 11, 16, device=device, dtype=F64)
     full = block(hidden)
     conv_state, ssm_state = block.allocate_inference_cache(2)
-    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state) for t in range(11)], dim=1)
+    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state)[0] for t in range(11)], dim=1)
     torch.testing.assert_close(steps, full, **TOL64)
     full.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+@pytest.mark.parametrize("prefill", [2, 6])
+def test_mamba_block_prefill_then_decode_equals_forward(device, prefill):
+    """mamba_ssm's inference_params: forward at seqlen_offset 0 runs the prompt (2 tokens: fewer than d_conv) and
+    leaves this block's states in key_value_memory_dict[layer_idx]; past it, forward steps one token. Together they
+    give forward on the whole sequence."""
+    torch.manual_seed(0)
+    block = markovkit.nn.Mamba(16, 8, 4, layer_idx=3, device=device, dtype=F64)
+    hidden = torch.randn(2, 11, 16, device=device, dtype=F64)
+    params = types.SimpleNamespace(key_value_memory_dict={}, seqlen_offset=0)
+    outs = [block(hidden[:, :prefill], params)]
+    assert list(params.key_value_memory_dict) == [3]
+    for t in range(prefill, 11):
+        params.seqlen_offset = t
+        outs.append(block(hidden[:, t:t + 1], params))
+    torch.testing.assert_close(torch.cat(outs, dim=1), block(hidden), **TOL64)
+    with pytest.raises(ValueError, match=re.escape("inference_params: this block needs a layer_idx")):
+        markovkit.nn.Mamba(16, device=device)(hidden, params)
+
+
+def test_mamba_block_takes_mamba_ssms_arguments_in_order():
+    """(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, conv_bias, bias,
+    use_fast_path, layer_idx, device, dtype), as mamba_ssm's create_block passes them; kwargs to
+    allocate_inference_cache are taken (mamba_ssm's Block forwards some)."""
+    block = markovkit.nn.Mamba(16, 8, 3, 1.5, 4, 0.01, 0.2, "constant", 2.0, 1e-3, False, True, False, 7, "cpu",
+                               F64)
+    assert (block.d_state, block.d_conv, block.expand, block.dt_rank, block.layer_idx) == (8, 3, 1.5, 4, 7)
+    assert not block.use_fast_path and block.conv1d.bias is None and block.in_proj.bias is not None
+    assert block.in_proj.weight.dtype == F64 and block.d_inner == 24
+    torch.testing.assert_close(block.dt_proj.weight, torch.full((24, 4), 2.0 * 4 ** -0.5, dtype=F64))
+    conv_state, ssm_state = block.allocate_inference_cache(2, 64, dtype=None, seqlen_offset=0)
+    assert conv_state.shape == (2, 24, 3) and ssm_state.shape == (2, 24, 8)
 
 
 def test_mamba_block_init_flags_and_step_checks():
@@ -680,8 +714,9 @@ def test_mamba_block_init_flags_and_step_checks():
                                          r"got 1"):
         block.step(torch.randn(1, 1, 32), conv_state, ssm_state)
     assert torch.equal(conv_state, before)
-    out = block.step(torch.randn(3, 1, 32), conv_state, ssm_state)  # a float64 conv state for a float32 block
+    out, conv_out, ssm_out = block.step(torch.randn(3, 1, 32), conv_state, ssm_state)  # float64 conv state
     assert out.dtype == torch.float32 and not out.requires_grad and not conv_state.requires_grad
+    assert conv_out is conv_state and ssm_out is ssm_state  # (out, conv_state, ssm_state), as mamba_ssm's step
 
 
 @pytest.mark.parametrize("dtype,cache_dtype,tol", [(torch.float32, F64, 1e-5), (torch.bfloat16, torch.float32, 3e-2)])
@@ -693,7 +728,7 @@ def test_mamba_block_steps_with_a_cache_of_another_dtype(dtype, cache_dtype, tol
     hidden = torch.randn(2, 7, 16).to(dtype)
     full = block(hidden)
     conv_state, ssm_state = block.allocate_inference_cache(2, dtype=cache_dtype)
-    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state) for t in range(7)], dim=1)
+    steps = torch.cat([block.step(hidden[:, t:t + 1], conv_state, ssm_state)[0] for t in range(7)], dim=1)
     assert steps.dtype == dtype
     torch.testing.assert_close(steps.float(), full.float(), rtol=tol, atol=tol)
 

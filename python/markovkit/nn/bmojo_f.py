@@ -35,7 +35,8 @@ class BMojoF(nn.Module):
 
     Decoding: ``cache = allocate_inference_cache(batch_size)``, then ``step(x_t, cache)`` per token
     (x_t: (batch, 1, dim)) gives what ``forward`` gives at that position; memory O(window). The mixer must then
-    have ``allocate_inference_cache(batch_size, dtype=...)`` and ``step(x_t, *states)`` (as ``Mamba``).
+    have ``allocate_inference_cache(batch_size, dtype=...)`` and ``step(x_t, *states) -> (out, *states)`` (as
+    ``Mamba`` and mamba_ssm's).
     """
 
     def __init__(self, dim: int, heads: int, window: int, *, kv_heads=None, headdim=None, mixer=None,
@@ -88,7 +89,7 @@ class BMojoF(nn.Module):
         if x.shape[0] != cache.k.shape[0]:
             raise ValueError(f"x: expected the cache's batch size {cache.k.shape[0]}, got {x.shape[0]}")
         k, v = self._keys_values(x, t)
-        kf, vf = self._keys_values(self.mixer.step(x, *cache.mixer), t)
+        kf, vf = self._keys_values(self.mixer.step(x, *cache.mixer)[0], t)
         slot, fading_slot = (t % w).view(1), (t % (2 * w)).view(1)
         for buffer, index, new in ((cache.k, slot, k), (cache.v, slot, v), (cache.kf, fading_slot, kf),
                                    (cache.vf, fading_slot, vf)):

@@ -38,19 +38,28 @@ class Mamba(nn.Module):
     attributes, which copy.deepcopy and to_empty do not keep). Also as in mamba_ssm, ``dtype=`` sets the linear and
     convolution weights' dtype while A_log and D are made in float32; ``.double()`` / ``.to(dtype)`` convert them too.
 
-    forward(hidden: (batch, seqlen, d_model)) -> (batch, seqlen, d_model).
-    step(hidden: (batch, 1, d_model), conv_state, ssm_state) -> (batch, 1, d_model), updating both states
-    in place, without autograd (the decode op has no derivative); ``allocate_inference_cache(batch_size)`` gives
-    zero states. Decoding token by token from zero states equals ``forward`` on the whole sequence.
+    The constructor takes mamba_ssm's arguments in its order; use_fast_path has no effect (one path: markovkit's
+    scan), layer_idx names this block's states in an ``inference_params``.
+
+    forward(hidden: (batch, seqlen, d_model), inference_params=None) -> (batch, seqlen, d_model). As mamba_ssm's:
+    with inference_params (an object with ``key_value_memory_dict`` and ``seqlen_offset``, as mamba_ssm's
+    InferenceParams), this block's states are key_value_memory_dict[layer_idx] (zero ones allocated there when
+    missing); at seqlen_offset 0 forward runs the whole sequence and leaves in them the states after its last
+    token (a prefill), past it hidden is one token and forward is ``step``.
+    step(hidden: (batch, 1, d_model), conv_state, ssm_state) -> (out (batch, 1, d_model), conv_state, ssm_state),
+    as mamba_ssm's, both states updated in place, without autograd (the decode op has no derivative);
+    ``allocate_inference_cache(batch_size)`` gives zero states. Decoding token by token from zero states, or after a
+    prefill, equals ``forward`` on the whole sequence.
     """
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
-                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, device=None,
-                 dtype=None):
+                 dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False, use_fast_path=True,
+                 layer_idx=None, device=None, dtype=None):
         super().__init__()
         _check_config(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init)
         kw = dict(device=device, dtype=dtype)
-        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.use_fast_path, self.layer_idx = use_fast_path, layer_idx
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **kw)
@@ -83,14 +92,36 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, hidden):
+    def forward(self, hidden, inference_params=None):
+        states = None
+        if inference_params is not None:
+            states = self._states(inference_params, hidden.shape[0])
+            if inference_params.seqlen_offset > 0:
+                return self.step(hidden, *states)[0]
         seqlen = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                     # (batch, seqlen, d_inner) each
-        x = F.silu(self._causal_conv(x.transpose(1, 2)))                 # (batch, d_inner, seqlen)
+        x = x.transpose(1, 2)                                            # (batch, d_inner, seqlen)
+        if states is not None:  # the last d_conv inputs, zeros before the first
+            states[0].copy_(F.pad(x, (self.d_conv - seqlen, 0)))
+        x = F.silu(self._causal_conv(x))
         dt, B, C = self._dt_BC(x.transpose(1, 2))
         y = selective_scan(x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D,
-                           z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True)
+                           z.transpose(1, 2), delta_bias=self.dt_proj.bias, delta_softplus=True,
+                           return_last_state=states is not None)
+        if states is not None:
+            y, last_state = y
+            states[1].copy_(last_state)
         return self.out_proj(y.transpose(1, 2))
+
+    def _states(self, inference_params, batch_size):
+        """(conv_state, ssm_state) of this block in inference_params, zero ones put there when missing."""
+        if self.layer_idx is None:
+            raise ValueError("inference_params: this block needs a layer_idx (the key of its states in "
+                             "inference_params.key_value_memory_dict)")
+        cache = inference_params.key_value_memory_dict
+        if self.layer_idx not in cache:
+            cache[self.layer_idx] = self.allocate_inference_cache(batch_size)
+        return cache[self.layer_idx]
 
     def _causal_conv(self, x):
         """x: (batch, d_inner, seqlen) -> the causal depthwise convolution, (batch, d_inner, seqlen)."""
@@ -108,10 +139,10 @@ class Mamba(nn.Module):
         y = sum(x[:, :, k:k + seqlen] * w[:, k] for k in range(self.d_conv))
         return y if self.conv1d.bias is None else y + self.conv1d.bias[:, None].to(x.dtype)
 
-    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None):
+    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None, **kwargs):
         """Zero (conv_state (batch_size, d_inner, d_conv) in dtype (default the conv weight's), ssm_state
         (batch_size, d_inner, d_state) float32, or float64 for a float64 module), on the module's device.
-        max_seqlen is unused (the states do not grow), as in mamba_ssm's signature."""
+        max_seqlen and kwargs are unused (the states do not grow), as in mamba_ssm's signature."""
         w = self.conv1d.weight
         ssm_dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         return (torch.zeros(batch_size, self.d_inner, self.d_conv, device=w.device, dtype=dtype or w.dtype),
@@ -119,7 +150,8 @@ class Mamba(nn.Module):
 
     @torch.no_grad()
     def step(self, hidden, conv_state, ssm_state):
-        """One token: hidden (batch, 1, d_model); conv_state and ssm_state are updated in place."""
+        """One token: hidden (batch, 1, d_model) -> (out (batch, 1, d_model), conv_state, ssm_state), the states
+        updated in place."""
         if hidden.dim() != 3 or hidden.shape[1] != 1:
             raise ValueError(f"hidden: expected shape (batch, 1, d_model), one token, got {tuple(hidden.shape)}")
         batch = conv_state.shape[0]
@@ -136,4 +168,4 @@ class Mamba(nn.Module):
         dt, B, C = self._dt_BC(x)
         y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D, z, dt_bias=self.dt_proj.bias,
                                    dt_softplus=True)
-        return self.out_proj(y)[:, None]
+        return self.out_proj(y)[:, None], conv_state, ssm_state
