@@ -49,10 +49,12 @@ TORCH_LIBRARY(markovkit, m) {
         "Tensor? factor0, int n_steps, float dt, float theta, float mu, float sigma, int save_every, SymInt seed, "
         "SymInt path_offset=0) -> Tensor");
   // --- mjp: Markov jump processes (csrc/mjp) ---
-  m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, int processes, int paths, SymInt seed, "
-        "SymInt process_offset=0, SymInt path_offset=0) -> Tensor");
-  m.def("mjp_ctmc_events(Tensor Q, Tensor? x0, Tensor? p0, float t_end, int processes, int paths, int max_events, "
-        "SymInt seed, SymInt process_offset=0, SymInt path_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("mjp_ctmc_grid(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_grid, SymInt processes, SymInt paths, "
+        "SymInt seed, SymInt process_offset=0, SymInt path_offset=0) -> Tensor");
+  // t_end: a one-element float64 CPU tensor, so that a new horizon is no new graph under torch.compile
+  m.def("mjp_ctmc_events(Tensor Q, Tensor? x0, Tensor? p0, Tensor t_end, SymInt processes, SymInt paths, "
+        "SymInt max_events, SymInt seed, SymInt process_offset=0, SymInt path_offset=0) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mjp_reactions_grid(Tensor reactants, Tensor products, Tensor rates, Tensor x0, Tensor t_grid, SymInt seed, "
         "SymInt process_offset=0, SymInt path_offset=0) -> Tensor");
 }

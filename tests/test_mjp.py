@@ -476,7 +476,7 @@ def test_opcheck(device):
     ops = torch.ops.markovkit
     torch.library.opcheck(ops.mjp_ctmc_grid, (Q, x0, None, grid, 2, 5, 3, 0))
     torch.library.opcheck(ops.mjp_ctmc_grid, (Q[0].float(), None, p0, grid.expand(2, 5, 6), 2, 5, 3, 1, 7))
-    torch.library.opcheck(ops.mjp_ctmc_events, (Q, None, p0, 2.0, 2, 5, 8, 3, 0, 7))
+    torch.library.opcheck(ops.mjp_ctmc_events, (Q, None, p0, torch.tensor(2.0, dtype=torch.float64), 2, 5, 8, 3, 0, 7))
     reactants, products, rates = (t.to(device) for t in one_hot_network(Q.cpu()))
     x_counts = torch.randint(0, 3, (2, 5, 4), device=device)
     torch.library.opcheck(ops.mjp_reactions_grid, (reactants, products, rates, x_counts, grid, 3, 0, 7))
@@ -498,6 +498,54 @@ def test_compile_fullgraph(device):
     compiled = torch.compile(f, fullgraph=True)
     for a, b in zip(compiled(Q, x0, grid), f(Q, x0, grid)):
         assert torch.equal(a, b)
+
+
+def test_compiled_events_take_new_horizons_and_sizes_without_new_graphs(device):
+    """record='events' under torch.compile(fullgraph=True): a tensor horizon, max_events and paths (p0 mode) change
+    without a graph per value (a float horizon failed with fullgraph; each new int made a graph); the eager paths."""
+    Q = random_rates(2, 4).to(device)
+    p0 = torch.rand(4, dtype=torch.float64, device=device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(t_end, max_events, paths):
+        events = simulate_ctmc(Q, None, t_end, p0=p0, paths=paths, seed=4, record="events", max_events=max_events)
+        return events.times, events.counts
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    for t_end, max_events, paths in [(1.0, 6, 5), (2.5, 9, 7), (0.5, 4, 3), (3.0, 11, 6)]:
+        horizon = torch.tensor(t_end, dtype=torch.float64)
+        for a, b in zip(compiled(horizon, max_events, paths), f(horizon, max_events, paths)):
+            assert torch.equal(a, b)
+    assert len(graphs) <= 2  # the first sizes, then dynamic ones
+
+
+def test_a_p0_that_requires_grad_is_a_constant():
+    """The ops have no derivative: p0 is detached as Q is, so the event times carry no graph (a loss that used them
+    failed in backward on the op's missing derivative)."""
+    Q = random_rates(1, 3)
+    p0 = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    events = simulate_ctmc(Q, None, 2.0, p0=p0, paths=4, seed=0, record="events", max_events=5)
+    assert events.times.grad_fn is None and not events.times.requires_grad
+
+
+def test_tiny_initial_weights_draw_their_distribution():
+    """p0 of subnormal weights (normalised internally): the draw's threshold U * sum lost bits (three equal weights
+    5e-324 drew 1/6, 1/3, 1/2); such rows are scaled by 2^1000, exactly. Rows of ordinary weights: unchanged."""
+    Q = torch.zeros(3, 3, dtype=torch.float64)  # no jumps: the states are the initial draws
+    p0 = torch.tensor([[5e-324] * 3, [1e-310, 2e-310, 1e-310]], dtype=torch.float64)
+    states = simulate_ctmc(Q.expand(2, 3, 3), None, torch.tensor([0.0]), p0=p0, paths=30000, seed=11)[:, :, 0]
+    pvalues = {f"row {r}": chi2_pvalue(torch.bincount(states[r].long(), minlength=3), p0[r] / p0[r].sum())
+               for r in range(2)}
+    assert_all_pass(pvalues)
+    ordinary = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    draws = simulate_ctmc(Q, None, torch.tensor([0.0]), p0=ordinary, paths=64, seed=11)
+    scaled = simulate_ctmc(Q, None, torch.tensor([0.0]), p0=ordinary * 2.0**-1000, paths=64, seed=11)
+    assert torch.equal(draws, scaled)  # 2^-1000 scaled back by 2^1000: the same threshold bit for bit
 
 
 def bad_input_cases():

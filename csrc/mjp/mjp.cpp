@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <functional>
 #include <string>
 #include <vector>
@@ -170,6 +171,9 @@ at::Tensor prepare_initial(ValueChecks& checks, const std::optional<at::Tensor>&
   TORCH_CHECK((p0->dim() == 1 || (p0->dim() == 2 && p0->size(0) == p.B)) && p0->size(-1) == p.S,
               "p0: expected shape (", p.S, ",) or (", p.B, ", ", p.S, "), got ", p0->sizes());
   at::Tensor w = p0->to(at::kDouble).contiguous();
+  // a row of tiny weights (below 2^-960: a threshold U * sum there loses bits, or is 0, for subnormal sums) scaled
+  // by 2^1000, exactly: its draw becomes right, every other row's stays bit for bit
+  w = at::where(w.amax(-1, /*keepdim=*/true) < std::ldexp(1.0, -960), w * std::ldexp(1.0, 1000), w);
   check_weights(checks, w, "p0", "probabilities");
   checks.add(check_finite_sums(checks, w, "p0", "sum") <= 0, [] {
     return std::string("p0: expected every distribution to have a positive sum, got a zero row");
@@ -210,10 +214,14 @@ at::Tensor ctmc_grid(const at::Tensor& Q, const std::optional<at::Tensor>& x0, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ctmc_events(
-    const at::Tensor& Q, const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0, double t_end,
-    int64_t processes, int64_t paths, int64_t max_events, int64_t seed, int64_t process_offset,
-    int64_t path_offset) {
+    const at::Tensor& Q, const std::optional<at::Tensor>& x0, const std::optional<at::Tensor>& p0,
+    const at::Tensor& horizon, int64_t processes, int64_t paths, int64_t max_events, int64_t seed,
+    int64_t process_offset, int64_t path_offset) {
   check_sizes(processes, paths, process_offset, path_offset);
+  TORCH_CHECK(horizon.numel() == 1 && horizon.scalar_type() == at::kDouble && horizon.device().is_cpu(),
+              "t_end: expected a one-element float64 CPU tensor, got ", horizon.sizes(), " ", horizon.scalar_type(),
+              " on ", horizon.device());
+  const double t_end = horizon.item<double>();
   TORCH_CHECK(t_end >= 0, "t_end: expected a horizon >= 0 (+inf for no horizon), got ", t_end);
   TORCH_CHECK(max_events >= 0, "max_events: expected >= 0, got ", max_events);
   CtmcParams p{};

@@ -69,7 +69,8 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
         distributions (non-negative weights, normalised internally) with ``paths`` paths per process.
     t_grid: record="grid": observation times >= 0, non-decreasing, shape (L,), (processes, L) or
         (processes, paths, L). record="events": the horizon t_end (a float or a one-element tensor;
-        ``math.inf`` records exactly ``max_events`` jumps per path, or until absorption).
+        ``math.inf`` records exactly ``max_events`` jumps per path, or until absorption). Under torch.compile a
+        tensor horizon changes without a new graph; a float is a constant of the graph.
     seed: an int in [-2**63, 2**63), the 64-bit Philox key (a negative seed is its two's complement).
     process_offset, path_offset: the global ids of the first process and path of this call (module docstring):
         pieces of a batch give the batch's paths; process_offset + processes and path_offset + paths <= 2**32.
@@ -88,7 +89,7 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
     check_position(path_offset, "path_offset", "simulate_ctmc")
     processes = _processes(Q, x0, p0, t_grid)
     paths = x0.shape[-1] if x0 is not None else paths
-    Q = Q.detach()
+    Q, p0 = Q.detach(), None if p0 is None else p0.detach()  # not differentiable: no graph to the outputs
     if record == "grid":
         return torch.ops.markovkit.mjp_ctmc_grid(Q, x0, p0, t_grid, processes, paths, seed, process_offset,
                                                  path_offset)
@@ -98,7 +99,8 @@ def simulate_ctmc(Q: torch.Tensor, x0: Optional[torch.Tensor], t_grid, *, seed: 
         if isinstance(t_grid, torch.Tensor) and t_grid.numel() != 1:
             raise ValueError("simulate_ctmc: t_grid: with record='events', expected the horizon t_end (a float or "
                              f"a one-element tensor), got a tensor of shape {tuple(t_grid.shape)}")
-        out = torch.ops.markovkit.mjp_ctmc_events(Q, x0, p0, float(t_grid), processes, paths, max_events, seed,
+        t_end = torch.as_tensor(t_grid, dtype=torch.float64).detach().reshape(()).cpu()
+        out = torch.ops.markovkit.mjp_ctmc_events(Q, x0, p0, t_end, processes, paths, max_events, seed,
                                                   process_offset, path_offset)
         return CtmcEvents(*out)
     raise ValueError(f"simulate_ctmc: record must be 'grid' or 'events', got {record!r}")
