@@ -308,8 +308,8 @@ def test_compile_checks_constant_gamma_and_dt():
     assert len(bias) == 1 and bias[0].filename == __file__
     # a ValueError raised while tracing reaches the caller as dynamo's Unsupported, with the message
     for args, message in [((gamma, 0.5, "euler"), r"Euler-Maruyama is unstable for gamma_max\*dt >= 2"),
-                          (([-g for g in gamma], 0.05, "exact"), "gamma: expected non-negative rates"),
-                          ((gamma, -0.05, "exact"), "dt: expected a positive time step, got -0.05")]:
+                          (([-g for g in gamma], 0.05, "exact"), "gamma: expected non-negative finite rates"),
+                          ((gamma, -0.05, "exact"), "dt: expected a positive finite time step, got -0.05")]:
         with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match=message):
             compiled(*args)
 
@@ -565,9 +565,9 @@ def test_bad_input_errors():
         step(x.half(), y, drift, diffusion, w, GAMMA, 0.01, seed=0)
     with pytest.raises(RuntimeError, match=r"omega: expected shape \(K,\) with 1 <= K <= 16"):
         step(x, torch.zeros(4, 2, 17), drift, diffusion, torch.ones(17), torch.ones(17), 0.01, seed=0)
-    with pytest.raises(ValueError, match="dt: expected a positive time step, got 0.0"):
+    with pytest.raises(ValueError, match="dt: expected a positive finite time step, got 0.0"):
         step(x, y, drift, diffusion, w, GAMMA, 0.0, seed=0)
-    with pytest.raises(ValueError, match="gamma: expected non-negative rates"):
+    with pytest.raises(ValueError, match="gamma: expected non-negative finite rates"):
         step(x, y, drift, diffusion, w, -GAMMA, 0.01, seed=0)
     with pytest.raises(ValueError, match="seed: expected an int seed when noise is not given"):
         step(x, y, drift, diffusion, w, GAMMA, 0.01)
@@ -586,8 +586,19 @@ def test_bad_input_errors():
         markovkit.mafbm_simulate(x0[:, None], 10, 0.01, OMEGA_II, GAMMA, seed=0)
     with pytest.raises(ValueError, match="kind: expected 'I' or 'II'"):
         markovkit.mafbm_simulate(x0, 10, 0.01, OMEGA_II, GAMMA, seed=0, kind="mvn")
-    with pytest.raises(ValueError, match="gamma: expected positive rates"):
+    with pytest.raises(ValueError, match="gamma: expected positive finite rates"):
         markovkit.mafbm_simulate(x0, 10, 0.01, torch.ones(1), torch.zeros(1), seed=0, kind="I")
+    # infinite dt or rates gave NaN paths; a (1,) theta failed in the backward; 10.7 steps ran 10
+    with pytest.raises(ValueError, match="dt: expected a positive finite time step, got inf"):
+        step(x, y, drift, diffusion, w, GAMMA, math.inf, seed=0, scheme="exact")
+    with pytest.raises(ValueError, match="dt: expected a positive finite time step, got inf"):
+        markovkit.mafbm_simulate(x0, 10, math.inf, OMEGA_II, GAMMA, seed=0)
+    with pytest.raises(ValueError, match="gamma: expected non-negative finite rates"):
+        markovkit.mafbm_simulate(x0, 10, 0.01, torch.ones(2), torch.tensor([1.0, math.inf]), seed=0, kind="II")
+    with pytest.raises(ValueError, match=r"theta: expected a number or a 0-dim tensor, got a tensor of shape \(1,\)"):
+        markovkit.mafbm_simulate(x0, 10, 0.01, OMEGA_II, GAMMA, theta=torch.ones(1, requires_grad=True), seed=0)
+    with pytest.raises(TypeError, match="n_steps: expected an int, got 10.7"):
+        markovkit.mafbm_simulate(x0, 10.7, 0.01, OMEGA_II, GAMMA, seed=0)
 
 
 def test_omega_and_seed_errors_name_the_argument():

@@ -257,17 +257,24 @@ def test_bad_input_errors():
             fbm.omega(H, gamma)
     with pytest.raises(ValueError, match="K: expected an integer number of modes >= 1, got 0"):
         fbm.gamma_grid(0, 20)
-    with pytest.raises(ValueError, match="gamma_max: expected a positive number"):
+    with pytest.raises(ValueError, match="gamma_max: expected a positive finite number"):
         fbm.gamma_grid(5, -1.0)
-    with pytest.raises(ValueError, match="gamma: expected positive rates"):
+    with pytest.raises(ValueError, match="gamma: expected positive finite rates"):
         fbm.omega(0.3, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="gamma: expected a 1-d tensor"):
         fbm.omega(0.3, torch.ones(2, 2))
-    with pytest.raises(ValueError, match="T: expected a positive number"):
+    with pytest.raises(ValueError, match="T: expected a positive finite number"):
         fbm.omega(0.3, gamma, T=0.0)
     with pytest.raises(ValueError, match="kind: expected 'I' or 'II'"):
         fbm.omega(0.3, gamma, kind="III")
-    with pytest.raises(ValueError, match="dt: expected a positive number"):
+    with pytest.raises(ValueError, match="dt: expected a positive finite number"):
         fbm.ou_transition(gamma, 0.0)
-    with pytest.raises(ValueError, match="gamma: expected non-negative rates"):
+    with pytest.raises(ValueError, match="gamma: expected non-negative finite rates"):
         fbm.ou_transition(-gamma, 0.1)
+    # infinite values gave NaN or "linalg.eigh failed to converge"
+    with pytest.raises(ValueError, match="gamma: expected positive finite rates"):
+        fbm.omega(0.3, torch.tensor([1.0, math.inf]))
+    with pytest.raises(ValueError, match="T: expected a positive finite number, got inf"):
+        fbm.omega(0.3, gamma, T=math.inf)
+    with pytest.raises(ValueError, match="dt: expected a positive finite number, got inf"):
+        fbm.ou_transition(gamma, math.inf)

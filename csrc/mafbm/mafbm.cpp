@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -47,7 +48,7 @@ std::pair<int64_t, int64_t> check_coefficients(const at::Tensor& omega, const at
 }
 
 void check_step_scalars(double dt, int64_t step) {
-  TORCH_CHECK(dt > 0, "dt: expected a positive time step, got ", dt);
+  TORCH_CHECK(dt > 0 && std::isfinite(dt), "dt: expected a positive finite time step, got ", dt);
   TORCH_CHECK(step >= 0, "step: expected a non-negative step index, got ", step);
 }
 
@@ -235,7 +236,7 @@ MafbmSimulateParams simulate_params(const at::Tensor& x0, const at::Tensor& omeg
                 "factor0: expected shape (K=", K, ", R0) with 1 <= R0 <= K, got ", factor0_in->sizes());
   }
   TORCH_CHECK(n_steps >= 0, "n_steps: expected a non-negative number of steps, got ", n_steps);
-  TORCH_CHECK(dt > 0, "dt: expected a positive time step, got ", dt);
+  TORCH_CHECK(dt > 0 && std::isfinite(dt), "dt: expected a positive finite time step, got ", dt);
   TORCH_CHECK(save_every >= 1, "save_every: expected a positive stride, got ", save_every);
   MafbmSimulateParams p{};
   p.x0 = x0.data_ptr();

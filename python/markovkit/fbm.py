@@ -38,9 +38,9 @@ def _check_gamma_shape(gamma: torch.Tensor) -> None:
 
 
 def _check_rates(rates, *, zero_ok: bool = False) -> None:
-    """rates (Python numbers): positive, or non-negative where zero_ok (γ = 0 is a Brownian mode)."""
-    if not all(r >= 0 if zero_ok else r > 0 for r in rates):
-        expected = "non-negative" if zero_ok else "positive"
+    """rates (Python numbers): positive and finite, or non-negative where zero_ok (γ = 0 is a Brownian mode)."""
+    if not all((r >= 0 if zero_ok else r > 0) and r < math.inf for r in rates):
+        expected = "non-negative finite" if zero_ok else "positive finite"
         raise ValueError(f"gamma: expected {expected} rates, got {list(rates)}")
 
 
@@ -81,8 +81,8 @@ def _check_kind(kind: str) -> None:
 
 def _check_positive(value: float, name: str) -> float:
     value = float(value)
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected a positive finite number, got {value}")
     return value
 
 

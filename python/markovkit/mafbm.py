@@ -29,8 +29,8 @@ def _check_scheme(scheme: str) -> None:
 
 
 def _check_dt(dt: float) -> None:
-    if not dt > 0:
-        raise ValueError(f"dt: expected a positive time step, got {dt}")
+    if not 0 < dt < math.inf:
+        raise ValueError(f"dt: expected a positive finite time step, got {dt}")
 
 
 def _warn_at_caller(message: str) -> None:
@@ -176,7 +176,13 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     graph breaks, so fullgraph=True refuses it; the op itself (torch.ops.markovkit.mafbm_simulate) traces.
     """
     _check_scheme(scheme)
+    _check_dt(dt)
     fbm._check_kind(kind)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int):
+        raise TypeError(f"n_steps: expected an int, got {n_steps!r}")
+    for name, p in (("theta", theta), ("mu", mu), ("sigma", sigma)):
+        if isinstance(p, torch.Tensor) and p.dim() != 0:
+            raise ValueError(f"{name}: expected a number or a 0-dim tensor, got a tensor of shape {tuple(p.shape)}")
     g = fbm._as_gamma(gamma, zero_ok=True)
     w = fbm._as_omega(omega, len(g))
     seed = check_seed(seed, "mafbm_simulate")

@@ -55,7 +55,8 @@ class FractionalSDE(nn.Module):
         self.control = _mlp(2 + dims * (K + 1) + context_dims, dims, hidden)
         nn.init.zeros_(self.control[-1].weight)
         nn.init.zeros_(self.control[-1].bias)
-        self._start_factor = fbm.stationary_factor(self.gamma) if kind == "I" else None
+        # full rank (tol 0): a rank chosen for one ω would not hold for the ω(H) of a learnt H
+        self._start_factor = fbm.stationary_factor(self.gamma, tol=0.0) if kind == "I" else None
 
     @property
     def K(self) -> int:
@@ -71,8 +72,8 @@ class FractionalSDE(nn.Module):
         return fbm.omega(self.hurst().cpu(), self.gamma, self.horizon, self.kind)
 
     def _initial_y(self, paths: int, like: torch.Tensor, seed: int, path_offset: int) -> torch.Tensor:
-        """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K). Path p's R0 normals
-        per dim are elements ((path_offset + p)·dims + d)·R0 .. of the Philox stream of seed ^ _START_KEY."""
+        """Y(0): stationary N(0, 1/(γ_i + γ_j)) for type I, 0 for type II. (paths, dims, K). Path p's K normals
+        per dim are elements ((path_offset + p)·dims + d)·K .. of the Philox stream of seed ^ _START_KEY."""
         if self._start_factor is None:
             return like.new_zeros(paths, self.dims, self.K)
         r0 = self._start_factor.shape[1]
