@@ -182,8 +182,28 @@ def cross(H, gamma, T: float, kind: str = "I") -> torch.Tensor:
     z = gamma * T
     if kind == "II":
         return T * gamma**-a * gammainc(a, z) - a * gamma ** (-a - 1) * gammainc(a + 1, z)
+    return torch.where(z <= 1, _cross_one_small(a, z, gamma, T), _cross_one(a, z, gamma, T))
+
+
+def _cross_one(a, z, gamma, T):
+    """Type I b_k as written: its terms of size γ^{−a−1} cancel where z = γT is small."""
     return (2 * T * gamma**-a - T**a / (gamma * torch.exp(torch.lgamma(a + 1)))
             + (torch.exp(-z) - gammaincc_scaled(a, z)) / gamma ** (a + 1))
+
+
+def _cross_one_small(a, z, gamma, T):
+    """Type I b_k for z = γT <= 1 without the cancellation: with e^{−z} − Q e^z = −2 sinh z + e^z P and
+    P(a, z) = z^a e^{−z}/Γ(a+1) Σ_n z^n/(a+1)_n, b = −2γ^{−a−1}(sinh z − z) + T^a/(γΓ(a+1)) Σ_{n≥1} z^n/(a+1)_n.
+    Both series to 30 terms (their tails below 1e-30 at z <= 1)."""
+    term, rising = torch.ones_like(z), torch.zeros_like(z)
+    for n in range(1, 31):
+        term = term * z / (a + n)
+        rising = rising + term
+    odd, sinh_minus_z = z, torch.zeros_like(z)
+    for k in range(1, 16):
+        odd = odd * z * z / ((2 * k) * (2 * k + 1))
+        sinh_minus_z = sinh_minus_z + odd
+    return -2 * gamma ** (-a - 1) * sinh_minus_z + T**a / (gamma * torch.exp(torch.lgamma(a + 1))) * rising
 
 
 def _variance_factor(H: torch.Tensor) -> torch.Tensor:

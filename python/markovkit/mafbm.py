@@ -166,7 +166,8 @@ def mafbm_simulate(x0, n_steps: int, dt: float, omega, gamma, *, theta=0.0, mu=0
     MA-fBM paths. omega, gamma: (K,), K <= 16; seed: an int in [-2**63, 2**63). kind "I" starts Y from its
     stationary law N(0, 1/(γ_i + γ_j)) (so γ > 0), "II" from 0. Path p draws from the Philox streams of path
     path_offset + p: paths split over calls give what one call gives when each passes its first path's index.
-    "exact" draws r ≤ K normals per step (the low-rank root of Σ(dt) accurate to 1e-6 on diag Σ and ωᵀΣω).
+    "exact" draws r ≤ K normals per step (the low-rank root of Σ(dt) accurate to 1e-6 on diag Σ and ωᵀΣω; where
+    no rank below K is, the full root, whose rounding reached 3e-5 at K = 16, γ_max = 10 in a review).
     The drift term is an Euler step in X; the noise of X is exact in distribution for "exact".
     Differentiable in x0 and in theta, mu, sigma when given as scalar tensors: the backward re-runs the paths
     with forward tangents (same draws), so its memory is O(paths), not paths x steps x K.
