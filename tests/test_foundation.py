@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import markovkit
@@ -147,6 +148,32 @@ def test_bench_json_has_null_for_a_failed_impl(tmp_path):
     with contextlib.redirect_stdout(out):
         print_rows([dict(row, ms=2.0)])
     assert out.getvalue().split()[-1] == "-"
+
+
+def test_bench_exits_nonzero_when_our_op_fails_not_when_a_peer_does(monkeypatch):
+    """CI's bench command and gpu_check judge the bench by its exit status: our op's failure must reach it (it was
+    a 'failed' row and exit 0); a peer's (out of memory, a shape it lacks) is reported only."""
+    from markovkit.bench import __main__ as bench
+    from markovkit.bench.case import Case
+
+    def broken():
+        raise RuntimeError("kernel broke")
+
+    def fine():
+        return torch.zeros(1)
+
+    def one_case(ours, peer):
+        return lambda *args: [Case(family="f", name="c", shape="(1,)", dtype=torch.float32, ours=ours,
+                                   peers={"peer": peer}, bytes=4.0)]
+
+    roof = {"copy_bytes_per_s": 1e9, "matmul_flops_per_s": 1e9, "matmul_dtype": torch.float32}
+    monkeypatch.setattr(bench, "roofline", lambda device, quick: roof)
+    monkeypatch.setattr(sys, "argv", ["python -m markovkit.bench", "--quick", "--device", "cpu"])
+    monkeypatch.setattr(bench, "select_cases", one_case(fine, broken))
+    bench.main()
+    monkeypatch.setattr(bench, "select_cases", one_case(broken, fine))
+    with pytest.raises(SystemExit, match=r"markovkit failed in 1 case\(s\): f c \(1,\)"):
+        bench.main()
 
 
 def test_bench_cases_of_each_shape_run_that_shape(monkeypatch):

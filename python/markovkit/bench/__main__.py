@@ -136,6 +136,9 @@ def main() -> None:
         with out:
             json.dump({"device": name, "torch": torch.__version__, "quick": args.quick, "roofline": roof,
                        "rows": [_strict(r) for r in rows]}, out, indent=1, allow_nan=False)
+    failed = [f"{r['family']} {r['case']} {r['shape']}" for r in rows if r["impl"] == "markovkit" and r["error"]]
+    if failed:  # a peer may fail (out of memory, a shape it lacks); our op may not
+        sys.exit(f"markovkit failed in {len(failed)} case(s): {'; '.join(failed)}")
 
 
 def _strict(row: dict) -> dict:
