@@ -32,10 +32,11 @@ TORCH_LIBRARY(markovkit, m) {
   m.def("selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, "
         "Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices=None) -> Tensor");
   // --- attention: sliding-window attention (csrc/attention) ---
-  m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, int window, int sink, float softmax_scale) "
-        "-> (Tensor out, Tensor lse)");
+  // window, sink SymInt: under torch.compile a new window is no new graph per value
+  m.def("sliding_window_attention_fwd(Tensor q, Tensor k, Tensor v, SymInt window, SymInt sink, "
+        "float softmax_scale) -> (Tensor out, Tensor lse)");
   m.def("sliding_window_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, int window, int sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "Tensor lse, SymInt window, SymInt sink, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // --- mafbm: Markov-approximate fractional Brownian motion (csrc/mafbm) ---
   m.def("mafbm_step(Tensor x, Tensor y, Tensor drift, Tensor diffusion, Tensor omega, Tensor drop, Tensor phi, "
         "Tensor factor, float dt, Tensor? control=None, Tensor? noise=None, SymInt seed=0, SymInt step=0, "

@@ -195,6 +195,9 @@ def test_int64_max_window_is_causal_with_gradients(device):
 
     for a, e in zip(_grads(ours(sys.maxsize), q, k, v, dout, zero), _grads(ours(150), q, k, v, dout, zero)):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+    # past int64 (the op's int): every earlier key too, not the dispatcher's "expected 'int', found 'int'"
+    out = markovkit.sliding_window_attention(q, k, v, 2**70, sink=2**64)
+    torch.testing.assert_close(out, markovkit.sliding_window_attention(q, k, v, 150), rtol=0, atol=0)
 
 
 def test_sink_equals_merge_of_window_and_sink_keys():
@@ -275,6 +278,15 @@ def test_merge_with_empty_sources():
     assert torch.equal(out, o) and torch.equal(out_lse, lse)
     out, out_lse = markovkit.merge_attention(empty_o, empty_lse, empty_o, empty_lse)
     assert torch.equal(out, empty_o) and torch.equal(out_lse, empty_lse)
+
+
+def test_merge_of_float64_outputs_is_float64_with_float32_lse():
+    """float64 outputs with float32 lse (a float32 kernel's beside a float64 reference's) merge in float64: an empty
+    source gives the other back bit for bit (they were summed in float32, 1e-7 off)."""
+    g = torch.Generator().manual_seed(6)
+    o, lse = torch.randn(1, 5, 2, 32, generator=g, dtype=torch.float64), torch.randn(1, 2, 5, generator=g)
+    out, _ = markovkit.merge_attention(o, lse, torch.zeros_like(o), torch.full_like(lse, float("-inf")))
+    assert out.dtype == torch.float64 and torch.equal(out, o)
 
 
 def test_merge_refuses_integer_tensors():
@@ -406,6 +418,27 @@ def test_opcheck(device):
     for dl in (dlse, None):
         torch.library.opcheck(torch.ops.markovkit.sliding_window_attention_bwd,
                               (dout, dl, q, k, v, out, lse, 9, 2, 0.2))
+
+
+def test_compiled_window_and_sink_are_no_graph_per_value(device):
+    """window and sink are SymInt in the schema: five windows compile at most two graphs (the first value, then a
+    dynamic one; an int made one graph per value, dynamic=True too), each the eager result."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q, k, v = _inputs((1, 80, 4, 2, 64, 0, 0), dtype, device)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v, window, sink):
+        return markovkit.sliding_window_attention(q, k, v, window, sink=sink)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    for window, sink in [(5, 2), (17, 3), (33, 4), (64, 5), (80, 6)]:  # not 0 or 1: torch.compile's constants
+        torch.testing.assert_close(compiled(q, k, v, window, sink), f(q, k, v, window, sink), rtol=0, atol=0)
+    assert len(graphs) <= 2
 
 
 @pytest.mark.parametrize("dynamic", [None, True])

@@ -7,6 +7,7 @@ Window convention: ``window = W`` counts the keys a query sees including itself,
 ``(q_idx >= kv_idx) & (q_idx - kv_idx < W)`` (i.e. ``q_idx - kv_idx <= W - 1``); HF's ``sliding_window = W``.
 ``window >= seqlen`` is plain causal attention, ``window = 1`` gives ``out = v`` (per kv head).
 """
+
 import operator
 
 import torch
@@ -34,9 +35,17 @@ def sliding_window_attention(q, k, v, window: int, *, sink: int = 0, softmax_sca
     refuse_forward_ad("sliding_window_attention", q=q, k=k, v=v)
     dtype = q.dtype
     scale, (q, k, v) = _kernel_inputs(q, k, v, softmax_scale=softmax_scale)
-    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, operator.index(window), operator.index(sink), scale)
+    out, lse = torch.ops.markovkit.sliding_window_attention_fwd(q, k, v, _position(window), _position(sink), scale)
     out = out.to(dtype)
     return (out, lse) if return_lse else out
+
+
+def _position(n):
+    """A window or sink as the op takes it: an int (operator.index for other types: not for ints, which under
+    torch.compile it would make constants of the graph), past 2^63 - 1 (every earlier key, as any value >= seqlen)
+    that."""
+    n = n if isinstance(n, int) else operator.index(n)
+    return 2**63 - 1 if n >= 2**63 else n
 
 
 def _kernel_inputs(q, k, v, *more, softmax_scale):
@@ -57,13 +66,16 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 
     out_*: (batch, seqlen, heads, headdim), lse_*: (batch, heads, seqlen), all on one device. Returns (out, lse)
     with lse = logaddexp(lse_a, lse_b) and out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b; the weights are
-    computed in float32 (float64 for float64 lse). An empty source (lse = -inf, out = 0) has weight 0, in the
-    gradients too; two empty sources give lse = -inf, out = 0. Associative and commutative; differentiable.
+    computed in float32 (float64 for float64 lse), the sum in float32 or the outputs' dtype if wider. An empty
+    source (lse = -inf, out = 0) has weight 0, in the gradients too; two empty sources give lse = -inf, out = 0.
+    Associative and commutative; differentiable.
     """
     _check_merge_inputs(out_a, lse_a, out_b, lse_b)
     lse, w_a, w_b = _merge_weights(lse_a, lse_b)
-    out = w_a * out_a.to(w_a.dtype) + w_b * out_b.to(w_b.dtype)
-    return out.to(torch.promote_types(out_a.dtype, out_b.dtype)), lse
+    dtype = torch.promote_types(out_a.dtype, out_b.dtype)
+    work = torch.promote_types(w_a.dtype, dtype)  # float64 outputs merge in float64, whatever the lse's dtype
+    out = w_a.to(work) * out_a.to(work) + w_b.to(work) * out_b.to(work)
+    return out.to(dtype), lse
 
 
 def _merge_weights(lse_a, lse_b):
@@ -92,7 +104,7 @@ def bmojo_f_attention(q, k, v, kf, vf, window: int, *, softmax_scale=None, retur
     (so fading keys sit at distances window .. 2 window - 1). Returns out like q and, if `return_lse`,
     lse: (batch, heads, seqlen) over both key sets; differentiable in q, k, v, kf and vf.
     """
-    window = operator.index(window)
+    window = _position(window)
     refuse_forward_ad("bmojo_f_attention", q=q, k=k, v=v, kf=kf, vf=vf)
     for t, name in ((kf, "kf"), (vf, "vf")):
         _check_shape(t, name, list(k.shape), "the shape of k")
