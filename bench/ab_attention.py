@@ -1,11 +1,13 @@
 """Sliding-window attention alone, forward and backward, at the bench's GPU shapes, for whichever markovkit
 imports: the A/B of attention kernels across builds (gpu_check.sh's AB_SCRIPT, run once per build with
-PYTHONPATH set to it). No markovkit.bench import (an older build's may differ) and no peers: one line per shape,
-the median ms of each pass (CUDA events, L2 flushed) and the backward's time per kernel (torch.profiler).
+PYTHONPATH set to it). No peers; the timing is this checkout's python/markovkit/bench/timing.py, loaded from its
+file (an older build's markovkit.bench may time otherwise): one line per shape, the median ms of each pass (CUDA
+events, L2 flushed, calls queued) and the backward's time per kernel (torch.profiler).
 Usage: python bench/ab_attention.py LABEL"""
-import statistics
+import importlib.util
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -14,20 +16,16 @@ import markovkit
 SHAPES = [(2, 16384, 16, 128, 4096), (2, 16384, 16, 128, 1024), (2, 16384, 32, 64, 256)]  # (b, L, h, d, w)
 
 
-def median_ms(fn, reps: int = 40) -> float:
-    """As markovkit.bench.timing: L2 flushed before each call, no wait between calls (the device's time)."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    fn()
-    events = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+def _timing():
+    path = Path(__file__).resolve().parents[1] / "python" / "markovkit" / "bench" / "timing.py"
+    spec = importlib.util.spec_from_file_location("checkout_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def median_ms(fn) -> float:
+    return _timing().median_ms(fn, torch.device("cuda"), min_time=0.5, max_reps=40)
 
 
 def kernel_ms(fn, reps: int = 10) -> dict:
