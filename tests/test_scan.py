@@ -663,6 +663,8 @@ def test_mamba_block_prefill_then_decode_equals_forward(device, prefill):
         params.seqlen_offset = t
         outs.append(block(hidden[:, t:t + 1], params))
     torch.testing.assert_close(torch.cat(outs, dim=1), block(hidden), **TOL64)
+    # a prefill with autograd on (parameters require grad): the caches keep values, not the graph
+    assert not any(t.requires_grad for t in params.key_value_memory_dict[3])
     with pytest.raises(ValueError, match=re.escape("inference_params: this block needs a layer_idx")):
         markovkit.nn.Mamba(16, device=device)(hidden, params)
 

@@ -101,8 +101,8 @@ class Mamba(nn.Module):
         seqlen = hidden.shape[1]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                     # (batch, seqlen, d_inner) each
         x = x.transpose(1, 2)                                            # (batch, d_inner, seqlen)
-        if states is not None:  # the last d_conv inputs, zeros before the first
-            states[0].copy_(F.pad(x, (self.d_conv - seqlen, 0)))
+        if states is not None:  # the last d_conv inputs, zeros before the first (the caches hold no graph)
+            states[0].copy_(F.pad(x.detach(), (self.d_conv - seqlen, 0)))
         x = F.silu(self._causal_conv(x))
         dt, B, C = self._dt_BC(x.transpose(1, 2))
         y = selective_scan(x, dt.transpose(1, 2), self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D,
@@ -110,7 +110,7 @@ class Mamba(nn.Module):
                            return_last_state=states is not None)
         if states is not None:
             y, last_state = y
-            states[1].copy_(last_state)
+            states[1].copy_(last_state.detach())
         return self.out_proj(y.transpose(1, 2))
 
     def _states(self, inference_params, batch_size):
