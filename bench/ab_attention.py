@@ -16,7 +16,7 @@ import markovkit
 SHAPES = [(2, 16384, 16, 128, 4096), (2, 16384, 16, 128, 1024), (2, 16384, 32, 64, 256)]  # (b, L, h, d, w)
 
 
-def _timing():
+def _load_timing():
     path = Path(__file__).resolve().parents[1] / "python" / "markovkit" / "bench" / "timing.py"
     spec = importlib.util.spec_from_file_location("checkout_timing", path)
     module = importlib.util.module_from_spec(spec)
@@ -24,8 +24,11 @@ def _timing():
     return module
 
 
+_TIMING = _load_timing()
+
+
 def median_ms(fn) -> float:
-    return _timing().median_ms(fn, torch.device("cuda"), min_time=0.5, max_reps=40)
+    return _TIMING.median_ms(fn, torch.device("cuda"), min_time=0.5, max_reps=40)
 
 
 def kernel_ms(fn, reps: int = 10) -> dict:
